@@ -1,0 +1,1 @@
+"""funnelcake-deploy-bot: deploys funnelcake to production, staging and poc from Slack."""

@@ -1,0 +1,296 @@
+"""Settings from the process environment and the environments file (YAML), validated up front.
+
+Secrets and switches come from environment variables; the shape of each deploy target (registry,
+cluster, Argo CD, overlays, migration mode, who may do what) comes from the file named by
+FUNNELCAKE_CONFIG. A bad file yields one ConfigError listing every problem with its field path.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "funnelcake.yaml"
+
+
+class Service(StrEnum):
+    """The deployable services; each has a kustomize overlay and an image `funnelcake-<service>`."""
+
+    API = "api"
+    RELAY = "relay"
+
+    @property
+    def image(self) -> str:
+        return f"funnelcake-{self.value}"
+
+
+MIGRATE_IMAGE = "funnelcake-migrate"
+
+# host[:port]/path with lowercase path components, as Artifact Registry and distribution accept them;
+# no scheme, no tag, no digest, no trailing slash.
+_REGISTRY_RE = re.compile(
+    r"^(?P<host>[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?)"
+    r"(?P<path>(/[a-z0-9]+([._-][a-z0-9]+)*)+)$"
+)
+_SLACK_USER_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
+_SLACK_GROUP_RE = re.compile(r"^(@[a-z0-9][a-z0-9._-]*|S[A-Z0-9]{2,})$")
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArgoCD(_Strict):
+    namespace: str = "argocd"
+    applications: dict[Service, str] = Field(
+        default_factory=lambda: {s: f"funnelcake-{s.value}" for s in Service}
+    )
+
+
+class MigrationMode(StrEnum):
+    CLOUD = "cloud"
+    SELF_HOSTED = "self-hosted"
+
+
+class Migrations(_Strict):
+    """How the migrate Job reaches ClickHouse: the mode is config, never user input (F8)."""
+
+    mode: MigrationMode
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    secret: str = "funnelcake-clickhouse-credentials"  # noqa: S105 - a Secret object name, not a value
+    job_name: str = "funnelcake-db-migrate"
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Self:
+        if self.mode is MigrationMode.SELF_HOSTED:
+            missing = [f for f in ("host", "port") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"self-hosted mode needs {' and '.join(missing)}")
+        elif self.host is not None or self.port is not None:
+            raise ValueError("cloud mode takes CLICKHOUSE_URL from the secret; remove host and port")
+        return self
+
+
+def _principal(value: str) -> str:
+    if value == "*" or _SLACK_USER_RE.match(value) or _SLACK_GROUP_RE.match(value):
+        return value
+    raise ValueError(
+        f"{value!r} is not a Slack user ID (U…/W…), a user-group handle (@name) or ID (S…), or '*'"
+    )
+
+
+Principal = Annotated[str, Field(min_length=1)]
+
+
+class Environment(_Strict):
+    name: Name
+    registry: str
+    kube_context: str = Field(min_length=1)
+    namespace: str = "funnelcake"
+    argocd: ArgoCD = Field(default_factory=ArgoCD)
+    overlays: dict[Service, str]
+    migrations: Migrations
+    site_url: AnyHttpUrl | None = None
+    deployers: list[Principal] = Field(default_factory=lambda: ["*"])
+    approval_required: bool = False
+    approvers: list[Principal] = Field(default_factory=list)
+    admins: list[Principal] = Field(default_factory=list)
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: str) -> str:
+        v = v.rstrip("/")
+        if not _REGISTRY_RE.match(v):
+            raise ValueError(
+                f"malformed registry prefix {v!r}: expected host[:port]/path, lowercase, "
+                "no scheme, tag or digest (e.g. us-central1-docker.pkg.dev/project/repo)"
+            )
+        return v
+
+    @field_validator("deployers", "approvers", "admins")
+    @classmethod
+    def _principals(cls, v: list[str]) -> list[str]:
+        return [_principal(p) for p in v]
+
+    @field_validator("overlays")
+    @classmethod
+    def _overlays(cls, v: dict[Service, str]) -> dict[Service, str]:
+        missing = [s.value for s in Service if s not in v]
+        if missing:
+            raise ValueError(f"missing overlay for service(s): {', '.join(missing)}")
+        return v
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.name == "production" and self.migrations.mode is not MigrationMode.CLOUD:
+            raise ValueError(
+                "production runs ClickHouse Cloud: migrations.mode must be 'cloud' "
+                "(self-hosted would miss the TLS port 9440)"
+            )
+        if self.approval_required and not self.approvers:
+            raise ValueError("approval_required is true but no approvers are listed")
+        return self
+
+    @property
+    def registry_host(self) -> str:
+        return self.registry.split("/", 1)[0]
+
+    def image_ref(self, image: str, tag: str) -> str:
+        return f"{self.registry}/{image}:{tag}"
+
+
+class Repo(_Strict):
+    url: str = Field(min_length=1)
+    branch: str = "main"
+
+
+class Repos(_Strict):
+    app: Repo
+    gitops: Repo
+
+
+class Timeouts(_Strict):
+    """Seconds; each pipeline step declares its own limit, these are the configurable ones."""
+
+    rollout: float = Field(default=300, gt=0)
+    sync: float = Field(default=180, gt=0)
+    migrate: float = Field(default=600, gt=0)
+    build: float = Field(default=1800, gt=0)
+    approval: float = Field(default=1800, gt=0)
+    site: float = Field(default=10, gt=0)
+
+
+class FunnelcakeConfig(_Strict):
+    repos: Repos
+    environments: list[Environment] = Field(min_length=1)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    @field_validator("environments")
+    @classmethod
+    def _unique(cls, envs: list[Environment]) -> list[Environment]:
+        names = [e.name for e in envs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate environment name(s): {', '.join(dupes)}")
+        return envs
+
+    def env(self, name: str) -> Environment:
+        for e in self.environments:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def env_names(self) -> list[str]:
+        return [e.name for e in self.environments]
+
+
+def _field_path(loc: tuple[int | str, ...], data: Any) -> str:
+    """Render a pydantic location as a path a person can find in the YAML: environments[poc].registry."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            elem = node[item] if isinstance(node, list) and item < len(node) else None
+            name = elem.get("name") if isinstance(elem, dict) else None
+            label = f"[{name if isinstance(name, str) and name else item}]"
+            if parts:
+                parts[-1] += label
+            else:
+                parts.append(label)
+            node = elem
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def _problems(exc: ValidationError, data: Any) -> list[str]:
+    out: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # pydantic reports dict-key failures as (..., key, "[key]"); keep the path short
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.endswith("[key]")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "enum" and ("overlays" in loc or "applications" in loc):
+            msg = (
+                f"unknown service {err.get('input')!r}: expected one of {', '.join(s.value for s in Service)}"
+            )
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append(f"{_field_path(loc, data)}: {msg}")
+    return out
+
+
+def parse_config(text: str, source: str = "<string>") -> FunnelcakeConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, [f"not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping with 'repos' and 'environments'"])
+    try:
+        return FunnelcakeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e, data)) from None
+
+
+def load_config(path: Path) -> FunnelcakeConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
+    return parse_config(text, str(path))
+
+
+class Settings(BaseSettings):
+    """Process settings; secrets are SecretStr so they never print."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_mode: Literal["socket", "http"] = "socket"
+    slack_api_url: str = "https://slack.com/api/"
+    http_host: str = "0.0.0.0"  # noqa: S104 - the bot's HTTP listener serves Slack and probes in a pod
+    http_port: int = 3000
+
+    database_url: str = "sqlite+aiosqlite:///funnelcake-bot.db"
+    funnelcake_config: Path = DEFAULT_CONFIG_PATH
+    kubeconfig: Path | None = None
+    work_dir: Path = Path(".funnelcake-work")
+
+    git_ssh_key_path: Path | None = None
+    git_https_token: SecretStr | None = None
+
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: str = "INFO"
+
+    def load(self) -> FunnelcakeConfig:
+        return load_config(self.funnelcake_config)
