@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.testbed.gitrepos",
     "tests.testbed.slack",
     "tests.testbed.kube.fixtures",
+    "tests.testbed.kube.cluster",
 ]

@@ -1,0 +1,1 @@
+"""Test-bed part (being built)."""
