@@ -1,0 +1,254 @@
+"""The pipeline engine: runs small steps in order, owns their time budgets and retries, streams events.
+
+A step only says what happened: it returns (ok), raises PermanentError (the check said no) or
+TransientError (a system was unreachable). The engine decides what that means: transient faults are
+retried with backoff inside the step's time budget; a permanent one, or an exhausted budget, stops the
+pipeline. Cancellation is a normal path: it is reported, and steps release what they hold in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar
+
+import stamina
+
+from bot.errors import BotError, PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+
+class EventKind(StrEnum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    DONE = "done"
+    SKIPPED = "skipped"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    ERRORED = "errored"
+    CANCELLED = "cancelled"
+
+
+FINAL_KINDS = frozenset(
+    {EventKind.DONE, EventKind.SKIPPED, EventKind.FAILED, EventKind.ERRORED, EventKind.CANCELLED}
+)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What reporters (Slack thread, terminal, ledger, metrics) see; `data` carries typed step output."""
+
+    run_id: str
+    step: str
+    kind: EventKind
+    message: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+    index: int = 0
+    total: int = 0
+    attempt: int = 1
+    elapsed: float = 0.0
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class Reporter(Protocol):
+    async def emit(self, event: StepEvent) -> None: ...
+
+
+class StepOutcome(StrEnum):
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"  # permanent: the check said no
+    ERRORED = "errored"  # transient faults outlasted the retries or the time budget
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: str
+    outcome: StepOutcome
+    message: str = ""
+    hint: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    elapsed: float = 0.0
+    attempts: int = 1
+
+
+class Skip(Exception):
+    """Raised by a step that has nothing to do (e.g. no migrations changed); the pipeline goes on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Progress = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Backoff for transient faults; the step's timeout bounds the whole thing."""
+
+    attempts: int = 5
+    wait_initial: float = 0.5
+    wait_max: float = 10.0
+    wait_jitter: float = 0.5
+
+
+def _retry_hook(exc: Exception) -> bool | float:
+    """Retry transient faults only; honour a delay the remote asked for (429 Retry-After)."""
+    if isinstance(exc, TransientError):
+        return exc.delay if exc.delay is not None else True
+    return False
+
+
+class Step(Generic[C]):
+    """One unit of the pipeline. Subclasses set `name` and `timeout` and implement `run`."""
+
+    name: str = "step"
+    timeout: float = 60.0
+    retry: Retry = Retry()
+
+    async def run(self, ctx: C, progress: Progress) -> Mapping[str, Any] | None:
+        raise NotImplementedError
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    results: list[StepResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED) for r in self.results)
+
+    @property
+    def last(self) -> StepResult | None:
+        return self.results[-1] if self.results else None
+
+    @property
+    def failed(self) -> StepResult | None:
+        return next((r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED)), None)
+
+
+class Pipeline(Generic[C]):
+    def __init__(self, run_id: str, steps: Sequence[Step[C]], reporters: Sequence[Reporter]) -> None:
+        self.run_id = run_id
+        self.steps = list(steps)
+        self.reporters = list(reporters)
+
+    async def _emit(self, event: StepEvent) -> None:
+        # A reporter that breaks (Slack down) must not break the deploy; it is logged and skipped.
+        for reporter in self.reporters:
+            try:
+                await reporter.emit(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reporter %s failed on %s/%s", type(reporter).__name__, event.step, event.kind)
+
+    async def run(self, ctx: C) -> PipelineResult:
+        results: list[StepResult] = []
+        total = len(self.steps)
+        for index, step in enumerate(self.steps, start=1):
+            result = await self.run_step(step, ctx, index=index, total=total)
+            results.append(result)
+            if result.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED):
+                break
+        return PipelineResult(self.run_id, results)
+
+    async def run_step(self, step: Step[C], ctx: C, *, index: int = 1, total: int = 1) -> StepResult:
+        started = time.monotonic()
+        attempt = 0
+
+        def event(kind: EventKind, message: str = "", data: Mapping[str, Any] | None = None) -> StepEvent:
+            return StepEvent(
+                self.run_id,
+                step.name,
+                kind,
+                message,
+                dict(data or {}),
+                index=index,
+                total=total,
+                attempt=max(attempt, 1),
+                elapsed=time.monotonic() - started,
+            )
+
+        async def progress(message: str, data: Mapping[str, Any] | None = None) -> None:
+            await self._emit(event(EventKind.PROGRESS, message, data))
+
+        def result(
+            outcome: StepOutcome, message: str, hint: str | None = None, data: Any = None
+        ) -> StepResult:
+            return StepResult(
+                step.name,
+                outcome,
+                message,
+                hint,
+                dict(data or {}),
+                started=started,
+                elapsed=time.monotonic() - started,
+                attempts=max(attempt, 1),
+            )
+
+        await self._emit(event(EventKind.STARTED))
+        try:
+            async with asyncio.timeout(step.timeout):
+                async for retrying in stamina.retry_context(
+                    on=_retry_hook,
+                    attempts=step.retry.attempts,
+                    timeout=None,  # the step's own budget (asyncio.timeout above) bounds the retries
+                    wait_initial=step.retry.wait_initial,
+                    wait_max=step.retry.wait_max,
+                    wait_jitter=step.retry.wait_jitter,
+                ):
+                    with retrying:
+                        attempt = retrying.num
+                        if attempt > 1:
+                            await self._emit(
+                                event(EventKind.RETRYING, f"attempt {attempt}/{step.retry.attempts}")
+                            )
+                        data = await step.run(ctx, progress)
+        except Skip as s:
+            res = result(StepOutcome.SKIPPED, s.reason)
+            await self._emit(event(EventKind.SKIPPED, s.reason))
+            return res
+        except PermanentError as e:
+            res = result(StepOutcome.FAILED, e.message, e.hint)
+            await self._emit(event(EventKind.FAILED, e.message, {"hint": e.hint} if e.hint else None))
+            return res
+        except TransientError as e:
+            msg = f"{e.message} (gave up after {attempt} attempt{'s' if attempt != 1 else ''})"
+            res = result(StepOutcome.ERRORED, msg, e.hint)
+            await self._emit(event(EventKind.ERRORED, msg, {"hint": e.hint} if e.hint else None))
+            return res
+        except TimeoutError:
+            msg = f"{step.name} did not finish within {step.timeout:g}s"
+            res = result(StepOutcome.ERRORED, msg, "Check the thread for the last progress, then retry.")
+            await self._emit(event(EventKind.ERRORED, msg))
+            return res
+        except asyncio.CancelledError:
+            await asyncio.shield(self._emit(event(EventKind.CANCELLED, "cancelled")))
+            raise
+        except BotError as e:
+            res = result(StepOutcome.FAILED, e.message, e.hint)
+            await self._emit(event(EventKind.FAILED, e.message))
+            return res
+        except Exception as e:
+            # A bug, not a verdict: say so plainly, keep the traceback in the logs only.
+            log.exception("step %s crashed", step.name)
+            msg = f"internal error in {step.name}: {type(e).__name__}"
+            res = result(StepOutcome.ERRORED, msg, "This is a bot bug; the logs have the details.")
+            await self._emit(event(EventKind.ERRORED, msg))
+            return res
+        res = result(StepOutcome.OK, "", data=data)
+        await self._emit(event(EventKind.DONE, "", data))
+        return res

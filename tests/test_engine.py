@@ -1,0 +1,202 @@
+"""The pipeline engine: outcomes, retries inside a time budget, cancellation, events in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from bot.errors import PermanentError, TransientError
+from bot.pipeline.engine import EventKind, Pipeline, Progress, Retry, Skip, Step, StepEvent, StepOutcome
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[StepEvent] = []
+
+    async def emit(self, event: StepEvent) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[tuple[str, str]]:
+        return [(e.step, e.kind.value) for e in self.events]
+
+
+FAST = Retry(attempts=4, wait_initial=0.001, wait_max=0.002, wait_jitter=0.0)
+
+
+class Ok(Step[dict[str, Any]]):
+    name = "ok"
+    timeout = 1.0
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> Mapping[str, Any]:
+        await progress("half way", {"n": 1})
+        ctx["ran"] = [*ctx.get("ran", []), self.name]
+        return {"digest": "sha256:abc"}
+
+
+class Flaky(Step[dict[str, Any]]):
+    name = "flaky"
+    timeout = 1.0
+    retry = FAST
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise TransientError("registry 127.0.0.1:5000 unavailable: 503")
+
+
+class Denied(Step[dict[str, Any]]):
+    name = "denied"
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        raise PermanentError("tag e7e79eb missing from the poc registry", hint="Promote it first.")
+
+
+class Nothing(Step[dict[str, Any]]):
+    name = "migrate"
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        raise Skip("no migration changed")
+
+
+class Slow(Step[dict[str, Any]]):
+    name = "slow"
+    timeout = 0.05
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        await asyncio.sleep(10)
+
+
+class Holds(Step[dict[str, Any]]):
+    name = "holds"
+    timeout = 10
+
+    def __init__(self) -> None:
+        self.released = False
+        self.entered = asyncio.Event()
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        try:
+            self.entered.set()
+            await asyncio.sleep(10)
+        finally:
+            self.released = True
+
+
+async def test_steps_run_in_order_and_emit_typed_events() -> None:
+    rec = Recorder()
+    ctx: dict[str, Any] = {}
+    result = await Pipeline("d-1", [Ok(), Nothing()], [rec]).run(ctx)
+    assert result.ok
+    assert [r.outcome for r in result.results] == [StepOutcome.OK, StepOutcome.SKIPPED]
+    assert result.results[0].data == {"digest": "sha256:abc"}
+    assert rec.kinds() == [
+        ("ok", "started"),
+        ("ok", "progress"),
+        ("ok", "done"),
+        ("migrate", "started"),
+        ("migrate", "skipped"),
+    ]
+    assert rec.events[1].data == {"n": 1}
+    assert (rec.events[3].index, rec.events[3].total) == (2, 2)
+
+
+async def test_transient_errors_are_retried_then_succeed() -> None:
+    rec = Recorder()
+    flaky = Flaky(failures=2)
+    result = await Pipeline("d-2", [flaky], [rec]).run({})
+    assert result.ok
+    assert flaky.calls == 3
+    assert result.results[0].attempts == 3
+    assert [k for _, k in rec.kinds()].count("retrying") == 2
+
+
+async def test_transient_errors_that_persist_end_as_errored_with_the_cause() -> None:
+    result = await Pipeline("d-3", [Flaky(failures=99), Ok()], [Recorder()]).run({})
+    assert not result.ok
+    assert len(result.results) == 1
+    failed = result.failed
+    assert failed is not None
+    assert failed.outcome is StepOutcome.ERRORED
+    assert failed.message == "registry 127.0.0.1:5000 unavailable: 503 (gave up after 4 attempts)"
+
+
+async def test_permanent_error_stops_the_pipeline_without_retry() -> None:
+    rec = Recorder()
+    ctx: dict[str, Any] = {}
+    result = await Pipeline("d-4", [Denied(), Ok()], [rec]).run(ctx)
+    assert result.failed is not None
+    assert result.failed.outcome is StepOutcome.FAILED
+    assert result.failed.hint == "Promote it first."
+    assert "ran" not in ctx
+    assert rec.kinds() == [("denied", "started"), ("denied", "failed")]
+
+
+async def test_the_engine_owns_time() -> None:
+    result = await Pipeline("d-5", [Slow()], [Recorder()]).run({})
+    assert result.failed is not None
+    assert result.failed.outcome is StepOutcome.ERRORED
+    assert result.failed.message == "slow did not finish within 0.05s"
+
+
+async def test_cancellation_is_reported_and_releases_what_the_step_holds() -> None:
+    rec = Recorder()
+    holds = Holds()
+    task = asyncio.create_task(Pipeline("d-6", [holds, Ok()], [rec]).run({}), name="deploy-d-6")
+    await holds.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert holds.released
+    assert rec.kinds()[-1] == ("holds", "cancelled")
+
+
+async def test_a_broken_reporter_does_not_break_the_deploy() -> None:
+    class Broken:
+        async def emit(self, event: StepEvent) -> None:
+            raise RuntimeError("slack is down")
+
+    rec = Recorder()
+    result = await Pipeline("d-7", [Ok()], [Broken(), rec]).run({})
+    assert result.ok
+    assert rec.kinds()[-1] == ("ok", "done")
+
+
+async def test_a_crashing_step_is_reported_without_a_traceback() -> None:
+    class Buggy(Step[dict[str, Any]]):
+        name = "buggy"
+
+        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+            raise KeyError("oops")
+
+    rec = Recorder()
+    result = await Pipeline("d-8", [Buggy()], [rec]).run({})
+    assert result.failed is not None
+    assert result.failed.message == "internal error in buggy: KeyError"
+    assert rec.events[-1].kind is EventKind.ERRORED
+
+
+async def test_retry_after_from_the_remote_is_honoured() -> None:
+    class RateLimited(Step[dict[str, Any]]):
+        name = "limited"
+        timeout = 2.0
+        retry = FAST
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+            self.times.append(asyncio.get_running_loop().time())
+            if len(self.times) == 1:
+                raise TransientError("429 from Argo CD", delay=0.2)
+
+    step = RateLimited()
+    result = await Pipeline("d-9", [step], [Recorder()]).run({})
+    assert result.ok
+    assert step.times[1] - step.times[0] >= 0.19
