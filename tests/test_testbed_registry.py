@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import aiohttp
+import pytest
 
 from tests.testbed.registry import (
     ACCEPT,
@@ -18,6 +19,7 @@ from tests.testbed.registry import (
     delete_tag,
     push_image,
 )
+from tests.testbed.tokenauth import ACCESS_TOKEN_USER, DEFAULT_PASSWORD, TokenServer
 
 
 async def _manifest(s: aiohttp.ClientSession, base: str, repo: str, ref: str) -> tuple[int, str, bytes]:
@@ -122,3 +124,25 @@ async def test_large_layer_is_streamed(registry: LocalRegistry) -> None:
     await asyncio.wait_for(
         push_image(registry.url, "r/big", "t", "amd64", layer_sizes=(8 * 1024 * 1024 + 17,)), 30
     )
+
+
+async def test_token_registry_challenges_and_accepts_access_token(
+    token_registry: LocalRegistry, token_server: TokenServer
+) -> None:
+    url = f"{token_registry.url}/v2/r/img/manifests/t"
+    async with aiohttp.ClientSession() as s, s.get(url, headers={"Accept": ACCEPT}) as r:
+        assert r.status == 401
+        challenge = r.headers["WWW-Authenticate"]
+    assert challenge.startswith(f'Bearer realm="{token_server.realm}"')
+    assert 'scope="repository:r/img:pull"' in challenge
+    digest = await push_image(
+        token_registry.url, "r/img", "t", "amd64", auth=(ACCESS_TOKEN_USER, DEFAULT_PASSWORD)
+    )
+    assert digest.startswith("sha256:")
+    assert {r["user"] for r in token_server.requests} == {ACCESS_TOKEN_USER}
+
+
+async def test_token_registry_refuses_wrong_password(token_registry: LocalRegistry) -> None:
+    with pytest.raises(aiohttp.ClientResponseError) as e:
+        await push_image(token_registry.url, "r/img", "t", "amd64", auth=(ACCESS_TOKEN_USER, "wrong"))
+    assert e.value.status == 401

@@ -327,8 +327,8 @@ class _Pusher:
             raise RuntimeError(f"unexpected auth challenge {challenge!r}")
         query = [("service", params.get("service", ""))]
         query += [("scope", s) for s in params.get("scope", f"repository:{self.repo}:pull,push").split()]
-        basic = aiohttp.BasicAuth(*self.auth) if self.auth else None
-        async with self.s.get(params["realm"], params=query, auth=basic) as r:
+        headers = {"Authorization": aiohttp.encode_basic_auth(*self.auth)} if self.auth else {}
+        async with self.s.get(params["realm"], params=query, headers=headers) as r:
             r.raise_for_status()
             body = await r.json()
         self.token = body.get("token") or body["access_token"]
@@ -562,4 +562,20 @@ async def registries() -> AsyncIterator[Registries]:
 async def registry() -> AsyncIterator[LocalRegistry]:
     """One empty anonymous registry, fresh for each test."""
     async with LocalRegistry() as reg:
+        yield reg
+
+
+@pytest.fixture
+async def token_server() -> AsyncIterator[TokenServer]:
+    """A Docker token server accepting oauth2accesstoken with tokenauth.DEFAULT_PASSWORD."""
+    from tests.testbed.tokenauth import TokenServer  # noqa: PLC0415 - tokenauth imports this module's peers
+
+    async with TokenServer() as ts:
+        yield ts
+
+
+@pytest.fixture
+async def token_registry(token_server: TokenServer) -> AsyncIterator[LocalRegistry]:
+    """A registry that answers 401 with a Bearer challenge pointing at `token_server`."""
+    async with LocalRegistry("token", token_server=token_server) as reg:
         yield reg
