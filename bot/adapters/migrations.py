@@ -1,0 +1,342 @@
+"""Database migrations as a Kubernetes Job built from the env's config (never from user input), and their log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from bot.adapters.kube import JSON, ClusterClient, KubeNotFound
+from bot.errors import BotError, PermanentError
+from bot.settings import MIGRATE_IMAGE, Environment, MigrationMode
+
+_SHORT_SHA = re.compile(r"^[0-9a-f]{7,40}$")
+_SECRET_KEYS_CLOUD = ("CLICKHOUSE_URL", "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DATABASE")
+_SECRET_KEYS_SELF_HOSTED = ("CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DATABASE")
+BACKOFF_LIMIT = 3
+TTL_SECONDS = 600
+_MAX_FORCE_VERSION = 10**12  # golang-migrate versions are ints; timestamps as versions stay below this
+
+
+def _secret_env(name: str, secret: str) -> JSON:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
+
+
+def migrate_args(action: str, version: int | None = None) -> list[str]:
+    """The only two argument lists the Job may carry: ["up"] or ["force", "<version>"]."""
+    if action == "up" and version is None:
+        return ["up"]
+    if action == "force" and isinstance(version, int) and not isinstance(version, bool):
+        if not 0 <= version < _MAX_FORCE_VERSION:
+            raise PermanentError(f"migration version {version} is out of range")
+        return ["force", str(version)]
+    raise PermanentError(f"unsupported migration action {action!r}: only 'up' and 'force <version>' exist")
+
+
+def build_job(env: Environment, short_sha: str, args: list[str]) -> JSON:
+    """The migration Job for `env`: the ClickHouse connection comes from the env's config mode (F8)."""
+    if not _SHORT_SHA.match(short_sha):
+        raise PermanentError(f"{short_sha!r} is not a commit hash: the migrate image is tagged with one")
+    if args != ["up"] and not (len(args) == 2 and args[0] == "force" and args[1].isdigit()):
+        raise PermanentError(f"refusing migration args {args!r}: only ['up'] or ['force', '<version>']")
+    m = env.migrations
+    if m.mode is MigrationMode.CLOUD:
+        container_env = [_secret_env(k, m.secret) for k in _SECRET_KEYS_CLOUD]
+    else:
+        # self-hosted: plain host/port, no TLS; CLICKHOUSE_URL would force port 9440 and time out
+        container_env = [
+            {"name": "CLICKHOUSE_HOST", "value": str(m.host)},
+            {"name": "CLICKHOUSE_PORT", "value": str(m.port)},
+            *(_secret_env(k, m.secret) for k in _SECRET_KEYS_SELF_HOSTED),
+        ]
+    labels = {
+        "app.kubernetes.io/name": "funnelcake-db-migrate",
+        "app.kubernetes.io/managed-by": "funnelcake-bot",
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": m.job_name,
+            "namespace": env.namespace,
+            "labels": labels,
+            "annotations": {"funnelcake.divine/commit": short_sha},
+        },
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            "ttlSecondsAfterFinished": TTL_SECONDS,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "migrate",
+                            "image": env.image_ref(MIGRATE_IMAGE, short_sha),
+                            "args": list(args),
+                            "env": container_env,
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+class MigrateOutcome(StrEnum):
+    APPLIED = "applied"
+    NO_CHANGE = "no-change"
+    DIRTY = "dirty"
+    FORCED = "forced"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    version: int
+    direction: str
+    name: str
+    duration: str
+
+
+@dataclass(frozen=True)
+class MigrateLog:
+    outcome: MigrateOutcome
+    applied: tuple[AppliedMigration, ...] = ()
+    dirty_version: int | None = None
+    error: str | None = None
+    hint: str | None = None
+
+
+_APPLIED_RE = re.compile(r"^\s*(\d+)/([ud])\s+(\S+)\s+\(([^)]*)\)\s*$")
+_DIRTY_RE = re.compile(r"Dirty database version (\d+)")
+_ERROR_RE = re.compile(r"^\s*error:\s*(.+)$", re.I)
+
+
+def parse_migrate_log(text: str, *, forced: bool = False) -> MigrateLog:
+    """Read golang-migrate's output: applied lines, `no change`, errors, `Dirty database version X` (F7)."""
+    applied: list[AppliedMigration] = []
+    errors: list[str] = []
+    no_change = False
+    dirty: int | None = None
+    for line in text.splitlines():
+        if m := _APPLIED_RE.match(line):
+            applied.append(AppliedMigration(int(m[1]), m[2], m[3], m[4]))
+        elif line.strip() == "no change" or line.strip().endswith(" no change"):
+            no_change = True
+        if d := _DIRTY_RE.search(line):
+            dirty = int(d[1])
+        if e := _ERROR_RE.match(line):
+            errors.append(e[1].strip())
+    if dirty is not None:
+        return MigrateLog(
+            MigrateOutcome.DIRTY,
+            tuple(applied),
+            dirty_version=dirty,
+            error=errors[-1] if errors else f"Dirty database version {dirty}",
+            hint=(
+                f"A migration failed half-way and left version {dirty} dirty. Check the database by hand, then "
+                f"run the guarded `force {dirty}` and `up` again."
+            ),
+        )
+    if errors:
+        err = errors[-1]
+        hint = None
+        if "i/o timeout" in err and "9440" in err:
+            hint = (
+                "Port 9440 is ClickHouse Cloud's TLS port: the Job used CLICKHOUSE_URL (cloud mode) against a "
+                "self-hosted ClickHouse. The env's migrations.mode must be self-hosted with host and port."
+            )
+        elif "i/o timeout" in err or "connection refused" in err:
+            hint = "ClickHouse is unreachable from the Job: check the host/port or URL in the env's config and secret."
+        return MigrateLog(MigrateOutcome.FAILED, tuple(applied), error=err, hint=hint)
+    if applied:
+        return MigrateLog(MigrateOutcome.APPLIED, tuple(applied))
+    if no_change:
+        return MigrateLog(MigrateOutcome.NO_CHANGE)
+    if forced:
+        return MigrateLog(MigrateOutcome.FORCED)
+    return MigrateLog(MigrateOutcome.NO_CHANGE if not text.strip() else MigrateOutcome.APPLIED)
+
+
+@dataclass(frozen=True)
+class MigrationRun:
+    env: str
+    job: str
+    args: tuple[str, ...]
+    succeeded: bool
+    log: str
+    result: MigrateLog
+    pod: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class MigrationFailed(PermanentError):
+    def __init__(self, message: str, *, run: MigrationRun, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.run = run
+
+
+def _condition(job: JSON, kind: str) -> JSON | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+class MigrationRunner:
+    """Runs migration Jobs; one at a time per env in this process (the Job's fixed name guards the cluster)."""
+
+    def __init__(self, *, job_timeout: float = 600.0, delete_timeout: float = 30.0) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last: dict[str, MigrateLog] = {}
+        self.job_timeout = job_timeout
+        self.delete_timeout = delete_timeout
+
+    def _lock(self, env: str) -> asyncio.Lock:
+        return self._locks.setdefault(env, asyncio.Lock())
+
+    def last_result(self, env: str) -> MigrateLog | None:
+        return self._last.get(env)
+
+    async def up(self, client: ClusterClient, env: Environment, short_sha: str) -> MigrationRun:
+        return await self._run(client, env, short_sha, migrate_args("up"))
+
+    async def force(
+        self, client: ClusterClient, env: Environment, short_sha: str, version: int
+    ) -> MigrationRun:
+        """Force `version`, allowed only for the dirty version the last run of this env reported (F7)."""
+        last = self._last.get(env.name)
+        if last is None or last.outcome is not MigrateOutcome.DIRTY:
+            raise PermanentError(
+                f"refusing to force a migration version in {env.name}: no run reported a dirty database",
+                hint=f"Run `migrate {env.name} <commit>` first; force is offered only for the version it reports.",
+            )
+        if last.dirty_version != version:
+            raise PermanentError(
+                f"refusing to force version {version} in {env.name}: the database is dirty at version "
+                f"{last.dirty_version}",
+                hint=f"Use `force {last.dirty_version}`.",
+            )
+        return await self._run(client, env, short_sha, migrate_args("force", version))
+
+    async def _run(
+        self, client: ClusterClient, env: Environment, short_sha: str, args: list[str]
+    ) -> MigrationRun:
+        lock = self._lock(env.name)
+        if lock.locked():
+            raise PermanentError(
+                f"a migration is already running in {env.name}", hint="Wait for it to finish, then retry."
+            )
+        async with lock:
+            job = build_job(env, short_sha, args)
+            name = job["metadata"]["name"]
+            ns = env.namespace
+            await self._delete_previous(client, ns, name)
+            try:
+                await client.call(f"create job {ns}/{name}", client.batch.create_namespaced_job, ns, job)
+            except BotError as e:
+                if "conflict" in str(e).lower() or "exists" in str(e).lower():
+                    raise PermanentError(
+                        f"a migration Job {name} is already running in {env.name}",
+                        hint="Another migration holds the Job name; wait for it to finish.",
+                    ) from None
+                raise
+            final = await self._wait(client, ns, name)
+            pod, log_text = await self._read_log(client, ns, name)
+            forced = args[0] == "force"
+            parsed = parse_migrate_log(log_text, forced=forced)
+            succeeded = _condition(final, "Complete") is not None
+            if not succeeded and parsed.outcome in (MigrateOutcome.APPLIED, MigrateOutcome.NO_CHANGE):
+                failed = _condition(final, "Failed") or {}
+                parsed = MigrateLog(
+                    MigrateOutcome.FAILED,
+                    parsed.applied,
+                    error=str(failed.get("message") or failed.get("reason") or "the Job failed"),
+                )
+            self._last[env.name] = parsed
+            run = MigrationRun(env.name, name, tuple(args), succeeded, log_text, parsed, pod)
+            if not succeeded:
+                raise MigrationFailed(
+                    f"migration {' '.join(args)} in {env.name} failed: {parsed.error or 'see the Job log'}",
+                    run=run,
+                    hint=parsed.hint,
+                )
+            return run
+
+    async def _delete_previous(self, client: ClusterClient, ns: str, name: str) -> None:
+        try:
+            previous = await client.call(f"job {ns}/{name}", client.batch.read_namespaced_job, name, ns)
+        except KubeNotFound:
+            return
+        if not (_condition(previous, "Complete") or _condition(previous, "Failed")):
+            # the fixed Job name is the cluster-wide guard: an unfinished Job belongs to a running migration
+            raise PermanentError(
+                f"a migration Job {name} is still running in {client.context}",
+                hint=f"Wait for it (kubectl -n {ns} get job {name}) and retry.",
+            )
+        try:
+            await client.call(
+                f"delete job {ns}/{name}",
+                client.batch.delete_namespaced_job,
+                name,
+                ns,
+                propagation_policy="Background",
+            )
+        except KubeNotFound:
+            return
+        # the name is reused: wait until the old Job is really gone before creating the new one
+        async with asyncio.timeout(self.delete_timeout):
+            while True:
+                try:
+                    await client.call(f"job {ns}/{name}", client.batch.read_namespaced_job, name, ns)
+                except KubeNotFound:
+                    return
+                await asyncio.sleep(0.1)
+
+    async def _wait(self, client: ClusterClient, ns: str, name: str) -> JSON:
+        try:
+            async with (
+                asyncio.timeout(self.job_timeout),
+                contextlib.aclosing(
+                    client.watch(
+                        f"job {ns}/{name}",
+                        client.batch.list_namespaced_job,
+                        ns,
+                        field_selector=f"metadata.name={name}",
+                    )
+                ) as events,
+            ):
+                async for kind, job in events:
+                    if kind == "DELETED":
+                        raise PermanentError(f"the migration Job {name} was deleted while running")
+                    if _condition(job, "Complete") or _condition(job, "Failed"):
+                        return job
+        except TimeoutError:
+            raise PermanentError(
+                f"the migration Job {name} did not finish within {self.job_timeout:.0f}s",
+                hint=f"Look at the Job's pods (kubectl -n {ns} logs job/{name}).",
+            ) from None
+        raise PermanentError(f"the watch of Job {name} ended")  # pragma: no cover - watch() never ends
+
+    async def _read_log(self, client: ClusterClient, ns: str, name: str) -> tuple[str | None, str]:
+        listing = await client.call(
+            f"pods of job {name}", client.core.list_namespaced_pod, ns, label_selector=f"job-name={name}"
+        )
+        pods = sorted(
+            listing.get("items") or [],
+            key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""),
+        )
+        if not pods:
+            return None, ""
+        pod = str(pods[-1]["metadata"]["name"])
+        try:
+            return pod, await client.text(
+                f"log of {pod}", client.core.read_namespaced_pod_log, pod, ns, container="migrate"
+            )
+        except BotError as e:
+            return pod, f"error: could not read the log of {pod}: {e}"
