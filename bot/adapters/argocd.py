@@ -1,0 +1,279 @@
+"""Argo CD through its Application objects in each env's own cluster: hard refresh, then sync, watched to the end.
+
+Argo CD quirks this relies on (DESIGN.md §5): the Application has no status subresource; the controller drops
+the refresh annotation only after it has reconciled and written status.reconciledAt; a sync is requested by
+setting top-level `operation`, and one patched while another is Running is silently dropped; right after the
+patch the PREVIOUS operationState is still visible, so a result counts only if it started after our request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from bot.adapters.kube import JSON, MERGE_PATCH, ClusterClient, KubeNotFound
+from bot.errors import PermanentError
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "applications"
+REFRESH_ANNOTATION = "argocd.argoproj.io/refresh"
+FINAL_PHASES = frozenset({"Succeeded", "Failed", "Error"})
+
+
+def parse_time(value: object) -> dt.datetime | None:
+    """RFC3339 (`2026-01-02T03:04:05Z`, optional fraction/offset) -> aware datetime; None if absent/garbled."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+class AppNotFound(PermanentError):
+    """The Argo CD Application named in the config does not exist in that cluster."""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    app: str
+    revision: str
+    phase: str
+    started_at: str
+    finished_at: str
+    health: str
+    sync_status: str
+    message: str = ""
+
+
+def operation_running(app: JSON) -> bool:
+    """True when the app has an operation in flight: a pending `operation` or a Running operationState."""
+    state = (app.get("status") or {}).get("operationState") or {}
+    return bool(app.get("operation")) or state.get("phase") == "Running"
+
+
+def refresh_consumed(app: JSON, before: dt.datetime | None, requested: dt.datetime) -> bool:
+    """The controller reconciled after our refresh request: annotation gone and reconciledAt newer.
+
+    reconciledAt has one-second resolution: when the previous reconcile fell in the same second as our
+    request, an equal timestamp is the best "newer" there is.
+    """
+    annotations = (app.get("metadata") or {}).get("annotations") or {}
+    if REFRESH_ANNOTATION in annotations:
+        return False
+    reconciled = parse_time((app.get("status") or {}).get("reconciledAt"))
+    if reconciled is None:
+        return False
+    if before is None or reconciled > before:
+        return True
+    return reconciled == before and before >= requested.replace(microsecond=0)
+
+
+def ours(state: JSON, requested: dt.datetime, revision: str) -> bool:
+    """This operationState belongs to the operation we requested, not the previous one."""
+    started = parse_time(state.get("startedAt"))
+    if started is None or started < requested.replace(microsecond=0):
+        return False
+    asked = ((state.get("operation") or {}).get("sync") or {}).get("revision")
+    return asked in (None, revision)
+
+
+class ArgoCD:
+    """The Argo CD Applications of one env, in that env's cluster."""
+
+    def __init__(
+        self,
+        client: ClusterClient,
+        namespace: str,
+        *,
+        env_name: str = "",
+        refresh_limit: float = 60.0,
+        sync_limit: float = 180.0,
+        post_sync_limit: float = 15.0,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.env_name = env_name or client.context
+        self.refresh_limit = refresh_limit
+        self.sync_limit = sync_limit
+        self.post_sync_limit = post_sync_limit  # waiting for the controller's refresh after a finished sync
+
+    async def get(self, app: str) -> JSON:
+        try:
+            return await self.client.call(
+                f"Argo CD application {app}",
+                self.client.custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                app,
+            )
+        except KubeNotFound:
+            raise AppNotFound(
+                f"Argo CD application {self.namespace}/{app} does not exist in {self.env_name}",
+                hint="Check argocd.applications in the environments file.",
+            ) from None
+
+    async def _patch(self, app: str, body: JSON) -> JSON:
+        # merge-patch explicitly: the client's default for a dict body is json-patch, which the API server rejects
+        return await self.client.call(
+            f"patch Argo CD application {app}",
+            self.client.custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            app,
+            body,
+            _content_type=MERGE_PATCH,
+        )
+
+    def _watch(self, app: str) -> contextlib.aclosing[AsyncGenerator[tuple[str, JSON]]]:
+        return contextlib.aclosing(
+            self.client.watch(
+                f"Argo CD application {app}",
+                self.client.custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                field_selector=f"metadata.name={app}",
+            )
+        )
+
+    async def refresh(self, app: str) -> JSON:
+        """Hard refresh and wait (watching) until the controller has consumed it; returns the app."""
+        current = await self.get(app)
+        before = parse_time((current.get("status") or {}).get("reconciledAt"))
+        requested = dt.datetime.now(dt.UTC)
+        await self._patch(app, {"metadata": {"annotations": {REFRESH_ANNOTATION: "hard"}}})
+        try:
+            async with asyncio.timeout(self.refresh_limit), self._watch(app) as events:
+                async for kind, obj in events:
+                    if kind == "DELETED":
+                        raise PermanentError(f"Argo CD application {app} was deleted during refresh")
+                    if refresh_consumed(obj, before, requested):
+                        return dict(obj)
+        except TimeoutError:
+            raise PermanentError(
+                f"Argo CD in {self.env_name} did not consume the refresh of {app} within {self.refresh_limit:.0f}s",
+                hint="Check the application controller (argocd-application-controller) in that cluster.",
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover - the watch never ends by itself
+
+    async def ensure_idle(self, app: str) -> JSON:
+        obj = await self.get(app)
+        if operation_running(obj):
+            state = (obj.get("status") or {}).get("operationState") or {}
+            who = (((state.get("operation") or obj.get("operation") or {}).get("initiatedBy")) or {}).get(
+                "username"
+            )
+            raise PermanentError(
+                f"Argo CD application {app} in {self.env_name} is already running an operation"
+                + (f" started {state['startedAt']}" if state.get("startedAt") else "")
+                + (f" by {who}" if who else ""),
+                hint="Wait for it to finish (or terminate it in Argo CD), then deploy again; "
+                "a sync requested now would be silently dropped.",
+            )
+        return obj
+
+    async def sync(self, app: str, revision: str, *, username: str, refresh: bool = True) -> SyncResult:
+        """Refresh, then sync `app` to `revision` and wait until that operation finished on that revision."""
+        if refresh:
+            await self.refresh(app)
+        await self.ensure_idle(app)
+        requested = dt.datetime.now(dt.UTC)
+        await self._patch(
+            app,
+            {"operation": {"initiatedBy": {"username": username}, "sync": {"revision": revision}}},
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.sync_limit
+        finished: JSON | None = None
+        try:
+            async with asyncio.timeout_at(deadline) as limit, self._watch(app) as events:
+                async for kind, obj in events:
+                    if kind == "DELETED":
+                        raise PermanentError(f"Argo CD application {app} was deleted during the sync")
+                    state = (obj.get("status") or {}).get("operationState") or {}
+                    if not ours(state, requested, revision) or state.get("phase") not in FINAL_PHASES:
+                        continue
+                    self._check_outcome(app, revision, state)
+                    if finished is None:
+                        limit.reschedule(min(deadline, loop.time() + self.post_sync_limit))
+                    finished = obj
+                    # the controller refreshes once more after the operation: wait for it to report
+                    # sync/health of the new revision
+                    if _post_sync_refreshed(obj, state):
+                        break
+        except TimeoutError:
+            if finished is None:
+                raise PermanentError(
+                    f"the sync of {app} in {self.env_name} to {revision[:7]} did not finish within "
+                    f"{self.sync_limit:.0f}s",
+                    hint="Look at the application in Argo CD; if no operation started, another one may have "
+                    "been running and Argo CD dropped ours.",
+                ) from None
+        if finished is None:  # pragma: no cover - the watch never ends by itself
+            raise PermanentError(f"the watch of {app} in {self.env_name} ended before the sync finished")
+        return _result(app, finished)
+
+    def _check_outcome(self, app: str, revision: str, state: JSON) -> None:
+        phase = state.get("phase")
+        if phase != "Succeeded":
+            raise PermanentError(
+                f"Argo CD sync of {app} in {self.env_name} {str(phase).lower()}: {state.get('message') or 'no message'}",
+                hint="Read the message above; fix the GitOps overlay or the cluster, then deploy again.",
+            )
+        synced = ((state.get("syncResult") or {}).get("revision")) or ""
+        if synced != revision:
+            raise PermanentError(
+                f"Argo CD synced {app} in {self.env_name} to {synced[:7] or 'an unknown revision'}, "
+                f"not the pushed {revision[:7]}",
+                hint="Someone pushed or synced in between; run the deploy again.",
+            )
+
+    async def sync_all(self, apps: Sequence[str], revision: str, *, username: str) -> list[SyncResult]:
+        """Sync several applications concurrently; the first failure cancels the rest and is raised."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(
+                        self.sync(a, revision, username=username), name=f"argocd-sync-{self.env_name}-{a}"
+                    )
+                    for a in apps
+                ]
+        except BaseExceptionGroup as eg:
+            first = next(
+                (e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)), eg.exceptions[0]
+            )
+            raise first from None
+        return [t.result() for t in tasks]
+
+
+def _post_sync_refreshed(obj: JSON, state: JSON) -> bool:
+    finished = parse_time(state.get("finishedAt"))
+    reconciled = parse_time((obj.get("status") or {}).get("reconciledAt"))
+    return finished is not None and reconciled is not None and reconciled >= finished
+
+
+def _result(app: str, obj: JSON) -> SyncResult:
+    status = obj.get("status") or {}
+    state = status.get("operationState") or {}
+    return SyncResult(
+        app=app,
+        revision=str((state.get("syncResult") or {}).get("revision") or ""),
+        phase=str(state.get("phase") or ""),
+        started_at=str(state.get("startedAt") or ""),
+        finished_at=str(state.get("finishedAt") or ""),
+        health=str((status.get("health") or {}).get("status") or "Unknown"),
+        sync_status=str((status.get("sync") or {}).get("status") or "Unknown"),
+        message=str(state.get("message") or ""),
+    )
