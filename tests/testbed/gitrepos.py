@@ -20,6 +20,8 @@ from types import TracebackType
 
 import pytest
 
+from bot.settings import DEFAULT_CONFIG_PATH, FunnelcakeConfig, Repo, Repos, load_config
+
 GIT_TIMEOUT = 30.0
 BRANCH = "main"
 ENVS = ("production", "staging", "poc")
@@ -695,6 +697,22 @@ def remote_file(remote: Path, relpath: str, rev: str = BRANCH) -> bytes:
     return git(remote, "show", f"{rev}:{relpath}").stdout
 
 
+def funnelcake_config(
+    gitops: GitOpsRemote, app: AppRemote | None = None, base: Path | None = None
+) -> FunnelcakeConfig:
+    """The environments file (config/funnelcake.yaml by default) pointed at these remotes and registries."""
+    cfg = load_config(base or DEFAULT_CONFIG_PATH)
+    repos = Repos(
+        app=Repo(url=app.url if app is not None else cfg.repos.app.url, branch=BRANCH),
+        gitops=Repo(url=gitops.url, branch=gitops.branch),
+    )
+    envs = [
+        e.model_copy(update={"registry": gitops.registries[e.name]}) if e.name in gitops.registries else e
+        for e in cfg.environments
+    ]
+    return cfg.model_copy(update={"repos": repos, "environments": envs})
+
+
 class GitRemotes:
     """Both remotes under one directory; set-up is synchronous, `start`/`stop` wrap it for async callers."""
 
@@ -792,3 +810,9 @@ def app_remote(git_remotes: GitRemotes) -> AppRemote:
 @pytest.fixture
 def gitops_remote(git_remotes: GitRemotes) -> GitOpsRemote:
     return git_remotes.gitops
+
+
+@pytest.fixture
+def git_config(git_remotes: GitRemotes) -> FunnelcakeConfig:
+    """config/funnelcake.yaml with its repos and registries pointed at the test-bed remotes."""
+    return funnelcake_config(git_remotes.gitops, git_remotes.app)

@@ -1,0 +1,470 @@
+"""The GitOps repo (divine-iac-coreconfig): read the deployed tags and bump them, one commit per request.
+
+A request for several environments makes ONE commit touching each of their overlays: the history
+then reads as the deploy people asked for, one push is one race to win, and a rollback is one revert.
+
+The bump edits only the `newTag` value of the matching `images[]` entry, in place: comments,
+quoting, key order, CRLF line endings and flow-style lists stay as the file's author wrote them
+(no YAML round-trip). Every edited overlay is rendered with `kubectl kustomize` and must produce the
+exact image reference the deploy expects before anything is committed. Pushes are never forced: a
+rejected push is rebased onto the remote and retried a bounded number of times; any failure resets
+the clone to the remote branch so the next deploy starts clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from bot.adapters.gitutil import (
+    NETWORK_TIMEOUT,
+    GitCredentials,
+    GitRunner,
+    display_url,
+    reject_inline_password,
+    run_blocking,
+)
+from bot.errors import PermanentError, TransientError
+from bot.settings import Environment, FunnelcakeConfig, Service
+
+DEFAULT_AUTHOR = ("funnelcake-deploy-bot", "funnelcake-deploy-bot@divine.video")
+RENDER_TIMEOUT = 30.0
+
+# Docker's tag grammar; anything else would need escaping in YAML and would not pull anyway.
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# Plain scalars YAML 1.1 or 1.2 would read as something other than a string (kustomize uses 1.2).
+_NOT_A_PLAIN_STRING = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|0x[0-9a-fA-F_]+|0o[0-7]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+    r"|y|Y|n|N|yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF"
+    r"|null|Null|NULL|~)$"
+)
+_PUSH_RACE_MARKERS = (
+    "[rejected]",
+    "fetch first",
+    "non-fast-forward",
+    "cannot lock ref",
+    "failed to update ref",
+    "incorrect old value",
+    "stale info",
+)
+
+
+# -- overlay text editing (pure functions) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagSpan:
+    """Where the newTag value of one images[] entry sits in the file text."""
+
+    start: int
+    end: int
+    value: str
+    style: str | None  # '"', "'", or None for a plain scalar
+    line: int  # 1-based
+
+
+def find_image_tag(text: str, image: str, *, source: str) -> TagSpan:
+    """Locate the `newTag` of the images[] entry named `image` (block or flow style)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PermanentError(
+            f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}.",
+            hint="Fix the overlay in the GitOps repo, then retry.",
+        ) from None
+    if not isinstance(root, yaml.MappingNode):
+        raise PermanentError(f"{source} is not a kustomization (expected a mapping at the top level).")
+    images = _mapping_get(root, "images")
+    entries = images.value if isinstance(images, yaml.SequenceNode) else []
+    matches: list[yaml.MappingNode] = []
+    for entry in entries:
+        if isinstance(entry, yaml.MappingNode):
+            name = _mapping_get(entry, "name")
+            if isinstance(name, yaml.ScalarNode) and name.value == image:
+                matches.append(entry)
+    if not matches:
+        raise PermanentError(
+            f"{source} has no images entry named {image!r}.",
+            hint=f"Add `images: [{{name: {image}, newName: ..., newTag: ...}}]` to the overlay.",
+        )
+    if len(matches) > 1:
+        raise PermanentError(f"{source} lists the image {image!r} {len(matches)} times; keep one entry.")
+    tag = _mapping_get(matches[0], "newTag")
+    if not isinstance(tag, yaml.ScalarNode):
+        raise PermanentError(
+            f"{source}: the images entry {image!r} has no newTag.",
+            hint="Add a newTag line to the entry so the deployed commit is pinned.",
+        )
+    if tag.style not in (None, '"', "'"):
+        raise PermanentError(f"{source}: newTag of {image!r} is a block scalar; write it on one line.")
+    start, end = tag.start_mark.index, tag.end_mark.index
+    if tag.start_mark.line != tag.end_mark.line:
+        raise PermanentError(f"{source}: newTag of {image!r} spans several lines; write it on one line.")
+    return TagSpan(start, end, str(tag.value), tag.style, tag.start_mark.line + 1)
+
+
+def _mapping_get(node: yaml.MappingNode, key: str) -> yaml.Node | None:
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key:
+            return v  # type: ignore[no-any-return]
+    return None
+
+
+def read_image_tag(text: str, image: str, *, source: str) -> str:
+    return find_image_tag(text, image, source=source).value
+
+
+def format_tag(tag: str, style: str | None) -> str:
+    """The tag as a YAML scalar in the file's style; a plain tag YAML would misread gets double quotes."""
+    if not _TAG_RE.match(tag):
+        raise PermanentError(f"{tag!r} is not a valid image tag.")
+    if style == "'":
+        return f"'{tag}'"
+    if style == '"' or _NOT_A_PLAIN_STRING.match(tag):
+        return f'"{tag}"'
+    return tag
+
+
+def set_image_tag(text: str, image: str, tag: str, *, source: str) -> tuple[str, str]:
+    """Return (new text, previous tag): only the newTag value's characters change."""
+    span = find_image_tag(text, image, source=source)
+    new = text[: span.start] + format_tag(tag, span.style) + text[span.end :]
+    check = find_image_tag(new, image, source=source)
+    if check.value != tag:  # pragma: no cover - a guard on the span arithmetic above
+        raise PermanentError(f"{source}: editing newTag produced {check.value!r}, not {tag!r}.")
+    return new, span.value
+
+
+# -- the repo ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BumpResult:
+    commit: str | None  # the commit now on the remote branch; None when nothing had to change
+    noop: bool
+    previous: dict[str, dict[Service, str]]  # env -> service -> newTag before the bump
+    attempts: int  # push attempts (0 for a noop)
+    files: list[str] = field(default_factory=list)
+
+
+class GitOpsRepo:
+    """A working clone of the GitOps repo; one lock per clone serialises every operation on it."""
+
+    def __init__(
+        self,
+        url: str,
+        clone_dir: Path,
+        *,
+        branch: str = "main",
+        credentials: GitCredentials | None = None,
+        author: tuple[str, str] = DEFAULT_AUTHOR,
+        kubectl: str = "kubectl",
+        network_timeout: float = NETWORK_TIMEOUT,
+        render_timeout: float = RENDER_TIMEOUT,
+        retry_delay: float = 0.25,
+    ) -> None:
+        reject_inline_password(url)
+        self.url = url
+        self.clone_dir = clone_dir
+        self.branch = branch
+        self.kubectl = kubectl
+        self.network_timeout = network_timeout
+        self.render_timeout = render_timeout
+        self.retry_delay = retry_delay
+        self._git = GitRunner(clone_dir, remote_url=url, credentials=credentials, identity=author)
+        self._lock = asyncio.Lock()
+        self.name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or url
+
+    @property
+    def _origin(self) -> str:
+        return f"refs/remotes/origin/{self.branch}"
+
+    # -- public API ------------------------------------------------------------------------------
+
+    async def read_tags(self, config: FunnelcakeConfig) -> dict[str, dict[Service, str]]:
+        """env -> service -> newTag on the remote branch, after a fetch."""
+        async with self._lock:
+            await run_blocking(self._sync)
+            return await run_blocking(self._read_all, config.environments)
+
+    async def head(self) -> str:
+        """The remote branch's commit, after a fetch."""
+        async with self._lock:
+            await run_blocking(self._sync)
+            return await run_blocking(self._rev, self._origin)
+
+    async def bump(
+        self,
+        envs: list[Environment],
+        short: str,
+        *,
+        requester: str,
+        deploy_id: str,
+        max_attempts: int = 5,
+    ) -> BumpResult:
+        """Set newTag to `short` in every overlay of `envs`, commit once, and push (see module doc)."""
+        if not envs:
+            raise PermanentError("No environment to bump.")
+        format_tag(short, '"')  # validates before touching anything
+        envs = list({e.name: e for e in envs}.values())
+        async with self._lock:
+            try:
+                return await self._bump(envs, short, requester, deploy_id, max_attempts)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await run_blocking(self._reset_clean)
+                raise
+
+    # -- the bump, with the lock held -------------------------------------------------------------
+
+    async def _bump(
+        self, envs: list[Environment], short: str, requester: str, deploy_id: str, max_attempts: int
+    ) -> BumpResult:
+        await run_blocking(self._sync)
+        previous, files = await run_blocking(self._edit, envs, short)
+        if not files:
+            return BumpResult(commit=None, noop=True, previous=previous, attempts=0)
+        await self._validate(envs, short)
+        message = commit_message(envs, short, requester=requester, deploy_id=deploy_id, previous=previous)
+        await run_blocking(self._commit, files, message)
+        for attempt in range(1, max_attempts + 1):
+            if await run_blocking(self._push):
+                sha = await run_blocking(self._rev, "HEAD")
+                return BumpResult(commit=sha, noop=False, previous=previous, attempts=attempt, files=files)
+            if attempt == max_attempts:
+                break
+            await asyncio.sleep(random.uniform(0, self.retry_delay * 2 ** (attempt - 1)))  # noqa: S311 - jitter
+            if not await run_blocking(self._rebase, files):
+                # Someone else pushed the same tags: the remote already says what we wanted.
+                return BumpResult(commit=None, noop=True, previous=previous, attempts=attempt, files=files)
+            await self._validate(envs, short)
+        raise TransientError(
+            f"Pushing to {self.name} {self.branch} was rejected {max_attempts} times: other commits kept landing.",
+            hint="Nothing was pushed; the deploy can be retried.",
+        )
+
+    def _path(self, env: Environment, service: Service) -> tuple[str, Path]:
+        rel = env.overlays[service]
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or ".." in pure.parts or not rel.endswith((".yaml", ".yml")):
+            raise PermanentError(
+                f"Overlay path {rel!r} for {env.name}/{service.value} must be a relative path to a YAML "
+                "file inside the GitOps repo."
+            )
+        return rel, self.clone_dir / pure
+
+    def _read(self, env: Environment, service: Service) -> tuple[str, Path, str]:
+        rel, path = self._path(env, service)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise PermanentError(
+                f"{rel} ({env.name}/{service.value}) does not exist in {self.name} {self.branch}.",
+                hint="Check `overlays` in the environments file.",
+            ) from None
+        except UnicodeDecodeError:
+            raise PermanentError(f"{rel} is not UTF-8 text.") from None
+        return rel, path, text
+
+    def _read_all(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str]]:
+        out: dict[str, dict[Service, str]] = {}
+        for env in envs:
+            out[env.name] = {}
+            for service in Service:
+                rel, _, text = self._read(env, service)
+                out[env.name][service] = read_image_tag(text, service.image, source=rel)
+        return out
+
+    def _edit(self, envs: list[Environment], short: str) -> tuple[dict[str, dict[Service, str]], list[str]]:
+        previous: dict[str, dict[Service, str]] = {}
+        files: list[str] = []
+        for env in envs:
+            previous[env.name] = {}
+            for service in Service:
+                rel, path, text = self._read(env, service)
+                new, old = set_image_tag(text, service.image, short, source=rel)
+                previous[env.name][service] = old
+                if new != text:
+                    path.write_bytes(new.encode("utf-8"))
+                    files.append(rel)
+        return previous, files
+
+    async def _validate(self, envs: list[Environment], short: str) -> None:
+        checks = []
+        for env in envs:
+            for service in Service:
+                rel, path = self._path(env, service)
+                checks.append(self._render_check(rel, path.parent, env.image_ref(service.image, short)))
+        await asyncio.gather(*checks)
+
+    async def _render_check(self, rel: str, overlay_dir: Path, expected: str) -> None:
+        """`kubectl kustomize` the overlay: a Deployment must come out running exactly `expected`."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.kubectl,
+                "kustomize",
+                str(overlay_dir),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise PermanentError(
+                f"{self.kubectl} is not installed: cannot render {rel} to check it.",
+                hint="Install kubectl (it bundles kustomize) in the bot's image.",
+            ) from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.render_timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise TransientError(
+                f"Rendering {rel} with kustomize took more than {self.render_timeout:g}s."
+            ) from None
+        except asyncio.CancelledError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            detail = err.decode(errors="replace").strip().splitlines()
+            raise PermanentError(
+                f"{rel} does not render with kustomize: {' | '.join(detail[-3:])}",
+                hint="Fix the overlay in the GitOps repo; nothing was committed.",
+            )
+        images: list[str] = []
+        try:
+            docs = [d for d in yaml.safe_load_all(out) if isinstance(d, dict)]
+        except yaml.YAMLError as e:
+            raise PermanentError(f"kustomize output for {rel} is not YAML: {e}") from None
+        for doc in docs:
+            if doc.get("kind") != "Deployment":
+                continue
+            spec = (((doc.get("spec") or {}).get("template") or {}).get("spec")) or {}
+            for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+                if isinstance(c, dict) and isinstance(c.get("image"), str):
+                    images.append(c["image"])
+        if expected not in images:
+            found = ", ".join(images) or "no Deployment image"
+            raise PermanentError(
+                f"{rel} renders {found}, not {expected}: the images entry's name does not match the "
+                "image in the base manifests, or newName points at another registry.",
+                hint="Fix the overlay in the GitOps repo; nothing was committed.",
+            )
+
+    # -- blocking git steps ------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Clone on first use, then fetch and make the work tree exactly the remote branch."""
+        if not (self.clone_dir / ".git").exists():
+            self.clone_dir.mkdir(parents=True, exist_ok=True)
+            self._git.run(
+                "clone",
+                "--quiet",
+                "--no-tags",
+                "--single-branch",
+                "--branch",
+                self.branch,
+                self.url,
+                ".",
+                timeout=self.network_timeout,
+                what=f"Cloning {display_url(self.url)}",
+            )
+        else:
+            current = self._git.run("config", "--get", "remote.origin.url", check=False).stdout.strip()
+            if current != self.url:
+                self._git.run("remote", "set-url", "origin", self.url)
+            self._fetch()
+        self._reset_clean()
+
+    def _fetch(self) -> None:
+        self._git.run(
+            "fetch",
+            "--quiet",
+            "origin",
+            f"+refs/heads/{self.branch}:{self._origin}",
+            timeout=self.network_timeout,
+            what=f"Fetching {self.name}",
+        )
+
+    def _reset_clean(self) -> None:
+        if not (self.clone_dir / ".git").exists():
+            return
+        git_dir = self.clone_dir / ".git"
+        if (git_dir / "rebase-merge").exists() or (git_dir / "rebase-apply").exists():
+            self._git.run("rebase", "--abort", check=False)
+        self._git.run("checkout", "--quiet", "--force", "-B", self.branch, self._origin)
+        self._git.run("clean", "--quiet", "-fdx")
+
+    def _rev(self, rev: str) -> str:
+        return self._git.run("rev-parse", "--verify", rev).stdout.strip()
+
+    def _commit(self, files: list[str], message: str) -> None:
+        self._git.run("add", "--", *files)
+        self._git.run("-c", "commit.gpgsign=false", "commit", "--quiet", "--no-verify", "-m", message)
+
+    def _push(self) -> bool:
+        """True when pushed; False when the remote moved on (a race to rebase and retry)."""
+        res = self._git.run(
+            "push",
+            "--porcelain",
+            "origin",
+            f"HEAD:refs/heads/{self.branch}",
+            timeout=self.network_timeout,
+            check=False,
+        )
+        if res.ok:
+            return True
+        if any(m in res.text for m in _PUSH_RACE_MARKERS):
+            return False
+        raise self._git.failure(f"Pushing to {self.name} {self.branch}", res, timeout=self.network_timeout)
+
+    def _rebase(self, files: list[str]) -> bool:
+        """pull --rebase: fetch and replay our commit; False when it became empty (already upstream)."""
+        self._fetch()
+        res = self._git.run("-c", "commit.gpgsign=false", "rebase", "--quiet", self._origin, check=False)
+        if not res.ok:
+            conflicted = self._git.run("diff", "--name-only", "--diff-filter=U", check=False).stdout.split()
+            self._reset_clean()
+            where = ", ".join(conflicted or files)
+            raise PermanentError(
+                f"Someone changed {where} in {self.name} while this deploy was pushing, and the changes "
+                "conflict. Nothing was pushed.",
+                hint="Look at the latest commits in the GitOps repo, then retry the deploy.",
+            )
+        return self._rev("HEAD") != self._rev(self._origin)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
+def commit_message(
+    envs: list[Environment],
+    short: str,
+    *,
+    requester: str,
+    deploy_id: str,
+    previous: dict[str, dict[Service, str]],
+) -> str:
+    """`deploy(<env>[, <env>]): funnelcake @ <short>` and a body saying who, which deploy, and from what."""
+    names = [e.name for e in envs]
+    lines = [
+        f"deploy({', '.join(names)}): funnelcake @ {short}",
+        "",
+        f"Requested-by: {_one_line(requester)}",
+        f"Deploy-Id: {_one_line(deploy_id)}",
+        "Previous tags:",
+    ]
+    for name in names:
+        tags = previous.get(name, {})
+        lines.append(f"  {name}: " + ", ".join(f"{s.value} {tags[s]}" for s in Service if s in tags))
+    return "\n".join(lines) + "\n"
