@@ -7,7 +7,7 @@ import collections
 import itertools
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -22,6 +22,7 @@ __all__ = [
     "apply_strategic_merge_patch",
     "match_fields",
     "match_labels",
+    "not_found",
     "parse_field_selector",
     "parse_label_selector",
 ]
@@ -111,7 +112,7 @@ def _info(resource: str) -> ResourceInfo:
         ) from None
 
 
-def _not_found(info: ResourceInfo, name: str) -> StoreError:
+def not_found(info: ResourceInfo, name: str) -> StoreError:
     group = f"{info.plural}.{info.group}" if info.group else info.plural
     return StoreError(
         404,
@@ -622,7 +623,7 @@ class Store:
         info = _info(resource)
         obj = self._objects[resource].get(namespace, {}).get(name)
         if obj is None:
-            raise _not_found(info, name)
+            raise not_found(info, name)
         del self._objects[resource][namespace][name]
         self._rv += 1
         gone = _copy(obj)
@@ -644,7 +645,7 @@ class Store:
         info = _info(resource)
         obj = self._objects[resource].get(namespace, {}).get(name)
         if obj is None:
-            raise _not_found(info, name)
+            raise not_found(info, name)
         return obj
 
     def _write(
@@ -774,7 +775,7 @@ class Store:
         resource_version: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
-    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """Changes after `resource_version`; without one (or "0"), synthetic ADDED for what exists, then changes.
 
         Objects that stop (start) matching the selectors arrive as DELETED (ADDED), like the real server.
