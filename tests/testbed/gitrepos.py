@@ -8,10 +8,12 @@ dates, so the shas are the same on every machine and every run.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -785,8 +787,74 @@ class GitRemotes:
         await self.stop()
 
 
+class RefusingGitHost:
+    """An http git host that answers 401 to everything and records the Authorization headers offered.
+
+    It lets tests check that an https token reaches the host (through the credential helper) and
+    never reaches an error message, a log or .git/config.
+    """
+
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("RefusingGitHost is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}/divinevideo/divine-iac-coreconfig.git"
+
+    def start_sync(self) -> RefusingGitHost:
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                if auth:
+                    owner.authorizations.append(auth)
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="test bed"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="refusing-git-host", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop_sync(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    async def start(self) -> RefusingGitHost:
+        return self.start_sync()
+
+    async def stop(self) -> None:
+        self.stop_sync()
+
+
 # ---------------------------------------------------------------------------------------------------
 # pytest fixtures
+
+
+@pytest.fixture
+def refusing_git_host() -> Iterator[RefusingGitHost]:
+    host = RefusingGitHost().start_sync()
+    yield host
+    host.stop_sync()
 
 
 @pytest.fixture(scope="session")
