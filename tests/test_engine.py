@@ -200,3 +200,25 @@ async def test_retry_after_from_the_remote_is_honoured() -> None:
     result = await Pipeline("d-9", [step], [Recorder()]).run({})
     assert result.ok
     assert step.times[1] - step.times[0] >= 0.19
+
+
+async def test_a_fanned_out_step_reports_the_permanent_verdict_not_the_group() -> None:
+    class FanOut(Step[dict[str, Any]]):
+        name = "sync"
+        retry = FAST
+
+        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+            async def ok() -> None:
+                await asyncio.sleep(0.01)
+
+            async def bad() -> None:
+                raise PermanentError("Argo CD sync of funnelcake-api in poc failed: revision not found")
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(ok())
+                tg.create_task(bad())
+
+    result = await Pipeline("d-10", [FanOut()], [Recorder()]).run({})
+    assert result.failed is not None
+    assert result.failed.outcome is StepOutcome.FAILED
+    assert result.failed.message == "Argo CD sync of funnelcake-api in poc failed: revision not found"

@@ -103,6 +103,25 @@ class Retry:
     wait_jitter: float = 0.5
 
 
+def _verdict(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that decides a fanned-out step: a permanent error wins over a transient one."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    for kind in (PermanentError, Skip, TransientError, BotError):
+        for e in leaves:
+            if isinstance(e, kind):
+                return e
+    return next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])
+
+
 def _retry_hook(exc: Exception) -> bool | float:
     """Retry transient faults only; honour a delay the remote asked for (429 Retry-After)."""
     if isinstance(exc, TransientError):
@@ -216,7 +235,11 @@ class Pipeline(Generic[C]):
                             await self._emit(
                                 event(EventKind.RETRYING, f"attempt {attempt}/{step.retry.attempts}")
                             )
-                        data = await step.run(ctx, progress)
+                        try:
+                            data = await step.run(ctx, progress)
+                        except BaseExceptionGroup as group:
+                            # Steps fan out with TaskGroups; the runner needs the verdict, not the group.
+                            raise _verdict(group) from None
         except Skip as s:
             res = result(StepOutcome.SKIPPED, s.reason)
             await self._emit(event(EventKind.SKIPPED, s.reason))
