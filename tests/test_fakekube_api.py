@@ -98,12 +98,13 @@ def status_of(exc: ApiException) -> dict[str, Any]:
 
 async def test_create_fills_metadata_and_get_round_trips(api_client: client.ApiClient) -> None:
     apps = client.AppsV1Api(api_client)
-    created = await apps.create_namespaced_deployment(NS, deployment())
+    created = await apps.create_namespaced_deployment(NS, {**deployment(), "status": {"replicas": 5}})
     meta = created.metadata
     assert meta.namespace == NS
     assert re.fullmatch(r"[0-9a-f-]{36}", meta.uid)
     assert meta.generation == 1
     assert int(meta.resource_version) > 0
+    assert created.status is None or created.status.replicas is None
     raw = await apps.read_namespaced_deployment("funnelcake-api", NS, _preload_content=False)
     body = await raw.json()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["metadata"]["creationTimestamp"])
@@ -403,6 +404,62 @@ async def test_watch_from_expired_resource_version_is_410(tmp_path: Path) -> Non
             )
         ]
         assert recent == ["s7", "s8", "s9"]
+
+
+async def test_watch_is_released_when_the_client_goes_away_or_the_server_stops(
+    kube_api: FakeKubeAPI, kube_store: Store
+) -> None:
+    kube_store.create("pods", {"metadata": {"name": "p", "namespace": NS}, "spec": {"containers": []}})
+    async with aiohttp.ClientSession() as http:
+        resp = await http.get(f"{kube_api.url}/api/v1/namespaces/{NS}/pods", params={"watch": "True"})
+        first = json.loads(await resp.content.readline())
+        assert first["type"] == "ADDED"
+        assert kube_store.watch_count("pods") == 1
+        resp.close()
+    for _ in range(100):
+        if kube_store.watch_count() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert kube_store.watch_count() == 0
+    # A watch still open when the server stops is ended, not leaked.
+    http = aiohttp.ClientSession()
+    try:
+        resp = await http.get(f"{kube_api.url}/api/v1/pods", params={"watch": "true"})
+        await resp.content.readline()
+        assert kube_store.watch_count("pods") == 1
+        await asyncio.wait_for(kube_api.stop(), 5)
+        assert kube_store.watch_count() == 0
+    finally:
+        await http.close()
+
+
+def test_store_keeps_bounded_history_however_many_writes() -> None:
+    """Per-operation cost must not grow with traffic: nothing but the bounded history remembers past writes."""
+    store = Store(history=50)
+    store.create("applications", {"metadata": {"name": "a", "namespace": "argocd"}, "spec": {}})
+    for i in range(500):
+        store.patch(
+            "applications",
+            "argocd",
+            "a",
+            {"metadata": {"annotations": {"i": str(i)}}},
+            "application/merge-patch+json",
+        )
+    assert store.history_size() == 50
+    assert store.resource_version == "501"
+    store.check_watch_start("applications", "451")  # the oldest still replayable
+    with pytest.raises(StoreError) as err:
+        store.check_watch_start("applications", "450")
+    assert (err.value.code, err.value.reason) == (410, "Expired")
+    # A patch that changes nothing does not bump the resourceVersion, like the real server.
+    store.patch(
+        "applications",
+        "argocd",
+        "a",
+        {"metadata": {"annotations": {"i": "499"}}},
+        "application/merge-patch+json",
+    )
+    assert store.resource_version == "501"
 
 
 async def test_store_watch_and_subscribe_for_in_process_controllers() -> None:

@@ -746,6 +746,14 @@ class Store:
         for queue in self._subscribers:
             queue.put_nowait((event_type, resource, _copy(obj)))
 
+    def watch_count(self, resource: str | None = None) -> int:
+        """How many watches are open (for one resource, or all): tests use it to prove watches are released."""
+        groups = [self._watchers[resource]] if resource is not None else list(self._watchers.values())
+        return sum(len(g) for g in groups)
+
+    def history_size(self) -> int:
+        return len(self._history)
+
     def subscribe(self) -> asyncio.Queue[tuple[str, str, dict[str, Any]]]:
         """A queue of (event_type, resource, object) for every change, for an in-process informer."""
         queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
