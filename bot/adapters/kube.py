@@ -89,8 +89,10 @@ class ClusterClient:
         auth: _Auth | None,
         timeout: float,
         exec_timeout: float = 30.0,
+        refresh_margin: float = _REFRESH_MARGIN.total_seconds(),
     ) -> None:
         self.context = context
+        self.refresh_margin = dt.timedelta(seconds=refresh_margin)
         self.api_client = api_client
         self.timeout = timeout
         self._auth = auth
@@ -100,7 +102,7 @@ class ClusterClient:
         self.apps = k8s.AppsV1Api(api_client)
         self.batch = k8s.BatchV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
-        if auth is not None and auth.expiry is not None:
+        if auth is not None:
             api_client.configuration.refresh_api_key_hook = self._refresh_hook
 
     # ---- credentials -------------------------------------------------------------------------------
@@ -111,20 +113,23 @@ class ClusterClient:
 
     async def _refresh_hook(self, _configuration: k8s.Configuration) -> None:
         auth = self._auth
-        if auth is not None and auth.expiry is not None and _now() >= auth.expiry - _REFRESH_MARGIN:
+        if auth is not None and auth.expiry is not None and _now() >= auth.expiry - self.refresh_margin:
             await self.refresh_token(stale=auth.expiry)
 
-    async def refresh_token(self, *, stale: dt.datetime | None = None, force: bool = False) -> None:
+    async def refresh_token(self, *, stale: dt.datetime | None = None, rejected: str | None = None) -> None:
         """Re-run the exec plugin for this context and swap the Authorization header.
 
-        Concurrent callers that saw the same stale token wait on the lock and reuse the first refresh.
+        `stale` is the expiry the caller saw, `rejected` the header the server refused (401): concurrent callers
+        wait on the lock and reuse the first refresh instead of each running the plugin.
         """
         auth = self._auth
         if auth is None:
             return
         async with self._lock:
-            if not force and stale is not None and auth.expiry is not None and auth.expiry > stale:
+            if stale is not None and auth.expiry is not None and auth.expiry > stale:
                 return  # another request refreshed it while we waited
+            if rejected is not None and self.api_client.configuration.api_key.get("BearerToken") != rejected:
+                return  # the refused token was already replaced
             fresh = k8s.Configuration()
             fresh.refresh_api_key_hook = None
             try:
@@ -193,12 +198,13 @@ class ClusterClient:
     ) -> aiohttp.ClientResponse:
         """Send one request; on 401 refresh the token and retry once; translate failures."""
         for attempt in (1, 2):
+            sent = self.api_client.configuration.api_key.get("BearerToken")
             try:
                 return await self._send(fn, args, dict(kwargs))
             except ApiException as e:
                 if e.status == 401 and attempt == 1 and self._auth is not None:
                     log.info("401 from %s for %s: refreshing the token and retrying once", self.context, what)
-                    await self.refresh_token(force=True)
+                    await self.refresh_token(rejected=sent)
                     continue
                 raise self._translate(e, what) from None
             except (TimeoutError, aiohttp.ClientError) as e:
@@ -343,6 +349,7 @@ class KubeClients:
         *,
         request_timeout: float = 15.0,
         exec_timeout: float = 30.0,
+        refresh_margin: float = _REFRESH_MARGIN.total_seconds(),
     ) -> KubeClients:
         """One ApiClient per context; a context missing from the file is a configuration error."""
         built: dict[str, ClusterClient] = {}
@@ -368,6 +375,7 @@ class KubeClients:
                     auth=_Auth(path, context, expiry),
                     timeout=request_timeout,
                     exec_timeout=exec_timeout,
+                    refresh_margin=refresh_margin,
                 )
         except BaseException:
             for c in built.values():
