@@ -379,6 +379,15 @@ async def test_watch_from_expired_resource_version_is_410(tmp_path: Path) -> Non
                     pass
             assert err.value.status == 410
             assert "Expired" in str(err.value.reason)
+            # Still inside the window: replayed from history.
+            w = watch.Watch()
+            recent = [
+                e["object"].metadata.name
+                async for e in w.stream(
+                    core.list_namespaced_secret, NS, resource_version="7", timeout_seconds=1
+                )
+            ]
+            assert recent == ["s7", "s8", "s9"]
         async with aiohttp.ClientSession() as http:
             params = {"watch": "True", "resourceVersion": "2"}
             async with http.get(f"{server.url}/api/v1/namespaces/{NS}/secrets", params=params) as resp:
@@ -389,21 +398,6 @@ async def test_watch_from_expired_resource_version_is_410(tmp_path: Path) -> Non
         assert events[0]["object"]["kind"] == "Status"
         assert events[0]["object"]["code"] == 410
         assert events[0]["object"]["reason"] == "Expired"
-        # Still inside the window: fine.
-        recent = [
-            e["object"].metadata.name
-            async for e in watch.Watch().stream(
-                client.CoreV1Api(
-                    await config.new_client_from_config(
-                        config_file=str(kc), context="fake", persist_config=False
-                    )
-                ).list_namespaced_secret,
-                NS,
-                resource_version="7",
-                timeout_seconds=1,
-            )
-        ]
-        assert recent == ["s7", "s8", "s9"]
 
 
 async def test_watch_is_released_when_the_client_goes_away_or_the_server_stops(
@@ -679,6 +673,11 @@ async def test_delete_job_cascades_pods_unless_orphaned(api_client: client.ApiCl
             },
         )
 
+    await core.create_namespaced_pod(
+        NS, {"metadata": {"name": "lonely"}, "spec": {"containers": [{"name": "m", "image": "i"}]}}
+    )
+    deleted_pod = await core.delete_namespaced_pod("lonely", NS)
+    assert deleted_pod.metadata.name == "lonely"  # pods answer with the object, like the real server
     await job_with_pod("bg")
     await job_with_pod("orphan")
     status = await batch.delete_namespaced_job("bg", NS, propagation_policy="Background")
@@ -803,6 +802,18 @@ async def test_discovery_and_unknown_paths(api_client: client.ApiClient, kube_ap
             body = await resp.json()
         assert body["kind"] == "Status"
         assert body["reason"] == "NotFound"
+        async with http.get(f"{kube_api.url}/healthz/nothing-here") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["kind"] == "Status"
+        async with http.post(f"{kube_api.url}/api/v1/pods", json={}) as resp:
+            assert resp.status == 405
+            assert (await resp.json())["reason"] == "MethodNotAllowed"
+        async with http.patch(
+            f"{kube_api.url}/api/v1/namespaces/x/pods/p",
+            json={},
+            headers={"Content-Type": "application/apply-patch+yaml"},
+        ) as resp:
+            assert resp.status == 404  # the pod does not exist: checked before the patch type
         async with http.post(f"{kube_api.url}/api/v1/namespaces/x/pods", data=b"{nope") as resp:
             assert resp.status == 400
             assert (await resp.json())["reason"] == "BadRequest"

@@ -463,7 +463,8 @@ class FakeKubeAPI:
                     f'Operation cannot be fulfilled on {info.plural} "{name}": the precondition (uid/resourceVersion) does not match',
                 )
         gone = self.store.delete(info.plural, namespace, name, propagation_policy=policy)
-        if info.custom:
+        # Pods and custom resources answer with the deleted object, the other built-ins with a Status.
+        if info.custom or info.plural == "pods":
             return _json_response(gone)
         return _json_response(
             {

@@ -604,6 +604,13 @@ class Store:
             patched = apply_strategic_merge_patch(current, body)
         elif ctype == JSON_PATCH:
             patched = apply_json_patch(current, body)
+        elif ctype == "application/apply-patch+yaml":
+            raise StoreError(
+                415,
+                "UnsupportedMediaType",
+                "server-side apply (application/apply-patch+yaml) is not supported by the fake API server; "
+                "use a merge, strategic merge or JSON patch",
+            )
         else:
             raise StoreError(
                 415,
