@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.testbed.slack",
     "tests.testbed.kube.fixtures",
     "tests.testbed.kube.cluster",
+    "tests.testbed.sandbox",
 ]

@@ -1,0 +1,82 @@
+"""What the deploy steps share: the adapters (built once, in bot.app) and the explicit outputs of each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bot.adapters.argocd import ArgoCD
+from bot.adapters.diagnosis import Diagnoser
+from bot.models import CommitInfo, DeployKind, Plan
+from bot.settings import Environment, FunnelcakeConfig
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from bot.adapters.apprepo import AppRepo
+    from bot.adapters.argocd import SyncResult
+    from bot.adapters.build import Builder
+    from bot.adapters.gitops import BumpResult, GitOpsRepo
+    from bot.adapters.kube import KubeClients
+    from bot.adapters.migrations import MigrationRun, MigrationRunner
+    from bot.adapters.registry import ImageStatus, RegistryClient
+    from bot.adapters.rollout import RolloutResult
+    from bot.adapters.site import SiteResult
+    from bot.ledger import Ledger
+
+
+@dataclass
+class Deps:
+    """The adapters a deploy needs; each talks to one external system."""
+
+    config: FunnelcakeConfig
+    app_repo: AppRepo
+    gitops: GitOpsRepo
+    registry: RegistryClient
+    kube: KubeClients
+    migrations: MigrationRunner
+    http: aiohttp.ClientSession
+    ledger: Ledger
+    builder: Builder | None = None
+
+    def argocd(self, env: Environment) -> ArgoCD:
+        return ArgoCD(
+            self.kube[env.kube_context],
+            env.argocd.namespace,
+            env_name=env.name,
+            sync_limit=self.config.timeouts.sync,
+        )
+
+    def diagnoser(self, env: Environment) -> Diagnoser:
+        return Diagnoser(env, self.config.environments, check=self.registry.check)
+
+
+@dataclass
+class DeployContext:
+    """One run of the pipeline. Steps read what earlier steps wrote here, never globals."""
+
+    deps: Deps
+    deploy_id: str
+    kind: DeployKind
+    envs: list[Environment]
+    ref: str
+    requester: str
+    force_migrations: bool = False
+    # outputs, in pipeline order
+    commit: CommitInfo | None = None
+    plan: Plan | None = None
+    verified: dict[tuple[str, str], ImageStatus] = field(default_factory=dict)
+    migration_runs: dict[str, MigrationRun] = field(default_factory=dict)
+    bump: BumpResult | None = None
+    synced: dict[str, list[SyncResult]] = field(default_factory=dict)
+    rollouts: dict[str, list[RolloutResult]] = field(default_factory=dict)
+    sites: dict[str, SiteResult] = field(default_factory=dict)
+
+    @property
+    def env_names(self) -> list[str]:
+        return [e.name for e in self.envs]
+
+    def require_plan(self) -> Plan:
+        if self.plan is None:  # a wiring bug: preflight always runs first
+            raise RuntimeError("the plan is not built yet")
+        return self.plan

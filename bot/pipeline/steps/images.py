@@ -1,0 +1,80 @@
+"""images: promote (registry → registry, digest kept) or build (linux/amd64), then re-check every image (F1, F4)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from bot.errors import PermanentError
+from bot.models import AMD64, ImagePlan
+from bot.pipeline.context import DeployContext
+from bot.pipeline.engine import Progress, Step
+
+PROMOTE_CONCURRENCY = 3
+
+
+class Images(Step[DeployContext]):
+    name = "images"
+    timeout = 1800.0
+
+    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+        plan = ctx.require_plan()
+        config = ctx.deps.config
+        bound = asyncio.Semaphore(PROMOTE_CONCURRENCY)
+        done: list[str] = []
+
+        async def prepare(img: ImagePlan) -> None:
+            env = config.env(img.env)
+            async with bound:
+                if img.action == "promote" and img.source_env is not None:
+                    source = config.env(img.source_env)
+                    result = await ctx.deps.registry.promote(
+                        source.registry, env.registry, img.image, img.tag
+                    )
+                    verb = "already there" if result.noop else f"promoted from {img.source_env}"
+                elif img.action == "build":
+                    if ctx.deps.builder is None:
+                        raise PermanentError(
+                            f"{img.image}:{img.tag} must be built but no builder is configured"
+                        )
+                    await ctx.deps.builder.build(env, img.image, plan.commit.sha, plan.commit.short, progress)
+                    verb = "built for linux/amd64"
+                else:
+                    return
+            done.append(f"{img.env}/{img.image}:{img.tag} {verb}")
+            await progress(done[-1], {"env": img.env, "image": img.image})
+
+        async with asyncio.TaskGroup() as tg:
+            for img in plan.images():
+                tg.create_task(prepare(img), name=f"{ctx.deploy_id}-image-{img.env}-{img.image}")
+        await verify_images(ctx)
+        return {
+            "prepared": done,
+            "digests": {f"{env}/{image}": s.digest for (env, image), s in ctx.verified.items()},
+        }
+
+
+async def verify_images(ctx: DeployContext) -> None:
+    """Check, not assume: every image of the plan is in its TARGET registry with linux/amd64, right now."""
+    plan = ctx.require_plan()
+    registry = ctx.deps.registry
+    config = ctx.deps.config
+    imgs = plan.images()
+    statuses = await asyncio.gather(
+        *(registry.check(config.env(i.env).registry, i.image, i.tag, AMD64) for i in imgs)
+    )
+    missing = []
+    for img, status in zip(imgs, statuses, strict=True):
+        if status.ok:
+            ctx.verified[(img.env, img.image)] = status
+        else:
+            ctx.verified.pop((img.env, img.image), None)
+            found = ", ".join(status.platforms) if status.platforms else "not found"
+            missing.append(f"{status.reference} ({found})")
+    if missing:
+        raise PermanentError(
+            "refusing to touch git: not every image is in its target registry with linux/amd64:\n"
+            + "\n".join(f"• {m}" for m in missing),
+            hint="Nothing was pushed to the GitOps repo. Deploy again to promote or rebuild the images.",
+        )

@@ -1,0 +1,428 @@
+"""The deploy service: turns requests into pipeline runs, and owns the ledger record, leases and approvals.
+
+Flow of a deploy (DESIGN.md §4): resolve → preflight form the plan (alone they are the dry run). An env
+that needs approval stops there: the plan's binding (commit + image digests) is stored with the approval
+request, and the rest runs only after a second person approves — with a fresh plan whose binding must be
+the same. Then: images → migrate → gitops → sync → rollout → verify, under a lease per env.
+
+One GitOps commit per request: `deploy staging,poc <commit>` bumps both envs' overlays in a single
+`deploy(staging, poc): funnelcake @ <short>` commit, as the runbook does, then syncs each env's own Argo CD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bot.errors import PermanentError
+from bot.ledger.models import (
+    DeployKind,
+    DeployRecord,
+    DeployState,
+    Lease,
+    LockHeld,
+    StepState,
+    who,
+)
+from bot.models import Plan
+from bot.pipeline.context import DeployContext, Deps
+from bot.pipeline.engine import (
+    EventKind,
+    Pipeline,
+    PipelineResult,
+    Reporter,
+    Step,
+    StepEvent,
+    StepOutcome,
+)
+from bot.pipeline.steps.gitops import GitOps
+from bot.pipeline.steps.images import Images
+from bot.pipeline.steps.migrate import Migrate
+from bot.pipeline.steps.preflight import Preflight
+from bot.pipeline.steps.resolve import Resolve
+from bot.pipeline.steps.rollout import Rollout
+from bot.pipeline.steps.sync import Sync
+from bot.pipeline.steps.verify import Verify
+from bot.settings import Environment, FunnelcakeConfig
+
+log = logging.getLogger(__name__)
+
+BOT_USER = "funnelcake-bot"
+PLAN_STEPS = ("resolve", "preflight")
+EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
+# Steps after the push only read the cluster: a restarted bot may pick a deploy up from there.
+RESUMABLE_AFTER = ("gitops", "sync", "rollout")
+
+ReporterFactory = Callable[[DeployRecord], Sequence[Reporter]]
+
+
+@dataclass
+class Started:
+    record: DeployRecord
+    task: asyncio.Task[DeployRecord]
+
+
+class LedgerReporter:
+    """Writes each step's start and end into the audit trail."""
+
+    def __init__(self, service: DeployService, deploy_id: str) -> None:
+        self.service = service
+        self.deploy_id = deploy_id
+
+    async def emit(self, event: StepEvent) -> None:
+        ledger = self.service.deps.ledger
+        if event.kind is EventKind.STARTED:
+            await ledger.record_step(self.deploy_id, event.step, state=StepState.RUNNING)
+        elif event.kind in (EventKind.DONE, EventKind.SKIPPED, EventKind.FAILED, EventKind.ERRORED):
+            state = {
+                EventKind.DONE: StepState.OK,
+                EventKind.SKIPPED: StepState.SKIPPED,
+                EventKind.FAILED: StepState.FAILED,
+                EventKind.ERRORED: StepState.ERRORED,
+            }[event.kind]
+            detail = {"message": event.message, "elapsed": round(event.elapsed, 3), "attempts": event.attempt}
+            detail.update({k: v for k, v in event.data.items() if _jsonable(v)})
+            await ledger.finish_step(self.deploy_id, event.step, state=state, detail=detail)
+
+
+def _jsonable(value: object) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None), list, dict, tuple))
+
+
+class DeployService:
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        reporters: ReporterFactory | None = None,
+        instance_id: str | None = None,
+        lease_ttl: float = 60.0,
+        heartbeat_every: float = 15.0,
+    ) -> None:
+        self.deps = deps
+        self.reporters = reporters or (lambda record: ())
+        self.instance_id = instance_id or f"bot-{secrets.token_hex(4)}"
+        self.lease_ttl = lease_ttl
+        self.heartbeat_every = heartbeat_every
+        self._tasks: dict[str, asyncio.Task[DeployRecord]] = {}
+        self._heartbeats: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def config(self) -> FunnelcakeConfig:
+        return self.deps.config
+
+    # ---- public operations ------------------------------------------------------------------
+
+    async def plan(
+        self, env_names: Sequence[str], ref: str, requester: str
+    ) -> tuple[Plan | None, PipelineResult]:
+        """The dry run: resolve + preflight, touching nothing and recording nothing."""
+        ctx = self._context("plan-" + secrets.token_hex(3), DeployKind.DEPLOY, env_names, ref, requester)
+        result = await Pipeline(ctx.deploy_id, [Resolve(), Preflight()], []).run(ctx)
+        return ctx.plan, result
+
+    async def start(
+        self,
+        kind: DeployKind,
+        env_names: Sequence[str],
+        ref: str,
+        requester: str,
+        *,
+        channel: str | None = None,
+        thread_ts: str | None = None,
+    ) -> Started:
+        """Record the deploy and run it in a named background task; returns at once."""
+        envs = [self.config.env(n) for n in env_names]
+        record = await self.deps.ledger.create_deploy(
+            kind=kind,
+            envs=[e.name for e in envs],
+            ref=ref,
+            requester=requester,
+            state=DeployState.RUNNING,
+            channel=channel,
+            thread_ts=thread_ts,
+            owner=self.instance_id,
+        )
+        task = self._spawn(record.id, self._run_new(record))
+        return Started(record, task)
+
+    async def decide(self, deploy_id: str, user: str, *, approve: bool) -> DeployRecord:
+        """Record an approval decision (the ledger makes the first one win); approve → the deploy continues."""
+        record = await self.deps.ledger.get_deploy(deploy_id)
+        if approve and user == record.requester:
+            raise PermanentError(
+                "You cannot approve your own deploy.", hint="Ask another approver to click Approve."
+            )
+        plan = Plan.from_json(record.plan) if record.plan else None
+        binding = plan.binding() if plan else ""
+        await self.deps.ledger.decide(
+            deploy_id, user=user, decision="approve" if approve else "deny", binding=binding
+        )
+        record = await self.deps.ledger.get_deploy(deploy_id)
+        if approve:
+            self._spawn(deploy_id, self._run_approved(record))
+        else:
+            await self._emit_for(record, "approval", EventKind.FAILED, f"denied by {who(user)}")
+        return record
+
+    async def cancel(self, deploy_id: str) -> bool:
+        task = self._tasks.get(deploy_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return True
+
+    async def wait(self, deploy_id: str) -> DeployRecord:
+        task = self._tasks.get(deploy_id)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        return await self.deps.ledger.get_deploy(deploy_id)
+
+    async def rollback_target(self, env_name: str) -> str:
+        """The tag the env ran before its current one, from the ledger; else from the GitOps history."""
+        ledger = self.deps.ledger
+        current = await ledger.last_succeeded(env_name)
+        if current is not None and current.previous_tags.get(env_name):
+            return current.previous_tags[env_name]
+        previous = await ledger.previous_succeeded(env_name)
+        if previous is not None and previous.tags.get(env_name):
+            return previous.tags[env_name]
+        raise PermanentError(
+            f"no earlier deploy of {env_name} is recorded, so there is nothing to roll back to",
+            hint=f"Deploy a known-good commit instead: `/funnelcake deploy {env_name} <commit>`.",
+        )
+
+    async def shutdown(self) -> None:
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    # ---- the runs -----------------------------------------------------------------------------
+
+    def _spawn(self, deploy_id: str, coro: Coroutine[Any, Any, DeployRecord]) -> asyncio.Task[DeployRecord]:
+        task = asyncio.create_task(coro, name=f"deploy-{deploy_id}")
+        self._tasks[deploy_id] = task
+        task.add_done_callback(
+            lambda t: self._tasks.pop(deploy_id, None) if self._tasks.get(deploy_id) is t else None
+        )
+        return task
+
+    def _context(
+        self, deploy_id: str, kind: DeployKind, env_names: Sequence[str], ref: str, requester: str
+    ) -> DeployContext:
+        return DeployContext(
+            self.deps,
+            deploy_id,
+            kind,
+            [self.config.env(n) for n in env_names],
+            ref,
+            requester,
+            force_migrations=kind is DeployKind.MIGRATE,
+        )
+
+    def _needs_approval(self, record: DeployRecord) -> bool:
+        if record.kind is DeployKind.ROLLBACK:
+            return False  # back to a tag that already ran there; speed matters more than a second click
+        return any(self.config.env(e).approval_required for e in record.envs)
+
+    def _pipeline(
+        self, record: DeployRecord, steps: Sequence[Step[DeployContext]]
+    ) -> Pipeline[DeployContext]:
+        reporters: list[Reporter] = [LedgerReporter(self, record.id), *self.reporters(record)]
+        return Pipeline(record.id, steps, reporters)
+
+    async def _emit_for(
+        self, record: DeployRecord, step: str, kind: EventKind, message: str, **data: object
+    ) -> None:
+        await self._pipeline(record, [])._emit(StepEvent(record.id, step, kind, message, data))
+
+    async def _run_new(self, record: DeployRecord) -> DeployRecord:
+        ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
+        approval = self._needs_approval(record)
+        leases: list[Lease] = []
+        try:
+            if not approval:
+                leases = await self._acquire(ctx.envs, record.id)
+            planned = await self._pipeline(record, [Resolve(), Preflight()]).run(ctx)
+            record = await self._save_plan(record, ctx)
+            if not planned.ok:
+                return await self._finish(record, ctx, planned)
+            if approval:
+                return await self._request_approval(record, ctx)
+            executed = await self._pipeline(record, self._execute_steps(record.kind)).run(ctx)
+            return await self._finish(record, ctx, executed)
+        except LockHeld as e:
+            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
+            return await self.deps.ledger.update_deploy(
+                record.id, state=DeployState.FAILED, message=e.message
+            )
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancelled(record))
+            raise
+        finally:
+            await asyncio.shield(self._release(leases))
+
+    async def _run_approved(self, record: DeployRecord) -> DeployRecord:
+        ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
+        leases: list[Lease] = []
+        try:
+            leases = await self._acquire(ctx.envs, record.id)
+            await self._emit_for(
+                record, "approval", EventKind.DONE, f"approved by {who(record.approver or '?')}"
+            )
+            # Re-plan: the approval holds only if the commit and every digest are still what was approved.
+            replanned = await Pipeline(record.id, [Resolve(), Preflight()], []).run(ctx)
+            if not replanned.ok or ctx.plan is None:
+                return await self._finish(record, ctx, replanned)
+            await self.deps.ledger.verify_approval(record.id, binding=ctx.plan.binding())
+            executed = await self._pipeline(record, self._execute_steps(record.kind)).run(ctx)
+            return await self._finish(record, ctx, executed)
+        except LockHeld as e:
+            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
+            return await self.deps.ledger.update_deploy(
+                record.id, state=DeployState.FAILED, message=e.message
+            )
+        except PermanentError as e:  # the approval was voided by a changed plan
+            await self._emit_for(record, "approval", EventKind.FAILED, e.message)
+            return await self.deps.ledger.update_deploy(
+                record.id, state=DeployState.FAILED, message=e.message
+            )
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancelled(record))
+            raise
+        finally:
+            await asyncio.shield(self._release(leases))
+
+    def _execute_steps(self, kind: DeployKind) -> list[Step[DeployContext]]:
+        if kind is DeployKind.MIGRATE:
+            return [Images(), Migrate()]
+        return [Images(), Migrate(), GitOps(), Sync(), Rollout(), Verify()]
+
+    async def _request_approval(self, record: DeployRecord, ctx: DeployContext) -> DeployRecord:
+        plan = ctx.require_plan()
+        expires = datetime.now(UTC) + timedelta(seconds=self.config.timeouts.approval)
+        await self.deps.ledger.request_approval(
+            record.id, binding=plan.binding(), requester=record.requester, expires_at=expires
+        )
+        record = await self.deps.ledger.get_deploy(record.id)
+        await self._emit_for(
+            record,
+            "approval",
+            EventKind.STARTED,
+            "waiting for approval",
+            plan=plan.to_json(),
+            expires_at=expires.isoformat(),
+        )
+        return record
+
+    async def _save_plan(self, record: DeployRecord, ctx: DeployContext) -> DeployRecord:
+        if ctx.plan is None:
+            return record
+        previous = {e: ep.previous.get("api", "") for e, ep in ctx.plan.env_plans.items()}
+        short = ctx.plan.commit.short
+        tags = {e: short for e in record.envs} if record.kind.changes_tags else {}
+        return await self.deps.ledger.update_deploy(
+            record.id,
+            plan=ctx.plan.to_json(),
+            sha=ctx.plan.commit.sha,
+            short=short,
+            previous_tags={e: t for e, t in previous.items() if t},
+            tags=tags,
+        )
+
+    async def _finish(self, record: DeployRecord, ctx: DeployContext, result: PipelineResult) -> DeployRecord:
+        failed = result.failed
+        if failed is None:
+            record = await self.deps.ledger.update_deploy(
+                record.id, state=DeployState.SUCCEEDED, message="deployed"
+            )
+            await self._clear_failure_lock(record)
+            return record
+        message = f"{failed.step}: {failed.message}"
+        record = await self.deps.ledger.update_deploy(record.id, state=DeployState.FAILED, message=message)
+        changed_git = any(r.step == "gitops" and r.outcome is StepOutcome.OK for r in result.results)
+        if changed_git and any(self.config.env(e).approval_required for e in record.envs):
+            # A failed production deploy holds production until someone rolls back or unlocks.
+            for env in record.envs:
+                if self.config.env(env).approval_required:
+                    await self.deps.ledger.lock(
+                        env, BOT_USER, f"deploy {record.id} failed at {failed.step}; roll back or unlock"
+                    )
+        return record
+
+    async def _clear_failure_lock(self, record: DeployRecord) -> None:
+        for lock in await self.deps.ledger.locks():
+            if lock.env in record.envs and lock.user == BOT_USER:
+                await self.deps.ledger.unlock(lock.env, BOT_USER)
+
+    async def _cancelled(self, record: DeployRecord) -> None:
+        with contextlib.suppress(Exception):
+            await self.deps.ledger.update_deploy(record.id, state=DeployState.CANCELLED, message="cancelled")
+
+    # ---- leases -------------------------------------------------------------------------------
+
+    async def _acquire(self, envs: Sequence[Environment], deploy_id: str) -> list[Lease]:
+        leases: list[Lease] = []
+        record = await self.deps.ledger.get_deploy(deploy_id)
+        try:
+            for env in sorted(
+                envs, key=lambda e: e.name
+            ):  # a fixed order: two multi-env deploys never deadlock
+                await self._refuse_if_locked(env, record)
+                leases.append(
+                    await self.deps.ledger.acquire_lease(
+                        env.name, holder=self.instance_id, deploy_id=deploy_id, ttl=self.lease_ttl
+                    )
+                )
+        except BaseException:
+            await self._release(leases)
+            raise
+        self._spawn_heartbeat(deploy_id, leases)
+        return leases
+
+    async def _refuse_if_locked(self, env: Environment, record: DeployRecord) -> None:
+        for lock in await self.deps.ledger.locks():
+            if lock.env != env.name:
+                continue
+            if record.kind is DeployKind.ROLLBACK and lock.user == BOT_USER:
+                continue  # a rollback is the way out of a failed-deploy lock
+            raise LockHeld.for_lock(lock, datetime.now(UTC))
+
+    def _spawn_heartbeat(self, deploy_id: str, leases: list[Lease]) -> None:
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.heartbeat_every)
+                for lease in leases:
+                    if not await self.deps.ledger.heartbeat(lease.env, self.instance_id, self.lease_ttl):
+                        log.error("lost the lease on %s for %s", lease.env, deploy_id)
+                        deploy = self._tasks.get(deploy_id)
+                        if deploy is not None:
+                            deploy.cancel()
+                        return
+
+        task = asyncio.create_task(beat(), name=f"lease-heartbeat-{deploy_id}")
+        self._heartbeats[deploy_id] = task
+
+    async def _release(self, leases: list[Lease]) -> None:
+        if not leases:
+            return
+        beat = self._heartbeats.pop(leases[0].deploy_id, None)
+        if beat is not None:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        for lease in leases:
+            with contextlib.suppress(Exception):
+                await self.deps.ledger.release_lease(lease.env, self.instance_id)

@@ -1,0 +1,80 @@
+"""End to end through the deploy service on the full test bed: real registries, real git, simulated clusters."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bot.ledger.models import DeployKind, DeployState
+from bot.pipeline.engine import StepEvent
+from bot.service import DeployService
+from bot.wiring import build_service
+from tests.testbed.gitrepos import remote_file, remote_head
+from tests.testbed.sandbox import Sandbox
+
+POC_OVERLAY = "k8s/applications/funnelcake-relay/overlays/poc/kustomization.yaml"
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[StepEvent] = []
+
+    async def emit(self, event: StepEvent) -> None:
+        self.events.append(event)
+
+    def steps(self, kind: str) -> list[str]:
+        return [e.step for e in self.events if e.kind.value == kind]
+
+
+@pytest.fixture
+async def service(sandbox: Sandbox) -> AsyncIterator[tuple[DeployService, Events]]:
+    events = Events()
+    assert sandbox.config is not None
+    async with build_service(sandbox.settings(), sandbox.config, reporters=lambda record: [events]) as svc:
+        yield svc, events
+
+
+async def test_happy_path_to_poc(sandbox: Sandbox, service: tuple[DeployService, Events]) -> None:
+    svc, events = service
+    assert sandbox.git is not None
+    assert sandbox.clusters is not None
+    head = sandbox.git.app.commits["head"]
+    short = head[:7]
+    gitops_before = remote_head(sandbox.git.gitops.path)
+    # CI built this commit into the production registry only; poc's registry must get its own copy
+    for image in ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate"):
+        await sandbox.registries.push("production", image, short, "multi", seed=f"{image}:{short}")
+
+    started = await svc.start(DeployKind.DEPLOY, ["poc"], short, "U0ALICE")
+    record = await svc.wait(started.record.id)
+
+    assert record.state is DeployState.SUCCEEDED, record.message
+    assert events.steps("done") == [
+        "resolve",
+        "preflight",
+        "images",
+        "migrate",
+        "gitops",
+        "sync",
+        "rollout",
+        "verify",
+    ]
+    # the image was promoted into poc's own registry before git changed (F1)
+    promoted = [e.message for e in events.events if e.step == "images" and e.kind.value == "progress"]
+    assert f"poc/funnelcake-relay:{short} promoted from production" in promoted
+    prefix = sandbox.registries.prefix("poc")
+    assert f"newTag: {short}".encode() in remote_file(sandbox.git.gitops.path, POC_OVERLAY).replace(b'"', b"")
+    assert remote_head(sandbox.git.gitops.path) != gitops_before
+    # the poc cluster really runs it (F2, F3)
+    dep = sandbox.clusters["poc"].store.get("deployments", "funnelcake", "funnelcake-relay")
+    assert dep is not None
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"{prefix}/funnelcake-relay:{short}"
+    assert dep["status"]["readyReplicas"] == dep["spec"]["replicas"]
+    # staging and production were not touched
+    staging = sandbox.clusters["staging"].store.get("deployments", "funnelcake", "funnelcake-relay")
+    assert staging is not None
+    assert not staging["spec"]["template"]["spec"]["containers"][0]["image"].endswith(short)
+    # the audit trail has every step
+    steps = await svc.deps.ledger.steps(record.id)
+    assert [s.step for s in steps] == events.steps("done")
