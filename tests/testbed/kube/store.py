@@ -461,6 +461,8 @@ class Store:
     """
 
     def __init__(self, *, history: int = 1000) -> None:
+        if history < 1:
+            raise ValueError(f"the watch history must keep at least one event, got {history}")
         # resource -> namespace -> name -> object; the namespace level keeps namespaced lists
         # proportional to that namespace, not to the cluster.
         self._objects: dict[str, dict[str, dict[str, dict[str, Any]]]] = {r: {} for r in RESOURCES}
