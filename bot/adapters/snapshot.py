@@ -109,7 +109,12 @@ async def _service(
 
     deploy, app = await asyncio.gather(read_deploy(), read_app())
     images = template_images(deploy) if deploy else {}
-    main_image = images.get(service.image) or next(iter(images.values()), "")
+    # the service's own container, not a sidecar: named after the service, or running the service's image
+    main_image = (
+        images.get(service.value)
+        or images.get(service.image)
+        or next((i for i in images.values() if f"/{service.image}:" in i), "")
+    )
     tag = split_image(main_image)[2] if main_image else None
     ready = total = 0
     failing: list[FailingPod] = []

@@ -1,0 +1,244 @@
+"""Argo CD refresh + sync against a simulated cluster: consumed refresh, the previous operationState, a running
+operation, a failed sync, a sync of several apps; plus the pure timestamp rules."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.adapters.argocd import ArgoCD, ours, refresh_consumed
+from bot.adapters.kube import KubeClients
+from bot.errors import PermanentError
+from bot.settings import Environment, FunnelcakeConfig
+from tests.testbed.gitrepos import AppRemote, GitOpsRemote, funnelcake_config, push_from_second_clone
+from tests.testbed.kube.cluster import SimCluster, Timings
+from tests.testbed.kube.kubeconfig import write_kubeconfig
+from tests.testbed.registry import Registries
+
+# ---------------------------------------------------------------------------------------- helpers shared by
+# the cluster-operation tests (rollout, diagnosis, migrations, snapshot import them)
+
+
+def sim_config(gitops: GitOpsRemote, app: AppRemote) -> FunnelcakeConfig:
+    """config/funnelcake.yaml pointed at the test bed's registries and remotes (contexts unchanged)."""
+    return funnelcake_config(gitops, app)
+
+
+def bump_overlay(gitops: GitOpsRemote, env: str, service: str, tag: str) -> str:
+    """A GitOps commit setting the service's newTag in `env` (what the bot's gitops step pushes); returns the sha."""
+
+    def edit(text: str) -> str:
+        pattern = re.compile(rf"(newName: [^\s]*/funnelcake-{service}\s*\n?\s*newTag: )(['\"]?)[^'\"\s\r]+\2")
+        new, n = pattern.subn(lambda m: f"{m[1]}{m[2]}{tag}{m[2]}", text)
+        if n != 1:
+            raise AssertionError(f"could not bump {service} in the {env} overlay:\n{text}")
+        return new
+
+    return push_from_second_clone(
+        gitops.url, gitops.overlay(service, env), edit, f"deploy({env}): funnelcake @ {tag}"
+    )
+
+
+@pytest.fixture
+async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
+    path = write_kubeconfig(
+        tmp_path / "kubeconfig-staging", {sim_cluster.context: sim_cluster.url}, token="t"
+    )
+    async with await KubeClients.from_kubeconfig(path, [sim_cluster.context]) as clients:
+        yield clients
+
+
+@pytest.fixture
+def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
+    return sim_config(sim_gitops, app_remote).env("staging")
+
+
+# ---------------------------------------------------------------------------------------------- pure rules
+
+
+def t(s: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def app_obj(reconciled: str | None, annotated: bool) -> dict:
+    meta: dict = {"name": "a"}
+    if annotated:
+        meta["annotations"] = {"argocd.argoproj.io/refresh": "hard"}
+    return {"metadata": meta, "status": {"reconciledAt": reconciled} if reconciled else {}}
+
+
+def test_refresh_consumed_rules() -> None:
+    before = t("2026-01-01T10:00:00Z")
+    req = t("2026-01-01T10:05:00.300Z")
+    assert not refresh_consumed(app_obj("2026-01-01T10:05:01Z", True), before, req)  # annotation still there
+    assert not refresh_consumed(app_obj("2026-01-01T10:00:00Z", False), before, req)  # not reconciled since
+    assert refresh_consumed(app_obj("2026-01-01T10:05:01Z", False), before, req)
+    assert refresh_consumed(app_obj("2026-01-01T10:05:01Z", False), None, req)
+    # previous reconcile in the same second as the request: second resolution cannot show "newer"
+    same = t("2026-01-01T10:05:00Z")
+    assert refresh_consumed(app_obj("2026-01-01T10:05:00Z", False), same, req)
+
+
+def test_ours_ignores_the_previous_operation_state() -> None:
+    req = t("2026-01-01T10:05:00.600Z")
+    prev = {
+        "startedAt": "2026-01-01T10:04:59Z",
+        "phase": "Succeeded",
+        "operation": {"sync": {"revision": "a"}},
+    }
+    mine = {"startedAt": "2026-01-01T10:05:00Z", "phase": "Running", "operation": {"sync": {"revision": "b"}}}
+    other = {
+        "startedAt": "2026-01-01T10:05:02Z",
+        "phase": "Running",
+        "operation": {"sync": {"revision": "c"}},
+    }
+    assert not ours(prev, req, "b")
+    assert ours(mine, req, "b")
+    assert not ours(other, req, "b")
+
+
+# ------------------------------------------------------------------------------------ against the cluster
+
+
+async def test_refresh_is_consumed_and_reports_out_of_sync(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    sim_gitops: GitOpsRemote,
+    app_remote: AppRemote,
+) -> None:
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging", refresh_limit=10)
+    before = await argo.get("funnelcake-api")
+    sha = await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", app_remote.short("head"))
+    app = await argo.refresh("funnelcake-api")
+    assert "argocd.argoproj.io/refresh" not in (app["metadata"].get("annotations") or {})
+    assert t(app["status"]["reconciledAt"]) > t(before["status"]["reconciledAt"])
+    assert app["status"]["sync"]["status"] == "OutOfSync"
+    assert app["status"]["sync"]["revision"] == sha
+
+
+async def test_sync_to_the_pushed_revision(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    sim_gitops: GitOpsRemote,
+    app_remote: AppRemote,
+    registries: Registries,
+) -> None:
+    tag = app_remote.short("head")
+    await registries.push("staging", "funnelcake-api", tag, "amd64", seed="api-head")
+    sha = await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", tag)
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging", sync_limit=20)
+    # the seed left a finished operationState behind: the result must be the new one, not that one
+    previous = (await argo.get("funnelcake-api"))["status"]["operationState"]
+    res = await argo.sync("funnelcake-api", sha, username="U123ALICE")
+    assert res.phase == "Succeeded"
+    assert res.revision == sha
+    assert res.started_at >= previous["startedAt"]
+    assert res.started_at != previous["startedAt"] or previous["syncResult"]["revision"] != sha
+    # applied, not yet rolled out: Argo reports Progressing until the pods are Ready (the rollout step's job)
+    assert res.sync_status == "Synced"
+    assert res.health in {"Progressing", "Healthy"}
+    live = sim_cluster.store.get("applications", "argocd", "funnelcake-api")
+    assert live["status"]["operationState"]["operation"]["initiatedBy"]["username"] == "U123ALICE"
+    dep = sim_cluster.store.get("deployments", "funnelcake", "funnelcake-api")
+    assert (
+        dep["spec"]["template"]["spec"]["containers"][0]["image"]
+        == f"{staging.registry}/funnelcake-api:{tag}"
+    )
+    assert not sim_cluster.errors
+
+
+@pytest.mark.parametrize("sim_timings", [Timings(argo_reconcile=0.4)])
+async def test_previous_operation_state_is_visible_right_after_the_patch(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    sim_gitops: GitOpsRemote,
+    app_remote: AppRemote,
+    registries: Registries,
+) -> None:
+    """A slow controller: the old operationState is what the watch shows first; the sync must not take it."""
+    tag = app_remote.short("head")
+    await registries.push("staging", "funnelcake-api", tag, "amd64", seed="api-head")
+    sha = await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", tag)
+    client = staging_clients[staging.kube_context]
+    argo = ArgoCD(client, "argocd", env_name="staging", sync_limit=20)
+    await argo.refresh("funnelcake-api")
+    old = (await argo.get("funnelcake-api"))["status"]["operationState"]
+    assert old["phase"] == "Succeeded"  # a finished operation, on another revision
+    task = asyncio.create_task(argo.sync("funnelcake-api", sha, username="U1", refresh=False))
+    await asyncio.sleep(0.15)
+    mid = sim_cluster.store.get("applications", "argocd", "funnelcake-api")
+    assert mid["status"]["operationState"]["startedAt"] == old["startedAt"]  # still the previous one
+    assert mid["operation"]["sync"]["revision"] == sha
+    assert not task.done()
+    res = await task
+    assert res.revision == sha
+
+
+async def test_sync_refused_while_an_operation_is_running(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+) -> None:
+    def running(app: dict) -> None:
+        app["status"]["operationState"] = {
+            "phase": "Running",
+            "startedAt": "2026-01-01T00:00:00Z",
+            "operation": {"initiatedBy": {"username": "U999BOB"}, "sync": {"revision": "abc"}},
+        }
+
+    sim_cluster.store.update("applications", "argocd", "funnelcake-api", running)
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging")
+    with pytest.raises(PermanentError, match="already running an operation") as err:
+        await argo.sync("funnelcake-api", "0" * 40, username="U1", refresh=False)
+    assert "U999BOB" in str(err.value)
+    assert "operation" not in sim_cluster.store.get("applications", "argocd", "funnelcake-api")
+
+
+async def test_sync_to_an_unknown_revision_fails_with_the_controller_message(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+) -> None:
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging", sync_limit=20)
+    with pytest.raises(PermanentError, match="Argo CD sync of funnelcake-api in staging") as err:
+        await argo.sync("funnelcake-api", "f" * 40, username="U1")
+    assert "f" * 7 in str(err.value) or "revision" in str(err.value).lower()
+
+
+async def test_sync_all_syncs_both_apps_concurrently(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    sim_gitops: GitOpsRemote,
+    app_remote: AppRemote,
+    registries: Registries,
+) -> None:
+    tag = app_remote.short("head")
+    await asyncio.gather(
+        registries.push("staging", "funnelcake-api", tag, "amd64", seed="api-head"),
+        registries.push("staging", "funnelcake-relay", tag, "amd64", seed="relay-head"),
+    )
+    await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", tag)
+    sha = await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "relay", tag)
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging", sync_limit=20)
+    results = await argo.sync_all(["funnelcake-api", "funnelcake-relay"], sha, username="U1")
+    assert [(r.app, r.revision, r.phase) for r in results] == [
+        ("funnelcake-api", sha, "Succeeded"),
+        ("funnelcake-relay", sha, "Succeeded"),
+    ]
+
+
+async def test_missing_application_is_a_clear_error(
+    staging_clients: KubeClients, staging: Environment
+) -> None:
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging")
+    with pytest.raises(PermanentError, match="funnelcake-nope does not exist in staging"):
+        await argo.get("funnelcake-nope")
