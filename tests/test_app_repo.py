@@ -36,6 +36,7 @@ async def test_resolve_full_and_short_sha(repo: AppRepo, app_remote: AppRemote) 
 
 async def test_resolve_branch_and_annotated_tag(repo: AppRepo, app_remote: AppRemote) -> None:
     assert (await repo.resolve("main")).sha == app_remote.commits["head"]
+    assert (await repo.head()).sha == app_remote.commits["head"]
     assert (await repo.resolve("v1.4.0")).sha == app_remote.commits["relay-tune"]
     assert (await repo.resolve("broken-migration")).sha == app_remote.commits["broken"]
 

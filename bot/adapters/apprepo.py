@@ -86,6 +86,10 @@ class AppRepo:
         async with self._lock:
             await run_blocking(self._fetch)
 
+    async def head(self) -> Commit:
+        """The tip of the configured branch (what `deploy <env> main` would mean)."""
+        return await self.resolve(self.branch)
+
     async def resolve(self, ref: str) -> Commit:
         """A commit hash (7-40 hex chars), branch or tag -> the commit; unknown or ambiguous is an error."""
         ref = ref.strip()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import re
 from collections.abc import Iterable
@@ -33,6 +34,8 @@ from bot.adapters.gitutil import (
 )
 from bot.errors import PermanentError, TransientError
 from bot.settings import Environment, FunnelcakeConfig, Service
+
+log = logging.getLogger(__name__)
 
 DEFAULT_AUTHOR = ("funnelcake-deploy-bot", "funnelcake-deploy-bot@divine.video")
 RENDER_TIMEOUT = 30.0
@@ -240,9 +243,24 @@ class GitOpsRepo:
         for attempt in range(1, max_attempts + 1):
             if await run_blocking(self._push):
                 sha = await run_blocking(self._rev, "HEAD")
+                log.info(
+                    "pushed %s to %s %s",
+                    sha[:7],
+                    self.name,
+                    self.branch,
+                    extra={"deploy_id": deploy_id, "envs": [e.name for e in envs], "attempts": attempt},
+                )
                 return BumpResult(commit=sha, noop=False, previous=previous, attempts=attempt, files=files)
             if attempt == max_attempts:
                 break
+            log.info(
+                "push to %s %s rejected (attempt %d of %d): rebasing onto the remote",
+                self.name,
+                self.branch,
+                attempt,
+                max_attempts,
+                extra={"deploy_id": deploy_id},
+            )
             await asyncio.sleep(random.uniform(0, self.retry_delay * 2 ** (attempt - 1)))  # noqa: S311 - jitter
             if not await run_blocking(self._rebase, files):
                 # Someone else pushed the same tags: the remote already says what we wanted.
