@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -339,3 +341,35 @@ async def test_artifact_registry_errors_say_what_to_do(status: int, error: type[
 async def test_artifact_registry_rejects_non_artifact_registry_prefix() -> None:
     with pytest.raises(PermanentError, match="not an Artifact Registry"):
         await ArtifactRegistryTags(api_endpoint="http://127.0.0.1:1").recent("127.0.0.1:5000/a/b", "img")
+
+
+class _RefreshingCreds:
+    """Stands in for google-auth credentials: refresh() is blocking, as the real one is."""
+
+    service_account_email = "deployer@dv-platform-prod.iam.gserviceaccount.com"
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.refreshes = 0
+        self.threads: set[int] = set()
+
+    @property
+    def valid(self) -> bool:
+        return self.token is not None
+
+    def refresh(self, request: object) -> None:
+        self.refreshes += 1
+        self.threads.add(threading.get_ident())
+        time.sleep(0.05)
+        self.token = "ya29.fresh"
+
+
+async def test_google_token_refreshes_once_off_the_event_loop() -> None:
+    creds = _RefreshingCreds()
+    google = GoogleAccessToken(creds)
+    tokens = await asyncio.gather(*(google.token() for _ in range(5)))
+    assert tokens == ["ya29.fresh"] * 5
+    assert creds.refreshes == 1
+    assert threading.get_ident() not in creds.threads
+    assert google.identity == "oauth2accesstoken (google: deployer@dv-platform-prod.iam.gserviceaccount.com)"
+    assert await google.basic() == ("oauth2accesstoken", "ya29.fresh")

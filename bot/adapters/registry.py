@@ -750,6 +750,17 @@ class RegistryClient:
                 f"after promotion {dst_prefix.rstrip('/')}/{image}:{tag} points at {final}, expected {top.digest}",
                 hint="Someone may have pushed the same tag concurrently; check the target registry.",
             )
+        log.info(
+            "promoted %s:%s from %s to %s (%s): %d blobs copied, %d already there, %d bytes",
+            image,
+            tag,
+            src.host,
+            dst.host,
+            top.digest,
+            counters["copied"],
+            counters["skipped"],
+            counters["bytes"],
+        )
         return PromoteResult(top.digest, False, counters["copied"], counters["skipped"], counters["bytes"])
 
     async def _put_manifest(self, repo: _Repo, ref: str, m: _Manifest, scopes: tuple[str, ...]) -> None:

@@ -230,6 +230,9 @@ class Registries:
     async def push(self, env: str, image: str, tag: str, kind: Kind = "amd64", **kw: Any) -> str:
         return await push_image(self.by_env[env].url, self.repository(env, image), tag, kind, **kw)
 
+    async def delete_tag(self, env: str, image: str, tag: str) -> str:
+        return await delete_tag(self.by_env[env].url, self.repository(env, image), tag)
+
     async def start(self) -> None:
         results = await asyncio.gather(*(r.start() for r in self.by_env.values()), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
