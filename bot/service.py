@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bot.drift import DriftReport, build_report
 from bot.errors import PermanentError
 from bot.ledger.models import (
     DeployKind,
@@ -27,6 +28,7 @@ from bot.ledger.models import (
     DeployState,
     Lease,
     LockHeld,
+    ManualLock,
     StepState,
     who,
 )
@@ -49,7 +51,7 @@ from bot.pipeline.steps.resolve import Resolve
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
-from bot.settings import Environment, FunnelcakeConfig
+from bot.settings import Environment, FunnelcakeConfig, Service
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +189,41 @@ class DeployService:
                 await asyncio.shield(task)
         return await self.deps.ledger.get_deploy(deploy_id)
 
+    async def status(self) -> DriftReport:
+        return await build_report(self.deps)
+
+    async def history(self, env_name: str | None = None, limit: int = 10) -> list[DeployRecord]:
+        return await self.deps.ledger.history(env_name, limit)
+
+    async def lock(self, env_name: str, user: str, reason: str) -> ManualLock:
+        self.config.env(env_name)
+        return await self.deps.ledger.lock(env_name, user, reason)
+
+    async def unlock(self, env_name: str, user: str) -> ManualLock | None:
+        self.config.env(env_name)
+        return await self.deps.ledger.unlock(env_name, user)
+
+    async def start_rollback(
+        self, env_name: str, requester: str, *, channel: str | None = None, thread_ts: str | None = None
+    ) -> Started:
+        """Deploy the env's previous tag through the same pipeline; its images exist, so nothing is built."""
+        target = await self.rollback_target(env_name)
+        return await self.start(
+            DeployKind.ROLLBACK, [env_name], target, requester, channel=channel, thread_ts=thread_ts
+        )
+
     async def rollback_target(self, env_name: str) -> str:
-        """The tag the env ran before its current one, from the ledger; else from the GitOps history."""
-        ledger = self.deps.ledger
-        current = await ledger.last_succeeded(env_name)
-        if current is not None and current.previous_tags.get(env_name):
-            return current.previous_tags[env_name]
-        previous = await ledger.previous_succeeded(env_name)
-        if previous is not None and previous.tags.get(env_name):
-            return previous.tags[env_name]
+        """The tag the env ran before the newest deploy that moved it: what a rollback goes back to.
+
+        Deploys that failed after the push count too: that is exactly when a rollback is needed.
+        """
+        current = (await self.deps.gitops.read_tags(self.config)).get(env_name, {}).get(Service.API)
+        for record in await self.deps.ledger.history(env_name, 50):
+            if not record.kind.changes_tags:
+                continue
+            previous = record.previous_tags.get(env_name)
+            if previous and previous != current:
+                return previous
         raise PermanentError(
             f"no earlier deploy of {env_name} is recorded, so there is nothing to roll back to",
             hint=f"Deploy a known-good commit instead: `/funnelcake deploy {env_name} <commit>`.",

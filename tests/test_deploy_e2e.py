@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployState
 from bot.pipeline.engine import StepEvent
 from bot.service import DeployService
@@ -78,3 +79,24 @@ async def test_happy_path_to_poc(sandbox: Sandbox, service: tuple[DeployService,
     # the audit trail has every step
     steps = await svc.deps.ledger.steps(record.id)
     assert [s.step for s in steps] == events.steps("done")
+
+
+async def test_status_reports_drift_across_three_envs(
+    sandbox: Sandbox, service: tuple[DeployService, Events]
+) -> None:
+    svc, _ = service
+    report = await build_report(svc.deps)
+    assert [e.env for e in report.envs] == ["production", "staging", "poc"]
+    for env in report.envs:
+        assert env.error is None
+        for row in env.rows:
+            assert row.overlay_tag == row.live_tag
+            assert row.registry == "ok"
+            assert row.healthy, row
+    texts = [f.text for f in report.findings]
+    # poc and staging run older commits than production (F11), with a catch-up action
+    assert any(t.startswith("poc is ") and "behind production" in t for t in texts), texts
+    assert any(f.action and f.action.startswith("catchup:staging:") for f in report.findings)
+    # the staging site shows the live version
+    assert report.envs[1].site is not None
+    assert "shows" in report.envs[1].site

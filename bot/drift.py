@@ -1,0 +1,230 @@
+"""The status / drift report: per env and service, git vs live vs registry vs Argo CD vs pods, and findings (F11).
+
+Every source is read concurrently, and each one failing only blanks its own column: an unreachable
+cluster or registry is a finding, never a reason to hide the other envs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from bot.adapters.registry import ImageStatus
+from bot.adapters.site import SiteResult, check_site
+from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot, snapshot_all
+from bot.errors import BotError
+from bot.ledger.models import ManualLock, who
+from bot.models import AMD64, CommitInfo
+from bot.pipeline.context import Deps
+from bot.settings import Environment, Service
+
+Severity = Literal["ok", "info", "warn", "error"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    env: str
+    severity: Severity
+    text: str
+    action: str | None = None  # a bot action a button can offer, e.g. "catchup:staging:e7e79eb"
+
+
+@dataclass
+class ServiceRow:
+    service: str
+    overlay_tag: str | None
+    live_tag: str | None
+    registry: str  # "ok" | "missing" | "wrong_platform" | "unknown: …"
+    digest: str | None
+    argo_sync: str
+    argo_health: str
+    ready: int
+    total: int
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self.overlay_tag is not None
+            and self.overlay_tag == self.live_tag
+            and self.registry == "ok"
+            and self.argo_sync == "Synced"
+            and self.argo_health == "Healthy"
+            and self.total > 0
+            and self.ready == self.total
+        )
+
+
+@dataclass
+class EnvReport:
+    env: str
+    rows: list[ServiceRow] = field(default_factory=list)
+    error: str | None = None
+    site: str | None = None
+    lock: str | None = None
+    behind: list[CommitInfo] = field(default_factory=list)
+
+
+@dataclass
+class DriftReport:
+    envs: list[EnvReport]
+    findings: list[Finding]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def _registry(deps: Deps, env: Environment, tag: str | None) -> dict[Service, ImageStatus | str]:
+    async def one(service: Service) -> ImageStatus | str:
+        if tag is None:
+            return "unknown: no overlay tag"
+        try:
+            return await deps.registry.check(env.registry, service.image, tag, AMD64)
+        except BotError as e:
+            return f"unknown: {e.message}"
+
+    results = await asyncio.gather(*(one(s) for s in Service))
+    return dict(zip(Service, results, strict=True))
+
+
+async def _site(deps: Deps, env: Environment, tag: str | None) -> SiteResult | str:
+    try:
+        return await check_site(
+            str(env.site_url) if env.site_url else None,
+            tag or "",
+            session=deps.http,
+            limit=deps.config.timeouts.site,
+        )
+    except BotError as e:
+        return e.message
+
+
+async def build_report(deps: Deps) -> DriftReport:
+    config = deps.config
+    envs = config.environments
+    tags_task = asyncio.create_task(deps.gitops.read_tags(config), name="status-gitops")
+    snaps_task = asyncio.create_task(
+        snapshot_all(deps.kube, envs, diagnoser_for=deps.diagnoser, limit=20.0), name="status-clusters"
+    )
+    locks_task = asyncio.create_task(deps.ledger.locks(), name="status-locks")
+    try:
+        tags: dict[str, dict[Service, str]] = await tags_task
+        git_error = None
+    except BotError as e:
+        tags, git_error = {}, e.message
+    registries, sites = await asyncio.gather(
+        asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}).get(Service.API)) for e in envs)),
+        asyncio.gather(*(_site(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
+    )
+    snaps: list[EnvSnapshot] = await snaps_task
+    locks: list[ManualLock] = await locks_task
+    findings: list[Finding] = []
+    if git_error:
+        findings.append(Finding("*", "error", f"GitOps repo unreadable: {git_error}"))
+    reports = []
+    for env, snap, reg, site in zip(envs, snaps, registries, sites, strict=True):
+        rep = EnvReport(env.name)
+        overlay = tags.get(env.name, {})
+        by_service: dict[str, ServiceSnapshot] = {s.service: s for s in snap.services}
+        if not snap.reachable:
+            rep.error = snap.error
+            findings.append(Finding(env.name, "error", f"{env.name} cluster {snap.error}"))
+        for service in Service:
+            s = by_service.get(service.value)
+            status = reg[service]
+            rep.rows.append(
+                ServiceRow(
+                    service=service.value,
+                    overlay_tag=overlay.get(service),
+                    live_tag=s.tag if s else None,
+                    registry=status if isinstance(status, str) else status.state,
+                    digest=None if isinstance(status, str) else status.digest,
+                    argo_sync=s.argo_sync if s else "Unknown",
+                    argo_health=s.argo_health if s else "Unknown",
+                    ready=s.ready if s else 0,
+                    total=s.total if s else 0,
+                )
+            )
+            _service_findings(
+                env, service=service, overlay=overlay.get(service), snap=s, status=status, findings=findings
+            )
+        if isinstance(site, SiteResult):
+            rep.site = site.message if site.status != "skipped" else None
+            if site.status == "failed":
+                findings.append(Finding(env.name, "error", site.message))
+        else:
+            rep.site = site
+            findings.append(Finding(env.name, "warn", site))
+        for lock in locks:
+            if lock.env == env.name:
+                rep.lock = f"locked by {who(lock.user)} since {lock.since:%Y-%m-%d %H:%M} UTC: {lock.reason}"
+                findings.append(Finding(env.name, "warn", rep.lock, f"unlock:{env.name}"))
+        reports.append(rep)
+    await _behind_production(deps, tags, reports, findings)
+    return DriftReport(reports, findings)
+
+
+def _service_findings(
+    env: Environment,
+    *,
+    service: Service,
+    overlay: str | None,
+    snap: ServiceSnapshot | None,
+    status: ImageStatus | str,
+    findings: list[Finding],
+) -> None:
+    name = service.image
+    if snap is not None and overlay and snap.tag and snap.tag != overlay:
+        findings.append(
+            Finding(
+                env.name, "warn", f"{name}: git says {overlay} but {env.name} runs {snap.tag} (not synced?)"
+            )
+        )
+    if isinstance(status, ImageStatus) and not status.ok:
+        what = "is missing from" if status.state == "missing" else f"is {', '.join(status.platforms)} only in"
+        findings.append(
+            Finding(
+                env.name, "error", f"{name}:{overlay} {what} the {env.name} registry: pods cannot pull it"
+            )
+        )
+    if snap is not None:
+        for pod in snap.failing:
+            text = f"{name}: pod {pod.name} is {pod.reason}"
+            if pod.diagnosis is not None:
+                text += f" — {pod.diagnosis.cause}. Fix: {pod.diagnosis.fix}"
+            findings.append(Finding(env.name, "error", text, f"rollback:{env.name}"))
+        for problem in snap.problems:
+            findings.append(Finding(env.name, "warn", f"{name}: {problem}"))
+
+
+async def _behind_production(
+    deps: Deps, tags: dict[str, dict[Service, str]], reports: list[EnvReport], findings: list[Finding]
+) -> None:
+    prod_tag = tags.get("production", {}).get(Service.API)
+    if not prod_tag:
+        return
+    try:
+        prod = await deps.app_repo.resolve(prod_tag)
+    except BotError:
+        return
+    for rep in reports:
+        tag = tags.get(rep.env, {}).get(Service.API)
+        if rep.env == "production" or not tag:
+            continue
+        try:
+            sha = (await deps.app_repo.resolve(tag)).sha
+            if sha == prod.sha or not await deps.app_repo.is_ancestor(sha, prod.sha):
+                continue
+            commits = await deps.app_repo.commits_between(sha, prod.sha)
+        except BotError:
+            continue
+        rep.behind = [CommitInfo(c.sha, c.short, c.subject, c.author) for c in commits]
+        n = len(commits)
+        findings.append(
+            Finding(
+                rep.env,
+                "warn",
+                f"{rep.env} is {n} commit{'s' if n != 1 else ''} behind production ({tag} → {prod.short})",
+                f"catchup:{rep.env}:{prod.short}",
+            )
+        )
