@@ -558,6 +558,12 @@ async def test_deployment_status_follows_rollout_status_semantics(
     assert final["updatedReplicas"] == final["replicas"] == final["readyReplicas"] == 2
     reasons = {c["type"]: c["reason"] for c in final["conditions"]}
     assert reasons == {"Available": "MinimumReplicasAvailable", "Progressing": "NewReplicaSetAvailable"}
+    events = await client.CoreV1Api(kube).list_namespaced_event(
+        NS, field_selector="involvedObject.kind=Deployment,involvedObject.name=funnelcake-relay"
+    )
+    scaling = [e.message for e in events.items if e.reason == "ScalingReplicaSet"]
+    assert any(m.startswith("Scaled up replica set funnelcake-relay-") for m in scaling)
+    assert any(m.startswith("Scaled down") for m in scaling)
 
 
 # ------------------------------------------------------------------------------------ migrate Jobs

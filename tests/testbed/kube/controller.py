@@ -270,7 +270,9 @@ class KeyedWorker:
                     await self._fn(key)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as e:
+                    # keep going (a controller survives a bad object) but let tests see it
+                    self._sup.errors.append(e)
                     log.exception("%s reconcile of %s/%s failed", self._kind, *key)
                 if key not in self._dirty:
                     return
@@ -402,8 +404,7 @@ class DeploymentController:
         return await self.store.create("pods", obj)
 
     async def _event(self, dep: dict[str, Any], reason: str, message: str) -> None:
-        if self._events is not None:
-            await self._events.record(dep, reason, message, component="deployment-controller", warning=False)
+        await self.events.record(dep, reason, message, component="deployment-controller", warning=False)
 
     async def _write_status(
         self,
