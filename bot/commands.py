@@ -1,0 +1,561 @@
+"""The `/funnelcake` command grammar: text from Slack or the CLI becomes a typed request or a usage message.
+
+Pure code, no I/O. `parse` never raises: anything it cannot turn into a command comes back as a
+`Usage` whose message says what was wrong and how to write it. Text from Slack arrives with HTML
+entities escaped, typographic dashes (`--dry-run` can become `—dry-run`) and non-breaking or
+zero-width spaces pasted from elsewhere; all of that is normalised before the words are read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Deploys and history lists are posted to Slack; a bound keeps a reply within one message.
+DEFAULT_HISTORY_LIMIT = 10
+MAX_HISTORY_LIMIT = 100
+MAX_REF_LENGTH = 100
+MAX_REASON_LENGTH = 300
+# golang-migrate versions are unsigned 64-bit integers (often timestamps such as 20240101120000).
+MAX_MIGRATION_VERSION = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Deploy:
+    envs: tuple[str, ...]
+    ref: str
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    envs: tuple[str, ...]
+    ref: str
+
+
+@dataclass(frozen=True)
+class Status:
+    pass
+
+
+@dataclass(frozen=True)
+class Migrate:
+    env: str
+    ref: str | None = None
+    force_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Rollback:
+    env: str
+
+
+@dataclass(frozen=True)
+class History:
+    env: str | None = None
+    limit: int = DEFAULT_HISTORY_LIMIT
+
+
+@dataclass(frozen=True)
+class Lock:
+    """`reason` is plain text as typed (`<`, `>`, `&` unescaped): escape it before putting it in mrkdwn."""
+
+    env: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unlock:
+    env: str
+
+
+@dataclass(frozen=True)
+class Help:
+    topic: str | None = None
+
+
+Command = Deploy | Plan | Status | Migrate | Rollback | History | Lock | Unlock | Help
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The text could not be read as a command; `message` says why and how to write it."""
+
+    message: str
+    topic: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class _Spec:
+    syntax: str
+    summary: str
+    examples: tuple[str, ...]
+
+
+_SPECS: dict[str, _Spec] = {
+    "deploy": _Spec(
+        "deploy <env>[,<env>…] <commit> [--dry-run]",
+        "Deploy a commit of funnelcake (api, relay, and migrations when they changed) to one or more "
+        "environments. Production runs only after a second person approves. With --dry-run, only "
+        "shows the plan.",
+        ("deploy {env} e7e79eb", "deploy {envs} e7e79eb --dry-run"),
+    ),
+    "plan": _Spec(
+        "plan <env>[,<env>…] <commit>",
+        "Show what a deploy would do (images to promote or build, migrations, overlay changes) "
+        "without touching anything; the same as deploy --dry-run.",
+        ("plan {env} e7e79eb",),
+    ),
+    "status": _Spec(
+        "status",
+        "Compare every environment: tag in the GitOps overlay, live image, image in the registry, "
+        "Argo CD sync and health, pods, and how far each environment is behind production.",
+        ("status",),
+    ),
+    "migrate": _Spec(
+        "migrate <env> <commit>  |  migrate <env> force <version>",
+        "Run a commit's ClickHouse migrations in an environment (how to reach ClickHouse comes from "
+        "the environment's configuration). After a failed run leaves `Dirty database version X`, "
+        "`force X` marks version X as clean; then run migrate again.",
+        ("migrate {env} e7e79eb", "migrate {env} force 3"),
+    ),
+    "rollback": _Spec(
+        "rollback <env>",
+        "Deploy the previously deployed commit of an environment again.",
+        ("rollback {env}",),
+    ),
+    "history": _Spec(
+        "history [env] [--limit N]",
+        f"List recent deploys, newest first ({DEFAULT_HISTORY_LIMIT} by default, at most {MAX_HISTORY_LIMIT}).",
+        ("history", "history {env} --limit 5"),
+    ),
+    "lock": _Spec(
+        "lock <env> <reason…>",
+        "Refuse deploys to an environment until it is unlocked; the reason is shown to whoever tries.",
+        ("lock {env} load test until 15:00",),
+    ),
+    "unlock": _Spec(
+        "unlock <env>",
+        "Allow deploys to a locked environment again.",
+        ("unlock {env}",),
+    ),
+    "help": _Spec(
+        "help [command]",
+        "Explain every command, or one command in detail.",
+        ("help", "help deploy"),
+    ),
+}
+COMMAND_NAMES: tuple[str, ...] = tuple(_SPECS)
+
+REF_FORMS = (
+    "a commit hash of 7 to 40 hex characters (e.g. `e7e79eb`) or a branch or tag name "
+    f"(e.g. `main`, `v1.4.2`: no spaces, `..`, `~ ^ : ? * [ \\`, no leading `-`, at most {MAX_REF_LENGTH} characters)"
+)
+
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_FORBIDDEN_REF_CHARS = "~^:?*[\\"
+# Legal in git but the ref is echoed in mrkdwn and commit messages; no real branch needs them.
+_UNSHOWABLE_REF_CHARS = "<>`"
+# Typographic dashes Slack or a phone keyboard may put where the user typed `-` or `--`.
+_DASHES = "-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
+# Invisible characters that arrive in pasted text and separate words without being whitespace.
+_INVISIBLE_SEPARATORS = str.maketrans(
+    {"\u200b": " ", "\u200c": " ", "\u200d": " ", "\u2060": " ", "\ufeff": " "}
+)
+_SOFT_HYPHEN = "\u00ad"
+_OPTION_DISPLAY = {"dryrun": "--dry-run", "limit": "--limit N"}
+
+
+def ref_problem(ref: str) -> str | None:
+    """Why `ref` is neither a commit hash nor a valid git branch/tag name; None when it is fine."""
+    if not ref:
+        return "it is empty"
+    if len(ref) > MAX_REF_LENGTH:
+        return f"it is longer than {MAX_REF_LENGTH} characters"
+    if _HEX.match(ref) and re.search(r"[0-9]", ref) and re.search(r"[a-fA-F]", ref):
+        # A branch named like a 4-6 character hash is far less likely than a hash cut short.
+        if 4 <= len(ref) < 7:
+            return f"it looks like a commit hash but has only {len(ref)} characters; give at least 7"
+        if len(ref) > 40:
+            return f"it looks like a commit hash but has {len(ref)} characters; a hash has at most 40"
+    if _HEX.match(ref) and 7 <= len(ref) <= 40:
+        return None
+    if any(not c.isprintable() or c.isspace() for c in ref):
+        return "it contains a space or a control character"
+    bad = sorted({c for c in ref if c in _FORBIDDEN_REF_CHARS})
+    if bad:
+        return f"git does not allow {' '.join(bad)} in a ref name"
+    if any(c in _UNSHOWABLE_REF_CHARS for c in ref):
+        return "it contains `<`, `>` or a backtick, which would garble the Slack messages that show it"
+    if ".." in ref:
+        return "git does not allow `..` in a ref name"
+    if ref.startswith("-"):
+        return "it starts with `-`"
+    if ref == "@" or "@{" in ref:
+        return "git does not allow `@` alone or `@{` in a ref name"
+    if ref.startswith("/") or ref.endswith("/") or "//" in ref:
+        return "it has an empty part between slashes"
+    if ref.endswith("."):
+        return "it ends with `.`"
+    for part in ref.split("/"):
+        if part.startswith("."):
+            return "a part of it starts with `.`"
+        if part.endswith(".lock"):
+            return "a part of it ends with `.lock`"
+    return None
+
+
+def is_valid_ref(ref: str) -> bool:
+    return ref_problem(ref) is None
+
+
+def _show(token: str, limit: int = 40) -> str:
+    """Echo user input safely: short, printable, and unable to form a Slack mention or break code."""
+    shown = "".join(c if c.isprintable() else "?" for c in token)
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    shown = shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    return f"`{shown}`"
+
+
+def _example_envs(env_names: Sequence[str]) -> tuple[str, str]:
+    non_prod = [e for e in env_names if e != "production"] or list(env_names) or ["poc"]
+    one = non_prod[-1]
+    two = ",".join(non_prod[-2:]) if len(non_prod) >= 2 else one
+    return one, two
+
+
+def _examples(name: str, env_names: Sequence[str], prog: str) -> list[str]:
+    one, two = _example_envs(env_names)
+    return [f"`{prog} {ex.format(env=one, envs=two)}`" for ex in _SPECS[name].examples]
+
+
+def _syntax(name: str, prog: str) -> str:
+    return " | ".join(f"`{prog} {alt.strip()}`" for alt in _SPECS[name].syntax.split("  |  "))
+
+
+def help_text(topic: str | None, env_names: Sequence[str], *, prog: str = "/funnelcake") -> str:
+    """The help a person reads: every command in brief, or one command with its examples."""
+    envs = ", ".join(env_names) if env_names else "(none configured)"
+    if topic is not None and topic in _SPECS:
+        spec = _SPECS[topic]
+        return (
+            f"{_syntax(topic, prog)}\n{spec.summary}\n"
+            f"Examples: {', '.join(_examples(topic, env_names, prog))}\n"
+            f"Environments: {envs}. A commit is {REF_FORMS}."
+        )
+    lines = [f"{_syntax(name, prog)} — {spec.summary}" for name, spec in _SPECS.items()]
+    lines.append(f"Environments: {envs}. `{prog} help <command>` shows examples.")
+    return "\n".join(lines)
+
+
+def _usage(problem: str, name: str | None, env_names: Sequence[str], prog: str) -> Usage:
+    if name is None:
+        return Usage(f"{problem}\n{help_text(None, env_names, prog=prog)}", None)
+    return Usage(
+        f"{problem}\nUsage: {_syntax(name, prog)} — e.g. {', '.join(_examples(name, env_names, prog))}",
+        name,
+    )
+
+
+def _normalise(text: str) -> str:
+    # Slack escapes these three in command text; a lock reason should read as typed.
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return text.translate(_INVISIBLE_SEPARATORS).replace(_SOFT_HYPHEN, "")
+
+
+def _is_flag(token: str) -> bool:
+    # `-1` is a (bad) number, not an option: it reaches the check that can say what is wrong with it.
+    return len(token) > 1 and token[0] in _DASHES and not token.lstrip(_DASHES)[:1].isdigit()
+
+
+def _flag_name(token: str) -> tuple[str, str | None]:
+    """`—dry-run` → ("dryrun", None), `--limit=5` → ("limit", "5"): dashes and underscores ignored."""
+    body = token.lstrip(_DASHES)
+    value: str | None = None
+    if "=" in body:
+        body, value = body.split("=", 1)
+    name = "".join(c for c in body.casefold() if c not in _DASHES and c != "_")
+    return name, value
+
+
+class _Reader:
+    """The words after the command name, with options taken out as they are recognised."""
+
+    def __init__(self, name: str, words: list[str], env_names: Sequence[str], prog: str) -> None:
+        self.name = name
+        self.words = words
+        self.env_names = list(env_names)
+        self.prog = prog
+        self.by_fold = {e.casefold(): e for e in env_names}
+
+    def usage(self, problem: str) -> Usage:
+        return _usage(problem, self.name, self.env_names, self.prog)
+
+    def options(self, allowed: dict[str, bool]) -> tuple[list[str], dict[str, str | None]] | Usage:
+        """Split words into positionals and options; `allowed` maps option name → takes a value."""
+        positionals: list[str] = []
+        found: dict[str, str | None] = {}
+        i = 0
+        while i < len(self.words):
+            word = self.words[i]
+            i += 1
+            if not _is_flag(word):
+                positionals.append(word)
+                continue
+            name, value = _flag_name(word)
+            if name == "help":
+                found["help"] = None
+                continue
+            if name not in allowed:
+                accepted = ", ".join(_OPTION_DISPLAY.get(n, f"--{n}") for n in allowed) or "no options"
+                return self.usage(f"{_show(word)} is not an option of `{self.name}` (it accepts {accepted}).")
+            if allowed[name] and value is None:
+                if i >= len(self.words):
+                    return self.usage(f"`--{name}` needs a value.")
+                value = self.words[i]
+                i += 1
+            found[name] = value
+        return positionals, found
+
+    def env(self, token: str) -> str | Usage:
+        if not self.env_names:
+            return self.usage("No environments are configured.")
+        env = self.by_fold.get(token.casefold())
+        if env is not None:
+            return env
+        valid = ", ".join(f"`{e}`" for e in self.env_names)
+        problem = f"Unknown environment {_show(token)}."
+        close = difflib.get_close_matches(token.casefold(), list(self.by_fold), n=1, cutoff=0.5)
+        prefixed = [e for f, e in self.by_fold.items() if token and f.startswith(token.casefold())]
+        if close:
+            problem += f" Did you mean `{self.by_fold[close[0]]}`?"
+        elif len(prefixed) == 1:
+            problem += f" Did you mean `{prefixed[0]}`?"
+        if is_valid_ref(token) and _HEX.match(token):
+            problem += " (The environment comes first, then the commit.)"
+        return self.usage(f"{problem} Environments: {valid}.")
+
+    def env_list(self, positionals: list[str]) -> tuple[tuple[str, ...], list[str]] | Usage:
+        """Read `a,b` (also `a, b` or `a ,b`) from the front of positionals; return envs and the rest."""
+        if not positionals:
+            return self.usage(f"`{self.name}` needs an environment.")
+        joined = positionals[0]
+        rest = positionals[1:]
+        while rest and (joined.endswith(",") or rest[0].startswith(",")):
+            joined += rest.pop(0)
+        envs: list[str] = []
+        for part in joined.split(","):
+            if not part:
+                return self.usage(f"The environment list {_show(joined)} has an empty entry.")
+            env = self.env(part)
+            if isinstance(env, Usage):
+                return env
+            if env in envs:
+                return self.usage(f"`{env}` is listed twice; name each environment once.")
+            envs.append(env)
+        return tuple(envs), rest
+
+    def ref(self, token: str | None) -> str | Usage:
+        if token is None:
+            return self.usage(f"`{self.name}` needs a commit: {REF_FORMS}.")
+        problem = ref_problem(token)
+        if problem is not None:
+            return self.usage(f"{_show(token)} is not a commit: {problem}. Use {REF_FORMS}.")
+        return token
+
+    def no_more(self, rest: list[str]) -> Usage | None:
+        if rest:
+            extra = " ".join(rest)
+            return self.usage(f"Unexpected {_show(extra)} after `{self.name}`.")
+        return None
+
+
+def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
+    opts = r.options({"dryrun": False})
+    if isinstance(opts, Usage):
+        return opts
+    positionals, found = opts
+    if "help" in found:
+        return Help(r.name)
+    envs = r.env_list(positionals)
+    if isinstance(envs, Usage):
+        return envs
+    env_tuple, rest = envs
+    ref = r.ref(rest[0] if rest else None)
+    if isinstance(ref, Usage):
+        return ref
+    extra = r.no_more(rest[1:])
+    if extra is not None:
+        return extra
+    if plan:
+        return Plan(env_tuple, ref)
+    return Deploy(env_tuple, ref, dry_run="dryrun" in found)
+
+
+def _single_env(r: _Reader, positionals: list[str]) -> tuple[str, list[str]] | Usage:
+    if not positionals:
+        return r.usage(f"`{r.name}` needs an environment.")
+    if "," in positionals[0]:
+        return r.usage(f"`{r.name}` takes one environment at a time.")
+    env = r.env(positionals[0])
+    if isinstance(env, Usage):
+        return env
+    return env, positionals[1:]
+
+
+def _migrate(r: _Reader) -> Command | Usage:
+    opts = r.options({})
+    if isinstance(opts, Usage):
+        return opts
+    positionals, found = opts
+    if "help" in found:
+        return Help(r.name)
+    head = _single_env(r, positionals)
+    if isinstance(head, Usage):
+        return head
+    env, rest = head
+    if rest and rest[0].casefold() == "force":
+        if len(rest) < 2:
+            return r.usage("`force` needs the version from `Dirty database version X`.")
+        version = rest[1]
+        if not version.isascii() or not version.isdigit() or int(version) > MAX_MIGRATION_VERSION:
+            return r.usage(
+                f"{_show(version)} is not a migration version: give the number X from `Dirty database version X`."
+            )
+        extra = r.no_more(rest[2:])
+        if extra is not None:
+            return extra
+        return Migrate(env, None, int(version))
+    ref = r.ref(rest[0] if rest else None)
+    if isinstance(ref, Usage):
+        return ref
+    extra = r.no_more(rest[1:])
+    if extra is not None:
+        return extra
+    return Migrate(env, ref, None)
+
+
+def _env_only(r: _Reader) -> str | Help | Usage:
+    """The single environment of `rollback` / `unlock`, or Help when `--help` was asked for."""
+    opts = r.options({})
+    if isinstance(opts, Usage):
+        return opts
+    positionals, found = opts
+    if "help" in found:
+        return Help(r.name)
+    head = _single_env(r, positionals)
+    if isinstance(head, Usage):
+        return head
+    env, rest = head
+    extra = r.no_more(rest)
+    if extra is not None:
+        return extra
+    return env
+
+
+def _history(r: _Reader) -> Command | Usage:
+    opts = r.options({"limit": True})
+    if isinstance(opts, Usage):
+        return opts
+    positionals, found = opts
+    if "help" in found:
+        return Help(r.name)
+    limit = DEFAULT_HISTORY_LIMIT
+    raw = found.get("limit")
+    if "limit" in found:
+        if raw is None or not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY_LIMIT:
+            return r.usage(
+                f"`--limit` takes a whole number from 1 to {MAX_HISTORY_LIMIT}, not {_show(raw or '')}."
+            )
+        limit = int(raw)
+    if not positionals:
+        return History(None, limit)
+    head = _single_env(r, positionals)
+    if isinstance(head, Usage):
+        return head
+    env, rest = head
+    extra = r.no_more(rest)
+    if extra is not None:
+        return extra
+    return History(env, limit)
+
+
+def _lock(r: _Reader) -> Command | Usage:
+    # The reason is free text: a `--` in it is not an option.
+    if r.words and _is_flag(r.words[0]) and _flag_name(r.words[0])[0] == "help":
+        return Help(r.name)
+    head = _single_env(r, r.words)
+    if isinstance(head, Usage):
+        return head
+    env, rest = head
+    reason = " ".join(rest)
+    if not reason:
+        return r.usage("Say why the environment is locked; the reason is shown to whoever tries to deploy.")
+    if len(reason) > MAX_REASON_LENGTH:
+        return r.usage(f"The reason is {len(reason)} characters long; keep it under {MAX_REASON_LENGTH}.")
+    reason = "".join(c if c.isprintable() else " " for c in reason)
+    return Lock(env, reason)
+
+
+def _help(r: _Reader) -> Command | Usage:
+    words = [w for w in r.words if not _is_flag(w)]
+    if not words:
+        return Help(None)
+    topic = words[0].casefold()
+    if topic in _SPECS:
+        return Help(topic)
+    return _unknown_command(words[0], r.env_names, r.prog, what="help topic")
+
+
+def _unknown_command(word: str, env_names: Sequence[str], prog: str, *, what: str = "command") -> Usage:
+    problem = f"Unknown {what} {_show(word)}."
+    close = difflib.get_close_matches(word.casefold(), COMMAND_NAMES, n=1, cutoff=0.6)
+    if close:
+        problem += f" Did you mean `{close[0]}`?"
+    return _usage(problem, None, env_names, prog)
+
+
+def parse(text: str, env_names: Sequence[str], *, prog: str = "/funnelcake") -> Command | Usage:
+    """Read `/funnelcake` text; a Command when it is well formed, otherwise a Usage saying how to fix it."""
+    words = _normalise(text).split()
+    if not words:
+        return Help(None)
+    first = words[0]
+    if (_is_flag(first) and _flag_name(first)[0] in ("help", "h")) or first == "?":
+        return Help(None)
+    name = first.casefold()
+    if name not in _SPECS:
+        return _unknown_command(first, env_names, prog)
+    r = _Reader(name, words[1:], env_names, prog)
+    if name in ("deploy", "plan"):
+        return _deploy(r, plan=name == "plan")
+    if name == "status":
+        opts = r.options({})
+        if isinstance(opts, Usage):
+            return opts
+        positionals, found = opts
+        if "help" in found:
+            return Help(name)
+        if positionals:
+            return r.usage(
+                f"`status` reports every environment and takes no arguments (got {_show(' '.join(positionals))})."
+            )
+        return Status()
+    if name == "migrate":
+        return _migrate(r)
+    if name in ("rollback", "unlock"):
+        got = _env_only(r)
+        if not isinstance(got, str):
+            return got
+        return Rollback(got) if name == "rollback" else Unlock(got)
+    if name == "history":
+        return _history(r)
+    if name == "lock":
+        return _lock(r)
+    return _help(r)
