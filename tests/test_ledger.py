@@ -765,6 +765,16 @@ async def test_a_denial_is_recorded_and_final(ledger: Ledger, clock: FakeClock) 
         await ledger.verify_approval(d.id, binding="bind-1")
 
 
+async def test_a_cancelled_deploy_cannot_be_approved(ledger: Ledger, clock: FakeClock) -> None:
+    d = await _awaiting(ledger, clock)
+    await ledger.update_deploy(d.id, state=DeployState.CANCELLED, message="cancelled by <@U0REQ>")
+    with pytest.raises(StateConflict, match="is cancelled, not awaiting_approval"):
+        await ledger.decide(d.id, user="U0ANN", decision="approve", binding="bind-1")
+    ap = await ledger.get_approval(d.id)
+    assert ap is not None and ap.state is ApprovalState.PENDING and ap.decided_by is None
+    assert (await ledger.get_deploy(d.id)).approver is None
+
+
 async def test_decide_without_a_request(ledger: Ledger, clock: FakeClock) -> None:
     d = await _deploy(ledger, "production")
     assert await ledger.get_approval(d.id) is None

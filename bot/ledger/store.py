@@ -142,7 +142,21 @@ def _short_cause(e: BaseException) -> str:
     # SQLAlchemy's str() carries the SQL and its parameters; the driver's first line is enough for a person.
     orig = getattr(e, "orig", None) or e
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    return f"{type(orig).__name__}: {first[:200]}"
+    # SQLAlchemy's asyncpg adapter wraps the driver's precise class (QueryCanceledError …) in a generic one.
+    name = type(orig.__cause__ or orig).__name__
+    return f"{name}: {first[:200]}"
+
+
+# SQLSTATE classes that mean "try again": connection lost (08), serialisation failure or deadlock (40),
+# out of resources (53), cancelled by statement_timeout or a shutdown (57), lock_timeout (55P03).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
+
+def _transient(e: sa_exc.DBAPIError) -> bool:
+    if isinstance(e, sa_exc.OperationalError | sa_exc.InterfaceError) or e.connection_invalidated:
+        return True
+    state = getattr(e.orig, "sqlstate", None)
+    return isinstance(state, str) and (state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state == "55P03")
 
 
 def _as_kind(value: str) -> DeployKind:
@@ -221,7 +235,9 @@ class Ledger:
                 f"The deploy ledger ({self._label}) did not answer within {self._timeout:g} s.",
                 hint="It may be overloaded or locked by another process; try again shortly.",
             ) from None
-        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError) as e:
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError) as e:
+            if isinstance(e, sa_exc.DBAPIError) and not _transient(e):
+                raise
             raise TransientError(
                 f"The deploy ledger ({self._label}) is unreachable or busy ({_short_cause(e)}).",
                 hint="Check that the database is up; the operation can be retried.",
@@ -618,6 +634,8 @@ class Ledger:
 
     async def heartbeat(self, env: str, holder: str, ttl: float) -> bool:
         """Extend a live lease; False means it lapsed or was taken over, so the holder must stop."""
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
         now = self._now()
         c = s.leases.c
         async with self._tx() as conn:
@@ -756,6 +774,8 @@ class Ledger:
         """
         if decision not in ("approve", "deny"):
             raise ValueError(f"decision must be 'approve' or 'deny', not {decision!r}")
+        if now is not None and now.tzinfo is None:
+            raise ValueError("decide(now=...) must be timezone-aware")
         at = (now or self._now()).astimezone(UTC)
         a = s.approvals.c
         new_state = ApprovalState.APPROVED if decision == "approve" else ApprovalState.DENIED
@@ -770,6 +790,11 @@ class Ledger:
                         a.state == ApprovalState.PENDING.value,
                         a.expires_at > at,
                         a.binding == binding,
+                        # a deploy cancelled while it waited has nothing left to approve
+                        exists().where(
+                            s.deploys.c.id == deploy_id,
+                            s.deploys.c.state == DeployState.AWAITING_APPROVAL.value,
+                        ),
                     )
                     .values(state=new_state.value, decided_by=user, decided_at=at)
                     .returning(a.deploy_id)
@@ -799,6 +824,8 @@ class Ledger:
                 refusal = ApprovalExpired(deploy_id, row.expires_at)
             elif row.state == ApprovalState.VOID:
                 refusal = ApprovalVoid(deploy_id, approved=False)
+            elif (deploy := await self._get(conn, deploy_id)).state is not DeployState.AWAITING_APPROVAL:
+                refusal = StateConflict(deploy_id, deploy.state, (DeployState.AWAITING_APPROVAL,))
             else:
                 await conn.execute(
                     update(s.approvals)
@@ -891,7 +918,7 @@ async def _sqlite_engine(url: URL, query_timeout: float) -> AsyncEngine:
             "DATABASE_URL", [f"cannot create the ledger's directory {path.parent}: {e.strerror or e}"]
         ) from None
     engine = create_async_engine(url, connect_args={"timeout": query_timeout})
-    busy_ms = int(query_timeout * 1000)
+    busy_ms = int(query_timeout * 800)  # SQLite gives up before the asyncio deadline cancels the query
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -915,7 +942,9 @@ async def _sqlite_engine(url: URL, query_timeout: float) -> AsyncEngine:
 
 
 def _postgres_engine(url: URL, timeout: float) -> AsyncEngine:
-    ms = str(int(timeout * 1000))
+    # The server gives up first, so a slow statement fails cleanly and its connection stays usable;
+    # the client-side deadlines are the backstop for a server that does not answer at all.
+    ms = str(int(timeout * 800))
     return create_async_engine(
         url,
         pool_pre_ping=True,
