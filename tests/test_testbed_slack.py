@@ -387,3 +387,84 @@ async def test_socket_mode_with_bolt_app(slack: FakeSlack) -> None:
     assert ack["payload"] == {"text": "parsing status"}
     assert slack.responses[0].body["text"] == "done: status"
     assert slack.messages(CH)[0].ephemeral_to == "U0DAVE"
+
+
+async def test_response_url_accepts_five_posts_then_refuses(slack: FakeSlack) -> None:
+    url = slack.response_url()
+    async with aiohttp.ClientSession() as session:
+        statuses = []
+        for i in range(6):
+            async with session.post(url, json={"text": f"update {i}"}) as resp:
+                statuses.append(resp.status)
+        async with session.post(slack.base_url + "/response/unknown", json={"text": "x"}) as resp:
+            assert resp.status == 404
+    assert statuses == [200] * 5 + [404]
+    assert slack.responses_to(url)[-1].error == "used_url"
+
+
+async def test_signed_click_carries_the_current_message(slack: FakeSlack) -> None:
+    async with aiohttp.ClientSession() as session:
+        posted = await client(slack, session).chat_postMessage(
+            channel=CH,
+            text="Deploy production?",
+            blocks=[
+                {
+                    "type": "actions",
+                    "block_id": "decide",
+                    "elements": [
+                        {
+                            "type": "button",
+                            "action_id": "approve",
+                            "value": "d7",
+                            "text": {"type": "plain_text", "text": "Approve"},
+                        },
+                        {
+                            "type": "button",
+                            "action_id": "deny",
+                            "value": "d7",
+                            "text": {"type": "plain_text", "text": "Deny"},
+                        },
+                    ],
+                }
+            ],
+        )
+    body, headers = slack.signed_click(CH, posted["ts"], "deny", user_id="U0BOB")
+    assert SignatureVerifier(SIGNING_SECRET).is_valid_request(body, headers)
+    payload = json.loads(parse_qs(body.decode())["payload"][0])
+    assert payload["actions"][0] | {"action_ts": None} == {
+        "action_id": "deny",
+        "block_id": "decide",
+        "value": "d7",
+        "type": "button",
+        "action_ts": None,
+        "text": {"type": "plain_text", "text": "Deny", "emoji": True},
+    }
+    assert payload["message"]["ts"] == posted["ts"]
+    assert payload["container"]["message_ts"] == posted["ts"]
+    assert payload["response_url"].startswith(slack.base_url)
+    with pytest.raises(KeyError, match="no button"):
+        slack.action_payload(CH, posted["ts"], "rollback")
+    stale = slack.signed_slash_command("status", age=600)
+    assert not SignatureVerifier(SIGNING_SECRET).is_valid_request(*stale)
+
+
+async def test_socket_mode_client_reconnects_when_slack_asks(slack: FakeSlack) -> None:
+    async def on_request(sm: AsyncBaseSocketModeClient, req: SocketModeRequest) -> None:
+        await sm.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+
+    async with aiohttp.ClientSession() as session:
+        sm = SocketModeClient(app_token=APP_TOKEN, web_client=client(slack, session))
+        sm.socket_mode_request_listeners.append(on_request)
+        try:
+            await sm.connect()
+            await slack.wait_connected()
+            await slack.request_reconnect()
+            for _ in range(200):
+                if len(slack.calls_to("apps.connections.open")) == 2 and slack.socket_connections == 1:
+                    break
+                await asyncio.sleep(0.01)
+            ack = await slack.send_envelope("interactive", {"type": "block_actions"})
+        finally:
+            await sm.close()
+    assert len(slack.calls_to("apps.connections.open")) == 2
+    assert ack["envelope_id"]

@@ -721,6 +721,28 @@ class FakeSlack:
             response_url=self.response_url(channel=channel, user_id=user_id, message_ts=ts),
         )
 
+    def signed_slash_command(
+        self, text: str, *, age: float = 0, forge: bool = False, **kw: Any
+    ) -> tuple[bytes, dict[str, str]]:
+        """A signed HTTP-mode slash command whose response_url points at this server."""
+        body = urlencode(self.slash_payload(text, **kw)).encode()
+        return body, signed_headers(body, self.signing_secret, age=age, forge=forge)
+
+    def signed_click(
+        self,
+        channel: str,
+        ts: str,
+        action_id: str,
+        *,
+        user_id: str = "U0ALICE",
+        age: float = 0,
+        forge: bool = False,
+    ) -> tuple[bytes, dict[str, str]]:
+        """A signed HTTP-mode button click on a message this server holds."""
+        payload = self.action_payload(channel, ts, action_id, user_id=user_id)
+        body = urlencode({"payload": json.dumps(payload, separators=(",", ":"))}).encode()
+        return body, signed_headers(body, self.signing_secret, age=age, forge=forge)
+
     # ---- Socket Mode
 
     async def wait_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a test-facing deadline
