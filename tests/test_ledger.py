@@ -618,6 +618,19 @@ async def test_the_bot_locks_production_after_a_failed_deploy(ledger: Ledger, cl
     assert f"locked by funnelcake-bot since 2025-06-01 12:00 UTC (0 s ago): deploy {d.id} failed" in str(
         held.value
     )
+    # the rollback that is the way out may pass the bot's lock, and the lock stays until cleared
+    rb = await _deploy(ledger, "production", kind=DeployKind.ROLLBACK)
+    lease = await ledger.acquire_lease(
+        "production", holder="bot-a", deploy_id=rb.id, ttl=60, ignore_lock_by=BOT_USER
+    )
+    assert lease.deploy_id == rb.id
+    assert [x.user for x in await ledger.locks()] == [BOT_USER]
+    await ledger.release_lease("production", "bot-a")
+    await ledger.lock("staging", "U0OPS", "freeze")
+    with pytest.raises(LockHeld, match="<@U0OPS>"):  # a person's lock is not the bot's
+        await ledger.acquire_lease(
+            "staging", holder="bot-a", deploy_id=rb.id, ttl=60, ignore_lock_by=BOT_USER
+        )
 
 
 async def test_lock_and_lease_race_matches_a_serial_order(ledger: Ledger, other: Ledger) -> None:

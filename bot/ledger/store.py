@@ -577,10 +577,20 @@ class Ledger:
 
     # ---- leases ----
 
-    async def acquire_lease(self, env: str, *, holder: str, deploy_id: str, ttl: float) -> Lease:
+    async def acquire_lease(
+        self,
+        env: str,
+        *,
+        holder: str,
+        deploy_id: str,
+        ttl: float,
+        ignore_lock_by: str | None = None,
+    ) -> Lease:
         """Take the env for a deploy, or take over a lapsed lease; LockHeld if a lock or a live lease is in the way.
 
-        Re-acquiring by the same holder for the same deploy renews it.
+        Re-acquiring by the same holder for the same deploy renews it. A manual lock set by
+        `ignore_lock_by` does not block (a rollback is the way out of the bot's failed-deploy lock);
+        the lock stays in place.
         """
         if ttl <= 0:
             raise ValueError("ttl must be positive")
@@ -590,7 +600,7 @@ class Ledger:
         async with self._tx() as conn:
             await self._env_guard(conn, env)
             lock = (await conn.execute(select(s.locks).where(s.locks.c.env == env))).one_or_none()
-            if lock is not None:
+            if lock is not None and (ignore_lock_by is None or lock.user != ignore_lock_by):
                 raise LockHeld.for_lock(_lock(lock), now)
             before = (await conn.execute(select(s.leases).where(c.env == env))).one_or_none()
             mine = and_(c.holder == holder, c.deploy_id == deploy_id)
