@@ -331,40 +331,60 @@ class DeploymentController:
             unavail = 1
         min_available = max(replicas - unavail, 0)
 
-        # scale the new ReplicaSet down when replicas shrank (not-ready pods first)
+        # The real controller's order per sync: reconcileNewReplicaSet, then reconcileOldReplicaSets.
         if len(new) > replicas:
+            # replicas shrank: the new ReplicaSet loses its not-ready pods first
             excess = sorted(new, key=pod_is_ready)[: len(new) - replicas]
             for p in excess:
                 await self.store.delete("pods", ns, p["metadata"]["name"])
                 new.remove(p)
-            await self._event(dep, "ScalingReplicaSet", f"Scaled down replica set {rs_name} to {replicas}")
+            await self._event(
+                dep,
+                "ScalingReplicaSet",
+                f"Scaled down replica set {rs_name} to {replicas} from {len(new) + len(excess)}",
+            )
+        elif not (recreate and old):
+            # scale up within maxSurge (Recreate waits for every old pod to be gone)
+            to_create = max(min(replicas + surge - (len(new) + len(old)), replicas - len(new)), 0)
+            for _ in range(to_create):
+                new.append(await self._create_pod(dep, template, h, rs_name))
+            if to_create:
+                await self._event(
+                    dep,
+                    "ScalingReplicaSet",
+                    f"Scaled up replica set {rs_name} to {len(new)} from {len(new) - to_create}",
+                )
 
-        # old pods that are not ready carry no availability: remove them first (cleanupUnhealthyReplicas)
-        for p in [p for p in old if not pod_is_ready(p)]:
-            if recreate or len(new) + len(old) > replicas or any(pod_is_ready(q) for q in new):
-                await self.store.delete("pods", ns, p["metadata"]["name"])
-                old.remove(p)
-        ready_total = sum(pod_is_ready(p) for p in new + old)
-        scaled_down = 0
-        for p in sorted(old, key=lambda p: p["metadata"].get("creationTimestamp", "")):
-            if ready_total - 1 < min_available and not recreate:
-                break
+        doomed: list[dict[str, Any]] = []
+        if recreate:
+            doomed = list(old)
+        elif old:
+            # cleanupUnhealthyReplicas: not-ready old pods go first, within what availability allows
+            new_unavailable = sum(not pod_is_ready(p) for p in new)
+            budget = len(new) + len(old) - min_available - new_unavailable
+            unhealthy = [p for p in old if not pod_is_ready(p)]
+            doomed = unhealthy[: max(budget, 0)]
+            # scaleDownOldReplicaSetsForRollingUpdate: then ready ones, keeping minAvailable (oldest first)
+            available = sum(pod_is_ready(p) for p in new + old)
+            healthy = sorted(
+                (p for p in old if pod_is_ready(p)), key=lambda p: p["metadata"].get("creationTimestamp", "")
+            )
+            doomed += healthy[: max(available - min_available, 0)]
+        by_rs: dict[str, int] = {}
+        for p in doomed:
             await self.store.delete("pods", ns, p["metadata"]["name"])
             old.remove(p)
-            ready_total -= 1
-            scaled_down += 1
-        if scaled_down:
-            await self._event(
-                dep, "ScalingReplicaSet", f"Scaled down old replica set of {name} by {scaled_down}"
+            old_rs = f"{name}-{p['metadata'].get('labels', {}).get(POD_TEMPLATE_HASH, '')}"
+            by_rs[old_rs] = by_rs.get(old_rs, 0) + 1
+        for old_rs, count in by_rs.items():
+            left = sum(
+                1
+                for p in old
+                if f"{name}-{p['metadata'].get('labels', {}).get(POD_TEMPLATE_HASH, '')}" == old_rs
             )
-
-        # scale the new ReplicaSet up within maxSurge (Recreate waits for every old pod to be gone)
-        room = replicas + surge - (len(new) + len(old))
-        to_create = 0 if (recreate and old) else max(min(replicas - len(new), room), 0)
-        for _ in range(to_create):
-            new.append(await self._create_pod(dep, template, h, rs_name))
-        if to_create:
-            await self._event(dep, "ScalingReplicaSet", f"Scaled up replica set {rs_name} to {len(new)}")
+            await self._event(
+                dep, "ScalingReplicaSet", f"Scaled down replica set {old_rs} to {left} from {left + count}"
+            )
 
         await self._write_status(key, dep, new, old, replicas, min_available, rs_name)
 
