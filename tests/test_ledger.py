@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot.errors import ConfigError, PermanentError, TransientError
@@ -196,9 +196,7 @@ async def test_v1_database_is_upgraded_in_place_and_keeps_its_history(db_url: st
                     },
                 )
         async with engine.connect() as conn:
-            cols = await conn.run_sync(
-                lambda c: {x["name"] for x in ledger_schema.inspect(c).get_columns("deploys")}
-            )
+            cols = await conn.run_sync(lambda c: {x["name"] for x in inspect(c).get_columns("deploys")})
             assert "owner" not in cols
     finally:
         await engine.dispose()
