@@ -188,7 +188,8 @@ class ArgoCD:
         """Refresh, then sync `app` to `revision` and wait until that operation finished on that revision."""
         if refresh:
             await self.refresh(app)
-        await self.ensure_idle(app)
+        idle = await self.ensure_idle(app)
+        reconciled_before = parse_time((idle.get("status") or {}).get("reconciledAt"))
         requested = dt.datetime.now(dt.UTC)
         await self._patch(
             app,
@@ -211,7 +212,7 @@ class ArgoCD:
                     finished = obj
                     # the controller refreshes once more after the operation: wait for it to report
                     # sync/health of the new revision
-                    if _post_sync_refreshed(obj, state):
+                    if _post_sync_refreshed(obj, state, reconciled_before):
                         break
         except TimeoutError:
             if finished is None:
@@ -258,10 +259,15 @@ class ArgoCD:
         return [t.result() for t in tasks]
 
 
-def _post_sync_refreshed(obj: JSON, state: JSON) -> bool:
+def _post_sync_refreshed(obj: JSON, state: JSON, reconciled_before: dt.datetime | None) -> bool:
+    """The controller compared the app again after the operation: reconciledAt >= finishedAt, and a NEW
+    reconcile (the write that finishes the operation leaves the old reconciledAt, which can be >= finishedAt
+    at one-second resolution)."""
     finished = parse_time(state.get("finishedAt"))
     reconciled = parse_time((obj.get("status") or {}).get("reconciledAt"))
-    return finished is not None and reconciled is not None and reconciled >= finished
+    if finished is None or reconciled is None or reconciled < finished:
+        return False
+    return reconciled_before is None or reconciled > reconciled_before
 
 
 def _result(app: str, obj: JSON) -> SyncResult:

@@ -158,9 +158,17 @@ async def pod_events(client: ClusterClient, namespace: str, pod_name: str) -> li
 
 
 def _pull_event(events: Sequence[JSON]) -> JSON | None:
-    for ev in reversed(events):
+    """The kubelet's detailed pull failure (`Failed to pull image "…": <containerd message>`).
+
+    The kubelet also emits `Failed` events reading just `Error: ErrImagePull`; they say nothing of the cause.
+    """
+    failed = [ev for ev in events if ev.get("reason") == "Failed"]
+    for ev in reversed(failed):
+        if str(ev.get("message") or "").startswith("Failed to pull image"):
+            return ev
+    for ev in reversed(failed):
         msg = str(ev.get("message") or "")
-        if ev.get("reason") == "Failed" and ("pull" in msg.lower() or "image" in msg.lower()):
+        if "image" in msg.lower() and not msg.startswith("Error: "):
             return ev
     return None
 

@@ -199,9 +199,12 @@ async def watch_rollout(
                             diagnosis=diagnosis,
                         )
                 status = rollout_status(deployment)
-                if progress is not None and (status.available, status.total) != last_progress:
-                    last_progress = (status.available, status.total)
-                    await progress(RolloutProgress(name, status.available, status.total, status.message))
+                # progress counts Ready pods of the NEW template: the status counters still show the old
+                # ReplicaSet's pods until the controller has observed the new generation
+                ready_new = sum(1 for p in pods.values() if is_new_pod(p, deployment) and pod_ready(p))
+                if progress is not None and (ready_new, status.total) != last_progress:
+                    last_progress = (ready_new, status.total)
+                    await progress(RolloutProgress(name, ready_new, status.total, status.message))
                 if status.phase is RolloutPhase.DONE:
                     new = tuple(sorted(n for n, p in pods.items() if is_new_pod(p, deployment)))
                     return RolloutResult(
