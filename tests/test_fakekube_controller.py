@@ -754,3 +754,36 @@ async def test_three_isolated_clusters_behind_the_exec_plugin(
     assert result.detail.endswith("403 Forbidden")
     for cluster in sim_clusters.clusters.values():
         assert cluster.errors == []
+
+
+async def test_missing_secret_is_create_container_config_error_until_it_exists(
+    sim_cluster: SimCluster, kube: client.ApiClient, sim_gitops: GitOpsRemote
+) -> None:
+    core = client.CoreV1Api(kube)
+    secret = await core.read_namespaced_secret("funnelcake-clickhouse-credentials", NS)
+    await core.delete_namespaced_secret("funnelcake-clickhouse-credentials", NS)
+    await client.BatchV1Api(kube).create_namespaced_job(
+        NS, migrate_job(sim_cluster, sim_gitops.tags["staging"], ["up"])
+    )
+
+    async def config_error() -> dict[str, Any] | None:
+        pods = await pods_of_job(kube)
+        return (
+            pods[0] if pods and waiting_reason(pods[0], "migrate") == "CreateContainerConfigError" else None
+        )
+
+    pod = await eventually(config_error, what="CreateContainerConfigError")
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["state"]["waiting"]["message"] == 'secret "funnelcake-clickhouse-credentials" not found'
+
+    await core.create_namespaced_secret(
+        NS, {"metadata": {"name": "funnelcake-clickhouse-credentials"}, "data": secret.data}
+    )
+
+    async def complete() -> bool:
+        job = plain(kube, await client.BatchV1Api(kube).read_namespaced_job("funnelcake-db-migrate", NS))
+        return job["status"].get("succeeded") == 1
+
+    await eventually(complete, what="job completes once the secret exists")
+    logs = await core.read_namespaced_pod_log(pod["metadata"]["name"], NS, container="migrate")
+    assert logs == "no change\n"

@@ -104,8 +104,8 @@ class ClusterController:
         self._main: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.argocd.start()
-        await self.jobs.start()
+        # both clone their repository mirror; independent, so concurrently
+        await asyncio.gather(self.argocd.start(), self.jobs.start())
         self._queue = self.store.raw.subscribe()
         self._main = asyncio.create_task(self._dispatch(), name=f"simkube-{self.env_name}:dispatch")
         # objects that existed before we subscribed

@@ -285,7 +285,12 @@ class KeyedWorker:
 
 class DeploymentController:
     """Rolls pod templates out like the real controller (RollingUpdate/Recreate) and writes the status
-    `kubectl rollout status` reads: observedGeneration, replica counts, Available/Progressing."""
+    `kubectl rollout status` reads: observedGeneration, replica counts, Available/Progressing.
+
+    ReplicaSets are implicit: pods carry `pod-template-hash` and an ownerReference to
+    `<deployment>-<hash>`, as real ones do, but no ReplicaSet object exists. Deleted pods go at once
+    (no graceful termination); minReadySeconds is 0, so Ready means available.
+    """
 
     def __init__(
         self, store: StoreView, sup: Supervisor, timings: Timings, nodes: list[str], events: EventRecorder

@@ -4,6 +4,10 @@ The migrate image is tagged with the app repo's short sha; its migrations are re
 the app bare remote (database/migrations/NNNNNN_name.up.sql). The container behaves like golang-migrate
 behind funnelcake's entrypoint (DESIGN.md §1, §5): per-migration lines, `no change`, a half-applied
 migration leaving the database dirty, `force X`, and the wrong connection mode timing out on port 9440.
+
+Simplifications: one pod at a time (parallelism 1, completions 1 by default); restartPolicy OnFailure is
+run like Never (the Job controller replaces the pod); ttlSecondsAfterFinished is ignored, so a finished
+Job stays until deleted (the bot deletes it before creating the next one with the same name).
 """
 
 from __future__ import annotations
