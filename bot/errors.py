@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class BotError(Exception):
     """Base class: every error the bot raises carries a message fit for a person."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, hint: str | None = None, data: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # structured facts for reporters (a diagnosis, a dirty migration version), never secrets
+        self.data: Mapping[str, Any] = data or {}
 
     def __str__(self) -> str:
         return f"{self.message} {self.hint}" if self.hint else self.message
@@ -22,8 +29,15 @@ class PermanentError(BotError):
 class TransientError(BotError):
     """A system was unreachable or busy (timeout, 5xx, 429): the runner may retry with backoff."""
 
-    def __init__(self, message: str, *, hint: str | None = None, delay: float | None = None) -> None:
-        super().__init__(message, hint=hint)
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        delay: float | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint, data=data)
         self.delay = delay
 
 

@@ -43,6 +43,7 @@ from bot.pipeline.engine import (
     StepEvent,
     StepOutcome,
 )
+from bot.pipeline.steps.force import ForceMigrate
 from bot.pipeline.steps.gitops import GitOps
 from bot.pipeline.steps.images import Images
 from bot.pipeline.steps.migrate import Migrate
@@ -212,6 +213,39 @@ class DeployService:
             DeployKind.ROLLBACK, [env_name], target, requester, channel=channel, thread_ts=thread_ts
         )
 
+    async def start_force(
+        self, env_name: str, version: int, requester: str, *, channel: str | None = None
+    ) -> Started:
+        """Guarded recovery from a dirty migration (F7): force the version the last failed run reported, then up."""
+        record = await self.deps.ledger.create_deploy(
+            kind=DeployKind.FORCE_MIGRATE,
+            envs=[env_name],
+            ref=str(version),
+            requester=requester,
+            state=DeployState.RUNNING,
+            channel=channel,
+            owner=self.instance_id,
+        )
+        return Started(record, self._spawn(record.id, self._run_force(record, version)))
+
+    async def _run_force(self, record: DeployRecord, version: int) -> DeployRecord:
+        ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
+        leases: list[Lease] = []
+        try:
+            leases = await self._acquire(ctx.envs, record.id)
+            result = await self._pipeline(record, [ForceMigrate(version)]).run(ctx)
+            return await self._finish(record, ctx, result)
+        except LockHeld as e:
+            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
+            return await self.deps.ledger.update_deploy(
+                record.id, state=DeployState.FAILED, message=e.message
+            )
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancelled(record))
+            raise
+        finally:
+            await asyncio.shield(self._release(leases))
+
     async def rollback_target(self, env_name: str) -> str:
         """The tag the env ran before the newest deploy that moved it: what a rollback goes back to.
 
@@ -377,17 +411,24 @@ class DeployService:
                 record.id, state=DeployState.SUCCEEDED, message="deployed"
             )
             await self._clear_failure_lock(record)
-            return record
-        message = f"{failed.step}: {failed.message}"
-        record = await self.deps.ledger.update_deploy(record.id, state=DeployState.FAILED, message=message)
-        changed_git = any(r.step == "gitops" and r.outcome is StepOutcome.OK for r in result.results)
-        if changed_git and any(self.config.env(e).approval_required for e in record.envs):
-            # A failed production deploy holds production until someone rolls back or unlocks.
+        else:
+            message = f"{failed.step}: {failed.message}"
+            record = await self.deps.ledger.update_deploy(
+                record.id, state=DeployState.FAILED, message=message
+            )
+            changed_git = any(r.step == "gitops" and r.outcome is StepOutcome.OK for r in result.results)
             for env in record.envs:
-                if self.config.env(env).approval_required:
-                    await self.deps.ledger.lock(
-                        env, BOT_USER, f"deploy {record.id} failed at {failed.step}; roll back or unlock"
-                    )
+                if changed_git and self.config.env(env).approval_required:
+                    # A failed production deploy holds production until someone rolls back or unlocks.
+                    reason = f"deploy {record.id} failed at {failed.step}; roll back or unlock"
+                    await self.deps.ledger.lock(env, BOT_USER, reason)
+        await self._emit_for(
+            record,
+            "deploy",
+            EventKind.DONE if failed is None else EventKind.FAILED,
+            record.message or "",
+            **_summary(record, ctx, result),
+        )
         return record
 
     async def _clear_failure_lock(self, record: DeployRecord) -> None:
@@ -411,7 +452,11 @@ class DeployService:
                 await self._refuse_if_locked(env, record)
                 leases.append(
                     await self.deps.ledger.acquire_lease(
-                        env.name, holder=self.instance_id, deploy_id=deploy_id, ttl=self.lease_ttl
+                        env.name,
+                        holder=self.instance_id,
+                        deploy_id=deploy_id,
+                        ttl=self.lease_ttl,
+                        ignore_lock_by=BOT_USER if record.kind is DeployKind.ROLLBACK else None,
                     )
                 )
         except BaseException:
@@ -454,3 +499,24 @@ class DeployService:
         for lease in leases:
             with contextlib.suppress(Exception):
                 await self.deps.ledger.release_lease(lease.env, self.instance_id)
+
+
+def _summary(record: DeployRecord, ctx: DeployContext, result: PipelineResult) -> dict[str, Any]:
+    """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
+    failed = result.failed
+    revision = next((r.revision for rs in ctx.synced.values() for r in rs), None)
+    return {
+        "state": record.state.value,
+        "deploy_kind": record.kind.value,
+        "envs": list(record.envs),
+        "short": record.short,
+        "seconds": round((datetime.now(UTC) - record.created_at).total_seconds(), 1),
+        "images": {f"{env}/{image}": s.digest for (env, image), s in sorted(ctx.verified.items())},
+        "revision": revision,
+        "failed_step": failed.step if failed else None,
+        "hint": failed.hint if failed else None,
+        "failure": dict(failed.data) if failed else {},
+        "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
+        if ctx.plan
+        else {},
+    }

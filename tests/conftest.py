@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.testbed.kube.fixtures",
     "tests.testbed.kube.cluster",
     "tests.testbed.sandbox",
+    "tests.testbed.botrun",
 ]

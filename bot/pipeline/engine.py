@@ -103,6 +103,10 @@ class Retry:
     wait_jitter: float = 0.5
 
 
+def _details(e: BotError) -> dict[str, Any]:
+    return {**e.data, **({"hint": e.hint} if e.hint else {})}
+
+
 def _verdict(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The exception that decides a fanned-out step: a permanent error wins over a transient one."""
     leaves: list[BaseException] = []
@@ -245,13 +249,13 @@ class Pipeline(Generic[C]):
             await self._emit(event(EventKind.SKIPPED, s.reason))
             return res
         except PermanentError as e:
-            res = result(StepOutcome.FAILED, e.message, e.hint)
-            await self._emit(event(EventKind.FAILED, e.message, {"hint": e.hint} if e.hint else None))
+            res = result(StepOutcome.FAILED, e.message, e.hint, _details(e))
+            await self._emit(event(EventKind.FAILED, e.message, _details(e)))
             return res
         except TransientError as e:
             msg = f"{e.message} (gave up after {attempt} attempt{'s' if attempt != 1 else ''})"
-            res = result(StepOutcome.ERRORED, msg, e.hint)
-            await self._emit(event(EventKind.ERRORED, msg, {"hint": e.hint} if e.hint else None))
+            res = result(StepOutcome.ERRORED, msg, e.hint, _details(e))
+            await self._emit(event(EventKind.ERRORED, msg, _details(e)))
             return res
         except TimeoutError:
             msg = f"{step.name} did not finish within {step.timeout:g}s"
@@ -262,8 +266,8 @@ class Pipeline(Generic[C]):
             await asyncio.shield(self._emit(event(EventKind.CANCELLED, "cancelled")))
             raise
         except BotError as e:
-            res = result(StepOutcome.FAILED, e.message, e.hint)
-            await self._emit(event(EventKind.FAILED, e.message))
+            res = result(StepOutcome.FAILED, e.message, e.hint, _details(e))
+            await self._emit(event(EventKind.FAILED, e.message, _details(e)))
             return res
         except Exception as e:
             # A bug, not a verdict: say so plainly, keep the traceback in the logs only.

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.adapters.migrations import MigrateOutcome, MigrationFailed
+from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Skip, Step
 
@@ -28,7 +29,15 @@ class Migrate(Step[DeployContext]):
                 run = await ctx.deps.migrations.up(ctx.deps.kube[env.kube_context], env, short)
             except MigrationFailed as e:
                 ctx.migration_runs[env.name] = e.run
-                raise
+                result = e.run.result
+                data: dict[str, Any] = {
+                    "env": env.name,
+                    "outcome": result.outcome.value,
+                    "log": e.run.log[-1500:],
+                }
+                if result.outcome is MigrateOutcome.DIRTY:
+                    data["dirty_version"] = result.dirty_version
+                raise PermanentError(e.message, hint=e.hint, data=data) from None
             ctx.migration_runs[env.name] = run
             applied = ", ".join(f"{m.version}/{m.name}" for m in run.result.applied) or "no change"
             await progress(f"{env.name}: {applied}", {"env": env.name})
@@ -44,10 +53,3 @@ class Migrate(Step[DeployContext]):
             }
             for env, run in ctx.migration_runs.items()
         }
-
-
-def dirty_version(ctx: DeployContext) -> tuple[str, int] | None:
-    for env, run in ctx.migration_runs.items():
-        if run.result.outcome is MigrateOutcome.DIRTY and run.result.dirty_version is not None:
-            return env, run.result.dirty_version
-    return None

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from bot.adapters.rollout import RolloutProgress, watch_rollouts
+from bot.adapters.rollout import RolloutFailed, RolloutProgress, watch_rollouts
+from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
 from bot.settings import Service
@@ -28,14 +29,17 @@ class Rollout(Step[DeployContext]):
                     {"env": env.name, "deployment": p.deployment, "ready": p.ready, "total": p.total},
                 )
 
-            ctx.rollouts[env.name] = await watch_rollouts(
-                ctx.deps.kube[env.kube_context],
-                env.namespace,
-                [s.image for s in Service],
-                diagnoser=ctx.deps.diagnoser(env),
-                give_up_after=give_up,
-                progress=report,
-            )
+            try:
+                ctx.rollouts[env.name] = await watch_rollouts(
+                    ctx.deps.kube[env.kube_context],
+                    env.namespace,
+                    [s.image for s in Service],
+                    diagnoser=ctx.deps.diagnoser(env),
+                    give_up_after=give_up,
+                    progress=report,
+                )
+            except RolloutFailed as e:
+                raise PermanentError(e.message, hint=e.hint, data=diagnosis_data(env.name, e)) from None
 
         async with asyncio.TaskGroup() as tg:
             for env in ctx.envs:
@@ -44,3 +48,19 @@ class Rollout(Step[DeployContext]):
             env: [(r.deployment, r.ready, r.total, dict(r.images)) for r in results]
             for env, results in ctx.rollouts.items()
         }
+
+
+def diagnosis_data(env: str, e: RolloutFailed) -> dict[str, Any]:
+    """What a reporter needs to show the diagnosis and offer its fixes (Roll back / Promote / Rebuild)."""
+    d = e.diagnosis
+    data: dict[str, Any] = {"env": env, "deployment": e.deployment}
+    if d is not None:
+        data["diagnosis"] = {
+            "cause": d.cause,
+            "evidence": d.evidence,
+            "fix": d.fix,
+            "kind": d.kind.value,
+            "pod": d.pod,
+            "promote_from": list(d.promote_from),
+        }
+    return data

@@ -1,0 +1,45 @@
+"""force-migrate: the guarded recovery from a dirty database (F7): `force X`, then `up` again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bot.adapters.migrations import MigrationFailed
+from bot.errors import PermanentError
+from bot.pipeline.context import DeployContext
+from bot.pipeline.engine import Progress, Step
+from bot.settings import Service
+
+
+class ForceMigrate(Step[DeployContext]):
+    name = "force-migrate"
+    timeout = 900.0
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+        env = ctx.envs[0]
+        tags = await ctx.deps.gitops.read_tags(ctx.deps.config)
+        tag = tags.get(env.name, {}).get(Service.API)
+        if not tag:
+            raise PermanentError(f"no overlay tag for {env.name}: cannot pick the migrate image to run")
+        client = ctx.deps.kube[env.kube_context]
+        try:
+            forced = await ctx.deps.migrations.force(client, env, tag, self.version)
+            await progress(f"{env.name}: forced version {self.version}", {"env": env.name})
+            up = await ctx.deps.migrations.up(client, env, tag)
+        except MigrationFailed as e:
+            raise PermanentError(
+                e.message, hint=e.hint, data={"env": env.name, "log": e.run.log[-1500:]}
+            ) from None
+        applied = [m.name for m in up.result.applied]
+        await progress(f"{env.name}: up → {', '.join(applied) or 'no change'}", {"env": env.name})
+        return {
+            "env": env.name,
+            "forced": self.version,
+            "applied": applied,
+            "image_tag": tag,
+            "ok": forced.succeeded,
+        }

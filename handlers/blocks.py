@@ -1,0 +1,261 @@
+"""Block Kit builders: every message the bot posts, kept inside Slack's limits (50 blocks, 3000 chars a section)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from bot.drift import DriftReport, ServiceRow
+from bot.ledger.models import DeployKind, DeployRecord
+from bot.models import Plan
+
+Block = dict[str, Any]
+
+MAX_BLOCKS = 50
+MAX_SECTION = 3000
+MAX_BUTTON_VALUE = 2000
+STEPS = ("resolve", "preflight", "images", "migrate", "gitops", "sync", "rollout", "verify")
+ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️", "cancelled": "🛑"}
+
+
+def esc(text: str) -> str:
+    """Escape user or system text for mrkdwn: `<`, `>` and `&` would otherwise become links or mentions."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def clip(text: str, limit: int = MAX_SECTION - 100) -> str:
+    return text if len(text) <= limit else text[: limit - 20].rstrip() + "\n… (truncated)"
+
+
+def section(text: str) -> Block:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": clip(text)}}
+
+
+def context(text: str) -> Block:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(text, 2900)}]}
+
+
+def header(text: str) -> Block:
+    return {"type": "header", "text": {"type": "plain_text", "text": text[:150], "emoji": True}}
+
+
+def button(label: str, action_id: str, value: str, style: str | None = None) -> Block:
+    b: Block = {
+        "type": "button",
+        "text": {"type": "plain_text", "text": label[:75], "emoji": True},
+        "action_id": action_id,
+        "value": value[:MAX_BUTTON_VALUE],
+    }
+    if style:
+        b["style"] = style
+    return b
+
+
+def actions(block_id: str, *buttons: Block) -> Block:
+    return {"type": "actions", "block_id": block_id, "elements": list(buttons)[:25]}
+
+
+def fit(blocks: list[Block]) -> list[Block]:
+    """Keep a message under Slack's block limit, saying what was left out."""
+    if len(blocks) <= MAX_BLOCKS:
+        return blocks
+    kept = blocks[: MAX_BLOCKS - 1]
+    return [*kept, context(f"… {len(blocks) - len(kept)} more blocks not shown")]
+
+
+def mention(user: str) -> str:
+    return f"<@{user}>" if user[:1] in "UW" and user.isalnum() else esc(user)
+
+
+def progress_bar(done: int, total: int, width: int = 8) -> str:
+    filled = round(width * done / total) if total else 0
+    return "▰" * filled + "▱" * (width - filled)
+
+
+def title(record: DeployRecord) -> str:
+    envs = ", ".join(record.envs)
+    ref = record.short or record.ref
+    if record.kind is DeployKind.ROLLBACK:
+        return f"↩️ Roll back {envs} to {ref}"
+    if record.kind in (DeployKind.MIGRATE, DeployKind.FORCE_MIGRATE):
+        return f"🗄️ Migrate {envs} @ {ref}"
+    return f"🚀 Deploy funnelcake @ {ref} → {envs}"
+
+
+def root_blocks(
+    record: DeployRecord,
+    *,
+    state: str,
+    subject: str = "",
+    plan: Plan | None = None,
+    approval: str | None = None,
+    buttons: Sequence[Block] = (),
+    outcome: str | None = None,
+) -> list[Block]:
+    commit = f"`{record.short or esc(record.ref)}`" + (f" “{esc(subject)}”" if subject else "")
+    blocks = [
+        header(title(record)),
+        section(f"*Requested by* {mention(record.requester)} · deploy `{record.id}`\n*Commit* {commit}"),
+    ]
+    if plan is not None:
+        blocks += plan_blocks(plan)
+    blocks.append(context(state))
+    if approval:
+        blocks.append(context(approval))
+    if outcome:
+        blocks.append(section(outcome))
+    if buttons:
+        blocks.append(actions(f"deploy:{record.id}", *buttons))
+    return fit(blocks)
+
+
+def plan_blocks(plan: Plan, *, max_commits: int = 15) -> list[Block]:
+    images = []
+    for img in plan.images():
+        digest = f" `{img.digest[7:19]}`" if img.digest else ""
+        if img.action == "present":
+            what = "present"
+        elif img.action == "promote":
+            what = f"promote from {img.source_env}"
+        else:
+            what = "*build* for linux/amd64"
+        images.append(f"• {img.env}/{img.image}:{img.tag} — {what}{digest}")
+    overlays = []
+    for env, ep in plan.env_plans.items():
+        changes = ", ".join(
+            f"{svc} `{old}` → `{plan.commit.short}`" for svc, old in sorted(ep.previous.items())
+        )
+        overlays.append(f"• {env}: {changes or 'no overlay found'}")
+    commits = [f"• `{c.short}` {esc(c.subject)} — {esc(c.author)}" for c in plan.commits[:max_commits]]
+    if len(plan.commits) > max_commits:
+        commits.append(f"… and {len(plan.commits) - max_commits} more")
+    runs = any(ep.run_migrations for ep in plan.env_plans.values())
+    if plan.migrations:
+        migrations = "\n".join(f"• `{esc(m)}`" for m in plan.migrations)
+    else:
+        migrations = "`migrate up` (idempotent: no known baseline)" if runs else "none"
+    blocks = [
+        section("*Images*\n" + ("\n".join(images) or "none")),
+        section("*Overlays*\n" + "\n".join(overlays)),
+        section(f"*Commits included* ({len(plan.commits)})\n" + ("\n".join(commits) or "none (same commit)")),
+        section("*Migrations that will run*\n" + migrations),
+    ]
+    if plan.problems:
+        blocks.append(section("*Blocking problems*\n" + "\n".join(f"• {esc(p)}" for p in plan.problems)))
+    return blocks
+
+
+def state_line(record: DeployRecord, steps: Mapping[str, str], current: str | None, seconds: float) -> str:
+    done = sum(1 for s in STEPS if steps.get(s) in ("done", "skipped"))
+    failed = next((s for s in STEPS if steps.get(s) in ("failed", "errored")), None)
+    where = f"✗ {failed}" if failed else (current or "starting")
+    return f"{progress_bar(done, len(STEPS))} {done}/{len(STEPS)} {where} · {seconds:.0f}s"
+
+
+def step_line(step: str, kind: str, message: str, elapsed: float) -> str:
+    icon = ICONS.get(kind, "•")
+    text = f"{icon} *{step}*"
+    if kind in ("failed", "errored"):
+        text += f" {kind}"
+    if message:
+        text += f" — {esc(message)}"
+    return text + f" _({elapsed:.1f}s)_"
+
+
+def diagnosis_blocks(env: str, deploy_id: str, short: str | None, data: Mapping[str, Any]) -> list[Block]:
+    d = data.get("diagnosis") or {}
+    blocks = [
+        section(f"🩺 *Diagnosis* ({esc(env)}): {esc(str(d.get('cause', 'unknown cause')))}"),
+        section("*Evidence*\n> " + esc(str(d.get("evidence", ""))).replace("\n", "\n> ")),
+        section(f"*Fix*: {esc(str(d.get('fix', '')))}"),
+    ]
+    buttons = [button("Roll back", "rollback", env, "danger")]
+    if short:
+        buttons.append(button("Rebuild", "rebuild", f"{env}:{short}"))
+    blocks.append(actions(f"diagnosis:{deploy_id}", *buttons))
+    return blocks
+
+
+def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
+    seconds = data.get("seconds", 0)
+    envs = ", ".join(data.get("envs", []))
+    if ok:
+        lines = [
+            f"🎉 *Done*: {data.get('deploy_kind', 'deploy')} of `{data.get('short')}` to {envs} in {seconds}s"
+        ]
+        images = data.get("images") or {}
+        for name, digest in images.items():
+            lines.append(f"• {name} `{(digest or '')[:19]}`")
+        if data.get("revision"):
+            lines.append(f"Argo CD revision `{str(data['revision'])[:7]}`")
+        return "\n".join(lines)
+    text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc(message)}"
+    if data.get("hint"):
+        text += f"\n_{esc(str(data['hint']))}_"
+    return text
+
+
+def decided_line(verb: str, user: str, at: datetime) -> str:
+    return f"{verb} by {mention(user)} at {at:%H:%M} UTC"
+
+
+# ---- status ------------------------------------------------------------------------------------
+
+_SEVERITY = {"ok": "✅", "info": "💬", "warn": "⚠️", "error": "🔴"}
+
+
+def _row(r: ServiceRow) -> str:
+    icon = "✅" if r.healthy else "⚠️"
+    registry = {"ok": "✅ amd64", "missing": "❌ missing", "wrong_platform": "❌ wrong arch"}.get(
+        r.registry, f"❔ {r.registry}"
+    )
+    drift = "" if r.overlay_tag == r.live_tag else " ≠"
+    return (
+        f"{icon} `{r.service:<5}` git `{r.overlay_tag or '?'}`{drift} live `{r.live_tag or '?'}` · registry {registry}"
+        f" · Argo {r.argo_sync}/{r.argo_health} · pods {r.ready}/{r.total}"
+    )
+
+
+def status_blocks(report: DriftReport) -> list[Block]:
+    blocks: list[Block] = [header("funnelcake status")]
+    for env in report.envs:
+        lines = [f"*{env.env}*" + (f" — 🔒 {esc(env.lock)}" if env.lock else "")]
+        if env.error:
+            lines.append(f"🔴 {esc(env.error)}")
+        lines += [_row(r) for r in env.rows]
+        if env.site:
+            lines.append(f"🌐 {esc(env.site)}")
+        if env.behind:
+            lines.append(f"↪ {len(env.behind)} commit(s) behind production")
+        blocks.append(section("\n".join(lines)))
+    findings = [f for f in report.findings if f.severity != "ok"]
+    if findings:
+        text = "\n".join(f"{_SEVERITY[f.severity]} {esc(f.env)}: {esc(f.text)}" for f in findings[:30])
+        if len(findings) > 30:
+            text += f"\n… and {len(findings) - 30} more"
+        blocks.append(section("*Findings*\n" + text))
+    else:
+        blocks.append(section("✅ No drift: git, registries, Argo CD and pods agree everywhere."))
+    buttons = []
+    for f in report.findings:
+        if f.action and f.action.startswith("catchup:"):
+            _, target, short = f.action.split(":", 2)
+            buttons.append(button(f"Deploy production's {short} to {target}", "catchup", f"{target}:{short}"))
+    if buttons:
+        blocks.append(actions("status:catchup", *buttons[:5]))
+    return fit(blocks)
+
+
+def history_blocks(records: Sequence[DeployRecord]) -> list[Block]:
+    if not records:
+        return [section("No deploys recorded yet.")]
+    lines = []
+    for r in records:
+        approver = f", approved by {mention(r.approver)}" if r.approver else ""
+        lines.append(
+            f"`{r.id}` {r.created_at:%Y-%m-%d %H:%M} {r.kind.value} {', '.join(r.envs)} @ `{r.short or esc(r.ref)}`"
+            f" — *{r.state.value}* by {mention(r.requester)}{approver}"
+            + (f"\n    _{esc(r.message[:200])}_" if r.message and r.state.value != "succeeded" else "")
+        )
+    return [section("*History*\n" + "\n".join(lines))]

@@ -1,0 +1,209 @@
+"""A deploy's Slack thread: one root message kept current with chat.update, a reply per step result.
+
+Slack allows about one message per second per channel, so events are queued and a single worker per
+deploy drains them in batches: the step results that piled up become one reply, and the root message
+is updated at most once per batch. `emit` never waits on Slack, so a slow or failing Slack cannot slow
+or fail a deploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.ledger import Ledger
+from bot.ledger.models import DeployRecord
+from bot.models import Plan
+from bot.pipeline.engine import EventKind, StepEvent
+from handlers import blocks as bk
+
+log = logging.getLogger(__name__)
+
+BATCH_INTERVAL = 1.0  # seconds between Slack writes of one deploy: Slack's ~1 message/s per channel
+
+
+class SlackThreadReporter:
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        ledger: Ledger,
+        record: DeployRecord,
+        *,
+        interval: float = BATCH_INTERVAL,
+        on_close: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.record = record
+        self.channel = record.channel or ""
+        self.root_ts = record.thread_ts
+        self.interval = interval
+        self.on_close = on_close
+        self.steps: dict[str, str] = {}
+        self.current: str | None = None
+        self.subject = ""
+        self.plan: Plan | None = Plan.from_json(record.plan) if record.plan else None
+        self.approval: str | None = None
+        self.buttons: list[bk.Block] = [bk.button("Cancel", "cancel", record.id)]
+        self.outcome: str | None = None
+        self.started = time.monotonic()
+        self.queue: asyncio.Queue[StepEvent] = asyncio.Queue()
+        self.finished = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def emit(self, event: StepEvent) -> None:
+        self.queue.put_nowait(event)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._work(), name=f"slack-thread-{self.record.id}")
+
+    async def flush(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - callers wait for Slack in tests/CLI
+        """Wait until every queued event is on Slack."""
+        await asyncio.wait_for(self.queue.join(), timeout)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self._apply(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not write deploy %s to Slack", self.record.id)
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+            if any(e.step == "deploy" for e in batch):
+                self.finished.set()
+                if self.on_close is not None:
+                    self.on_close(self.record.id)
+                return
+            await asyncio.sleep(self.interval)
+
+    async def _apply(self, batch: list[StepEvent]) -> None:
+        await self._ensure_root()
+        replies: list[str] = []
+        extra: list[bk.Block] = []
+        for e in batch:
+            if e.step == "deploy":
+                ok = e.kind is EventKind.DONE
+                self.outcome = bk.summary_text(e.data, ok, e.message)
+                self.buttons = (
+                    [] if ok else [bk.button("Roll back", "rollback", self.record.envs[0], "danger")]
+                )
+                replies.append(self.outcome)
+                continue
+            if e.step == "approval":
+                self._approval(e)
+                continue
+            if e.step == "lock":
+                replies.append(f"🔒 {bk.esc(e.message)}")
+                self.buttons = []
+                continue
+            if e.kind is EventKind.STARTED:
+                self.current = e.step
+                continue
+            if e.kind is EventKind.PROGRESS:
+                if e.step == "resolve" and e.message:
+                    self.subject = e.message.split("“", 1)[-1].split("”", 1)[0] if "“" in e.message else ""
+                continue
+            if e.kind is EventKind.RETRYING:
+                continue
+            self.steps[e.step] = e.kind.value
+            replies.append(bk.step_line(e.step, e.kind.value, e.message, e.elapsed))
+            if e.step == "preflight" and e.kind is EventKind.DONE:
+                with contextlib.suppress(Exception):
+                    self.record = await self.ledger.get_deploy(self.record.id)
+                    self.plan = Plan.from_json(self.record.plan) if self.record.plan else self.plan
+            if e.kind in (EventKind.FAILED, EventKind.ERRORED) and "diagnosis" in e.data:
+                env = str(e.data.get("env") or self.record.envs[0])
+                extra += bk.diagnosis_blocks(env, self.record.id, self.record.short, e.data)
+            if e.step == "migrate" and e.data.get("dirty_version") is not None:
+                env, version = str(e.data["env"]), int(e.data["dirty_version"])
+                extra += [
+                    bk.section(
+                        f"🧹 The {bk.esc(env)} database is *dirty at version {version}*: a migration failed half-way.\n"
+                        f"Recovery: `force {version}` marks it clean, then `up` runs again. Admins only."
+                    ),
+                    bk.actions(
+                        f"dirty:{self.record.id}",
+                        bk.button(f"Force version {version}", "force_migrate", f"{env}:{version}", "danger"),
+                    ),
+                ]
+        if replies or extra:
+            reply_blocks = [bk.section("\n".join(replies))] if replies else []
+            await self._post(
+                "\n".join(replies) or "diagnosis", blocks=bk.fit(reply_blocks + extra), thread_ts=self.root_ts
+            )
+        await self._update_root()
+
+    def _approval(self, e: StepEvent) -> None:
+        if e.kind is EventKind.STARTED:
+            self.plan = Plan.from_json(dict(e.data["plan"])) if e.data.get("plan") else self.plan
+            expires = str(e.data.get("expires_at", ""))[11:16]
+            self.approval = f"⏳ Waiting for an approver (not the requester) · expires at {expires} UTC"
+            self.buttons = [
+                bk.button("Approve", "approve", self.record.id, "primary"),
+                bk.button("Deny", "deny", self.record.id, "danger"),
+            ]
+        elif e.kind is EventKind.DONE:
+            self.approval = f"✅ {_sentence(e.message)} at {datetime.now(UTC):%H:%M} UTC"
+            self.buttons = [bk.button("Cancel", "cancel", self.record.id)]
+        else:
+            self.approval = f"⛔ {_sentence(e.message)} at {datetime.now(UTC):%H:%M} UTC"
+            self.buttons = []
+
+    async def _ensure_root(self) -> None:
+        if self.root_ts:
+            return
+        resp = await self._post(bk.title(self.record), blocks=self._root_blocks())
+        self.root_ts = str(resp["ts"])
+        self.record = await self.ledger.update_deploy(
+            self.record.id, channel=self.channel, thread_ts=self.root_ts
+        )
+
+    def _root_blocks(self) -> list[bk.Block]:
+        state = bk.state_line(self.record, self.steps, self.current, time.monotonic() - self.started)
+        return bk.root_blocks(
+            self.record,
+            state=state,
+            subject=self.subject,
+            plan=self.plan if self.approval else None,
+            approval=self.approval,
+            buttons=self.buttons,
+            outcome=self.outcome,
+        )
+
+    async def _update_root(self) -> None:
+        if not self.root_ts:
+            return
+        try:
+            await self.client.chat_update(
+                channel=self.channel, ts=self.root_ts, text=bk.title(self.record), blocks=self._root_blocks()
+            )
+        except SlackApiError as err:
+            log.warning("chat.update of deploy %s failed: %s", self.record.id, err.response.get("error"))
+
+    async def _post(self, text: str, **kw: Any) -> Any:
+        resp = await self.client.chat_postMessage(channel=self.channel, text=text[:3000], **kw)
+        return resp
+
+
+def _sentence(message: str) -> str:
+    # The service writes these from Slack IDs (`approved by <@U…>`): mentions must stay unescaped.
+    return message[:1].upper() + message[1:]
