@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 
 from bot.adapters.diagnosis import (
+    Cause,
+    Diagnoser,
+    Diagnosis,
     PullFailure,
     classify_pull_error,
     failing_reason,
     registry_reader_command,
     split_image,
 )
+from bot.adapters.kube import KubeClients
+from bot.adapters.registry import RegistryClient
+from bot.adapters.rollout import RolloutFailed, watch_rollout
+from bot.settings import FunnelcakeConfig
+from tests.test_argocd import clients_for, sim_config
+from tests.test_rollout import NS, set_image
+from tests.testbed.gitrepos import AppRemote, GitOpsRemote
+from tests.testbed.kube.cluster import SimCluster
+from tests.testbed.registry import Registries
 
 IMG = "us-central1-docker.pkg.dev/rich-compiler-479518-d2/containers-poc/funnelcake-api:e7e79eb"
 
@@ -93,3 +108,150 @@ def test_failing_reason_reads_waiting_containers_only() -> None:
     reason, cs = failing_reason(pod) or ("", {})
     assert (reason, cs["name"]) == ("ImagePullBackOff", "c")
     assert failing_reason({"status": {"containerStatuses": [{"state": {"running": {}}}]}}) is None
+
+
+# ------------------------------------------------------------------------- each cause on a simulated cluster
+
+
+async def fail_rollout(
+    cluster: SimCluster, clients: KubeClients, diagnoser: Diagnoser, image: str
+) -> Diagnosis:
+    set_image(cluster, "api", image)
+    with pytest.raises(RolloutFailed) as err:
+        await watch_rollout(
+            clients[cluster.context], NS, "funnelcake-api", diagnoser=diagnoser, give_up_after=20
+        )
+    assert err.value.diagnosis is not None
+    return err.value.diagnosis
+
+
+@pytest.fixture
+async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
+    async with clients_for(sim_cluster, tmp_path) as clients:
+        yield clients
+
+
+@pytest.fixture
+def cfg(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> FunnelcakeConfig:
+    return sim_config(sim_gitops, app_remote)
+
+
+@pytest.fixture
+async def diagnoser(cfg: FunnelcakeConfig) -> AsyncIterator[Diagnoser]:
+    async with RegistryClient(attempts=1) as rc:
+        yield Diagnoser(
+            cfg.env("staging"), cfg.environments, check=rc.check, node_service_account="nodes@x.iam"
+        )
+
+
+async def test_tag_missing_everywhere_says_build(
+    sim_cluster: SimCluster, staging_clients: KubeClients, cfg: FunnelcakeConfig, diagnoser: Diagnoser
+) -> None:
+    d = await fail_rollout(
+        sim_cluster, staging_clients, diagnoser, cfg.env("staging").image_ref("funnelcake-api", "abcdef0")
+    )
+    assert d.kind is Cause.TAG_MISSING
+    assert d.promote_from == ()
+    assert "missing from the staging registry" in d.cause
+    assert d.evidence.endswith("funnelcake-api:abcdef0: not found")
+    assert "build it for linux/amd64" in d.fix
+
+
+async def test_wrong_platform_names_the_platforms_found(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    cfg: FunnelcakeConfig,
+    diagnoser: Diagnoser,
+    registries: Registries,
+) -> None:
+    await registries.push("staging", "funnelcake-api", "a4a4a4a", "arm64", seed="mac-build")
+    d = await fail_rollout(
+        sim_cluster, staging_clients, diagnoser, cfg.env("staging").image_ref("funnelcake-api", "a4a4a4a")
+    )
+    assert d.kind is Cause.WRONG_PLATFORM
+    assert "no match for platform in manifest" in d.evidence
+    assert d.details["platforms found"] == "linux/arm64"
+    assert "linux/amd64" in d.fix
+
+
+async def test_registry_auth_failure_names_the_node_account_fix(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    cfg: FunnelcakeConfig,
+    diagnoser: Diagnoser,
+    registries: Registries,
+) -> None:
+    await registries.push("staging", "funnelcake-api", "b5b5b5b", "amd64", seed="ok")
+    sim_cluster.deny_registry_pulls = True
+    d = await fail_rollout(
+        sim_cluster, staging_clients, diagnoser, cfg.env("staging").image_ref("funnelcake-api", "b5b5b5b")
+    )
+    assert d.kind is Cause.REGISTRY_AUTH
+    assert "403 Forbidden" in d.evidence
+    assert "roles/artifactregistry.reader" in d.fix
+    assert "serviceAccount:nodes@x.iam" in d.fix
+    assert d.details["registry says"].startswith("ok")  # the image is there: the nodes may not read it
+
+
+async def test_crash_loop_quotes_the_last_log_lines_and_exit_code(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    cfg: FunnelcakeConfig,
+    diagnoser: Diagnoser,
+    registries: Registries,
+) -> None:
+    await registries.push("staging", "funnelcake-api", "c6c6c6c", "amd64", seed="crashy")
+    sim_cluster.crash_tags.add("c6c6c6c")
+    d = await fail_rollout(
+        sim_cluster, staging_clients, diagnoser, cfg.env("staging").image_ref("funnelcake-api", "c6c6c6c")
+    )
+    assert d.kind is Cause.CRASH_LOOP
+    assert d.details["exit code"] == "1"
+    assert "panic: testbed: tag c6c6c6c is marked to crash" in d.evidence
+    assert "exit code 1" in d.cause
+
+
+async def test_exec_format_error_means_wrong_architecture(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    cfg: FunnelcakeConfig,
+    diagnoser: Diagnoser,
+    registries: Registries,
+) -> None:
+    await registries.push("staging", "funnelcake-api", "d7d7d7d", "amd64", seed="mislabelled")
+    sim_cluster.exec_format_tags.add("d7d7d7d")
+    d = await fail_rollout(
+        sim_cluster, staging_clients, diagnoser, cfg.env("staging").image_ref("funnelcake-api", "d7d7d7d")
+    )
+    assert d.kind is Cause.EXEC_FORMAT
+    assert "exec format error" in d.evidence
+    assert "linux/amd64" in d.fix
+
+
+async def test_invalid_image_name(
+    sim_cluster: SimCluster, staging_clients: KubeClients, diagnoser: Diagnoser
+) -> None:
+    d = await fail_rollout(sim_cluster, staging_clients, diagnoser, "funnelcake-api:Not A Tag")
+    assert d.kind is Cause.INVALID_IMAGE
+
+
+async def test_pending_pod_quotes_the_scheduler(
+    sim_cluster: SimCluster, staging_clients: KubeClients, diagnoser: Diagnoser
+) -> None:
+    msg = "0/2 nodes are available: 2 Insufficient memory. preemption: 0/2 nodes are available."
+    pod = {
+        "metadata": {"name": "funnelcake-api-x-1", "namespace": NS},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}
+            ],
+        },
+    }
+    d = await diagnoser.diagnose(staging_clients[sim_cluster.context], pod)
+    assert d is not None
+    assert d.kind is Cause.PENDING
+    assert d.evidence == msg
+    # a running pod has nothing to diagnose
+    running = {"metadata": {"name": "p", "namespace": NS}, "status": {"phase": "Running"}}
+    assert await diagnoser.diagnose(staging_clients[sim_cluster.context], running) is None
