@@ -1,0 +1,100 @@
+# syntax=docker/dockerfile:1.7
+# funnelcake-deploy-bot: the ChatOps bot's image. Build for linux/amd64, the platform of the GKE nodes:
+#   docker build --platform linux/amd64 -t funnelcake-deploy-bot:$(git rev-parse --short HEAD) .
+#
+# Python packages come only from requirements.lock, every file checked against its sha256. After changing
+# the dependencies in pyproject.toml, regenerate the lock (then rebuild):
+#   uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+#     --python-platform x86_64-manylinux_2_36 --annotation-style line -o requirements.lock
+# (x86_64-manylinux_2_36: the wheels that bookworm's glibc 2.36 on amd64 can load.)
+#
+# kubectl (the bot renders overlays with `kubectl kustomize`) and gke-gcloud-auth-plugin (the exec plugin
+# of the Connect Gateway kube contexts) come from Google's cloud-sdk apt repository, both pinned to one
+# gcloud release; bump GCLOUD_VERSION to move them together. Debian's own packages (git, ssh) are not
+# pinned: bookworm replaces a version when it ships a security fix, so a pin would break the build for the
+# wrong reason; pin the base image by digest when reproducing an old image bit for bit matters.
+#
+# The images the bot deploys are never built here: in-cluster builds run kaniko (bot/adapters/build.py).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- Python dependencies, from the hashed lock, wheels only ---------------------------------------------
+FROM ${PYTHON_IMAGE} AS deps
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+COPY requirements.lock /tmp/requirements.lock
+# --only-binary: no compiler and no sdist build script runs; --no-deps: the lock is the complete set, so a
+# dependency missing from it fails the build instead of being fetched unpinned.
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r /tmp/requirements.lock \
+ && /opt/venv/bin/pip check
+
+# ---- Google's apt signing key, fetched with tools the runtime image does not keep ---------------------
+FROM ${PYTHON_IMAGE} AS apt-key
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl gnupg \
+ && curl -fsSL --max-time 60 https://packages.cloud.google.com/apt/doc/apt-key.gpg \
+    | gpg --dearmor -o /cloud.google.gpg
+
+# ---- runtime -----------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG GCLOUD_VERSION=579.0.0
+ARG UID=10001
+
+COPY --from=apt-key /cloud.google.gpg /usr/share/keyrings/cloud.google.gpg
+# Google's kubectl carries epoch 1 ("1:<gcloud version>-0"); the auth plugin declares no Depends on the
+# gcloud CLI, so neither drags in the whole SDK.
+RUN echo "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt cloud-sdk main" \
+      > /etc/apt/sources.list.d/google-cloud-sdk.list \
+ && apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates \
+      git \
+      openssh-client \
+      tini \
+      "kubectl=1:${GCLOUD_VERSION}-0" \
+      "google-cloud-cli-gke-gcloud-auth-plugin=${GCLOUD_VERSION}-0" \
+ && rm -rf /var/lib/apt/lists/* \
+ && kubectl version --client \
+ && gke-gcloud-auth-plugin --version \
+ && git --version
+
+# A fixed numeric UID/GID: Kubernetes' runAsNonRoot can only verify a numeric USER. The empty known_hosts
+# is the mount point for the git remotes' host keys (deploy/ mounts them from the git Secret).
+RUN groupadd --system --gid "${UID}" bot \
+ && useradd --system --uid "${UID}" --gid bot --home-dir /home/bot --create-home --shell /usr/sbin/nologin bot \
+ && install -m 0644 /dev/null /etc/ssh/ssh_known_hosts
+
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+COPY bot/ /app/bot/
+COPY handlers/ /app/handlers/
+COPY config/ /app/config/
+# Bytecode is compiled now: the root filesystem is read-only at run time.
+RUN python -m compileall -q /app/bot /app/handlers \
+ && printf '#!/bin/sh\nexec python -m bot.cli "$@"\n' > /usr/local/bin/funnelcake \
+ && chmod 0755 /usr/local/bin/funnelcake
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/bot \
+    HTTP_PORT=3000 \
+    FUNNELCAKE_CONFIG=/app/config/funnelcake.yaml \
+    WORK_DIR=/var/lib/funnelcake/work \
+    USE_GKE_GCLOUD_AUTH_PLUGIN=True
+
+RUN mkdir -p /var/lib/funnelcake/work && chown -R "${UID}:${UID}" /var/lib/funnelcake
+VOLUME ["/var/lib/funnelcake"]
+
+USER ${UID}:${UID}
+EXPOSE 3000
+
+# /healthz answers while the event loop runs; the probe uses the venv's Python, as the image has no curl.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/healthz', timeout=4).status == 200 else 1)"]
+
+# tini reaps git/ssh/kubectl children and forwards SIGTERM so the bot stops gracefully.
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["python", "-m", "bot"]
