@@ -98,10 +98,20 @@ def _int_param(request: web.Request, name: str) -> int | None:
 class FakeKubeAPI:
     """One fake cluster's API server on 127.0.0.1 and a free port; `url` is valid after `start()`."""
 
-    def __init__(self, store: Store, *, tokens: TokenCheck | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        tokens: TokenCheck | None = None,
+        host: str = "127.0.0.1",
+        latency: float = 0.0,
+    ) -> None:
         self.store = store
         self.tokens = tokens
         self.host = host
+        # Seconds slept before handling each request, so a benchmark sees a remote cluster's round trip;
+        # settable while running.
+        self.latency = latency
         self.port = 0
         self.requests = 0  # how many requests were served (tests assert on it; a counter, never a log)
         self.unauthorized = 0
@@ -160,6 +170,8 @@ class FakeKubeAPI:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         self.requests += 1
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
         if self.tokens is not None and self.tokens.problem(request.headers.get("Authorization")) is not None:
             self.unauthorized += 1
             return _status_response(StoreError(401, "Unauthorized", "Unauthorized"))
