@@ -475,12 +475,10 @@ def sim_timings() -> Timings:
 
 @pytest.fixture
 async def sim_gitops(registries: Registries, app_remote: AppRemote, tmp_path: Path) -> GitOpsRemote:
-    """A GitOps remote whose overlays point at the real local registries, with the deployed images pushed."""
+    """A GitOps remote whose overlays point at the real local registries (images not pushed yet)."""
     tags = {env: app_remote.short(label) for env, label in DEFAULT_DEPLOYED.items()}
     prefixes = {env: registries.prefix(env) for env in ENVS}
-    remote = await asyncio.to_thread(seed_gitops_repo, tmp_path / "sim-gitops", prefixes, tags)
-    await push_deployed_images(registries, tags)
-    return remote
+    return await asyncio.to_thread(seed_gitops_repo, tmp_path / "sim-gitops", prefixes, tags)
 
 
 @pytest.fixture
@@ -492,6 +490,7 @@ async def sim_clusters(
     tmp_path: Path,
 ) -> AsyncIterator[SimClusters]:
     """Three running simulated clusters (production, staging, poc) seeded from the GitOps head."""
+    await push_deployed_images(registries, sim_gitops.tags)
     clusters = SimClusters(
         registries={env: (registries[env].url, registries.prefix(env)) for env in ENVS},
         gitops_url=sim_gitops.url,
@@ -514,7 +513,11 @@ async def sim_cluster(
     sim_timings: Timings,
     tmp_path: Path,
 ) -> AsyncIterator[SimCluster]:
-    """One running simulated cluster: staging (self-hosted ClickHouse), seeded from the GitOps head."""
+    """One running simulated cluster: staging (self-hosted ClickHouse), seeded from the GitOps head.
+
+    Only staging's registry holds the deployed images; the other two registries start empty.
+    """
+    await push_deployed_images(registries, {"staging": sim_gitops.tags["staging"]})
     cluster = SimCluster(
         "staging",
         registry_url=registries["staging"].url,
