@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from bot.adapters.kube import KubeClients
 from bot.adapters.migrations import (
     MigrateOutcome,
+    MigrationFailed,
+    MigrationRunner,
     build_job,
     migrate_args,
     parse_migrate_log,
 )
 from bot.errors import PermanentError
-from bot.settings import load_config
+from bot.settings import Environment, MigrationMode, Migrations, load_config
+from tests.test_argocd import clients_for, sim_config
+from tests.testbed.gitrepos import AppRemote, GitOpsRemote
+from tests.testbed.kube.cluster import SimCluster
+from tests.testbed.registry import Registries
 
 CONFIG = load_config(Path(__file__).resolve().parent.parent / "config" / "funnelcake.yaml")
 
@@ -115,3 +124,120 @@ def test_parse_io_timeout_on_9440_explains_the_wrong_mode_trap() -> None:
 
 def test_parse_forced_run() -> None:
     assert parse_migrate_log("", forced=True).outcome is MigrateOutcome.FORCED
+
+
+# ------------------------------------------------------------------------------ on the simulated cluster
+
+
+@pytest.fixture
+async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
+    async with clients_for(sim_cluster, tmp_path) as clients:
+        yield clients
+
+
+@pytest.fixture
+def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
+    return sim_config(sim_gitops, app_remote).env("staging")
+
+
+async def push_migrate(registries: Registries, tag: str) -> None:
+    await registries.push("staging", "funnelcake-migrate", tag, "amd64", seed=f"migrate-{tag}")
+
+
+async def test_up_applies_pending_migrations_with_the_self_hosted_env(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    app_remote: AppRemote,
+) -> None:
+    tag = app_remote.short("add-index")  # deployed in staging: its migrate image is in the registry
+    sim_cluster.clickhouse.version = 2
+    runner = MigrationRunner(job_timeout=20)
+    run = await runner.up(staging_clients[staging.kube_context], staging, tag)
+    assert run.succeeded
+    assert run.result.outcome is MigrateOutcome.APPLIED
+    assert [(m.version, m.name) for m in run.result.applied] == [(3, "add_index")]
+    assert sim_cluster.clickhouse.version == 3
+    job = sim_cluster.store.get("jobs", "funnelcake", "funnelcake-db-migrate")
+    env_names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "CLICKHOUSE_URL" not in env_names
+    assert {"CLICKHOUSE_HOST", "CLICKHOUSE_PORT"} <= env_names
+    # nothing pending now; the previous Job is replaced, not conflicting
+    again = await runner.up(staging_clients[staging.kube_context], staging, tag)
+    assert again.result.outcome is MigrateOutcome.NO_CHANGE
+    assert "testbed-fake-password" not in run.log + again.log
+
+
+async def test_dirty_database_is_detected_and_only_the_reported_version_can_be_forced(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    app_remote: AppRemote,
+    registries: Registries,
+) -> None:
+    client = staging_clients[staging.kube_context]
+    broken = app_remote.short("broken")  # adds 000004, which fails half-way
+    await push_migrate(registries, broken)
+    runner = MigrationRunner(job_timeout=20)
+    with pytest.raises(PermanentError, match="no run reported a dirty database"):
+        await runner.force(client, staging, broken, 4)
+    with pytest.raises(MigrationFailed) as err:
+        await runner.up(client, staging, broken)
+    res = err.value.run.result
+    assert res.outcome is MigrateOutcome.DIRTY  # the Job's retries read the dirty flag the first pod left
+    assert res.dirty_version == 4
+    assert "migration failed in line 0" in (res.error or "")
+    assert "force 4" in (err.value.hint or "")
+    assert sim_cluster.clickhouse.dirty
+    with pytest.raises(PermanentError, match="dirty at version 4"):
+        await runner.force(client, staging, broken, 3)
+    forced = await runner.force(client, staging, broken, 4)
+    assert forced.succeeded
+    assert forced.args == ("force", "4")
+    assert forced.result.outcome is MigrateOutcome.FORCED
+    assert not sim_cluster.clickhouse.dirty
+    after = await runner.up(client, staging, broken)
+    assert after.result.outcome is MigrateOutcome.NO_CHANGE
+    # forcing again without a new dirty report is refused
+    with pytest.raises(PermanentError):
+        await runner.force(client, staging, broken, 4)
+
+
+async def test_cloud_mode_on_a_self_hosted_cluster_times_out_on_9440_and_says_why(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    app_remote: AppRemote,
+) -> None:
+    wrong = staging.model_copy(update={"migrations": Migrations(mode=MigrationMode.CLOUD)})
+    with pytest.raises(MigrationFailed) as err:
+        await MigrationRunner(job_timeout=20).up(
+            staging_clients[staging.kube_context], wrong, app_remote.short("add-index")
+        )
+    assert err.value.run.result.outcome is MigrateOutcome.FAILED
+    assert "i/o timeout" in (err.value.run.result.error or "")
+    assert "9440" in (err.value.hint or "")
+    job = sim_cluster.store.get("jobs", "funnelcake", "funnelcake-db-migrate")
+    assert job["spec"]["backoffLimit"] == 3
+    assert job["status"]["failed"] == 4  # backoffLimit respected: 1 + 3 retries
+
+
+async def test_one_migration_at_a_time(
+    sim_cluster: SimCluster,
+    staging_clients: KubeClients,
+    staging: Environment,
+    app_remote: AppRemote,
+) -> None:
+    client = staging_clients[staging.kube_context]
+    runner = MigrationRunner(job_timeout=20)
+    first = asyncio.create_task(runner.up(client, staging, app_remote.short("add-index")))
+    await asyncio.sleep(0)
+    with pytest.raises(PermanentError, match="already running in staging"):
+        await runner.up(client, staging, app_remote.short("add-index"))
+    await first
+    # another bot (or a person) has a Job running (its pod stuck pulling): its fixed name guards the cluster
+    sim_cluster.store.delete("jobs", "funnelcake", "funnelcake-db-migrate")
+    sim_cluster.store.create("jobs", build_job(staging, "0000000", ["up"]))
+    with pytest.raises(PermanentError, match="still running"):
+        await MigrationRunner(job_timeout=5).up(client, staging, app_remote.short("add-index"))
+    assert sim_cluster.store.get("jobs", "funnelcake", "funnelcake-db-migrate") is not None  # left alone

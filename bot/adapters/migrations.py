@@ -133,11 +133,13 @@ def parse_migrate_log(text: str, *, forced: bool = False) -> MigrateLog:
         if e := _ERROR_RE.match(line):
             errors.append(e[1].strip())
     if dirty is not None:
+        # a Job retries its pod: the first pod's log holds the real failure, the retries only say "Dirty"
+        root = next((e for e in errors if "Dirty database version" not in e), None)
         return MigrateLog(
             MigrateOutcome.DIRTY,
             tuple(applied),
             dirty_version=dirty,
-            error=errors[-1] if errors else f"Dirty database version {dirty}",
+            error=f"Dirty database version {dirty}" + (f" (the migration failed: {root})" if root else ""),
             hint=(
                 f"A migration failed half-way and left version {dirty} dirty. Check the database by hand, then "
                 f"run the guarded `force {dirty}` and `up` again."
@@ -150,6 +152,11 @@ def parse_migrate_log(text: str, *, forced: bool = False) -> MigrateLog:
             hint = (
                 "Port 9440 is ClickHouse Cloud's TLS port: the Job used CLICKHOUSE_URL (cloud mode) against a "
                 "self-hosted ClickHouse. The env's migrations.mode must be self-hosted with host and port."
+            )
+        elif err.startswith("migration failed"):
+            hint = (
+                "The migration failed half-way: the database is now dirty at that version. Run `migrate` again "
+                "to read the version, check the schema by hand, then use the guarded `force <version>`."
             )
         elif "i/o timeout" in err or "connection refused" in err:
             hint = "ClickHouse is unreachable from the Job: check the host/port or URL in the env's config and secret."
@@ -324,19 +331,24 @@ class MigrationRunner:
         raise PermanentError(f"the watch of Job {name} ended")  # pragma: no cover - watch() never ends
 
     async def _read_log(self, client: ClusterClient, ns: str, name: str) -> tuple[str | None, str]:
+        """The logs of the Job's pods, oldest first: a retried pod hides the first failure otherwise."""
         listing = await client.call(
             f"pods of job {name}", client.core.list_namespaced_pod, ns, label_selector=f"job-name={name}"
         )
         pods = sorted(
             listing.get("items") or [],
             key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""),
-        )
+        )[-(BACKOFF_LIMIT + 1) :]
         if not pods:
             return None, ""
-        pod = str(pods[-1]["metadata"]["name"])
-        try:
-            return pod, await client.text(
-                f"log of {pod}", client.core.read_namespaced_pod_log, pod, ns, container="migrate"
-            )
-        except BotError as e:
-            return pod, f"error: could not read the log of {pod}: {e}"
+        parts: list[str] = []
+        for p in pods:
+            pod = str(p["metadata"]["name"])
+            try:
+                text = await client.text(
+                    f"log of {pod}", client.core.read_namespaced_pod_log, pod, ns, container="migrate"
+                )
+            except BotError as e:
+                text = f"error: could not read the log of {pod}: {e}\n"
+            parts.append(text if len(pods) == 1 else f"--- pod {pod}\n{text}")
+        return str(pods[-1]["metadata"]["name"]), "".join(p if p.endswith("\n") else p + "\n" for p in parts)
