@@ -494,12 +494,12 @@ def _lock(r: _Reader) -> Command | Usage:
     if isinstance(head, Usage):
         return head
     env, rest = head
-    reason = " ".join(rest)
+    # Control characters (a stray backspace, a bidi override) become spaces, and spaces collapse.
+    reason = " ".join("".join(c if c.isprintable() else " " for c in " ".join(rest)).split())
     if not reason:
         return r.usage("Say why the environment is locked; the reason is shown to whoever tries to deploy.")
     if len(reason) > MAX_REASON_LENGTH:
         return r.usage(f"The reason is {len(reason)} characters long; keep it under {MAX_REASON_LENGTH}.")
-    reason = "".join(c if c.isprintable() else " " for c in reason)
     return Lock(env, reason)
 
 

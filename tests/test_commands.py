@@ -80,6 +80,7 @@ def usage(text: str) -> str:
         ("lock production release freeze until 18:00", Lock("production", "release freeze until 18:00")),
         ("lock poc load test -- do not deploy", Lock("poc", "load test -- do not deploy")),
         ("lock poc ops &amp; infra &lt;3", Lock("poc", "ops & infra <3")),
+        ("lock poc freeze\u202e until\x07 friday", Lock("poc", "freeze until friday")),
         ("unlock production", Unlock("production")),
         ("", Help(None)),
         ("   ", Help(None)),
@@ -188,6 +189,7 @@ def test_other_usage_errors() -> None:
     assert "from 1 to 100" in usage("history --limit many")
     assert "needs a value" in usage("history --limit")
     assert "Say why" in usage("lock poc")
+    assert "Say why" in usage("lock staging \x08")  # found by the fuzz: a backspace is no reason
     assert "keep it under" in usage("lock poc " + "x" * 400)
     assert "No environments are configured" in usage_for("deploy poc e7e79eb", [])
 
@@ -351,7 +353,7 @@ def _grammar_text(seed: int) -> str:
 _separators = st.sampled_from(_SEPARATORS)
 
 
-@settings(max_examples=10_000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.text(max_size=120), st.integers(0, 2**64).map(_grammar_text)))
 def test_fuzz_every_input_is_a_valid_command_or_a_usage(text: str) -> None:
     result = parse(text, ENVS)
