@@ -13,13 +13,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-import inspect
 import json
 import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
+
+from tests.testbed.kube.store import Store, StoreError
 
 if TYPE_CHECKING:
     from tests.testbed.kube.kubelet import EventRecorder
@@ -139,30 +140,26 @@ def int_or_percent(value: Any, total: int, *, round_up: bool) -> int:
 
 
 class StoreView:
-    """The Store's methods, awaited when they are coroutines: one place that knows its calling style."""
+    """The controllers' way into the Store: races with deletes are normal and read as None/False.
 
-    def __init__(self, store: Any) -> None:
+    The Store is synchronous and never awaits (each call is atomic on the event loop); these methods are
+    async so every controller reads alike and a slower backend could be slotted in.
+    """
+
+    def __init__(self, store: Store) -> None:
         self.raw = store
 
-    @staticmethod
-    async def _done(value: Any) -> Any:
-        if inspect.isawaitable(value):
-            return await value
-        return value
-
     async def get(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
-        result: dict[str, Any] | None = await self._done(self.raw.get(resource, namespace, name))
-        return result
+        return self.raw.get(resource, namespace, name)
 
     async def list(
         self, resource: str, namespace: str | None = None, *, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
-        items, _rv = await self._done(self.raw.list(resource, namespace, label_selector=label_selector))
-        return list(items)
+        items, _rv = self.raw.list(resource, namespace, label_selector=label_selector)
+        return items
 
     async def create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._done(self.raw.create(resource, obj))
-        return result
+        return self.raw.create(resource, obj)
 
     async def update(
         self,
@@ -173,32 +170,29 @@ class StoreView:
         *,
         subresource: str | None = None,
     ) -> dict[str, Any] | None:
-        """Read-modify-write; None when the object is gone (a normal race with a delete)."""
+        """Read-modify-write; None when the object is gone."""
         try:
-            result: dict[str, Any] = await self._done(
-                self.raw.update(resource, namespace, name, fn, subresource=subresource)
-            )
-        except Exception as e:
-            if getattr(e, "code", None) == 404:
+            return self.raw.update(resource, namespace, name, fn, subresource=subresource)
+        except StoreError as e:
+            if e.code == 404:
                 return None
             raise
-        return result
 
     async def delete(self, resource: str, namespace: str, name: str) -> bool:
         try:
-            await self._done(self.raw.delete(resource, namespace, name))
-        except Exception as e:
-            if getattr(e, "code", None) == 404:
+            self.raw.delete(resource, namespace, name)
+        except StoreError as e:
+            if e.code == 404:
                 return False
             raise
         return True
 
     async def set_log(self, namespace: str, pod: str, container: str, text: str) -> None:
-        await self._done(self.raw.set_log(namespace, pod, container, text))
+        self.raw.set_log(namespace, pod, container, text)
 
     async def rotate_log(self, namespace: str, pod: str, container: str) -> None:
         """A container restarted: its log becomes the `previous=true` one."""
-        await self._done(self.raw.rotate_log(namespace, pod, container))
+        self.raw.rotate_log(namespace, pod, container)
 
 
 class Supervisor:
