@@ -11,6 +11,8 @@ Measured in one run, as medians:
   (b) build_report with a config holding only one env, for each env; the slowest is the baseline;
   (c) the same reads awaited one after another: every env, every service, every check in turn, through
       the same adapters. Its rows are compared with (a)'s, so both do the same work.
+Then, for the reader: each read of (a) alone (where its critical path goes), and one env's cluster snapshot
+healthy vs with crashing pods (each failing pod is diagnosed, which costs more round trips).
 
 The last line is `status ratio_vs_slowest=<a/b> speedup_vs_sequential=<c/a>`.
 """
@@ -358,6 +360,36 @@ def cluster_latency(sb: Sandbox, latency: float) -> Iterator[None]:
             api.latency = 0.0
 
 
+def crash_pods(sb: Sandbox, env: str, deployment: str) -> int:
+    """Put every pod of a Deployment in CrashLoopBackOff, as the kubelet reports a crashing container."""
+    assert sb.clusters is not None
+    store = sb.clusters[env].store
+
+    def crash(pod: dict[str, Any]) -> None:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting"}}
+            cs["ready"] = False
+            cs["restartCount"] = 5
+
+    deploy = store.get("deployments", "funnelcake", deployment) or {}
+    match = (deploy.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
+    selector = ",".join(f"{k}={v}" for k, v in sorted(match.items()))
+    pods = store.list("pods", "funnelcake", label_selector=selector)[0] if selector else []
+    for pod in pods:
+        store.update("pods", "funnelcake", pod["metadata"]["name"], crash, subresource="status")
+    return len(pods)
+
+
+async def snapshot_ms(deps: Deps, env: str, runs: int) -> float:
+    one = [deps.config.env(env)]
+    return statistics.median(
+        [
+            (await timed(lambda: snapshot_all(deps.kube, one, diagnoser_for=deps.diagnoser)))[0]
+            for _ in range(runs)
+        ]
+    )
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
@@ -417,6 +449,10 @@ async def main(runs: int, sequential_runs: int, latency: float) -> None:
                 single[name].append((await timed(functools.partial(build_report, d)))[0])
         sequential = [(await timed(lambda: sequential_report(deps)))[0] for _ in range(sequential_runs)]
         parts = await phases(deps, max(3, runs // 2))
+        # a degraded env: the report diagnoses failing pods, and each diagnosis is a few more round trips
+        healthy = await snapshot_ms(deps, "poc", 5)
+        crashed = crash_pods(sb, "poc", "funnelcake-relay")
+        degraded = await snapshot_ms(deps, "poc", 5)
 
     a = statistics.median(full)
     medians = {name: statistics.median(v) for name, v in single.items()}
@@ -436,6 +472,10 @@ async def main(runs: int, sequential_runs: int, latency: float) -> None:
         f"critical path estimate: GitOps + registry checks = {ms(path)}, "
         f"+ behind production = {ms(path + parts['behind production (app repo)'])}; "
         f"cluster snapshots alongside {ms(parts['cluster snapshots'])}"
+    )
+    print(
+        f"poc cluster snapshot: healthy {ms(healthy)}, with {crashed} relay pods in CrashLoopBackOff {ms(degraded)} "
+        f"(+{ms((degraded - healthy) / max(crashed, 1))} per failing pod)"
     )
     print(f"status ratio_vs_slowest={a / b:.2f} speedup_vs_sequential={c / a:.1f}")
 
