@@ -14,11 +14,10 @@ from bot.errors import BotError
 from bot.settings import Environment
 
 PULL_FAILURE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"})
-FAILING_REASONS = PULL_FAILURE_REASONS | {
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "RunContainerError",
-}
+# the waiting reasons that end a rollout watch at once; a missing Secret (CreateContainerConfigError) may
+# still appear, so it is reported by the snapshot but does not cut a rollout short
+FAIL_FAST_REASONS = PULL_FAILURE_REASONS | {"CrashLoopBackOff"}
+FAILING_REASONS = FAIL_FAST_REASONS | {"CreateContainerConfigError", "RunContainerError"}
 _LOG_LINES = 20
 
 

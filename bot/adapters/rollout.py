@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from bot.adapters.diagnosis import Diagnoser, Diagnosis, failing_reason
+from bot.adapters.diagnosis import FAIL_FAST_REASONS, Diagnoser, Diagnosis, failing_reason
 from bot.adapters.kube import JSON, ClusterClient
 from bot.errors import PermanentError
 
@@ -145,7 +145,13 @@ async def watch_rollout(
     progress: ProgressCallback | None = None,
     fail_fast: bool = True,
 ) -> RolloutResult:
-    """Wait until Deployment `name` is rolled out; raise RolloutFailed with a diagnosis as soon as it cannot be."""
+    """Wait until Deployment `name` is rolled out; raise RolloutFailed with a diagnosis as soon as it cannot be.
+
+    The first ErrImagePull / ImagePullBackOff / InvalidImageName / CrashLoopBackOff on a pod of the NEW template
+    ends the wait (`fail_fast`): Argo CD keeps such an app Progressing for the whole progress deadline.
+    `give_up_after` is the configurable overall limit; it lives here rather than in the engine because, when
+    it expires, the pods that are not Ready are still diagnosed for the report.
+    """
     loop = asyncio.get_running_loop()
     started = loop.time()
     deployment = await client.call(
@@ -189,12 +195,17 @@ async def watch_rollout(
                     pods.pop(str(obj["metadata"]["name"]), None)
                 else:
                     pods[str(obj["metadata"]["name"])] = obj
-                    if fail_fast and is_new_pod(obj, deployment) and failing_reason(obj):
+                    reason = failing_reason(obj)
+                    if (
+                        fail_fast
+                        and reason
+                        and reason[0] in FAIL_FAST_REASONS
+                        and is_new_pod(obj, deployment)
+                    ):
                         diagnosis = await diagnoser.diagnose(client, obj)
-                        reason = failing_reason(obj)
                         raise RolloutFailed(
                             f"rollout of {name} in {client.context} failed: pod {obj['metadata']['name']} "
-                            f"is in {reason[0] if reason else 'failure'}",
+                            f"is in {reason[0]}",
                             deployment=name,
                             diagnosis=diagnosis,
                         )
