@@ -83,6 +83,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HTTP_PORT=3000 \
     FUNNELCAKE_CONFIG=/app/config/funnelcake.yaml \
     WORK_DIR=/var/lib/funnelcake/work \
+    DATABASE_URL=sqlite+aiosqlite:////var/lib/funnelcake/funnelcake-bot.db \
     USE_GKE_GCLOUD_AUTH_PLUGIN=True
 
 RUN mkdir -p /var/lib/funnelcake/work && chown -R "${UID}:${UID}" /var/lib/funnelcake
