@@ -246,6 +246,81 @@ class DeployService:
         finally:
             await asyncio.shield(self._release(leases))
 
+    # ---- crash recovery ------------------------------------------------------------------------
+
+    async def recover(self) -> list[str]:
+        """Take over deploys whose bot died: their lease lapsed (or they never got one) while still running.
+
+        A deploy that had not pushed to git is marked interrupted (nothing changed, deploy again); one that
+        had pushed is resumed from sync, whose refresh + sync to the GitOps head is safe to repeat, then
+        rollout and verify. Git itself is never half-pushed: a push is atomic on the remote.
+        """
+        now = datetime.now(UTC)
+        taken: list[str] = []
+        for record in await self.deps.ledger.in_flight():
+            if record.state is not DeployState.RUNNING or record.id in self._tasks:
+                continue
+            leases = [await self.deps.ledger.get_lease(env) for env in record.envs]
+            if any(lease and lease.deploy_id == record.id and lease.expires_at > now for lease in leases):
+                continue  # its bot is alive and heart-beating
+            if record.owner == self.instance_id:
+                continue  # ours but not running here: only after a failed spawn; leave it to the lease
+            if now - record.updated_at < timedelta(seconds=self.lease_ttl):
+                continue  # too fresh: a live bot may not have taken its lease yet
+            taken.append(record.id)
+            self._spawn(record.id, self._resume(record))
+        return taken
+
+    async def _resume(self, record: DeployRecord) -> DeployRecord:
+        ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
+        leases: list[Lease] = []
+        previous_owner = record.owner or "another bot"
+        try:
+            leases = await self._acquire(ctx.envs, record.id)
+            record = await self.deps.ledger.update_deploy(record.id, owner=self.instance_id)
+            done = {s.step for s in await self.deps.ledger.steps(record.id) if s.state is StepState.OK}
+            pushed = "gitops" in done or await self._overlays_at(record)
+            where = record.last_step or "start"
+            if not record.kind.changes_tags or not pushed or record.plan is None:
+                message = (
+                    f"interrupted after {where}: {previous_owner} stopped before anything reached git; "
+                    "nothing was pushed — deploy again"
+                )
+                await self._emit_for(record, "recovery", EventKind.FAILED, message)
+                record = await self.deps.ledger.update_deploy(
+                    record.id, state=DeployState.INTERRUPTED, message=message
+                )
+                await self._emit_for(
+                    record, "deploy", EventKind.FAILED, message, **_summary(record, ctx, None)
+                )
+                return record
+            ctx.plan = Plan.from_json(record.plan)
+            ctx.commit = ctx.plan.commit
+            await self._emit_for(
+                record,
+                "recovery",
+                EventKind.PROGRESS,
+                f"{self.instance_id} took over from {previous_owner} (stopped after {where}); "
+                "the push is on the remote, resuming at sync",
+            )
+            result = await self._pipeline(record, [Sync(), Rollout(), Verify()]).run(ctx)
+            return await self._finish(record, ctx, result)
+        except LockHeld as e:
+            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
+            return record
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancelled(record))
+            raise
+        finally:
+            await asyncio.shield(self._release(leases))
+
+    async def _overlays_at(self, record: DeployRecord) -> bool:
+        """Did this deploy's push land although its gitops step was never recorded as done?"""
+        tags = await self.deps.gitops.read_tags(self.config)
+        return bool(record.short) and all(
+            set(tags.get(env, {}).values()) == {record.short} for env in record.envs
+        )
+
     async def rollback_target(self, env_name: str) -> str:
         """The tag the env ran before the newest deploy that moved it: what a rollback goes back to.
 
@@ -501,9 +576,9 @@ class DeployService:
                 await self.deps.ledger.release_lease(lease.env, self.instance_id)
 
 
-def _summary(record: DeployRecord, ctx: DeployContext, result: PipelineResult) -> dict[str, Any]:
+def _summary(record: DeployRecord, ctx: DeployContext, result: PipelineResult | None) -> dict[str, Any]:
     """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
-    failed = result.failed
+    failed = result.failed if result else None
     revision = next((r.revision for rs in ctx.synced.values() for r in rs), None)
     return {
         "state": record.state.value,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Coroutine
 from typing import Any
 
@@ -52,8 +53,10 @@ class SlackFront:
         )
         service.reporters = self.reporters_for
         self.app.command("/funnelcake")(self._on_command)
-        for action in ("approve", "deny", "cancel", "rollback", "rebuild", "catchup", "force_migrate"):
-            self.app.action(action)(self._on_action)
+        # Buttons repeated in one message carry a suffix (`catchup-staging`): action_ids must be unique there.
+        self.app.action(
+            re.compile(r"^(approve|deny|cancel|rollback|rebuild|catchup|force_migrate)(-[a-z0-9-]+)?$")
+        )(self._on_action)
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -228,7 +231,7 @@ class SlackFront:
         channel = str(
             (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
         )
-        action_id, value = str(action["action_id"]), str(action.get("value", ""))
+        action_id, value = str(action["action_id"]).split("-", 1)[0], str(action.get("value", ""))
         self.spawn(
             self._guard(channel, user, self._click(action_id, value, user, channel)),
             name=f"action-{action_id}-{user}",

@@ -241,7 +241,10 @@ def status_blocks(report: DriftReport) -> list[Block]:
     for f in report.findings:
         if f.action and f.action.startswith("catchup:"):
             _, target, short = f.action.split(":", 2)
-            buttons.append(button(f"Deploy production's {short} to {target}", "catchup", f"{target}:{short}"))
+            # action_ids must be unique within a message: one per target env
+            buttons.append(
+                button(f"Deploy production's {short} to {target}", f"catchup-{target}", f"{target}:{short}")
+            )
     if buttons:
         blocks.append(actions("status:catchup", *buttons[:5]))
     return fit(blocks)

@@ -1,0 +1,142 @@
+"""Start the bot: settings → service → Slack front → Socket Mode or HTTP; SIGTERM stops it gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.errors import BotError
+from bot.service import DeployService
+from bot.settings import Settings
+from bot.wiring import build_service
+from handlers.app import SlackFront
+from handlers.http import web_app
+
+log = logging.getLogger("funnelcake")
+
+RECOVERY_EVERY = 30.0  # seconds between looks for deploys whose bot died
+SHUTDOWN_GRACE = 25.0  # Kubernetes gives 30 s between SIGTERM and SIGKILL
+
+
+def _require(settings: Settings) -> list[str]:
+    missing = []
+    if settings.slack_bot_token is None:
+        missing.append("SLACK_BOT_TOKEN (the bot token, xoxb-…)")
+    if settings.slack_mode == "socket" and settings.slack_app_token is None:
+        missing.append(
+            "SLACK_APP_TOKEN (an app-level token, xapp-…, for Socket Mode; or set SLACK_MODE=http)"
+        )
+    if settings.slack_mode == "http" and settings.slack_signing_secret is None:
+        missing.append("SLACK_SIGNING_SECRET (verifies Slack's HTTP requests)")
+    return missing
+
+
+async def _recovery_loop(service: DeployService) -> None:
+    while True:
+        try:
+            taken = await service.recover()
+            if taken:
+                log.warning("took over deploys whose bot stopped: %s", ", ".join(taken))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recovery pass failed; retrying in %.0fs", RECOVERY_EVERY)
+        await asyncio.sleep(RECOVERY_EVERY)
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    config = settings.load()
+    assert settings.slack_bot_token is not None  # noqa: S101 - checked by _require
+    async with aiohttp.ClientSession() as session, build_service(settings, config) as service:
+        client = AsyncWebClient(
+            token=settings.slack_bot_token.get_secret_value(),
+            base_url=settings.slack_api_url,
+            session=session,
+            retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=5)],
+        )
+        secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+        front = SlackFront(service, client, signing_secret=secret)
+        socket: AsyncSocketModeHandler | None = None
+
+        async def readiness() -> list[str]:
+            problems = []
+            try:
+                await service.deps.ledger.schema_version()
+            except BotError as e:
+                problems.append(f"ledger: {e.message}")
+            if socket is not None and not await socket.client.is_connected():
+                problems.append("slack: Socket Mode is not connected")
+            return problems
+
+        app = web_app(front, readiness=readiness, slack_events=settings.slack_mode == "http")
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+        if settings.slack_mode == "socket":
+            assert settings.slack_app_token is not None  # noqa: S101 - checked by _require
+            socket = AsyncSocketModeHandler(
+                front.app, settings.slack_app_token.get_secret_value(), web_client=client
+            )
+            await socket.connect_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
+        recovery = asyncio.create_task(_recovery_loop(service), name="recovery")
+        log.info("funnelcake-bot ready (%s mode, %s)", settings.slack_mode, ", ".join(config.env_names))
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: no new requests; waiting up to %.0fs for running deploys", SHUTDOWN_GRACE)
+            recovery.cancel()
+            if socket is not None:
+                await socket.close_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
+            with contextlib.suppress(TimeoutError):
+                running = list(service._tasks.values())
+                if running:
+                    await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), SHUTDOWN_GRACE)
+            await front.shutdown()
+            await runner.cleanup()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+        missing = _require(settings)
+        if missing:
+            print("error: missing settings:\n" + "\n".join(f"  - {m}" for m in missing), file=sys.stderr)
+            return 2
+        settings.load()  # fail fast, with every problem listed, before connecting anywhere
+    except BotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        print(f"error: invalid environment variables:\n{e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except BotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
