@@ -24,7 +24,6 @@ from handlers.http import web_app
 
 log = logging.getLogger("funnelcake")
 
-RECOVERY_EVERY = 30.0  # seconds between looks for deploys whose bot died
 SHUTDOWN_GRACE = 25.0  # Kubernetes gives 30 s between SIGTERM and SIGKILL
 
 
@@ -41,7 +40,7 @@ def _require(settings: Settings) -> list[str]:
     return missing
 
 
-async def _recovery_loop(service: DeployService) -> None:
+async def _recovery_loop(service: DeployService, every: float) -> None:
     while True:
         try:
             taken = await service.recover()
@@ -50,8 +49,8 @@ async def _recovery_loop(service: DeployService) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("recovery pass failed; retrying in %.0fs", RECOVERY_EVERY)
-        await asyncio.sleep(RECOVERY_EVERY)
+            log.exception("recovery pass failed; retrying in %.0fs", every)
+        await asyncio.sleep(every)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -88,7 +87,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 front.app, settings.slack_app_token.get_secret_value(), web_client=client
             )
             await socket.connect_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
-        recovery = asyncio.create_task(_recovery_loop(service), name="recovery")
+        recovery = asyncio.create_task(_recovery_loop(service, settings.recovery_every), name="recovery")
         log.info("funnelcake-bot ready (%s mode, %s)", settings.slack_mode, ", ".join(config.env_names))
         try:
             await stop.wait()

@@ -32,6 +32,7 @@ from bot.ledger.models import (
     StepState,
     who,
 )
+from bot.logs import deploy_context
 from bot.models import Plan
 from bot.pipeline.context import DeployContext, Deps
 from bot.pipeline.engine import (
@@ -349,7 +350,9 @@ class DeployService:
     # ---- the runs -----------------------------------------------------------------------------
 
     def _spawn(self, deploy_id: str, coro: Coroutine[Any, Any, DeployRecord]) -> asyncio.Task[DeployRecord]:
-        task = asyncio.create_task(coro, name=f"deploy-{deploy_id}")
+        # The task copies the context at creation: every log line of this deploy carries its id.
+        with deploy_context(deploy_id):
+            task = asyncio.create_task(coro, name=f"deploy-{deploy_id}")
         self._tasks[deploy_id] = task
         task.add_done_callback(
             lambda t: self._tasks.pop(deploy_id, None) if self._tasks.get(deploy_id) is t else None

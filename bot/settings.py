@@ -289,6 +289,9 @@ class Settings(BaseSettings):
     git_ssh_key_path: Path | None = None
     git_https_token: SecretStr | None = None
 
+    lease_ttl: float = Field(default=60.0, gt=0)  # a crashed bot's env lease frees itself after this
+    recovery_every: float = Field(default=30.0, gt=0)  # how often a bot looks for deploys whose bot died
+
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
 

@@ -62,7 +62,9 @@ async def build_service(
     settings: Settings, config: FunnelcakeConfig, *, reporters: ReporterFactory | None = None
 ) -> AsyncIterator[DeployService]:
     async with build_deps(settings, config) as deps:
-        service = DeployService(deps, reporters=reporters)
+        service = DeployService(
+            deps, reporters=reporters, lease_ttl=settings.lease_ttl, heartbeat_every=settings.lease_ttl / 4
+        )
         try:
             yield service
         finally:
