@@ -323,11 +323,12 @@ class DeployService:
         )
 
     async def rollback_target(self, env_name: str) -> str:
-        """The tag the env ran before the newest deploy that moved it: what a rollback goes back to.
-
-        Deploys that failed after the push count too: that is exactly when a rollback is needed.
-        """
+        """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
+        since (a failed deploy, or a hand edit of the overlay); else the tag before the newest deploy."""
         current = (await self.deps.gitops.read_tags(self.config)).get(env_name, {}).get(Service.API)
+        last = await self.deps.ledger.last_succeeded(env_name)
+        if last is not None and last.tags.get(env_name) and last.tags[env_name] != current:
+            return last.tags[env_name]
         for record in await self.deps.ledger.history(env_name, 50):
             if not record.kind.changes_tags:
                 continue

@@ -239,6 +239,11 @@ def status_blocks(report: DriftReport) -> list[Block]:
         blocks.append(section("✅ No drift: git, registries, Argo CD and pods agree everywhere."))
     buttons = []
     for f in report.findings:
+        if f.action and f.action.startswith("rollback:"):
+            target = f.action.split(":", 1)[1]
+            label = f"Roll back {target}"
+            if all(b["text"]["text"] != label for b in buttons):
+                buttons.append(button(label, f"rollback-{target}", target, "danger"))
         if f.action and f.action.startswith("catchup:"):
             _, target, short = f.action.split(":", 2)
             # action_ids must be unique within a message: one per target env
@@ -246,7 +251,7 @@ def status_blocks(report: DriftReport) -> list[Block]:
                 button(f"Deploy production's {short} to {target}", f"catchup-{target}", f"{target}:{short}")
             )
     if buttons:
-        blocks.append(actions("status:catchup", *buttons[:5]))
+        blocks.append(actions("status:actions", *buttons[:5]))
     return fit(blocks)
 
 
