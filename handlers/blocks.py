@@ -237,7 +237,7 @@ def status_blocks(report: DriftReport) -> list[Block]:
         blocks.append(section("*Findings*\n" + text))
     else:
         blocks.append(section("✅ No drift: git, registries, Argo CD and pods agree everywhere."))
-    buttons = []
+    buttons: list[Block] = []
     for f in report.findings:
         if f.action and f.action.startswith("rollback:"):
             target = f.action.split(":", 1)[1]
