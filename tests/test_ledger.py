@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -34,10 +32,8 @@ from bot.ledger import (
     UnknownDeploy,
 )
 from bot.ledger import schema as ledger_schema
+from tests.testbed.pg import ThrowawayPostgres, pg_database  # noqa: F401 - pg_database is a fixture
 
-PG_HOST = "127.0.0.1"
-PG_PORT = 5432
-PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
 START = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
@@ -52,58 +48,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
-
-
-class ThrowawayPostgres:
-    """A database created on the local PostgreSQL for one test session, dropped at stop()."""
-
-    def __init__(self, admin_dsn: str = PG_ADMIN_DSN) -> None:
-        self.admin_dsn = admin_dsn
-        self.name = f"funnelcake_test_{secrets.token_hex(4)}"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{self.name}"
-
-    async def start(self) -> None:
-        try:
-            conn = await asyncpg.connect(self.admin_dsn, timeout=5)
-        except (OSError, asyncpg.PostgresError) as e:
-            raise RuntimeError(
-                f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} as user postgres ({e!r}); "
-                "the ledger tests need it (this machine runs one: check `pg_isready -h 127.0.0.1`)"
-            ) from e
-        try:
-            await conn.execute(f'CREATE DATABASE "{self.name}"')
-        finally:
-            await conn.close()
-
-    async def reset(self) -> None:
-        conn = await asyncpg.connect(self.admin_dsn.rsplit("/", 1)[0] + "/" + self.name, timeout=5)
-        try:
-            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-        finally:
-            await conn.close()
-
-    async def stop(self) -> None:
-        conn = await asyncpg.connect(self.admin_dsn, timeout=5)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[ThrowawayPostgres]:
-    # Requested lazily from inside a running loop (only PostgreSQL runs need it): run in a worker thread.
-    db = ThrowawayPostgres()
-    with ThreadPoolExecutor(1) as pool:
-        try:
-            pool.submit(asyncio.run, db.start()).result()
-        except RuntimeError as e:
-            pytest.fail(str(e), pytrace=False)
-        yield db
-        pool.submit(asyncio.run, db.stop()).result()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
