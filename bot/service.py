@@ -335,6 +335,11 @@ class DeployService:
             previous = record.previous_tags.get(env_name)
             if previous and previous != current:
                 return previous
+        # Nothing in the ledger (the env was only ever changed by hand): the overlay's own git history.
+        history = await self.deps.gitops.tag_history(self.config.env(env_name), Service.API)
+        earlier = [t for t in history if t != current]
+        if earlier:
+            return earlier[0]
         raise PermanentError(
             f"no earlier deploy of {env_name} is recorded, so there is nothing to roll back to",
             hint=f"Deploy a known-good commit instead: `/funnelcake deploy {env_name} <commit>`.",

@@ -200,6 +200,34 @@ class GitOpsRepo:
             await run_blocking(self._sync)
             return await run_blocking(self._read_all, config.environments)
 
+    async def tag_history(self, env: Environment, service: Service, *, limit: int = 20) -> list[str]:
+        """The distinct tags the env's overlay held on the remote branch, newest first (after a fetch).
+
+        What a rollback falls back on when the ledger knows no earlier deploy: the overlay's own history,
+        including hand edits made outside the bot.
+        """
+        async with self._lock:
+            await run_blocking(self._sync)
+            return await run_blocking(self._tag_history, env, service, limit)
+
+    def _tag_history(self, env: Environment, service: Service, limit: int) -> list[str]:
+        rel, _ = self._path(env, service)
+        revs = self._git.run("log", "--format=%H", f"-{limit * 3}", self._origin, "--", rel).stdout.split()
+        tags: list[str] = []
+        for rev in revs:
+            shown = self._git.run("show", f"{rev}:{rel}", check=False)
+            if not shown.ok:
+                continue
+            try:
+                tag = read_image_tag(shown.stdout, service.image, source=f"{rel}@{rev[:7]}")
+            except PermanentError:
+                continue  # an old revision in another shape: not a rollback candidate
+            if tag not in tags:
+                tags.append(tag)
+            if len(tags) >= limit:
+                break
+        return tags
+
     async def head(self) -> str:
         """The remote branch's commit, after a fetch."""
         async with self._lock:
