@@ -5,8 +5,12 @@ second net), before any handler or formatter sees it: the message is rendered wi
 exception and stack text are rendered too, and all of it is scrubbed of the secret values
 registered with `register_secret` (the Slack tokens, the signing secret, the git token, ClickHouse
 credentials) and of anything token-shaped (Slack, GitHub and Google tokens, Bearer/Basic credentials,
-passwords in URLs, private keys). The scrubbed text replaces the record's message, arguments and exception,
-so no handler, ours or a library's, ever sees the raw values.
+the user:password in a URL, credentials in a DSN's query string such as ClickHouse's
+`?username=…&password=…`, `password: …` pairs, private keys). The scrubbed text replaces the record's
+message, arguments and exception, so no handler, ours or a library's, ever sees the raw values.
+
+The same `redact` (and `redact_json` for Block Kit payloads) cleans what the bot sends elsewhere: Slack
+messages, git commit messages, and the migrate Job's log before it is parsed, stored or posted.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ import re
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Final, Literal, TypeVar
 from urllib.parse import quote, quote_plus
 
 from pydantic import BaseModel, SecretStr
 
 LogFormat = Literal["auto", "json", "text"]
+T = TypeVar("T")
 REDACTED: Final = "[REDACTED]"
 # A shorter "secret" would shred ordinary words out of every line; no real credential is this short.
 MIN_SECRET_LENGTH: Final = 4
@@ -50,13 +55,24 @@ _TOKEN_PATTERNS: Final = [
         r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.DOTALL
     ),
 ]
-# The credential after a scheme keyword or in a URL's userinfo; the keyword stays so the line still reads.
+# The credential after a scheme keyword, a URL's scheme or a key; the keyword stays so the line still reads.
 _KEEP_PREFIX_PATTERNS: Final = [
     re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(r"(?i)(\bbasic\s+)[A-Za-z0-9+/=]{8,}"),
-    re.compile(r"([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+(?=@)"),
+    # The whole userinfo of `scheme://user:password@host` (a DSN's user is half the credential). The
+    # password may hold a raw `@`: everything up to the last `@` before the host goes.
     re.compile(
-        r"""(?i)(\b(?:password|passwd|secret|token|api[_-]?key|client[_-]?secret)["']?\s*[=:]\s*["']?)"""
+        r"""(?i)(\b[a-z][a-z0-9+.-]*://)[^\s/?#"'<>@:]*:[^\s/?#"'<>]*(?=@[^\s/?#"'<>@]*(?:[/?#\s"'<>]|$))"""
+    ),
+    # Credentials in a query string, as golang-migrate's ClickHouse DSN carries them
+    # (`tcp://host:9000?username=…&password=…`), and signed-URL signatures.
+    re.compile(
+        r"(?i)([?&;](?:user(?:name)?|password|passwd|pwd|pass|secret|token|access_token|api[_-]?key|key|"
+        r"ticket|sig|signature|x-amz-signature|x-goog-signature)=)(?!\[REDACTED\])[^&\s\"'#<>]+"
+    ),
+    # `password=…`, `CLICKHOUSE_PASSWORD: …`, `"token": "…"`: an underscore may precede the key.
+    re.compile(
+        r"""(?i)((?<![a-z0-9])(?:password|passwd|pwd|secret|token|api[_-]?key|client[_-]?secret)["']?\s*[=:]\s*["']?)"""
         r"""(?!\[REDACTED\])[^\s"',;&}]{3,}"""
     ),
 ]
@@ -76,7 +92,8 @@ class _Secrets:
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
-        forms = {value, quote(value, safe=""), quote_plus(value)}
+        # As written, URL-encoded (a DSN, a form body) and HTML-escaped (Slack's mrkdwn escaping of &<>).
+        forms = {value, quote(value, safe=""), quote_plus(value), _slack_escape(value)}
         with self._lock:
             before = len(self._values)
             self._values |= {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
@@ -92,6 +109,10 @@ class _Secrets:
     def scrub(self, text: str) -> str:
         pattern = self._pattern
         return pattern.sub(REDACTED, text) if pattern is not None else text
+
+
+def _slack_escape(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 _secrets = _Secrets()
@@ -130,6 +151,17 @@ def redact(text: str) -> str:
     for p in _KEEP_PREFIX_PATTERNS:
         text = p.sub(lambda m: m.group(1) + REDACTED, text)
     return text
+
+
+def redact_json(value: T) -> T:
+    """A copy of a JSON-like value (dicts, lists, strings: a Block Kit payload) with every string redacted."""
+    if isinstance(value, str):
+        return redact(value)  # type: ignore[return-value]  # a str in, a str out
+    if isinstance(value, Mapping):
+        return {k: redact_json(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, list | tuple):
+        return [redact_json(v) for v in value]  # type: ignore[return-value]
+    return value
 
 
 @contextlib.contextmanager

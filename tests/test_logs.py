@@ -20,6 +20,7 @@ from bot.logs import (
     deploy_id_var,
     forget_secrets,
     redact,
+    redact_json,
     register_secret,
     register_secrets_from,
     resolve_format,
@@ -108,11 +109,11 @@ def test_planted_secrets_never_appear_in_json(logs: io.StringIO) -> None:
     assert len(records) == 11
     assert records[0]["msg"] == f"bot token {REDACTED} and app token {REDACTED}"
     assert records[4]["authorization"] == f"Bearer {REDACTED}"
-    assert "postgresql+asyncpg://bot:[REDACTED]@db:5432/ledger" in records[6]["msg"]
+    assert "postgresql+asyncpg://[REDACTED]@db:5432/ledger" in records[6]["msg"]
     crash = next(r for r in records if r["msg"].startswith("migration job crashed"))
     # the traceback is still there, with both exceptions and their types, just without the secrets
     assert "RuntimeError: migrate failed for token" in crash["exc"]
-    assert "ConnectionError: clickhouse://[REDACTED]:[REDACTED]@ch:9440 refused" in crash["exc"]
+    assert "ConnectionError: clickhouse://[REDACTED]@ch:9440 refused" in crash["exc"]
     assert "(unformattable log message)" in records[9]["msg"]
     assert records[-1]["stack"].startswith("Stack (most recent call last)")
 
@@ -145,6 +146,63 @@ def test_ordinary_text_is_left_alone(logs: io.StringIO) -> None:
         "ssh -i /etc/funnelcake/git/ssh-privatekey -o BatchMode=yes"
     )
     assert redact("https://relay.staging.dvines.org/") == "https://relay.staging.dvines.org/"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # golang-migrate's ClickHouse DSN as funnelcake's entrypoint builds it (self-hosted and cloud)
+        (
+            "error: parse clickhouse://ch.funnelcake.svc:9000?username=u7&password=Pw-1&database=f&x-multi-statement=true",
+            "error: parse clickhouse://ch.funnelcake.svc:9000?username=[REDACTED]&password=[REDACTED]"
+            "&database=f&x-multi-statement=true",
+        ),
+        (
+            'dial "tcp://10.0.0.12:9440?password=s3cr3t&secure=true"',
+            'dial "tcp://10.0.0.12:9440?password=[REDACTED]&secure=true"',
+        ),
+        # userinfo, including a password holding a raw @ and a colon
+        ("clickhouse://default:p@ss:w0rd@host.cloud:9440/db", "clickhouse://[REDACTED]@host.cloud:9440/db"),
+        (
+            'parse "https://x-access-token:tok123@github.com/o/r.git"',
+            'parse "https://[REDACTED]@github.com/o/r.git"',
+        ),
+        (
+            "CLICKHOUSE_PASSWORD=hunter22 CLICKHOUSE_USER=bob",
+            "CLICKHOUSE_PASSWORD=[REDACTED] CLICKHOUSE_USER=bob",
+        ),
+        (
+            "wss://wss-primary.slack.com/link/?ticket=abc-123&app_id=A1",
+            "wss://wss-primary.slack.com/link/?ticket=[REDACTED]&app_id=A1",
+        ),
+        # no credential: unchanged
+        ("ssh://git@github.com:22/o/r.git", "ssh://git@github.com:22/o/r.git"),
+        ("http://127.0.0.1:8080/v2/x@sha256:abc", "http://127.0.0.1:8080/v2/x@sha256:abc"),
+        (
+            "clickhouse://ch.funnelcake.svc:9000?database=funnelcake",
+            "clickhouse://ch.funnelcake.svc:9000?database=funnelcake",
+        ),
+    ],
+)
+def test_dsn_and_url_credentials(text: str, expected: str) -> None:
+    assert redact(text) == expected
+    assert redact(expected) == expected, "redacting twice changes nothing"
+
+
+def test_redact_json_cleans_every_string_of_a_block_kit_payload(logs: io.StringIO) -> None:
+    blocks = [
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": f"failed: {CLICKHOUSE_PASSWORD.replace('&', '&amp;')}"},
+        },
+        {"type": "actions", "elements": [{"type": "button", "value": BOT_TOKEN, "action_id": "cancel"}]},
+        ("tuple", 3, None, True),
+    ]
+    clean = redact_json(blocks)
+    assert_clean(json.dumps(clean))
+    assert clean[1]["elements"][0]["action_id"] == "cancel"
+    assert clean[2] == ["tuple", 3, None, True]
+    assert blocks[1]["elements"][0]["value"] == BOT_TOKEN, "the input is not modified"
 
 
 def test_private_keys_and_settings_secrets(logs: io.StringIO) -> None:
