@@ -16,7 +16,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 demo: setup
-	$(PY) -m tests.testbed.demo
+	$(PY) -m tests.testbed.demo $(ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
