@@ -278,7 +278,15 @@ class DeployService:
         previous_owner = record.owner or "another bot"
         try:
             leases = await self._acquire(ctx.envs, record.id)
-            record = await self.deps.ledger.update_deploy(record.id, owner=self.instance_id)
+            # Two bots may find the same orphan: the lease admits one at a time, but the second may get it
+            # after the first finished. Whoever finds it no longer RUNNING under the dead owner stands down.
+            current = await self.deps.ledger.get_deploy(record.id)
+            if current.state is not DeployState.RUNNING or current.owner != record.owner:
+                log.info("deploy %s was already taken over by %s", record.id, current.owner)
+                return current
+            record = await self.deps.ledger.update_deploy(
+                record.id, expect_state=DeployState.RUNNING, owner=self.instance_id
+            )
             done = {s.step for s in await self.deps.ledger.steps(record.id) if s.state is StepState.OK}
             pushed = "gitops" in done or await self._overlays_at(record)
             where = record.last_step or "start"
@@ -307,6 +315,9 @@ class DeployService:
             result = await self._pipeline(record, [Sync(), Rollout(), Verify()]).run(ctx)
             return await self._finish(record, ctx, result)
         except LockHeld as e:
+            if e.kind == "lease":  # another bot is taking it over right now: its thread, not ours
+                log.info("deploy %s is being taken over by %s", record.id, e.holder)
+                return record
             await self._emit_for(record, "lock", EventKind.FAILED, e.message)
             return record
         except asyncio.CancelledError:
