@@ -178,8 +178,10 @@ def scrub_record(record: logging.LogRecord) -> None:
     """Render the record's message, exception and stack, and replace them with their redacted text."""
     if getattr(record, "_scrubbed", False):
         return
-    if getattr(record, "deploy_id", None) is None:
-        record.deploy_id = deploy_id_var.get()
+    # Kept under a private name: logging refuses an `extra` that overwrites an attribute the record factory
+    # set, and `extra={"deploy_id": ...}` must stay allowed. The formatters prefer an explicit one.
+    if not hasattr(record, "_deploy_ctx"):
+        record._deploy_ctx = deploy_id_var.get()
     try:
         message = record.getMessage()
     # An argument's __str__ may raise anything; left alone, logging would print msg and args raw to stderr.
@@ -221,6 +223,11 @@ class _ScrubbingFactory:
         return record
 
 
+def _deploy_id(record: logging.LogRecord) -> str | None:
+    explicit = getattr(record, "deploy_id", None)
+    return explicit if explicit is not None else getattr(record, "_deploy_ctx", None)
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
 
@@ -233,7 +240,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "deploy_id": getattr(record, "deploy_id", None),
+            "deploy_id": _deploy_id(record),
             "msg": record.getMessage(),
         }
         for key, value in _extras(record).items():
@@ -260,7 +267,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "deploy_id", None) is None:
-            record.deploy_id = "-"
+            record.deploy_id = _deploy_id(record) or "-"
         line = super().format(record)
         extras = _extras(record)
         if extras:
