@@ -82,6 +82,61 @@ def _last_operation(app: JSON) -> LastOperation | None:
     )
 
 
+async def _failing_pods(
+    client: ClusterClient, env: Environment, pods: Sequence[JSON], diagnoser: Diagnoser
+) -> tuple[FailingPod, ...]:
+    """The pods that fail or wait, in listing order, up to _MAX_DIAGNOSED of them diagnosed concurrently.
+
+    Failing pods take the diagnosis slots first: each is a problem whatever its diagnosis says. A Pending pod
+    is one only when its diagnosis finds a cause (otherwise it is being created and is left out), so it
+    holds a slot only then; Pending pods are diagnosed in concurrent rounds until the slots are used up.
+    """
+    failing: list[tuple[int, str]] = []  # (position in the listing, reason)
+    pending: list[int] = []
+    for i, pod in enumerate(pods):
+        fr = failing_reason(pod)
+        if fr is not None:
+            failing.append((i, fr[0]))
+        elif (pod.get("status") or {}).get("phase") == "Pending":
+            pending.append(i)
+
+    async def diagnose(pod: JSON) -> Diagnosis | None:
+        try:
+            return await diagnoser.diagnose(client, pod)
+        except BotError as e:
+            log.info("could not diagnose %s in %s: %s", _name(pod), env.name, e)
+            return None
+
+    async def diagnose_all(positions: Sequence[int]) -> list[Diagnosis | None]:
+        # a TaskGroup, not gather: when the snapshot's time limit cancels it, no diagnosis is left running
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(diagnose(pods[i]), name=f"diagnose-{env.name}-{_name(pods[i])}")
+                for i in positions
+            ]
+        return [t.result() for t in tasks]
+
+    found: dict[int, FailingPod] = {}
+    first = failing[:_MAX_DIAGNOSED]
+    diagnoses = await diagnose_all([i for i, _ in first])
+    for (i, reason), diag in zip(first, diagnoses, strict=True):
+        found[i] = FailingPod(_name(pods[i]), reason, diag)
+    for i, reason in failing[_MAX_DIAGNOSED:]:
+        found[i] = FailingPod(_name(pods[i]), reason, None)
+    slots = _MAX_DIAGNOSED - len(first)
+    while slots > 0 and pending:
+        batch, pending = pending[:slots], pending[slots:]
+        for i, diag in zip(batch, await diagnose_all(batch), strict=True):
+            if diag is not None:
+                found[i] = FailingPod(_name(pods[i]), "Pending", diag)
+                slots -= 1
+    return tuple(found[i] for i in sorted(found))
+
+
+def _name(pod: JSON) -> str:
+    return str((pod.get("metadata") or {}).get("name") or "")
+
+
 async def _service(
     client: ClusterClient, env: Environment, service: Service, diagnoser: Diagnoser
 ) -> ServiceSnapshot:
@@ -117,7 +172,7 @@ async def _service(
     )
     tag = split_image(main_image)[2] if main_image else None
     ready = total = 0
-    failing: list[FailingPod] = []
+    failing: tuple[FailingPod, ...] = ()
     if deploy:
         total = int((deploy.get("spec") or {}).get("replicas", 1))
         match = ((deploy.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
@@ -129,21 +184,7 @@ async def _service(
         )
         items = pods.get("items") or []
         ready = sum(1 for p in items if is_new_pod(p, deploy) and pod_ready(p))
-        for pod in items:
-            fr = failing_reason(pod)
-            pending = (pod.get("status") or {}).get("phase") == "Pending" and fr is None
-            if fr is None and not pending:
-                continue
-            reason = fr[0] if fr else "Pending"
-            diag = None
-            if len(failing) < _MAX_DIAGNOSED:
-                try:
-                    diag = await diagnoser.diagnose(client, pod)
-                except BotError as e:
-                    log.info("could not diagnose %s in %s: %s", pod["metadata"]["name"], env.name, e)
-            if pending and diag is None:
-                continue  # a pod being created, not a problem
-            failing.append(FailingPod(str(pod["metadata"]["name"]), reason, diag))
+        failing = await _failing_pods(client, env, items, diagnoser)
     status = (app or {}).get("status") or {}
     return ServiceSnapshot(
         service=service.value,
@@ -156,7 +197,7 @@ async def _service(
         argo_health=str((status.get("health") or {}).get("status") or "Unknown"),
         argo_revision=str((status.get("sync") or {}).get("revision") or ""),
         last_operation=_last_operation(app) if app else None,
-        failing=tuple(failing),
+        failing=failing,
         problems=tuple(problems),
     )
 
