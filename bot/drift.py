@@ -74,6 +74,15 @@ class DriftReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Behind:
+    """What an env lacks from production: its api tag, production's short sha, the commits in between."""
+
+    tag: str
+    production: str
+    commits: list[CommitInfo]
+
+
 async def _registry(deps: Deps, env: Environment, tag: str | None) -> dict[Service, ImageStatus | str]:
     async def one(service: Service) -> ImageStatus | str:
         if tag is None:
@@ -107,17 +116,27 @@ async def build_report(deps: Deps) -> DriftReport:
         snapshot_all(deps.kube, envs, diagnoser_for=deps.diagnoser, limit=20.0), name="status-clusters"
     )
     locks_task = asyncio.create_task(deps.ledger.locks(), name="status-locks")
+    tasks: list[asyncio.Task[Any]] = [tags_task, snaps_task, locks_task]
     try:
-        tags: dict[str, dict[Service, str]] = await tags_task
-        git_error = None
-    except BotError as e:
-        tags, git_error = {}, e.message
-    registries, sites = await asyncio.gather(
-        asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}).get(Service.API)) for e in envs)),
-        asyncio.gather(*(_site(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
-    )
-    snaps: list[EnvSnapshot] = await snaps_task
-    locks: list[ManualLock] = await locks_task
+        try:
+            tags: dict[str, dict[Service, str]] = await tags_task
+            git_error = None
+        except BotError as e:
+            tags, git_error = {}, e.message
+        # the app repo reads need only the tags: they run alongside the registry and site checks
+        behind_task = asyncio.create_task(_behind_production(deps, tags), name="status-behind-production")
+        tasks.append(behind_task)
+        registries, sites = await asyncio.gather(
+            asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}).get(Service.API)) for e in envs)),
+            asyncio.gather(*(_site(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
+        )
+        snaps: list[EnvSnapshot] = await snaps_task
+        locks: list[ManualLock] = await locks_task
+        behind: dict[str, Behind] = await behind_task
+    finally:
+        # on error or cancellation, nothing keeps reading after the report is gone
+        for task in tasks:
+            task.cancel()
     findings: list[Finding] = []
     if git_error:
         findings.append(Finding("*", "error", f"GitOps repo unreadable: {git_error}"))
@@ -160,7 +179,20 @@ async def build_report(deps: Deps) -> DriftReport:
                 rep.lock = f"locked by {who(lock.user)} since {lock.since:%Y-%m-%d %H:%M} UTC: {lock.reason}"
                 findings.append(Finding(env.name, "warn", rep.lock, f"unlock:{env.name}"))
         reports.append(rep)
-    await _behind_production(deps, tags, reports, findings)
+    for rep in reports:
+        lag = behind.get(rep.env)
+        if lag is None:
+            continue
+        rep.behind = lag.commits
+        n = len(lag.commits)
+        findings.append(
+            Finding(
+                rep.env,
+                "warn",
+                f"{rep.env} is {n} commit{'s' if n != 1 else ''} behind production ({lag.tag} → {lag.production})",
+                f"catchup:{rep.env}:{lag.production}",
+            )
+        )
     return DriftReport(reports, findings)
 
 
@@ -197,19 +229,19 @@ def _service_findings(
             findings.append(Finding(env.name, "warn", f"{name}: {problem}"))
 
 
-async def _behind_production(
-    deps: Deps, tags: dict[str, dict[Service, str]], reports: list[EnvReport], findings: list[Finding]
-) -> None:
+async def _behind_production(deps: Deps, tags: dict[str, dict[Service, str]]) -> dict[str, Behind]:
+    """Each env whose api tag is an ancestor of production's, with the commits it lacks; unreadable refs are skipped."""
     prod_tag = tags.get("production", {}).get(Service.API)
     if not prod_tag:
-        return
+        return {}
     try:
         prod = await deps.app_repo.resolve(prod_tag)
     except BotError:
-        return
-    for rep in reports:
-        tag = tags.get(rep.env, {}).get(Service.API)
-        if rep.env == "production" or not tag:
+        return {}
+    behind: dict[str, Behind] = {}
+    for env in deps.config.environments:
+        tag = tags.get(env.name, {}).get(Service.API)
+        if env.name == "production" or not tag:
             continue
         try:
             sha = (await deps.app_repo.resolve(tag)).sha
@@ -218,13 +250,7 @@ async def _behind_production(
             commits = await deps.app_repo.commits_between(sha, prod.sha)
         except BotError:
             continue
-        rep.behind = [CommitInfo(c.sha, c.short, c.subject, c.author) for c in commits]
-        n = len(commits)
-        findings.append(
-            Finding(
-                rep.env,
-                "warn",
-                f"{rep.env} is {n} commit{'s' if n != 1 else ''} behind production ({tag} → {prod.short})",
-                f"catchup:{rep.env}:{prod.short}",
-            )
+        behind[env.name] = Behind(
+            tag, prod.short, [CommitInfo(c.sha, c.short, c.subject, c.author) for c in commits]
         )
+    return behind
