@@ -33,6 +33,7 @@ from bot.adapters.gitutil import (
     run_blocking,
 )
 from bot.errors import PermanentError, TransientError
+from bot.logs import redact
 from bot.settings import Environment, FunnelcakeConfig, Service
 
 log = logging.getLogger(__name__)
@@ -513,4 +514,5 @@ def commit_message(
     for name in names:
         tags = previous.get(name, {})
         lines.append(f"  {name}: " + ", ".join(f"{s.value} {tags[s]}" for s in Service if s in tags))
-    return "\n".join(lines) + "\n"
+    # A requester or deploy id is text from outside; a push is forever, so scrub it like a log line.
+    return redact("\n".join(lines) + "\n")

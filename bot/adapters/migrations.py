@@ -12,6 +12,7 @@ from typing import Any
 
 from bot.adapters.kube import JSON, ClusterClient, KubeNotFound
 from bot.errors import BotError, PermanentError
+from bot.logs import redact
 from bot.settings import MIGRATE_IMAGE, Environment, MigrationMode
 
 _SHORT_SHA = re.compile(r"^[0-9a-f]{7,40}$")
@@ -351,4 +352,7 @@ class MigrationRunner:
             except BotError as e:
                 text = f"error: could not read the log of {pod}: {e}\n"
             parts.append(text if len(pods) == 1 else f"--- pod {pod}\n{text}")
-        return str(pods[-1]["metadata"]["name"]), "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+        text = "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+        # golang-migrate may print its DSN, password included (a URL parse error quotes it whole); the log
+        # is scrubbed here, before it is parsed into messages that reach Slack, the ledger and the logs.
+        return str(pods[-1]["metadata"]["name"]), redact(text)
