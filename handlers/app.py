@@ -19,6 +19,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import commands
 from bot.errors import BotError
 from bot.ledger.models import ApprovalExpired, DeployKind, DeployRecord
+from bot.logs import redact, redact_json
 from bot.pipeline.engine import EventKind, StepEvent
 from bot.policy.rbac import Decision, GroupCache, Policy
 from bot.service import DeployService, Started
@@ -117,7 +118,9 @@ class SlackFront:
     async def _tell(self, channel: str, user: str, text: str, blocks: list[bk.Block] | None = None) -> None:
         """An ephemeral message only `user` sees: refusals, errors, dry runs."""
         try:
-            await self.client.chat_postEphemeral(channel=channel, user=user, text=text[:3000], blocks=blocks)
+            await self.client.chat_postEphemeral(
+                channel=channel, user=user, text=redact(text)[:3000], blocks=redact_json(blocks)
+            )
         except SlackApiError as e:
             log.warning("could not tell %s: %s", user, e.response.get("error"))
 
@@ -175,7 +178,7 @@ class SlackFront:
             case commands.Status():
                 report = await svc.status()
                 await self.client.chat_postMessage(
-                    channel=channel, text="funnelcake status", blocks=bk.status_blocks(report)
+                    channel=channel, text="funnelcake status", blocks=redact_json(bk.status_blocks(report))
                 )
             case commands.Migrate(env=env, force_version=None, ref=ref):
                 if await self._refuse(
@@ -197,7 +200,7 @@ class SlackFront:
                     return
                 await svc.lock(env, user, reason)
                 await self.client.chat_postMessage(
-                    channel=channel, text=f"🔒 {env} locked by {bk.mention(user)}: {bk.esc(reason)}"
+                    channel=channel, text=redact(f"🔒 {env} locked by {bk.mention(user)}: {bk.esc(reason)}")
                 )
             case commands.Unlock(env=env):
                 await self._unlock(env, user, channel)

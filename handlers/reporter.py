@@ -21,6 +21,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.ledger import Ledger
 from bot.ledger.models import DeployRecord
+from bot.logs import redact, redact_json
 from bot.models import Plan
 from bot.pipeline.engine import EventKind, StepEvent
 from handlers import blocks as bk
@@ -194,14 +195,19 @@ class SlackThreadReporter:
             return
         try:
             await self.client.chat_update(
-                channel=self.channel, ts=self.root_ts, text=bk.title(self.record), blocks=self._root_blocks()
+                channel=self.channel,
+                ts=self.root_ts,
+                text=redact(bk.title(self.record)),
+                blocks=redact_json(self._root_blocks()),
             )
         except SlackApiError as err:
             log.warning("chat.update of deploy %s failed: %s", self.record.id, err.response.get("error"))
 
-    async def _post(self, text: str, **kw: Any) -> Any:
-        resp = await self.client.chat_postMessage(channel=self.channel, text=text[:3000], **kw)
-        return resp
+    async def _post(self, text: str, *, blocks: list[bk.Block], **kw: Any) -> Any:
+        # Step messages quote remote systems (a migrate Job's log, git, Kubernetes): scrub before posting.
+        return await self.client.chat_postMessage(
+            channel=self.channel, text=redact(text)[:3000], blocks=redact_json(blocks), **kw
+        )
 
 
 def _sentence(message: str) -> str:
