@@ -64,6 +64,21 @@ def _duration(name: str) -> str:
     return f"{5 + h % 400 / 10:.1f}ms"
 
 
+def _dsn(env: dict[str, str]) -> str:
+    """The DSN funnelcake's entrypoint hands to migrate, password and all (database/entrypoint.sh).
+
+    The simulated failure quotes it, as a driver error can: the bot must scrub it before it goes anywhere.
+    """
+    creds = (
+        f"username={env.get('CLICKHOUSE_USER', '')}&password={env.get('CLICKHOUSE_PASSWORD', '')}"
+        f"&database={env.get('CLICKHOUSE_DATABASE', '')}"
+    )
+    if env.get("CLICKHOUSE_URL"):
+        host = env["CLICKHOUSE_URL"].split("://", 1)[-1].split(":", 1)[0].split("/", 1)[0]
+        return f"clickhouse://{host}:9440?{creds}&secure=true&x-multi-statement=true"
+    return f"clickhouse://{env.get('CLICKHOUSE_HOST')}:{env.get('CLICKHOUSE_PORT')}?{creds}&x-multi-statement=true"
+
+
 class MigrateProgram:
     """What the funnelcake-migrate container does when it runs, given its env and args."""
 
@@ -116,7 +131,7 @@ class MigrateProgram:
         except CommandError as e:
             return 1, f"error: cannot read the migrations baked into {ref.raw}: {e}\n"
         limit = int(rest[0]) if rest and rest[0].isdigit() else None
-        return self._up(migrations, limit)
+        return self._up(migrations, limit, _dsn(env))
 
     def _force(self, rest: list[str]) -> tuple[int, str]:
         if not rest:
@@ -133,7 +148,7 @@ class MigrateProgram:
         self.state.note(f"force {version}")
         return 0, ""
 
-    def _up(self, migrations: list[Migration], limit: int | None) -> tuple[int, str]:
+    def _up(self, migrations: list[Migration], limit: int | None, dsn: str) -> tuple[int, str]:
         if self.state.dirty:
             return 1, f"error: Dirty database version {self.state.version}. Fix and force version.\n"
         current = self.state.version if self.state.version is not None else 0
@@ -159,7 +174,7 @@ class MigrateProgram:
                 lines.append(
                     f"error: migration failed in line 0: {stmt} (details: code: 241, message: Memory limit "
                     "(total) exceeded: would use 3.72 GiB (attempt to allocate chunk of 4194304 bytes), "
-                    "maximum: 3.60 GiB)"
+                    f"maximum: 3.60 GiB) in database {dsn}"
                 )
                 return 1, "\n".join(lines) + "\n"
             self.state.version = m.version
