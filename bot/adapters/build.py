@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.adapters.jobs import run_job
+from bot.adapters.jobs import finished, run_job
 from bot.adapters.kube import JSON, KubeClients
 from bot.errors import PermanentError
 from bot.settings import MIGRATE_IMAGE, Environment, Service
@@ -127,6 +127,8 @@ class Builder:
         seen: set[str] = set()
 
         async def on_update(obj: JSON) -> None:
+            if finished(obj):
+                return  # a finished Job has no active pod; that is not "starting"
             status = obj.get("status") or {}
             state = "running" if status.get("active") else "starting"
             if state not in seen:
