@@ -466,6 +466,7 @@ async def main(runs: int, sequential_runs: int, latency: float) -> None:
     print(f"slowest single env: {slowest}")
     # build_report's critical path: GitOps read, then the registry/site checks and the app repo reads (they
     # need its tags) side by side; the cluster snapshots and ledger run alongside from the start
+    print("each read alone: " + ", ".join(f"{name} {ms(t)}" for name, t in parts.items()))
     after_tags = {n: parts[n] for n in ("registry checks", "site checks", "behind production (app repo)")}
     longest = max(after_tags, key=lambda n: after_tags[n])
     path = parts["GitOps read"] + after_tags[longest]
