@@ -12,7 +12,7 @@ Measured in one run, as medians:
   (c) the same reads awaited one after another: every env, every service, every check in turn, through
       the same adapters. Its rows are compared with (a)'s, so both do the same work.
 Then, for the reader: each read of (a) alone (where its critical path goes), and one env's cluster snapshot
-healthy vs with crashing pods (each failing pod is diagnosed, which costs more round trips).
+healthy vs with crashing pods (their diagnoses, run concurrently, cost a few more round trips).
 
 The last line is `status ratio_vs_slowest=<a/b> speedup_vs_sequential=<c/a>`.
 """
