@@ -1,4 +1,4 @@
-"""Start the bot: settings → service → Slack front → Socket Mode or HTTP; SIGTERM stops it gracefully."""
+"""Start the bot: settings → logging → service → Slack front + metrics → Socket Mode or HTTP; SIGTERM stops it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +18,10 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetry
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.errors import BotError
+from bot.ledger.models import DeployRecord
+from bot.logs import redact, register_secret, register_secrets_from, setup_logging
+from bot.metrics import Metrics, SlackErrorCounter, add_metrics_route
+from bot.pipeline.engine import Reporter
 from bot.service import DeployService
 from bot.settings import Settings
 from bot.wiring import build_service
@@ -57,14 +63,21 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     config = settings.load()
     assert settings.slack_bot_token is not None  # noqa: S101 - checked by _require
     async with aiohttp.ClientSession() as session, build_service(settings, config) as service:
+        metrics = Metrics(envs=config.env_names, lock_source=service.deps.ledger)
         client = AsyncWebClient(
             token=settings.slack_bot_token.get_secret_value(),
             base_url=settings.slack_api_url,
             session=session,
-            retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=5)],
+            # The counter first: the client stops asking handlers at the first that retries.
+            retry_handlers=[SlackErrorCounter(metrics), AsyncRateLimitErrorRetryHandler(max_retry_count=5)],
         )
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
         front = SlackFront(service, client, signing_secret=secret)
+
+        def reporters(record: DeployRecord) -> Sequence[Reporter]:
+            return [*front.reporters_for(record), metrics.reporter(record.envs)]
+
+        service.reporters = reporters  # the front installed its Slack reporters alone; add the metrics
         socket: AsyncSocketModeHandler | None = None
 
         async def readiness() -> list[str]:
@@ -78,6 +91,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             return problems
 
         app = web_app(front, readiness=readiness, slack_events=settings.slack_mode == "http")
+        add_metrics_route(app, metrics)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
@@ -106,10 +120,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 await recovery
 
 
+def _register_secrets(settings: Settings) -> None:
+    """Every secret the process holds, so no log line or message can carry it."""
+    register_secrets_from(settings)
+    # A PostgreSQL ledger's DATABASE_URL carries its password in the URL, not in a SecretStr.
+    register_secret(urlsplit(settings.database_url).password)
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
+        setup_logging(settings.log_format, settings.log_level)
+        _register_secrets(settings)
         missing = _require(settings)
         if missing:
             print("error: missing settings:\n" + "\n".join(f"  - {m}" for m in missing), file=sys.stderr)
@@ -119,7 +141,11 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        print(f"error: invalid environment variables:\n{e}", file=sys.stderr)
+        # pydantic quotes the rejected input, which may be a secret mistyped into the wrong variable
+        print(f"error: invalid environment variables:\n{redact(str(e))}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # LOG_FORMAT / LOG_LEVEL
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     async def run() -> None:

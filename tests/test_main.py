@@ -1,12 +1,15 @@
-"""The real process: `python -m bot` in Socket Mode against the sandbox and the local Slack."""
+"""The real process: `python -m bot` in Socket Mode against the sandbox and the local Slack; its probes and metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import sys
+
+import aiohttp
 
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import APP_TOKEN, BOT_TOKEN, FakeSlack
@@ -35,6 +38,11 @@ async def test_missing_tokens_give_one_clear_message() -> None:
     assert "Traceback" not in text
 
 
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        return resp.status, await resp.text()
+
+
 async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
     sandbox: Sandbox, slack_sandbox: FakeSlack
 ) -> None:
@@ -52,12 +60,30 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
         "WORK_DIR": str(sandbox.root / "proc-work"),
         "HTTP_HOST": "127.0.0.1",
         "HTTP_PORT": str(port),
+        "LOG_FORMAT": "json",
     }
+    base = f"http://127.0.0.1:{port}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
         await slack_sandbox.wait_connected(timeout=60)
+        session = aiohttp.ClientSession()
+        try:
+            assert await _get(session, f"{base}/healthz") == (200, '{"status": "alive"}')
+            # Socket Mode is up and the ledger answers: ready
+            status, body = await _get(session, f"{base}/readyz")
+            assert (status, body) == (200, '{"status": "ready"}'), body
+            status, metrics = await _get(session, f"{base}/metrics")
+            assert status == 200
+            # every family is there before the first deploy, each env's series at zero
+            for env_name in ("production", "staging", "poc"):
+                assert f'deploys_total{{env="{env_name}",result="succeeded"}} 0.0' in metrics
+                assert f'locks_held{{env="{env_name}"}} 0.0' in metrics
+            assert "# TYPE step_duration_seconds histogram" in metrics
+            assert "# TYPE slack_api_errors_total counter" in metrics
+        finally:
+            await session.close()
         ack = await slack_sandbox.send_slash("status")
         assert "Working on it" in str(ack.get("payload", ack))
         async with asyncio.timeout(60):
@@ -67,10 +93,26 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
         text = str(status.params.get("blocks"))
         for env_name in ("production", "staging", "poc"):
             assert f"*{env_name}*" in text
+
+        # Slack goes away: the process is alive but not ready, and says why
+        await slack_sandbox.stop()
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:
+                status, body = await _get(session, f"{base}/readyz")
+                if status == 503:
+                    break
+                await asyncio.sleep(0.2)
+            assert "slack: Socket Mode is not connected" in body
+            assert "ledger" not in body
+            assert (await _get(session, f"{base}/healthz"))[0] == 200
+
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 40)
         assert proc.returncode == 0, out.decode()[-2000:]
         assert b"Traceback" not in out, out.decode()[-3000:]
+        # LOG_FORMAT=json: every line the process wrote is one JSON object
+        lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        assert any(r["msg"].startswith("funnelcake-bot ready (socket mode") for r in lines)
     finally:
         if proc.returncode is None:
             proc.kill()
