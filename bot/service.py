@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -58,6 +58,7 @@ from bot.settings import Environment, FunnelcakeConfig, Service
 log = logging.getLogger(__name__)
 
 BOT_USER = "funnelcake-bot"
+SUMMARY_STEP = "deploy"  # the event that closes a run: its data is the summary a reporter shows
 PLAN_STEPS = ("resolve", "preflight")
 EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
 # Steps after the push only read the cluster: a restarted bot may pick a deploy up from there.
@@ -80,6 +81,8 @@ class LedgerReporter:
         self.deploy_id = deploy_id
 
     async def emit(self, event: StepEvent) -> None:
+        if event.step == SUMMARY_STEP:
+            return  # the deploy record itself holds the outcome
         ledger = self.service.deps.ledger
         if event.kind is EventKind.STARTED:
             await ledger.record_step(self.deploy_id, event.step, state=StepState.RUNNING)
@@ -231,21 +234,13 @@ class DeployService:
 
     async def _run_force(self, record: DeployRecord, version: int) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
-        leases: list[Lease] = []
-        try:
-            leases = await self._acquire(ctx.envs, record.id)
+
+        async def work(leases: list[Lease]) -> DeployRecord:
+            leases += await self._acquire(ctx.envs, record.id)
             result = await self._pipeline(record, [ForceMigrate(version)]).run(ctx)
             return await self._finish(record, ctx, result)
-        except LockHeld as e:
-            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
-            return await self.deps.ledger.update_deploy(
-                record.id, state=DeployState.FAILED, message=e.message
-            )
-        except asyncio.CancelledError:
-            await asyncio.shield(self._cancelled(record))
-            raise
-        finally:
-            await asyncio.shield(self._release(leases))
+
+        return await self._guarded(record, work)
 
     # ---- crash recovery ------------------------------------------------------------------------
 
@@ -274,10 +269,14 @@ class DeployService:
 
     async def _resume(self, record: DeployRecord) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
-        leases: list[Lease] = []
         previous_owner = record.owner or "another bot"
-        try:
-            leases = await self._acquire(ctx.envs, record.id)
+
+        async def work(leases: list[Lease]) -> DeployRecord:
+            nonlocal record
+            try:
+                leases += await self._acquire(ctx.envs, record.id)
+            except LockHeld:
+                return record  # another bot is taking it over right now: stand down, it is not a failure
             # Two bots may find the same orphan: the lease admits one at a time, but the second may get it
             # after the first finished. Whoever finds it no longer RUNNING under the dead owner stands down.
             current = await self.deps.ledger.get_deploy(record.id)
@@ -314,17 +313,8 @@ class DeployService:
             )
             result = await self._pipeline(record, [Sync(), Rollout(), Verify()]).run(ctx)
             return await self._finish(record, ctx, result)
-        except LockHeld as e:
-            if e.kind == "lease":  # another bot is taking it over right now: its thread, not ours
-                log.info("deploy %s is being taken over by %s", record.id, e.holder)
-                return record
-            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
-            return record
-        except asyncio.CancelledError:
-            await asyncio.shield(self._cancelled(record))
-            raise
-        finally:
-            await asyncio.shield(self._release(leases))
+
+        return await self._guarded(record, work)
 
     async def _overlays_at(self, record: DeployRecord) -> bool:
         """Did this deploy's push land although its gitops step was never recorded as done?"""
@@ -408,10 +398,11 @@ class DeployService:
     async def _run_new(self, record: DeployRecord) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
         approval = self._needs_approval(record)
-        leases: list[Lease] = []
-        try:
+
+        async def work(leases: list[Lease]) -> DeployRecord:
+            nonlocal record
             if not approval:
-                leases = await self._acquire(ctx.envs, record.id)
+                leases += await self._acquire(ctx.envs, record.id)
             planned = await self._pipeline(record, [Resolve(), Preflight()]).run(ctx)
             record = await self._save_plan(record, ctx)
             if not planned.ok:
@@ -420,22 +411,14 @@ class DeployService:
                 return await self._request_approval(record, ctx)
             executed = await self._pipeline(record, self._execute_steps(record.kind)).run(ctx)
             return await self._finish(record, ctx, executed)
-        except LockHeld as e:
-            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
-            return await self.deps.ledger.update_deploy(
-                record.id, state=DeployState.FAILED, message=e.message
-            )
-        except asyncio.CancelledError:
-            await asyncio.shield(self._cancelled(record))
-            raise
-        finally:
-            await asyncio.shield(self._release(leases))
+
+        return await self._guarded(record, work)
 
     async def _run_approved(self, record: DeployRecord) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
-        leases: list[Lease] = []
-        try:
-            leases = await self._acquire(ctx.envs, record.id)
+
+        async def work(leases: list[Lease]) -> DeployRecord:
+            leases += await self._acquire(ctx.envs, record.id)
             await self._emit_for(
                 record, "approval", EventKind.DONE, f"approved by {who(record.approver or '?')}"
             )
@@ -446,16 +429,25 @@ class DeployService:
             await self.deps.ledger.verify_approval(record.id, binding=ctx.plan.binding())
             executed = await self._pipeline(record, self._execute_steps(record.kind)).run(ctx)
             return await self._finish(record, ctx, executed)
-        except LockHeld as e:
-            await self._emit_for(record, "lock", EventKind.FAILED, e.message)
-            return await self.deps.ledger.update_deploy(
+
+        return await self._guarded(record, work)
+
+    async def _guarded(
+        self, record: DeployRecord, work: Callable[[list[Lease]], Awaitable[DeployRecord]]
+    ) -> DeployRecord:
+        """Run one deploy's work holding its leases; a refusal before the pipeline (env locked or
+        leased, approval voided) ends the deploy with that message; leases are always released."""
+        leases: list[Lease] = []
+        try:
+            return await work(leases)
+        except PermanentError as e:
+            step = "lock" if isinstance(e, LockHeld) else "approval"
+            record = await self.deps.ledger.update_deploy(
                 record.id, state=DeployState.FAILED, message=e.message
             )
-        except PermanentError as e:  # the approval was voided by a changed plan
-            await self._emit_for(record, "approval", EventKind.FAILED, e.message)
-            return await self.deps.ledger.update_deploy(
-                record.id, state=DeployState.FAILED, message=e.message
-            )
+            summary = {**_summary(record, None, None), "failed_step": step, "hint": e.hint}
+            await self._emit_for(record, "deploy", EventKind.FAILED, e.message, **summary)
+            return record
         except asyncio.CancelledError:
             await asyncio.shield(self._cancelled(record))
             raise
@@ -596,22 +588,26 @@ class DeployService:
                 await self.deps.ledger.release_lease(lease.env, self.instance_id)
 
 
-def _summary(record: DeployRecord, ctx: DeployContext, result: PipelineResult | None) -> dict[str, Any]:
+def _summary(
+    record: DeployRecord, ctx: DeployContext | None, result: PipelineResult | None
+) -> dict[str, Any]:
     """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
     failed = result.failed if result else None
-    revision = next((r.revision for rs in ctx.synced.values() for r in rs), None)
+    revision = next((r.revision for rs in ctx.synced.values() for r in rs), None) if ctx else None
     return {
         "state": record.state.value,
         "deploy_kind": record.kind.value,
         "envs": list(record.envs),
         "short": record.short,
         "seconds": round((datetime.now(UTC) - record.created_at).total_seconds(), 1),
-        "images": {f"{env}/{image}": s.digest for (env, image), s in sorted(ctx.verified.items())},
+        "images": {f"{env}/{image}": s.digest for (env, image), s in sorted(ctx.verified.items())}
+        if ctx
+        else {},
         "revision": revision,
         "failed_step": failed.step if failed else None,
         "hint": failed.hint if failed else None,
         "failure": dict(failed.data) if failed else {},
         "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
-        if ctx.plan
+        if ctx and ctx.plan
         else {},
     }
