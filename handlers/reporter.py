@@ -116,6 +116,10 @@ class SlackThreadReporter:
                 replies.append(f"🔒 {bk.esc(e.message)}")
                 self.buttons = []
                 continue
+            if e.step == "recovery" and e.kind is EventKind.PROGRESS:
+                # Another bot took this deploy over after its bot died: the people watching must see that.
+                replies.append(f"♻️ {bk.esc(e.message)}")
+                continue
             if e.kind is EventKind.STARTED:
                 self.current = e.step
                 continue
