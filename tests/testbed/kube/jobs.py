@@ -1,13 +1,21 @@
-"""The simulated Job controller and the migrate container's behaviour against a simulated ClickHouse.
+"""The simulated Job controller, and what its two kinds of Job run: migrations and in-cluster image builds.
 
 The migrate image is tagged with the app repo's short sha; its migrations are read at that commit from
 the app bare remote (database/migrations/NNNNNN_name.up.sql). The container behaves like golang-migrate
 behind funnelcake's entrypoint (DESIGN.md §1, §5): per-migration lines, `no change`, a half-applied
 migration leaving the database dirty, `force X`, and the wrong connection mode timing out on port 9440.
 
+A build Job's kaniko container (gcr.io/kaniko-project/executor) clones the app remote at the init
+container's COMMIT, reads the Dockerfile and its stages at that commit, and pushes a synthetic image for
+`--custom-platform` to each `--destination` — which only works for this env's own registry, as Workload
+Identity grants the builder push rights there and nowhere else. Its log reads like kaniko's.
+
 Simplifications: one pod at a time (parallelism 1, completions 1 by default); restartPolicy OnFailure is
 run like Never (the Job controller replaces the pod); ttlSecondsAfterFinished is ignored, so a finished
-Job stays until deleted (the bot deletes it before creating the next one with the same name).
+Job stays until deleted (the bot deletes it before creating the next one with the same name). The kubelet
+runs no init containers: the build program plays the clone itself, and a failed clone ends the kaniko
+container with git's exit code and message (also written as the `clone` container's log); on GKE the
+kaniko container would never start and only `kubectl logs -c clone` would show the message.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
 from tests.testbed.kube.argocd import CommandError, GitMirror
 from tests.testbed.kube.controller import KeyedWorker, now_rfc3339, pod_is_ready, rand_suffix
-from tests.testbed.kube.kubelet import ImageRef
+from tests.testbed.kube.kubelet import NODE_PLATFORM, ImageRef, parse_image
+from tests.testbed.registry import push_image
 
 if TYPE_CHECKING:
     from tests.testbed.kube.controller import StoreView, Supervisor, Timings
@@ -102,8 +113,6 @@ class MigrateProgram:
     async def __call__(
         self, pod: dict[str, Any], container: dict[str, Any], env: dict[str, str]
     ) -> tuple[int, str]:
-        from tests.testbed.kube.kubelet import parse_image  # noqa: PLC0415 - avoids an import cycle
-
         ref = parse_image(container.get("image", ""))
         # the image's CMD is `up`; the entrypoint builds the DSN from the env, then runs migrate with args
         args = [str(a) for a in (container.get("args") or ["up"])]
@@ -183,6 +192,263 @@ class MigrateProgram:
         return 0, "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ image builds
+
+KANIKO_REPOSITORY = "kaniko-project/executor"
+WORKSPACE = "/workspace"
+# `FROM [--platform=…] base [AS name]`, one per stage (line continuations are not used in FROM lines)
+_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(?P<base>\S+)(?:\s+AS\s+(?P<name>\S+))?\s*$", re.I)
+_INSTRUCTION = re.compile(r"^\s*(?P<op>[A-Za-z]+)\s+(?P<rest>.*)$")
+_SUPPORTED_ARCHES = ("amd64", "arm64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    index: int
+    base: str
+    name: str | None
+    instructions: tuple[str, ...]
+
+
+def dockerfile_stages(text: str) -> list[Stage]:
+    """The build stages of a Dockerfile, with their instructions (comments and the parser directive dropped)."""
+    stages: list[Stage] = []
+    current: tuple[str, str | None] | None = None
+    body: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _FROM.match(line)
+        if m:
+            if current is not None:
+                stages.append(Stage(len(stages), current[0], current[1], tuple(body)))
+            current, body = (m.group("base"), m.group("name")), []
+        elif current is not None:
+            body.append(line.strip())
+    if current is not None:
+        stages.append(Stage(len(stages), current[0], current[1], tuple(body)))
+    return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class KanikoArgs:
+    context: str
+    dockerfile: str
+    destinations: tuple[str, ...]
+    platform: str
+    target: str | None
+
+
+def parse_kaniko_args(args: list[str]) -> KanikoArgs:
+    values: dict[str, list[str]] = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        values.setdefault(key.lstrip("-"), []).append(value)
+
+    def one(key: str, default: str) -> str:
+        return (values.get(key) or [default])[-1]
+
+    return KanikoArgs(
+        context=one("context", f"dir://{WORKSPACE}"),
+        dockerfile=one("dockerfile", f"{WORKSPACE}/Dockerfile"),
+        destinations=tuple(values.get("destination") or ()),
+        platform=one("custom-platform", "/".join(NODE_PLATFORM)),
+        target=values["target"][-1] if values.get("target") else None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltImage:
+    """One image a build pushed (for tests and the demo: what landed where)."""
+
+    destination: str
+    digest: str
+    commit: str
+    platform: str
+
+
+class _Failed(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class BuildProgram:
+    """What the kaniko container of a build Job does: clone at COMMIT, build the target, push if allowed."""
+
+    def __init__(
+        self,
+        *,
+        app: GitMirror,
+        app_url: str,
+        store: StoreView,
+        registry_url: str,
+        registry_host: str,
+        delay: float,
+    ) -> None:
+        self.app = app
+        self.app_url = app_url
+        self.store = store
+        self.registry_url = registry_url.rstrip("/")
+        self.registry_host = registry_host
+        self.delay = delay  # how long the "build" takes before the push (tests: tens of ms)
+        self.built: list[BuiltImage] = []
+
+    @staticmethod
+    def matches(ref: ImageRef) -> bool:
+        return ref.repository == KANIKO_REPOSITORY
+
+    async def __call__(
+        self, pod: dict[str, Any], container: dict[str, Any], env: dict[str, str]
+    ) -> tuple[int, str]:
+        args = parse_kaniko_args([str(a) for a in container.get("args") or []])
+        log_lines: list[str] = []
+        try:
+            sha = await self._clone(pod)
+            return 0, await self._build(args, sha, log_lines)
+        except _Failed as e:
+            return e.code, "".join(f"{ln}\n" for ln in log_lines) + e.text
+
+    async def _clone(self, pod: dict[str, Any]) -> str:
+        """The init container's `git clone` + `git checkout --detach $COMMIT`; the full sha checked out."""
+        spec = pod.get("spec") or {}
+        clone = next(
+            (
+                c
+                for c in spec.get("initContainers") or []
+                if any(e.get("name") == "COMMIT" for e in c.get("env") or [])
+            ),
+            None,
+        )
+        if clone is None:
+            raise _Failed(
+                1,
+                "Error: error resolving dockerfile path: please provide a valid path to a Dockerfile "
+                "within the build context with --dockerfile\n",
+            )
+        values = {str(e.get("name")): str(e.get("value", "")) for e in clone.get("env") or []}
+        url, commit = values.get("REPO_URL", ""), values.get("COMMIT", "")
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        failure: str | None = None
+        if url != self.app_url:
+            failure = f"fatal: repository '{url}' does not exist\n"
+        else:
+            try:
+                await self.app.fetch()
+                sha = await self.app.resolve(commit)
+            except CommandError:
+                failure = f"fatal: reference is not a tree: {commit}\n"
+        if failure is not None:
+            await self.store.set_log(ns, name, str(clone.get("name", "clone")), failure)
+            raise _Failed(128, failure)
+        await self.store.set_log(ns, name, str(clone.get("name", "clone")), "")
+        return sha
+
+    async def _build(self, args: KanikoArgs, sha: str, out: list[str]) -> str:
+        clock = _KanikoClock()
+        if not args.destinations:
+            raise _Failed(1, "Error: you must provide --destination, or use --no-push\n")
+        refs = []
+        for dest in args.destinations:
+            ref = parse_image(dest)
+            if ref is None:
+                raise _Failed(1, f"Error: error parsing destination {dest!r}: invalid reference format\n")
+            refs.append(ref)
+        # kaniko checks it may push before it builds anything
+        for ref in refs:
+            if ref.host != self.registry_host:
+                raise _Failed(
+                    1,
+                    "error checking push permissions -- make sure you entered the correct tag name, and "
+                    "that you are authenticated correctly, and try again: checking push permission for "
+                    f'"{ref.raw}": POST https://{ref.host}/v2/{ref.repository}/blobs/uploads/: DENIED: '
+                    f'Permission "artifactregistry.repositories.uploadArtifacts" denied on resource '
+                    f'"{ref.repository.rsplit("/", 1)[0]}" (or it may not exist)\n',
+                )
+        os_name, _, arch = args.platform.partition("/")
+        if os_name != "linux" or arch not in _SUPPORTED_ARCHES:
+            raise _Failed(1, f"Error: error building image: unsupported platform {args.platform!r}\n")
+        context = args.context.removeprefix("dir://").rstrip("/")
+        if not (context == WORKSPACE or context.startswith(f"{WORKSPACE}/")):
+            raise _Failed(1, f"Error: error resolving source context: {context} is not in the workspace\n")
+        rel_context = context.removeprefix(WORKSPACE).strip("/")
+        if rel_context and not await self._ls(sha, rel_context):
+            raise _Failed(1, f"Error: error building image: context directory {context} does not exist\n")
+        rel_dockerfile = args.dockerfile.removeprefix(f"{WORKSPACE}/")
+        try:
+            dockerfile = await self.app.show(sha, rel_dockerfile)
+        except CommandError:
+            raise _Failed(
+                1,
+                "Error: error resolving dockerfile path: please provide a valid path to a Dockerfile "
+                "within the build context with --dockerfile\n",
+            ) from None
+        stages = dockerfile_stages(dockerfile)
+        if not stages:
+            raise _Failed(1, "Error: error building image: parsing dockerfile: file with no instructions\n")
+        if args.target is None:
+            last = len(stages) - 1
+        else:
+            last = next((s.index for s in stages if s.name == args.target), -1)
+            if last < 0:
+                raise _Failed(
+                    1,
+                    "Error: error building image: parsing dockerfile: "
+                    f'target stage "{args.target}" could not be found\n',
+                )
+        names = {s.name for s in stages if s.name}
+        for stage in stages[: last + 1]:
+            if stage.base not in names and stage.base != "scratch":
+                out.append(clock.line(f"Retrieving image manifest {stage.base}"))
+                out.append(clock.line(f"Retrieving image {stage.base} from registry index.docker.io"))
+        for stage in stages[: last + 1]:
+            base_idx = next((s.index for s in stages if s.name == stage.base), -1)
+            out.append(
+                clock.line(f"Building stage '{stage.base}' [idx: '{stage.index}', base-idx: '{base_idx}']")
+            )
+            out.append(clock.line("Executing 0 build triggers"))
+            for instruction in stage.instructions:
+                out.append(clock.line(instruction, step=1))
+            out.append(clock.line("Taking snapshot of full filesystem...", step=1))
+        await asyncio.sleep(self.delay)
+        for ref in refs:
+            out.append(clock.line(f"Pushing image to {ref.raw}", at=max(clock.now, 12)))
+            try:
+                digest = await push_image(
+                    self.registry_url,
+                    ref.repository,
+                    ref.tag or "latest",
+                    "amd64" if arch == "amd64" else "arm64",
+                    seed=f"build:{ref.binary}@{sha}",
+                )
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
+                raise _Failed(
+                    1, f"error pushing image: failed to push to destination {ref.raw}: {e}\n"
+                ) from None
+            # kaniko names what it pushed by repository and digest, the tag dropped
+            out.append(clock.line(f"Pushed {ref.host}/{ref.repository}@{digest}", step=3))
+            self.built.append(BuiltImage(ref.raw, digest, sha, args.platform))
+        return "".join(f"{ln}\n" for ln in out)
+
+    async def _ls(self, sha: str, directory: str) -> list[str]:
+        try:
+            return await self.app.ls(sha, directory)
+        except CommandError:
+            return []
+
+
+class _KanikoClock:
+    """kaniko's `INFO[0012]` prefix: seconds since the executor started (made up, but increasing)."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def line(self, text: str, *, step: int = 0, at: int | None = None) -> str:
+        self.now = at if at is not None else self.now + step
+        return f"INFO[{self.now:04d}] {text}"
+
+
 class JobController:
     """batch/v1 Jobs: one pod at a time, replaced on failure up to backoffLimit, then Complete or Failed."""
 
@@ -206,6 +472,16 @@ class JobController:
         self.app = GitMirror(app_url, Path(work_dir) / "app-repo.git", timeout=timings.subprocess_timeout)
         self.program = MigrateProgram(clickhouse, mode=migrations_mode, app=self.app)
         kubelet.programs.append((self._is_migrate, self.program))
+        # a build "takes" a few Job run times, so its progress can be watched in the demo
+        self.builds = BuildProgram(
+            app=self.app,
+            app_url=app_url,
+            store=store,
+            registry_url=kubelet.registry_url,
+            registry_host=kubelet.registry_host,
+            delay=timings.job_run * 3,
+        )
+        kubelet.programs.append((BuildProgram.matches, self.builds))
         self._retry_at: dict[tuple[str, str], float] = {}
 
     @staticmethod
