@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from bot.adapters.kube import JSON, ClusterClient, KubeNotFound
-from bot.errors import BotError, PermanentError
-from bot.logs import redact
+from bot.adapters.jobs import condition, run_job
+from bot.adapters.kube import JSON, ClusterClient
+from bot.errors import PermanentError
 from bot.settings import MIGRATE_IMAGE, Environment, MigrationMode
 
 _SHORT_SHA = re.compile(r"^[0-9a-f]{7,40}$")
@@ -189,21 +188,13 @@ class MigrationFailed(PermanentError):
         self.run = run
 
 
-def _condition(job: JSON, kind: str) -> JSON | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind and cond.get("status") == "True":
-            return dict(cond)
-    return None
-
-
 class MigrationRunner:
     """Runs migration Jobs; one at a time per env in this process (the Job's fixed name guards the cluster)."""
 
-    def __init__(self, *, job_timeout: float = 600.0, delete_timeout: float = 30.0) -> None:
+    def __init__(self, *, job_timeout: float = 600.0) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
         self._last: dict[str, MigrateLog] = {}
         self.job_timeout = job_timeout
-        self.delete_timeout = delete_timeout
 
     def _lock(self, env: str) -> asyncio.Lock:
         return self._locks.setdefault(env, asyncio.Lock())
@@ -243,24 +234,20 @@ class MigrationRunner:
         async with lock:
             job = build_job(env, short_sha, args)
             name = job["metadata"]["name"]
-            ns = env.namespace
-            await self._delete_previous(client, ns, name)
-            try:
-                await client.call(f"create job {ns}/{name}", client.batch.create_namespaced_job, ns, job)
-            except BotError as e:
-                if "conflict" in str(e).lower() or "exists" in str(e).lower():
-                    raise PermanentError(
-                        f"a migration Job {name} is already running in {env.name}",
-                        hint="Another migration holds the Job name; wait for it to finish.",
-                    ) from None
-                raise
-            final = await self._wait(client, ns, name)
-            pod, log_text = await self._read_log(client, ns, name)
+            done = await run_job(
+                client,
+                job,
+                container="migrate",
+                what="migration",
+                limit=self.job_timeout,
+                max_pods=BACKOFF_LIMIT + 1,
+            )
+            final, pod, log_text = done.job, done.pod, done.log
             forced = args[0] == "force"
             parsed = parse_migrate_log(log_text, forced=forced)
-            succeeded = _condition(final, "Complete") is not None
+            succeeded = condition(final, "Complete") is not None
             if not succeeded and parsed.outcome in (MigrateOutcome.APPLIED, MigrateOutcome.NO_CHANGE):
-                failed = _condition(final, "Failed") or {}
+                failed = condition(final, "Failed") or {}
                 parsed = MigrateLog(
                     MigrateOutcome.FAILED,
                     parsed.applied,
@@ -275,84 +262,3 @@ class MigrationRunner:
                     hint=parsed.hint,
                 )
             return run
-
-    async def _delete_previous(self, client: ClusterClient, ns: str, name: str) -> None:
-        try:
-            previous = await client.call(f"job {ns}/{name}", client.batch.read_namespaced_job, name, ns)
-        except KubeNotFound:
-            return
-        if not (_condition(previous, "Complete") or _condition(previous, "Failed")):
-            # the fixed Job name is the cluster-wide guard: an unfinished Job belongs to a running migration
-            raise PermanentError(
-                f"a migration Job {name} is still running in {client.context}",
-                hint=f"Wait for it (kubectl -n {ns} get job {name}) and retry.",
-            )
-        try:
-            await client.call(
-                f"delete job {ns}/{name}",
-                client.batch.delete_namespaced_job,
-                name,
-                ns,
-                propagation_policy="Background",
-            )
-        except KubeNotFound:
-            return
-        # the name is reused: wait until the old Job is really gone before creating the new one
-        async with asyncio.timeout(self.delete_timeout):
-            while True:
-                try:
-                    await client.call(f"job {ns}/{name}", client.batch.read_namespaced_job, name, ns)
-                except KubeNotFound:
-                    return
-                await asyncio.sleep(0.1)
-
-    async def _wait(self, client: ClusterClient, ns: str, name: str) -> JSON:
-        try:
-            async with (
-                asyncio.timeout(self.job_timeout),
-                contextlib.aclosing(
-                    client.watch(
-                        f"job {ns}/{name}",
-                        client.batch.list_namespaced_job,
-                        ns,
-                        field_selector=f"metadata.name={name}",
-                    )
-                ) as events,
-            ):
-                async for kind, job in events:
-                    if kind == "DELETED":
-                        raise PermanentError(f"the migration Job {name} was deleted while running")
-                    if _condition(job, "Complete") or _condition(job, "Failed"):
-                        return job
-        except TimeoutError:
-            raise PermanentError(
-                f"the migration Job {name} did not finish within {self.job_timeout:.0f}s",
-                hint=f"Look at the Job's pods (kubectl -n {ns} logs job/{name}).",
-            ) from None
-        raise PermanentError(f"the watch of Job {name} ended")  # pragma: no cover - watch() never ends
-
-    async def _read_log(self, client: ClusterClient, ns: str, name: str) -> tuple[str | None, str]:
-        """The logs of the Job's pods, oldest first: a retried pod hides the first failure otherwise."""
-        listing = await client.call(
-            f"pods of job {name}", client.core.list_namespaced_pod, ns, label_selector=f"job-name={name}"
-        )
-        pods = sorted(
-            listing.get("items") or [],
-            key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""),
-        )[-(BACKOFF_LIMIT + 1) :]
-        if not pods:
-            return None, ""
-        parts: list[str] = []
-        for p in pods:
-            pod = str(p["metadata"]["name"])
-            try:
-                text = await client.text(
-                    f"log of {pod}", client.core.read_namespaced_pod_log, pod, ns, container="migrate"
-                )
-            except BotError as e:
-                text = f"error: could not read the log of {pod}: {e}\n"
-            parts.append(text if len(pods) == 1 else f"--- pod {pod}\n{text}")
-        text = "".join(p if p.endswith("\n") else p + "\n" for p in parts)
-        # golang-migrate may print its DSN, password included (a URL parse error quotes it whole); the log
-        # is scrubbed here, before it is parsed into messages that reach Slack, the ledger and the logs.
-        return str(pods[-1]["metadata"]["name"]), redact(text)
