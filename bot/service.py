@@ -23,6 +23,7 @@ from typing import Any
 from bot.drift import DriftReport, build_report
 from bot.errors import PermanentError
 from bot.ledger.models import (
+    ApprovalExpired,
     DeployKind,
     DeployRecord,
     DeployState,
@@ -168,14 +169,21 @@ class DeployService:
             )
         plan = Plan.from_json(record.plan) if record.plan else None
         binding = plan.binding() if plan else ""
-        await self.deps.ledger.decide(
-            deploy_id, user=user, decision="approve" if approve else "deny", binding=binding
-        )
+        try:
+            await self.deps.ledger.decide(
+                deploy_id, user=user, decision="approve" if approve else "deny", binding=binding
+            )
+        except ApprovalExpired:
+            await self._announce_expired(deploy_id)
+            raise
         record = await self.deps.ledger.get_deploy(deploy_id)
         if approve:
             self._spawn(deploy_id, self._run_approved(record))
         else:
-            await self._emit_for(record, "approval", EventKind.FAILED, f"denied by {who(user)}")
+            message = f"denied by {who(user)}"
+            await self._emit_for(record, "approval", EventKind.FAILED, message)
+            summary = {**_summary(record, None, None), "failed_step": "approval"}
+            await self._emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
         return record
 
     async def cancel(self, deploy_id: str) -> bool:
@@ -251,6 +259,8 @@ class DeployService:
         had pushed is resumed from sync, whose refresh + sync to the GitOps head is safe to repeat, then
         rollout and verify. Git itself is never half-pushed: a push is atomic on the remote.
         """
+        for expired in await self.deps.ledger.expire_approvals():
+            await self._announce_expired(expired)
         now = datetime.now(UTC)
         taken: list[str] = []
         for record in await self.deps.ledger.in_flight():
@@ -266,6 +276,14 @@ class DeployService:
             taken.append(record.id)
             self._spawn(record.id, self._resume(record))
         return taken
+
+    async def _announce_expired(self, deploy_id: str) -> None:
+        record = await self.deps.ledger.get_deploy(deploy_id)
+        minutes = self.config.timeouts.approval / 60
+        message = f"approval expired: nobody approved within {minutes:g} min; deploy again to ask anew"
+        await self._emit_for(record, "approval", EventKind.FAILED, message)
+        summary = {**_summary(record, None, None), "failed_step": "approval"}
+        await self._emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
 
     async def _resume(self, record: DeployRecord) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)

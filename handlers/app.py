@@ -18,9 +18,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import commands
 from bot.errors import BotError
-from bot.ledger.models import ApprovalExpired, DeployKind, DeployRecord
+from bot.ledger.models import DeployKind, DeployRecord
 from bot.logs import redact, redact_json
-from bot.pipeline.engine import EventKind, StepEvent
 from bot.policy.rbac import Decision, GroupCache, Policy
 from bot.service import DeployService, Started
 from handlers import blocks as bk
@@ -244,20 +243,14 @@ class SlackFront:
         svc = self.service
         if action_id in ("approve", "deny"):
             record = await svc.deps.ledger.get_deploy(value)
-            if action_id == "approve":
+            # Approving takes an approver; denying, an approver or the requester withdrawing it.
+            if action_id == "approve" or user != record.requester:
                 for env in record.envs:
                     if await self._refuse(
                         await self.policy.can_approve(self.config.env(env), user), channel, user
                     ):
                         return
-            try:
-                await svc.decide(value, user, approve=action_id == "approve")
-            except ApprovalExpired as e:
-                for reporter in self.reporters_for(record):
-                    await reporter.emit(
-                        StepEvent(record.id, "approval", EventKind.FAILED, "approval expired")
-                    )
-                raise e from None
+            await svc.decide(value, user, approve=action_id == "approve")
         elif action_id == "cancel":
             cancelled = await svc.cancel(value)
             await self._tell(
