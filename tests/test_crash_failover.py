@@ -1,0 +1,332 @@
+"""Crash safety and HA with real processes: SIGKILL mid-deploy then restart, failover between two replicas
+sharing PostgreSQL, and two services racing for one env.
+
+The sandbox is slowed (Timings) so a rollout lasts a few seconds and a kill lands inside it; LEASE_TTL and
+RECOVERY_EVERY are cut to 2 s and 0.5 s so a takeover happens within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from bot.ledger import DeployKind, DeployRecord, DeployState, Ledger, StepState
+from bot.settings import Settings
+from bot.wiring import build_service
+from tests.testbed.botproc import BotProcess
+from tests.testbed.gitrepos import git_out, remote_head
+from tests.testbed.kube.cluster import Timings
+from tests.testbed.pg import ThrowawayPostgres, postgres  # noqa: F401 - postgres is a fixture
+from tests.testbed.sandbox import Sandbox
+from tests.testbed.slack import DEFAULT_CHANNEL, FakeSlack
+
+# Slow enough that a rollout of two pods takes a few seconds; the progress deadline (600 s x scale) stays
+# far above that so slowness never reads as a stuck rollout.
+SLOW = Timings(
+    pull_delay=0.6,
+    container_start=0.3,
+    ready_delay=1.2,
+    argo_reconcile=0.1,
+    argo_sync=0.2,
+    job_run=0.2,
+    deadline_scale=0.1,
+)
+WAIT = 90.0  # generous: the machine is shared and loaded
+
+
+@pytest.fixture
+async def slow_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    sb = Sandbox(timings=SLOW, root=tmp_path / "sandbox")
+    await sb.start()
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+
+
+@pytest.fixture
+def bots() -> Iterator[list[BotProcess]]:
+    """Bot processes a test starts; whatever is still alive at the end is killed."""
+    started: list[BotProcess] = []
+    yield started
+    for b in started:
+        if b.proc is not None and b.proc.returncode is None:
+            b.proc.kill()
+
+
+async def push_head(sandbox: Sandbox) -> str:
+    """CI built the app's head into the production registry only, as in the real flow."""
+    assert sandbox.git is not None
+    short = sandbox.git.app.commits["head"][:7]
+    for image in ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate"):
+        await sandbox.registries.push("production", image, short, "multi", seed=f"{image}:{short}")
+    return short
+
+
+async def launch(
+    bots: list[BotProcess], sandbox: Sandbox, slack: FakeSlack, name: str, **kw: object
+) -> BotProcess:
+    bot = BotProcess(sandbox, slack, name=name, **kw)  # type: ignore[arg-type]
+    bots.append(bot)
+    await bot.start()
+    return bot
+
+
+async def newest(ledger: Ledger, env: str = "poc") -> DeployRecord | None:
+    records = await ledger.history(env, 1)
+    return records[0] if records else None
+
+
+async def wait_step_running(ledger: Ledger, step: str, after: str | None = None) -> DeployRecord:
+    """The newest poc deploy (other than `after`) once its `step` is running."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            record = await newest(ledger)
+            if record is not None and record.id != after:
+                steps = await ledger.steps(record.id)
+                if any(s.step == step and s.state is StepState.RUNNING for s in steps):
+                    return record
+                assert record.state is DeployState.RUNNING, (record.state, record.message)
+            await asyncio.sleep(0.05)
+
+
+async def wait_finished(ledger: Ledger, deploy_id: str) -> DeployRecord:
+    async with asyncio.timeout(WAIT):
+        while True:
+            record = await ledger.get_deploy(deploy_id)
+            if record.state.terminal:
+                return record
+            await asyncio.sleep(0.1)
+
+
+async def wait_thread(slack: FakeSlack, root_ts: str, *needles: str) -> str:
+    """The thread's text once every needle is in it (the reporter batches writes about once a second)."""
+    text = ""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(30):
+            while True:
+                text = "\n".join(m.text for m in slack.thread(DEFAULT_CHANNEL, root_ts))
+                if all(n in text for n in needles):
+                    return text
+                await asyncio.sleep(0.1)
+    raise AssertionError(f"thread lacks {needles}:\n{text}")
+
+
+def deploy_commits(sandbox: Sandbox, since: str) -> list[str]:
+    """Subjects of the commits pushed to the GitOps remote after `since`."""
+    assert sandbox.git is not None
+    out = git_out(sandbox.git.gitops.path, "log", "--format=%s", f"{since}..refs/heads/main")
+    return out.splitlines() if out else []
+
+
+def running_images(sandbox: Sandbox, env: str) -> dict[str, str]:
+    assert sandbox.clusters is not None
+    images = {}
+    for service in ("api", "relay"):
+        dep = sandbox.clusters[env].store.get("deployments", "funnelcake", f"funnelcake-{service}")
+        assert dep is not None
+        ready = dep.get("status", {}).get("readyReplicas") == dep["spec"]["replicas"]
+        images[service] = (
+            dep["spec"]["template"]["spec"]["containers"][0]["image"] if ready else "(not ready)"
+        )
+    return images
+
+
+def step_names(steps: list, state: StepState) -> list[str]:
+    return [s.step for s in steps if s.state is state]
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP a test-bed server so calls to it hang (as a dead network does); SIGCONT on the way out."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_sigkill_mid_deploy_then_restart(
+    slow_sandbox: Sandbox, slack_sandbox: FakeSlack, bots: list[BotProcess]
+) -> None:
+    sandbox, slack = slow_sandbox, slack_sandbox
+    assert sandbox.git is not None
+    short = await push_head(sandbox)
+    gitops_before = remote_head(sandbox.git.gitops.path)
+    first = await launch(bots, sandbox, slack, "first")
+    ledger = await Ledger.open(first.database_url)
+    try:
+        # ---- killed in rollout: the push is on the remote, so the next bot resumes from sync
+        ack = await slack.send_slash(f"deploy poc {short}")
+        assert "Working on it" in str(ack), ack
+        record = await wait_step_running(ledger, "rollout")
+        await first.kill()
+        dead_owner = record.owner
+        assert dead_owner
+        stuck = await ledger.get_deploy(record.id)
+        assert stuck.state is DeployState.RUNNING  # nothing cleaned up after a SIGKILL
+        lease = await ledger.get_lease("poc")
+        assert lease is not None
+        assert lease.deploy_id == record.id
+
+        second = await launch(bots, sandbox, slack, "second")
+        final = await wait_finished(ledger, record.id)
+        assert final.state is DeployState.SUCCEEDED, (final.message, second.tail())
+        assert final.owner not in (None, dead_owner)
+        assert final.thread_ts
+        text = await wait_thread(slack, final.thread_ts, "took over", "Done")
+        assert f"took over from {dead_owner}" in text, text
+        assert "stopped after sync" in text, text
+        assert "resuming at sync" in text, text
+        # the audit trail: everything up to the push once, then sync again and the rest by the new bot
+        steps = await ledger.steps(record.id)
+        ok = step_names(steps, StepState.OK)
+        assert ok == [
+            "resolve",
+            "preflight",
+            "images",
+            "migrate",
+            "gitops",
+            "sync",
+            "sync",
+            "rollout",
+            "verify",
+        ], ok
+        # git was pushed exactly once; the poc cluster runs the new images; the lease is free again
+        assert deploy_commits(sandbox, gitops_before) == [f"deploy(poc): funnelcake @ {short}"]
+        prefix = sandbox.registries.prefix("poc")
+        assert running_images(sandbox, "poc") == {
+            s: f"{prefix}/funnelcake-{s}:{short}" for s in ("api", "relay")
+        }
+        assert await ledger.get_lease("poc") is None
+
+        # ---- killed in preflight: nothing reached git, so the next bot calls it interrupted
+        gitops_mid = remote_head(sandbox.git.gitops.path)
+        registry = sandbox.registries["poc"]._proc
+        assert registry is not None
+        with frozen(registry.pid):  # the poc registry hangs: preflight's image check waits on it
+            await slack.send_slash(f"deploy poc {short}")
+            doomed = await wait_step_running(ledger, "preflight", after=record.id)
+            await second.kill()
+        third = await launch(bots, sandbox, slack, "third")
+        ended = await wait_finished(ledger, doomed.id)
+        assert ended.state is DeployState.INTERRUPTED, (ended.message, third.tail())
+        assert ended.message is not None
+        assert "nothing was pushed" in ended.message
+        assert "interrupted after resolve" in ended.message
+        assert remote_head(sandbox.git.gitops.path) == gitops_mid
+        assert ended.thread_ts
+        await wait_thread(slack, ended.thread_ts, "nothing was pushed")
+        assert await ledger.get_lease("poc") is None
+        assert await third.stop() == 0, third.tail()
+    finally:
+        await ledger.close()
+
+
+async def test_failover_between_two_replicas_on_postgres(
+    slow_sandbox: Sandbox,
+    slack_sandbox: FakeSlack,
+    postgres: ThrowawayPostgres,  # noqa: F811 - the fixture
+    bots: list[BotProcess],
+) -> None:
+    sandbox, slack = slow_sandbox, slack_sandbox
+    assert sandbox.git is not None
+    short = await push_head(sandbox)
+    gitops_before = remote_head(sandbox.git.gitops.path)
+    # Slack hands each envelope to one connection (here: the newest), so `active` gets the command.
+    standby = await launch(bots, sandbox, slack, "standby", database_url=postgres.url)
+    active = await launch(bots, sandbox, slack, "active", database_url=postgres.url)
+    assert slack.socket_connections == 2
+    ledger = await Ledger.open(postgres.url)
+    try:
+        await slack.send_slash(f"deploy poc {short}")
+        record = await wait_step_running(ledger, "rollout")
+        # the standby's recovery pass ran many times by now and left a heart-beating deploy alone
+        assert (await ledger.get_deploy(record.id)).owner == record.owner
+        await active.kill()
+        final = await wait_finished(ledger, record.id)
+        assert final.state is DeployState.SUCCEEDED, (final.message, standby.tail())
+        assert final.owner not in (None, record.owner)
+        assert final.thread_ts
+        text = await wait_thread(slack, final.thread_ts, f"took over from {record.owner}", "Done")
+        assert "stopped after sync" in text, text
+        steps = await ledger.steps(record.id)
+        assert step_names(steps, StepState.OK).count("gitops") == 1
+        assert step_names(steps, StepState.OK)[-3:] == ["sync", "rollout", "verify"]
+        assert deploy_commits(sandbox, gitops_before) == [f"deploy(poc): funnelcake @ {short}"]
+        prefix = sandbox.registries.prefix("poc")
+        assert running_images(sandbox, "poc") == {
+            s: f"{prefix}/funnelcake-{s}:{short}" for s in ("api", "relay")
+        }
+        assert await standby.stop() == 0, standby.tail()
+    finally:
+        await ledger.close()
+
+
+async def test_two_services_race_for_one_env_on_postgres(
+    sandbox: Sandbox,
+    postgres: ThrowawayPostgres,  # noqa: F811 - the fixture
+) -> None:
+    assert sandbox.config is not None
+    assert sandbox.git is not None
+    short = await push_head(sandbox)
+    gitops_before = remote_head(sandbox.git.gitops.path)
+
+    def settings(name: str) -> Settings:
+        return sandbox.settings(database_url=postgres.url, work_dir=sandbox.root / name, lease_ttl=1.0)
+
+    async with (
+        build_service(settings("one"), sandbox.config) as one,
+        build_service(settings("two"), sandbox.config) as two,
+    ):
+        # ---- two deploys of the same env at the same moment: the lease lets exactly one run
+        a, b = await asyncio.gather(
+            one.start(DeployKind.DEPLOY, ["poc"], short, "U0ALICE"),
+            two.start(DeployKind.DEPLOY, ["poc"], short, "U0BOB"),
+        )
+        ra, rb = await one.wait(a.record.id), await two.wait(b.record.id)
+        results = {ra.state, rb.state}
+        assert results == {DeployState.SUCCEEDED, DeployState.FAILED}, (ra.message, rb.message)
+        won, lost = (ra, rb) if ra.state is DeployState.SUCCEEDED else (rb, ra)
+        assert lost.message is not None
+        # who, why and since
+        assert lost.message.startswith(f"poc is busy: deploy {won.id}"), lost.message
+        assert f"deploy of {short}" in lost.message
+        assert f"requested by <@{won.requester}>" in lost.message
+        assert "has held it since" in lost.message
+        lost_steps = await one.deps.ledger.steps(lost.id)
+        assert "resolve" not in [s.step for s in lost_steps]  # refused before doing anything
+        assert deploy_commits(sandbox, gitops_before) == [f"deploy(poc): funnelcake @ {short}"]
+
+        # ---- a deploy whose bot died, found by both at once: exactly one takes it over
+        ledger = one.deps.ledger
+        orphan = await ledger.create_deploy(
+            kind=DeployKind.DEPLOY,
+            envs=["poc"],
+            ref=short,
+            requester="U0CAROL",
+            state=DeployState.RUNNING,
+            owner="bot-dead",
+        )
+        await ledger.acquire_lease("poc", holder="bot-dead", deploy_id=orphan.id, ttl=0.2)
+        await ledger.record_step(orphan.id, "resolve", state=StepState.OK)
+        await asyncio.sleep(1.2)  # the lease lapsed and the record is older than a lease
+        lapsed = await ledger.get_lease("poc")
+        assert lapsed is not None
+        assert lapsed.expires_at < datetime.now(UTC)
+        await asyncio.gather(one.recover(), two.recover())
+        for svc in (one, two):
+            await svc.wait(orphan.id)
+        ended = await ledger.get_deploy(orphan.id)
+        assert ended.state is DeployState.INTERRUPTED, ended.message
+        steps = [s.step for s in await ledger.steps(orphan.id)]
+        assert steps.count("recovery") == 1, steps
+        assert "lock" not in steps, steps  # the loser backs off quietly
+        assert await ledger.get_lease("poc") is None
