@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,7 @@ from bot.adapters.diagnosis import (
     Diagnoser,
     Diagnosis,
     PullFailure,
+    _pull_event,
     classify_pull_error,
     failing_reason,
     registry_reader_command,
@@ -108,6 +111,56 @@ def test_failing_reason_reads_waiting_containers_only() -> None:
     reason, cs = failing_reason(pod) or ("", {})
     assert (reason, cs["name"]) == ("ImagePullBackOff", "c")
     assert failing_reason({"status": {"containerStatuses": [{"state": {"running": {}}}]}}) is None
+
+
+def ev(
+    reason: str, message: str, container: str = "api", when: str = "2026-01-05T09:00:00Z"
+) -> dict[str, Any]:
+    """A pod Event as the kubelet writes it (second-resolution timestamps: ties keep list order)."""
+    return {
+        "reason": reason,
+        "message": message,
+        "type": "Normal" if reason in ("Pulling", "BackOff") else "Warning",
+        "involvedObject": {"kind": "Pod", "name": "p", "fieldPath": f"spec.containers{{{container}}}"},
+        "lastTimestamp": when,
+    }
+
+
+def test_pull_event_prefers_the_detailed_message_over_newer_bare_errors() -> None:
+    events = [
+        ev("Pulling", f'Pulling image "{IMG}"'),
+        ev("Failed", NOT_FOUND),
+        ev("Failed", "Error: ErrImagePull"),
+        ev("BackOff", f'Back-off pulling image "{IMG}"', when="2026-01-05T09:00:01Z"),
+        ev("Failed", "Error: ImagePullBackOff", when="2026-01-05T09:00:01Z"),
+    ]
+    assert _pull_event(events, "api") == events[1]
+    assert _pull_event(events) == events[1]
+    # the newest detailed one when the cause changed between attempts
+    later = [
+        *events,
+        ev("Failed", FORBIDDEN, when="2026-01-05T09:00:09Z"),
+        ev("Failed", "Error: ErrImagePull"),
+    ]
+    assert _pull_event(later, "api") == later[5]
+    # bare errors alone say nothing: no event, so the diagnosis falls back to the container's waiting message
+    assert _pull_event([events[2], events[4]], "api") is None
+    # an invalid name is reported by the reference parser under InspectFailed
+    invalid = [ev("InspectFailed", INVALID), ev("Failed", "Error: InvalidImageName")]
+    assert _pull_event(invalid, "api") == invalid[0]
+
+
+def test_pull_event_of_a_sidecar_is_not_taken_for_the_container() -> None:
+    sidecar = ev(
+        "Failed",
+        FORBIDDEN.replace(IMG, "docker.io/prom/statsd-exporter:v0"),
+        "metrics",
+        "2026-01-05T09:00:05Z",
+    )
+    events = [ev("Failed", NOT_FOUND, "api"), sidecar, ev("Failed", "Error: ErrImagePull", "metrics")]
+    assert _pull_event(events, "api") == events[0]
+    assert _pull_event(events, "metrics") == sidecar
+    assert _pull_event([sidecar], "api") is None
 
 
 # ------------------------------------------------------------------------- each cause on a simulated cluster
@@ -233,6 +286,7 @@ async def test_invalid_image_name(
 ) -> None:
     d = await fail_rollout(sim_cluster, staging_clients, diagnoser, "funnelcake-api:Not A Tag")
     assert d.kind is Cause.INVALID_IMAGE
+    assert d.evidence.endswith("invalid reference format")  # the InspectFailed event, not `Error: …`
 
 
 async def test_pending_pod_quotes_the_scheduler(
@@ -255,3 +309,30 @@ async def test_pending_pod_quotes_the_scheduler(
     # a running pod has nothing to diagnose
     running = {"metadata": {"name": "p", "namespace": NS}, "status": {"phase": "Running"}}
     assert await diagnoser.diagnose(staging_clients[sim_cluster.context], running) is None
+
+
+async def test_a_pod_backing_off_is_diagnosed_from_the_detailed_pull_event(
+    sim_cluster: SimCluster, staging_clients: KubeClients, cfg: FunnelcakeConfig, diagnoser: Diagnoser
+) -> None:
+    image = cfg.env("staging").image_ref("funnelcake-api", "abcdef1")
+    set_image(sim_cluster, "api", image)
+
+    def backing_off() -> dict[str, Any] | None:
+        pods, _ = sim_cluster.store.list("pods", NS, label_selector="app.kubernetes.io/name=funnelcake-api")
+        for pod in pods:
+            if (failing_reason(pod) or ("", {}))[0] != "ImagePullBackOff":
+                continue
+            events, _ = sim_cluster.store.list(
+                "events", NS, field_selector=f"involvedObject.name={pod['metadata']['name']}"
+            )
+            if events and events[-1]["message"] == "Error: ImagePullBackOff":
+                return pod
+        return None
+
+    async with asyncio.timeout(10):
+        while (pod := backing_off()) is None:
+            await asyncio.sleep(0.02)
+    d = await diagnoser.diagnose(staging_clients[sim_cluster.context], pod)
+    assert d is not None
+    assert d.kind is Cause.TAG_MISSING
+    assert d.evidence.startswith(f'Failed to pull image "{image}": rpc error: code = NotFound')

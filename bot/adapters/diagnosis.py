@@ -156,16 +156,30 @@ async def pod_events(client: ClusterClient, namespace: str, pod_name: str) -> li
     return sorted(listing.get("items") or [], key=_event_time)
 
 
-def _pull_event(events: Sequence[JSON]) -> JSON | None:
-    """The kubelet's detailed pull failure (`Failed to pull image "…": <containerd message>`).
+# the kubelet's detailed pull failures: containerd's answer, or the reference parser's for an invalid name
+_DETAILED_PULL = ("Failed to pull image ", "Failed to apply default image tag ")
+_PULL_EVENT_REASONS = frozenset({"Failed", "InspectFailed"})
 
-    The kubelet also emits `Failed` events reading just `Error: ErrImagePull`; they say nothing of the cause.
+
+def _pull_event(events: Sequence[JSON], container: str = "") -> JSON | None:
+    """The kubelet's detailed pull failure for `container` (`Failed to pull image "…": <containerd message>`).
+
+    While it backs off, the kubelet keeps emitting newer `Failed` events that read only `Error: ErrImagePull`
+    or `Error: ImagePullBackOff`; they say nothing of the cause, so the newest detailed one wins over them.
+    A sidecar failing to pull has events of its own (their fieldPath names it): they are never taken for
+    the container being diagnosed.
     """
-    failed = [ev for ev in events if ev.get("reason") == "Failed"]
-    for ev in reversed(failed):
-        if str(ev.get("message") or "").startswith("Failed to pull image"):
+    field_suffix = f"{{{container}}}"
+
+    def about_container(ev: JSON) -> bool:
+        path = str((ev.get("involvedObject") or {}).get("fieldPath") or "")
+        return not container or not path or path.endswith(field_suffix)
+
+    candidates = [ev for ev in events if ev.get("reason") in _PULL_EVENT_REASONS and about_container(ev)]
+    for ev in reversed(candidates):
+        if str(ev.get("message") or "").startswith(_DETAILED_PULL):
             return ev
-    for ev in reversed(failed):
+    for ev in reversed(candidates):
         msg = str(ev.get("message") or "")
         if "image" in msg.lower() and not msg.startswith("Error: "):
             return ev
@@ -209,11 +223,13 @@ class Diagnoser:
             return await self._pending(client, ns, name, pod)
         return None
 
-    async def _wait_pull_event(self, client: ClusterClient, ns: str, name: str) -> JSON | None:
+    async def _wait_pull_event(
+        self, client: ClusterClient, ns: str, name: str, container: str
+    ) -> JSON | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.event_grace
         while True:
-            event = _pull_event(await pod_events(client, ns, name))
+            event = _pull_event(await pod_events(client, ns, name), container)
             if event is not None or loop.time() >= deadline:
                 return event
             await asyncio.sleep(0.1)
@@ -244,7 +260,7 @@ class Diagnoser:
                 if c.get("name") == cs.get("name"):
                     image = str(c.get("image") or "")
         waiting_msg = str(((cs.get("state") or {}).get("waiting") or {}).get("message") or "")
-        event = await self._wait_pull_event(client, ns, name)
+        event = await self._wait_pull_event(client, ns, name, str(cs.get("name") or ""))
         event_msg = str(event.get("message")) if event else ""
         evidence = event_msg or waiting_msg or reason
         klass = PullFailure.INVALID_NAME if reason == "InvalidImageName" else classify_pull_error(evidence)
