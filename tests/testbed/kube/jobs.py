@@ -268,6 +268,8 @@ class BuiltImage:
 
 
 class _Failed(Exception):
+    """The build stopped: the container's exit code and its last words."""
+
     def __init__(self, code: int, text: str) -> None:
         super().__init__(text)
         self.code = code
