@@ -1,0 +1,387 @@
+"""The `funnelcake` CLI through its real entry point: `main([...])` in-process and `python -m bot.cli`, on one sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from bot.cli import main
+from bot.ledger import DeployState, Ledger
+from bot.pipeline.engine import EventKind, StepEvent
+from bot.service import DeployService
+from bot.terminal import TerminalReporter
+from tests.testbed.gitrepos import remote_head
+from tests.testbed.sandbox import Sandbox
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate")
+EXECUTE = ("resolve", "preflight", "images", "migrate", "gitops", "sync", "rollout", "verify")
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sb(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sandbox]:
+    """One sandbox for the module: each test leaves it deployable (no lock, no lease held)."""
+    box = Sandbox(root=tmp_path_factory.mktemp("cli") / "sandbox")
+    await box.start()
+    try:
+        yield box
+    finally:
+        await box.stop()
+
+
+@pytest.fixture(scope="module")
+def cli_env(sb: Sandbox) -> Iterator[dict[str, str]]:
+    """The process environment that points the CLI at the sandbox, as a user would export it."""
+    s = sb.settings()
+    env = {
+        "FUNNELCAKE_CONFIG": str(s.funnelcake_config),
+        "KUBECONFIG": str(s.kubeconfig),
+        "DATABASE_URL": s.database_url,
+        "WORK_DIR": str(s.work_dir),
+        "FUNNELCAKE_USER": "tester",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env
+
+
+@pytest.fixture
+async def cli(cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> AsyncIterator[object]:
+    """`await cli("deploy", "poc", ...)`: main() in a thread, so the sandbox keeps serving on this loop."""
+
+    async def run(*argv: str) -> Run:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return Run(code, out, err)
+
+    return run
+
+
+def _short(sb: Sandbox, label: str) -> str:
+    assert sb.git is not None
+    return sb.git.app.short(label)
+
+
+async def _ci_built(sb: Sandbox, short: str) -> None:
+    """CI pushed this commit's images to the production registry only (as in test_deploy_e2e)."""
+    for image in IMAGES:
+        await sb.registries.push("production", image, short, "multi", seed=f"{image}:{short}")
+
+
+def _live_tag(sb: Sandbox, env: str, service: str = "funnelcake-relay") -> str:
+    assert sb.clusters is not None
+    dep = sb.clusters[env].store.get("deployments", "funnelcake", service)
+    assert dep is not None
+    image: str = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+    return image.rsplit(":", 1)[1]
+
+
+async def _subprocess(env: dict[str, str], *argv: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        *argv,
+        env={**env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+# ---- through the sandbox ------------------------------------------------------------------------------
+
+
+async def test_plan_prints_the_plan_and_touches_nothing(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    assert sb.git is not None
+    short = _short(sb, "head")
+    await _ci_built(sb, short)
+    gitops_before = remote_head(sb.git.gitops.path)
+
+    run = await cli("plan", "poc", short)
+
+    assert run.code == 0, run.err
+    assert f"Plan: deploy {short}" in run.out
+    previous = _short(sb, "api-paginate")
+    assert f"poc: api {previous} → {short}, relay {previous} → {short}" in run.out
+    assert re.search(rf"funnelcake-relay:{short}\s+promote from production", run.out), run.out
+    assert "migrations changed:" in run.out
+    assert remote_head(sb.git.gitops.path) == gitops_before
+    assert _live_tag(sb, "poc") == previous
+    # --dry-run is the same plan
+    dry = await cli("deploy", "poc", short, "--dry-run")
+    assert dry.code == 0
+    assert f"Plan: deploy {short}" in dry.out
+
+
+async def test_usage_errors_exit_2_with_one_message(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    short = _short(sb, "head")
+    bad_env = await cli("deploy", "pocc", short, "--yes")
+    assert bad_env.code == 2
+    assert bad_env.err.startswith("error: Unknown environment `pocc`. Did you mean `poc`?")
+    for name in ("production", "staging", "poc"):
+        assert f"`{name}`" in bad_env.err
+    assert bad_env.out == ""
+
+    cut_short = await cli("plan", "poc", short[:5])
+    assert cut_short.code == 2
+    assert "has only 5 characters" in cut_short.err
+
+    unconfirmed = await cli("deploy", "poc", short)  # pytest's stdin is not a terminal
+    assert unconfirmed.code == 2
+    assert "pass --yes" in unconfirmed.err
+
+    assert (await cli("history", "--limit", "0")).code == 2
+    assert (await cli("deploy", "poc")).code == 2  # argparse: the commit is missing
+    assert (await cli("migrate", "poc", "force")).code == 2
+    assert (await cli("--help")).code == 0
+
+
+async def test_config_error_exits_2(
+    sb: Sandbox, cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("FUNNELCAKE_CONFIG", str(tmp_path / "missing.yaml"))
+    run = await cli("status")
+    assert run.code == 2
+    assert "cannot read the file" in run.err
+
+
+async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    short = _short(sb, "head")
+    previous = _live_tag(sb, "poc")
+    await _ci_built(sb, short)
+
+    run = await cli("deploy", "poc", short, "--yes", "--as", "alice")
+
+    assert run.code == 0, run.out + run.err
+    for step in EXECUTE:
+        assert re.search(rf"^\[ *[0-9.]+s\] \d/8 [✓\u2013] {step} (done|skipped) in", run.out, re.M), (
+            step,
+            run.out,
+        )
+    assert f"poc/funnelcake-relay:{short} promoted from production" in run.out
+    assert "\x1b" not in run.out  # not a terminal: plain lines only
+    final = run.out.strip().splitlines()[-1]
+    assert re.match(rf"deploy (d-\w+) \({short} → poc\) succeeded in [0-9.]+s", final), final
+    deploy_id = final.split()[1]
+    assert _live_tag(sb, "poc") == short
+
+    history = await cli("history", "poc", "--limit", "3")
+    assert history.code == 0
+    assert history.out.splitlines()[0].split()[:6] == ["id", "when", "kind", "envs", "commit", "state"]
+    # id, date, time, kind, envs, commit, state, by, message
+    row = history.out.splitlines()[1].split()
+    assert row[0] == deploy_id
+    assert row[3:9] == ["deploy", "poc", short, "succeeded", "alice", "deployed"]
+
+    back = await cli("rollback", "poc")
+    assert back.code == 0, back.out + back.err
+    assert re.search(rf"^rollback d-\w+ \({previous} → poc\) succeeded in", back.out, re.M), back.out
+    assert _live_tag(sb, "poc") == previous
+
+
+async def test_lock_refuses_a_deploy_with_who_why_since_then_unlock(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    short = _short(sb, "head")
+    locked = await cli("lock", "poc", "load", "test", "until", "15:00", "--as", "bob")
+    assert locked.code == 0
+    assert locked.out.startswith("poc locked by bob since ")
+
+    refused = await cli("deploy", "poc", short, "--yes", "--as", "alice")
+
+    assert refused.code == 1
+    assert "✗ lock failed" in refused.out
+    err = refused.err.splitlines()
+    assert err[0].startswith("error: deploy d-")
+    assert re.search(
+        r"poc is locked by bob since \d{4}-\d\d-\d\d \d\d:\d\d UTC .*: load test until 15:00", err[0]
+    )
+    assert err[1].startswith("hint: ") and "unlock poc" in err[1], err
+
+    unlocked = await cli("unlock", "poc")
+    assert unlocked.code == 0
+    assert "poc unlocked (it was locked by bob: load test until 15:00)" in unlocked.out
+
+
+async def test_production_deploy_stops_at_awaiting_approval(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    assert sb.git is not None
+    short = _short(sb, "head")
+    await _ci_built(sb, short)
+    gitops_before = remote_head(sb.git.gitops.path)
+
+    run = await cli("deploy", "production", short, "--yes", "--as", "carol")
+
+    assert run.code == 0, run.err
+    match = re.search(rf"deploy (d-\w+) \({short} → production\): awaiting approval\.", run.out)
+    assert match, run.out
+    assert "approve it in Slack" in run.out
+    assert remote_head(sb.git.gitops.path) == gitops_before
+    ledger = await Ledger.open(sb.settings().database_url)
+    try:
+        record = await ledger.get_deploy(match.group(1))
+    finally:
+        await ledger.close()
+    assert record.state is DeployState.AWAITING_APPROVAL
+    assert record.requester == "carol"
+
+
+async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    table = await cli("status")
+    assert table.code == 0
+    for env in ("production", "staging", "poc"):
+        assert f"\n{env}" in "\n" + table.out
+    assert "findings:" in table.out
+
+    proc = await _subprocess(cli_env, "status", "--json")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert [e["env"] for e in report["envs"]] == ["production", "staging", "poc"]
+    assert {r["service"] for r in report["envs"][0]["rows"]} == {"api", "relay"}
+    assert isinstance(report["findings"], list)
+
+
+async def test_ctrl_c_cancels_the_deploy_and_releases_its_lease(sb: Sandbox, cli_env: dict[str, str]) -> None:
+    # production's commit: its images exist in the production registry, so poc promotes them
+    short = _short(sb, "relay-tune")
+    proc = await _subprocess(cli_env, "deploy", "poc", short, "--yes")
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    seen: list[str] = []
+    async with asyncio.timeout(60):
+        while line := (await proc.stdout.readline()).decode():
+            seen.append(line)
+            if "images started" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = await proc.communicate()
+    output = "".join(seen) + rest.decode()
+
+    assert proc.returncode == 130, output + err.decode()
+    assert err.decode().startswith("cancelled: deploy d-")
+    assert "Traceback" not in output + err.decode()
+    deploy_id = err.decode().split()[2]
+    ledger = await Ledger.open(sb.settings().database_url)
+    try:
+        record = await ledger.get_deploy(deploy_id)
+        leases = await ledger.leases()
+    finally:
+        await ledger.close()
+    assert record.state is DeployState.CANCELLED
+    assert leases == []
+
+
+async def test_an_unexpected_exception_is_one_line_and_the_traceback_goes_to_the_log(
+    sb: Sandbox, cli, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    async def broken(self: DeployService) -> None:
+        raise RuntimeError("boom with password=hunter2")
+
+    monkeypatch.setattr(DeployService, "status", broken)
+    run = await cli("status")
+    assert run.code == 1
+    log_file = Path(cli_env["WORK_DIR"]) / "funnelcake-cli.log"
+    assert run.err == f"error: internal error: RuntimeError (see {log_file})\n"
+    assert "hunter2" not in run.err
+    assert "Traceback" in log_file.read_text()
+
+
+# ---- the reporter alone ----------------------------------------------------------------------------------
+
+
+class _Stream(io.StringIO):
+    def __init__(self, *, tty: bool, encoding: str = "utf-8") -> None:
+        super().__init__()
+        self._tty = tty
+        self._encoding = encoding
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._encoding
+
+
+def _ev(step: str, kind: EventKind, message: str = "", **data: object) -> StepEvent:
+    return StepEvent("d-test", step, kind, message, data, elapsed=1.5)
+
+
+async def test_reporter_on_a_tty_redraws_in_place_with_bar_and_clock() -> None:
+    now = [100.0]
+    stream = _Stream(tty=True)
+    reporter = TerminalReporter(
+        ["resolve", "images"], title="deploy abc → poc", stream=stream, clock=lambda: now[0], width=80
+    )
+    async with reporter:
+        await reporter.emit(_ev("resolve", EventKind.STARTED))
+        now[0] += 65
+        await reporter.emit(_ev("resolve", EventKind.DONE))
+        await reporter.emit(
+            _ev("images", EventKind.PROGRESS, "poc/funnelcake-api:abc promoted from production")
+        )
+    frames = stream.getvalue().split("\x1b[3F\x1b[J")
+    assert len(frames) >= 4  # the first draw, then each event and the close redraw the 3 lines in place
+    last = frames[-1].splitlines()
+    assert last[0] == "deploy abc → poc  [████████████░░░░░░░░░░░░] 1/2  1:05"
+    assert last[1] == "  ✓ resolve    1.5s"
+    assert last[2].startswith("  … images           poc/funnelcake-api:abc promoted")
+
+
+async def test_reporter_without_a_tty_prints_plain_lines_and_keeps_the_failure() -> None:
+    stream = _Stream(tty=False)
+    reporter = TerminalReporter(["resolve", "images"], stream=stream)
+    async with reporter:
+        await reporter.emit(_ev("resolve", EventKind.STARTED))
+        await reporter.emit(_ev("resolve", EventKind.FAILED, "'zzz' is not a commit"))
+        await reporter.emit(_ev("deploy", EventKind.FAILED, "resolve: 'zzz'…", hint="check the hash"))
+    lines = stream.getvalue().splitlines()
+    assert "\x1b" not in stream.getvalue()
+    assert len(lines) == 2  # one line per step event; the closing summary is not a step
+    assert re.match(r"\[ *[0-9.]+s\] 0/2 … resolve started$", lines[0])
+    assert re.match(r"\[ *[0-9.]+s\] 1/2 ✗ resolve failed in 1.5s: 'zzz' is not a commit$", lines[1])
+    assert reporter.failure is not None
+    assert (reporter.failure.step, reporter.failure.hint) == ("resolve", "check the hash")
+
+
+async def test_reporter_shows_a_refusal_before_any_step_as_that_step() -> None:
+    stream = _Stream(tty=False)
+    reporter = TerminalReporter(["resolve", "images"], stream=stream)
+    await reporter.emit(
+        _ev("deploy", EventKind.FAILED, "poc is locked by bob", failed_step="lock", hint="ask bob")
+    )
+    assert re.match(r"\[ *[0-9.]+s\] 1/3 ✗ lock failed in 1.5s: poc is locked by bob$", stream.getvalue())
+    assert [s.name for s in reporter.steps] == ["lock", "resolve", "images"]
+    assert reporter.failure is not None
+    assert (reporter.failure.step, reporter.failure.hint) == ("lock", "ask bob")
+
+
+async def test_reporter_falls_back_to_ascii_when_the_terminal_cannot_show_symbols() -> None:
+    stream = _Stream(tty=False, encoding="ascii")
+    reporter = TerminalReporter(["resolve"], stream=stream)
+    await reporter.emit(_ev("resolve", EventKind.DONE))
+    assert stream.getvalue().encode("ascii")
+    assert "+ resolve done" in stream.getvalue()
