@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.adapters.jobs import finished, run_job
+from bot.adapters.jobs import finished, read_log, run_job
 from bot.adapters.kube import JSON, KubeClients
 from bot.errors import PermanentError
 from bot.settings import MIGRATE_IMAGE, Environment, Service
@@ -141,7 +141,13 @@ class Builder:
             client, job, container="kaniko", what="build", limit=self.limit, on_update=on_update
         )
         if not run.succeeded:
+            name = str(job["metadata"]["name"])
+            # A failed clone means kaniko never started: git's own message is in the init container's log.
+            _, clone_log = await read_log(client, env.namespace, name, "clone")
+            clone_tail = "\n".join(clone_log.rstrip().splitlines()[-5:])
             raise PermanentError(
-                f"the build of {image}:{short} for {env.name} failed (Job {job['metadata']['name']})",
-                hint="Last lines of the build log:\n" + (run.tail() or "(no log)"),
+                f"the build of {image}:{short} for {env.name} failed (Job {name})",
+                hint="Last lines of the build log:\n"
+                + (run.tail() or "(no log)")
+                + (f"\nClone step:\n{clone_tail}" if clone_tail else ""),
             )
