@@ -6,9 +6,13 @@ import asyncio
 import io
 import json
 import os
+import pty
 import re
+import select
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +296,70 @@ async def test_ctrl_c_cancels_the_deploy_and_releases_its_lease(sb: Sandbox, cli
         await ledger.close()
     assert record.state is DeployState.CANCELLED
     assert leases == []
+
+
+def _converse(argv: list[str], env: dict[str, str], answer: bytes, limit: float = 60.0) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal, answer its [y/N] prompt, return (exit code, everything it drew)."""
+    main_fd, tty_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", *argv],
+        env={**env, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "COLUMNS": "200"},
+        cwd=REPO_ROOT,
+        stdin=tty_fd,
+        stdout=tty_fd,
+        stderr=tty_fd,
+        close_fds=True,
+    )
+    os.close(tty_fd)
+    seen = b""
+    answered = False
+    deadline = time.monotonic() + limit
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(main_fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if not answered and b"[y/N] " in seen:
+                os.write(main_fd, answer)
+                answered = True
+            if proc.poll() is not None and not ready:
+                break
+        return proc.wait(timeout=max(deadline - time.monotonic(), 1)), seen.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main_fd)
+
+
+async def test_on_a_terminal_deploy_asks_first_then_redraws_the_steps_in_place(
+    sb: Sandbox, cli_env: dict[str, str]
+) -> None:
+    short = _short(sb, "add-index")  # staging runs it: poc gets its images from staging's registry
+    argv = ["deploy", "poc", short]
+
+    declined, shown = await asyncio.to_thread(_converse, argv, cli_env, b"n\n")
+    assert declined == 1
+    assert f"Plan: deploy {short}" in shown
+    assert "not confirmed; nothing was deployed" in shown
+    assert _live_tag(sb, "poc") != short
+
+    code, drawn = await asyncio.to_thread(_converse, argv, cli_env, b"y\n")
+    assert code == 0, drawn
+    assert "\x1b[9F\x1b[J" in drawn  # the 9-line block (header + 8 steps) was redrawn in place
+    last = drawn.rsplit("\x1b[9F\x1b[J", 1)[1].replace("\r", "").splitlines()
+    assert re.match(rf"deploy {short} → poc \(d-\w+\)  \[█+\] 8/8  \d+:\d\d$", last[0]), last[0]
+    marks = [line.split()[:2] for line in last[1:9]]
+    assert [name for _, name in marks] == list(EXECUTE)
+    assert {mark for mark, _ in marks} <= {"✓", "\u2013"}  # done, or skipped (no migration to run)
+    assert re.search(rf"deploy d-\w+ \({short} → poc\) succeeded", last[-1])
+    assert _live_tag(sb, "poc") == short
 
 
 async def test_an_unexpected_exception_is_one_line_and_the_traceback_goes_to_the_log(
