@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -394,6 +394,14 @@ async def _run_deploy(
     return _outcome(session, record)
 
 
+def _approval_expiry(reporter: TerminalReporter | None) -> datetime | None:
+    raw = reporter.data.get("approval", {}).get("expires_at") if reporter else None
+    try:
+        return datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
 def _outcome(session: Session, record: DeployRecord) -> int:
     what = f"{record.kind.value} {record.id} ({record.short or record.ref} → {', '.join(record.envs)})"
     took = ""
@@ -403,9 +411,11 @@ def _outcome(session: Session, record: DeployRecord) -> int:
         session.say(f"{what} succeeded{took}")
         return EXIT_OK
     if record.state is DeployState.AWAITING_APPROVAL:
+        expires = _approval_expiry(session.reporter)
         session.say(
             f"{what}: awaiting approval.",
-            "A second person must approve it in Slack; nothing is changed until then.",
+            "A second person must approve it in Slack; nothing is changed until then"
+            + (f" (the request expires at {when(expires)})." if expires else "."),
         )
         return EXIT_OK
     failure = session.reporter.failure if session.reporter else None

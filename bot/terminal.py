@@ -89,6 +89,7 @@ class TerminalReporter:
         self.started = clock()
         self.failure: Failure | None = None
         self.summary: Mapping[str, Any] | None = None
+        self.data: dict[str, Mapping[str, Any]] = {}  # step -> data of its latest event that had any
         self.cancelled = False
         fancy = _can_encode(self.stream, "".join(_FANCY.values()) + _BAR_FULL + _BAR_EMPTY)
         self.symbols = _FANCY if fancy else _PLAIN
@@ -131,6 +132,8 @@ class TerminalReporter:
                 return
         line = self._line(event.step)
         state = _STATE_OF[event.kind]
+        if event.data:
+            self.data[event.step] = event.data
         if event.kind in (EventKind.STARTED, EventKind.RETRYING) or event.message:
             line.message = event.message
         if event.kind is EventKind.STARTED:

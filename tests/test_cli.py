@@ -208,6 +208,25 @@ async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox,
     assert _live_tag(sb, "poc") == previous
 
 
+async def test_migrate_runs_only_the_migrations(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    assert sb.git is not None
+    short = _short(sb, "head")
+    await _ci_built(sb, short)
+    gitops_before = remote_head(sb.git.gitops.path)
+    live_before = _live_tag(sb, "staging")
+
+    run = await cli("migrate", "staging", short)
+
+    assert run.code == 0, run.out + run.err
+    for step in ("resolve", "preflight", "images", "migrate"):
+        assert re.search(rf"^\[ *[0-9.]+s\] \d/4 ✓ {step} done in", run.out, re.M), (step, run.out)
+    assert f"staging/funnelcake-migrate:{short} promoted from production" in run.out
+    assert re.search(rf"^migrate d-\w+ \({short} → staging\) succeeded", run.out, re.M), run.out
+    # a migration run leaves the overlays and the workloads alone
+    assert remote_head(sb.git.gitops.path) == gitops_before
+    assert _live_tag(sb, "staging") == live_before
+
+
 async def test_lock_refuses_a_deploy_with_who_why_since_then_unlock(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
     short = _short(sb, "head")
     locked = await cli("lock", "poc", "load", "test", "until", "15:00", "--as", "bob")
@@ -241,7 +260,9 @@ async def test_production_deploy_stops_at_awaiting_approval(sb: Sandbox, cli) ->
     assert run.code == 0, run.err
     match = re.search(rf"deploy (d-\w+) \({short} → production\): awaiting approval\.", run.out)
     assert match, run.out
-    assert "approve it in Slack" in run.out
+    assert re.search(
+        r"approve it in Slack; nothing is changed until then \(the request expires at \d{4}-", run.out
+    )
     assert remote_head(sb.git.gitops.path) == gitops_before
     ledger = await Ledger.open(sb.settings().database_url)
     try:
