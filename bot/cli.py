@@ -154,8 +154,8 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
         words += ["--limit", args.limit] if args.limit is not None else []
     elif name == "lock":
         words += [args.env, *args.reason]
+    # The grammar reads space-separated words: a quoted argument with a space would be read as two.
     spaced = [w for w in words[1:] if not w or any(c.isspace() for c in w)]
-    # (the only flag added above is --dry-run, which has no spaces)
     if spaced and name != "lock":
         raise UsageError(f"{spaced[0]!r} is not a single word; environments and commits have no spaces.")
     if name == "migrate" and args.commit.casefold() == "force":
