@@ -198,8 +198,8 @@ class DeployService:
     async def wait(self, deploy_id: str) -> DeployRecord:
         task = self._tasks.get(deploy_id)
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+            # asyncio.wait neither raises the deploy's outcome nor swallows the waiter's own cancellation
+            await asyncio.wait({task})
         return await self.deps.ledger.get_deploy(deploy_id)
 
     async def status(self) -> DriftReport:
