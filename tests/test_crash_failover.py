@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.ledger import DeployKind, DeployRecord, DeployState, Ledger, StepState
+from bot.ledger import DeployKind, DeployRecord, DeployState, Ledger, StepRecord, StepState
 from bot.settings import Settings
 from bot.wiring import build_service
 from tests.testbed.botproc import BotProcess
@@ -39,6 +39,9 @@ SLOW = Timings(
     deadline_scale=0.1,
 )
 WAIT = 90.0  # generous: the machine is shared and loaded
+# Each test starts a sandbox and two or three bot processes and waits out lapsing leases: on a loaded machine
+# that can pass the suite's 120 s default without anything being stuck; the inner waits report real hangs.
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
@@ -52,13 +55,12 @@ async def slow_sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
 
 
 @pytest.fixture
-def bots() -> Iterator[list[BotProcess]]:
+async def bots() -> AsyncIterator[list[BotProcess]]:
     """Bot processes a test starts; whatever is still alive at the end is killed."""
     started: list[BotProcess] = []
     yield started
     for b in started:
-        if b.proc is not None and b.proc.returncode is None:
-            b.proc.kill()
+        await b.kill()
 
 
 async def push_head(sandbox: Sandbox) -> str:
@@ -84,26 +86,43 @@ async def newest(ledger: Ledger, env: str = "poc") -> DeployRecord | None:
     return records[0] if records else None
 
 
-async def wait_step_running(ledger: Ledger, step: str, after: str | None = None) -> DeployRecord:
+async def wait_step_running(
+    ledger: Ledger, step: str, bot: BotProcess, after: str | None = None
+) -> DeployRecord:
     """The newest poc deploy (other than `after`) once its `step` is running."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            record = await newest(ledger)
-            if record is not None and record.id != after:
-                steps = await ledger.steps(record.id)
-                if any(s.step == step and s.state is StepState.RUNNING for s in steps):
+    record: DeployRecord | None = None
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                record = await newest(ledger)
+                if record is not None and record.id != after:
+                    steps = await ledger.steps(record.id)
+                    if any(s.step == step and s.state is StepState.RUNNING for s in steps):
+                        return record
+                    assert record.state is DeployState.RUNNING, (record.state, record.message, bot.tail())
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{step} never ran; newest deploy: {record}\n{bot.tail()}") from None
+
+
+async def wait_finished(ledger: Ledger, deploy_id: str, *watching: BotProcess) -> DeployRecord:
+    """The deploy once it ended; on a timeout, say where it stood and what the live bots logged."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                record = await ledger.get_deploy(deploy_id)
+                if record.state.terminal:
                     return record
-                assert record.state is DeployState.RUNNING, (record.state, record.message)
-            await asyncio.sleep(0.05)
-
-
-async def wait_finished(ledger: Ledger, deploy_id: str) -> DeployRecord:
-    async with asyncio.timeout(WAIT):
-        while True:
-            record = await ledger.get_deploy(deploy_id)
-            if record.state.terminal:
-                return record
-            await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        record = await ledger.get_deploy(deploy_id)
+        steps = [(s.step, s.state.value) for s in await ledger.steps(deploy_id)]
+        lease = await ledger.get_lease("poc")
+        logs = "\n".join(f"--- {b.name}\n{b.tail(3000)}" for b in watching)
+        raise AssertionError(
+            f"deploy {deploy_id} still {record.state.value} after {WAIT}s: owner {record.owner}, "
+            f"steps {steps}, lease {lease}\n{logs}"
+        ) from None
 
 
 async def wait_thread(slack: FakeSlack, root_ts: str, *needles: str) -> str:
@@ -139,8 +158,20 @@ def running_images(sandbox: Sandbox, env: str) -> dict[str, str]:
     return images
 
 
-def step_names(steps: list, state: StepState) -> list[str]:
+def step_names(steps: list[StepRecord], state: StepState) -> list[str]:
     return [s.step for s in steps if s.state is state]
+
+
+def taken_over_at(steps: list[StepRecord]) -> datetime:
+    """When the new bot started its own sync: the second sync attempt of the deploy."""
+    syncs = [s for s in steps if s.step == "sync"]
+    assert len(syncs) == 2, syncs
+    return syncs[1].started_at
+
+
+def assert_clean_log(bot: BotProcess) -> None:
+    log = bot.tail(1_000_000)
+    assert "Traceback" not in log, log[-6000:]
 
 
 @contextlib.contextmanager
@@ -166,7 +197,7 @@ async def test_sigkill_mid_deploy_then_restart(
         # ---- killed in rollout: the push is on the remote, so the next bot resumes from sync
         ack = await slack.send_slash(f"deploy poc {short}")
         assert "Working on it" in str(ack), ack
-        record = await wait_step_running(ledger, "rollout")
+        record = await wait_step_running(ledger, "rollout", first)
         await first.kill()
         dead_owner = record.owner
         assert dead_owner
@@ -175,9 +206,10 @@ async def test_sigkill_mid_deploy_then_restart(
         lease = await ledger.get_lease("poc")
         assert lease is not None
         assert lease.deploy_id == record.id
+        assert lease.holder == dead_owner
 
         second = await launch(bots, sandbox, slack, "second")
-        final = await wait_finished(ledger, record.id)
+        final = await wait_finished(ledger, record.id, second)
         assert final.state is DeployState.SUCCEEDED, (final.message, second.tail())
         assert final.owner not in (None, dead_owner)
         assert final.thread_ts
@@ -187,6 +219,7 @@ async def test_sigkill_mid_deploy_then_restart(
         assert "resuming at sync" in text, text
         # the audit trail: everything up to the push once, then sync again and the rest by the new bot
         steps = await ledger.steps(record.id)
+        assert taken_over_at(steps) >= lease.expires_at  # not while the dead bot's lease still held
         ok = step_names(steps, StepState.OK)
         assert ok == [
             "resolve",
@@ -213,10 +246,10 @@ async def test_sigkill_mid_deploy_then_restart(
         assert registry is not None
         with frozen(registry.pid):  # the poc registry hangs: preflight's image check waits on it
             await slack.send_slash(f"deploy poc {short}")
-            doomed = await wait_step_running(ledger, "preflight", after=record.id)
+            doomed = await wait_step_running(ledger, "preflight", second, after=record.id)
             await second.kill()
         third = await launch(bots, sandbox, slack, "third")
-        ended = await wait_finished(ledger, doomed.id)
+        ended = await wait_finished(ledger, doomed.id, third)
         assert ended.state is DeployState.INTERRUPTED, (ended.message, third.tail())
         assert ended.message is not None
         assert "nothing was pushed" in ended.message
@@ -225,6 +258,7 @@ async def test_sigkill_mid_deploy_then_restart(
         assert ended.thread_ts
         await wait_thread(slack, ended.thread_ts, "nothing was pushed")
         assert await ledger.get_lease("poc") is None
+        assert_clean_log(third)
         assert await third.stop() == 0, third.tail()
     finally:
         await ledger.close()
@@ -247,17 +281,21 @@ async def test_failover_between_two_replicas_on_postgres(
     ledger = await Ledger.open(postgres.url)
     try:
         await slack.send_slash(f"deploy poc {short}")
-        record = await wait_step_running(ledger, "rollout")
+        record = await wait_step_running(ledger, "rollout", active)
         # the standby's recovery pass ran many times by now and left a heart-beating deploy alone
         assert (await ledger.get_deploy(record.id)).owner == record.owner
         await active.kill()
-        final = await wait_finished(ledger, record.id)
+        lease = await ledger.get_lease("poc")
+        assert lease is not None
+        assert lease.holder == record.owner
+        final = await wait_finished(ledger, record.id, standby)
         assert final.state is DeployState.SUCCEEDED, (final.message, standby.tail())
         assert final.owner not in (None, record.owner)
         assert final.thread_ts
         text = await wait_thread(slack, final.thread_ts, f"took over from {record.owner}", "Done")
         assert "stopped after sync" in text, text
         steps = await ledger.steps(record.id)
+        assert taken_over_at(steps) >= lease.expires_at  # the standby waited for the lease to lapse
         assert step_names(steps, StepState.OK).count("gitops") == 1
         assert step_names(steps, StepState.OK)[-3:] == ["sync", "rollout", "verify"]
         assert deploy_commits(sandbox, gitops_before) == [f"deploy(poc): funnelcake @ {short}"]
@@ -265,6 +303,7 @@ async def test_failover_between_two_replicas_on_postgres(
         assert running_images(sandbox, "poc") == {
             s: f"{prefix}/funnelcake-{s}:{short}" for s in ("api", "relay")
         }
+        assert_clean_log(standby)
         assert await standby.stop() == 0, standby.tail()
     finally:
         await ledger.close()
