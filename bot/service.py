@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bot.adapters.migrations import check_force
 from bot.drift import DriftReport, build_report
 from bot.errors import PermanentError
 from bot.ledger.models import (
@@ -229,6 +230,8 @@ class DeployService:
         self, env_name: str, version: int, requester: str, *, channel: str | None = None
     ) -> Started:
         """Guarded recovery from a dirty migration (F7): force the version the last failed run reported, then up."""
+        reported = await self.reported_dirty(env_name)
+        check_force(env_name, version, reported)
         record = await self.deps.ledger.create_deploy(
             kind=DeployKind.FORCE_MIGRATE,
             envs=[env_name],
@@ -238,14 +241,28 @@ class DeployService:
             channel=channel,
             owner=self.instance_id,
         )
-        return Started(record, self._spawn(record.id, self._run_force(record, version)))
+        return Started(record, self._spawn(record.id, self._run_force(record, version, reported)))
 
-    async def _run_force(self, record: DeployRecord, version: int) -> DeployRecord:
+    async def reported_dirty(self, env_name: str) -> int | None:
+        """The dirty version the newest migration run in `env` reported, from the audit trail."""
+        for record in await self.deps.ledger.history(env_name, 20):
+            for step in reversed(await self.deps.ledger.steps(record.id)):
+                if step.step not in ("migrate", "force-migrate") or not step.detail:
+                    continue
+                if step.detail.get("env", env_name) != env_name:
+                    continue
+                if step.state is StepState.FAILED and step.detail.get("dirty_version") is not None:
+                    return int(step.detail["dirty_version"])
+                if step.state in (StepState.OK, StepState.FAILED):
+                    return None  # the newest run either cleaned up or failed some other way
+        return None
+
+    async def _run_force(self, record: DeployRecord, version: int, reported: int | None) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
 
         async def work(leases: list[Lease]) -> DeployRecord:
             leases += await self._acquire(ctx.envs, record.id)
-            result = await self._pipeline(record, [ForceMigrate(version)]).run(ctx)
+            result = await self._pipeline(record, [ForceMigrate(version, reported)]).run(ctx)
             return await self._finish(record, ctx, result)
 
         return await self._guarded(record, work)

@@ -188,6 +188,20 @@ class MigrationFailed(PermanentError):
         self.run = run
 
 
+def check_force(env_name: str, version: int, dirty: int | None) -> None:
+    """The guard on `force`: only the version a failed run reported as dirty may be forced."""
+    if dirty is None:
+        raise PermanentError(
+            f"refusing to force a migration version in {env_name}: no run reported a dirty database",
+            hint=f"Run `migrate {env_name} <commit>` first; force is offered only for the version it reports.",
+        )
+    if dirty != version:
+        raise PermanentError(
+            f"refusing to force version {version} in {env_name}: the database is dirty at version {dirty}",
+            hint=f"Use `force {dirty}`.",
+        )
+
+
 class MigrationRunner:
     """Runs migration Jobs; one at a time per env in this process (the Job's fixed name guards the cluster)."""
 
@@ -206,21 +220,24 @@ class MigrationRunner:
         return await self._run(client, env, short_sha, migrate_args("up"))
 
     async def force(
-        self, client: ClusterClient, env: Environment, short_sha: str, version: int
+        self,
+        client: ClusterClient,
+        env: Environment,
+        short_sha: str,
+        version: int,
+        *,
+        reported_dirty: int | None = None,
     ) -> MigrationRun:
-        """Force `version`, allowed only for the dirty version the last run of this env reported (F7)."""
+        """Force `version`, allowed only for the dirty version the last run of this env reported (F7).
+
+        `reported_dirty` is that version as the audit trail recorded it (any bot process, any restart);
+        without it, only a run made by this process counts.
+        """
         last = self._last.get(env.name)
-        if last is None or last.outcome is not MigrateOutcome.DIRTY:
-            raise PermanentError(
-                f"refusing to force a migration version in {env.name}: no run reported a dirty database",
-                hint=f"Run `migrate {env.name} <commit>` first; force is offered only for the version it reports.",
-            )
-        if last.dirty_version != version:
-            raise PermanentError(
-                f"refusing to force version {version} in {env.name}: the database is dirty at version "
-                f"{last.dirty_version}",
-                hint=f"Use `force {last.dirty_version}`.",
-            )
+        dirty = reported_dirty
+        if dirty is None and last is not None and last.outcome is MigrateOutcome.DIRTY:
+            dirty = last.dirty_version
+        check_force(env.name, version, dirty)
         return await self._run(client, env, short_sha, migrate_args("force", version))
 
     async def _run(

@@ -16,8 +16,9 @@ class ForceMigrate(Step[DeployContext]):
     name = "force-migrate"
     timeout = 900.0
 
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, reported_dirty: int | None) -> None:
         self.version = version
+        self.reported_dirty = reported_dirty
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         env = ctx.envs[0]
@@ -27,7 +28,9 @@ class ForceMigrate(Step[DeployContext]):
             raise PermanentError(f"no overlay tag for {env.name}: cannot pick the migrate image to run")
         client = ctx.deps.kube[env.kube_context]
         try:
-            forced = await ctx.deps.migrations.force(client, env, tag, self.version)
+            forced = await ctx.deps.migrations.force(
+                client, env, tag, self.version, reported_dirty=self.reported_dirty
+            )
             await progress(f"{env.name}: forced version {self.version}", {"env": env.name})
             up = await ctx.deps.migrations.up(client, env, tag)
         except MigrationFailed as e:
