@@ -218,7 +218,10 @@ class ClusterClient:
         """Call a typed API method and return the response body as a dict."""
         resp = await self._open(what, fn, *args, **kwargs)
         try:
-            data = await asyncio.wait_for(resp.read(), self.timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that arrives as the
+            # read completes (CPython gh-86296), which left cancelled watch tasks running and a deploy hung.
+            async with asyncio.timeout(self.timeout):
+                data = await resp.read()
         except (TimeoutError, aiohttp.ClientError) as e:
             raise TransientError(f"cluster {self.context} dropped the answer to {what}: {e}") from None
         finally:
@@ -233,7 +236,8 @@ class ClusterClient:
         """Call a method that answers text/plain (pod logs)."""
         resp = await self._open(what, fn, *args, **kwargs)
         try:
-            data = await asyncio.wait_for(resp.read(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # not wait_for: see call()
+                data = await resp.read()
         finally:
             resp.release()
         return data.decode("utf-8", "replace")
