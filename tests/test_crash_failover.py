@@ -174,6 +174,21 @@ def assert_clean_log(bot: BotProcess) -> None:
     assert "Traceback" not in log, log[-6000:]
 
 
+async def wait_push(sandbox: Sandbox, since: str, bot: BotProcess) -> None:
+    """Return the moment the GitOps remote's branch moves off `since` (polled every 10 ms)."""
+    assert sandbox.git is not None
+    loose = sandbox.git.gitops.path / "refs" / "heads" / "main"
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                # The loose ref file is what receive-pack writes; reading it is far cheaper than running git.
+                if loose.exists() and loose.read_text().strip() != since:
+                    return
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"nothing was pushed to the GitOps remote\n{bot.tail()}") from None
+
+
 @contextlib.contextmanager
 def frozen(pid: int) -> Iterator[None]:
     """SIGSTOP a test-bed server so calls to it hang (as a dead network does); SIGCONT on the way out."""
@@ -304,7 +319,32 @@ async def test_failover_between_two_replicas_on_postgres(
             s: f"{prefix}/funnelcake-{s}:{short}" for s in ("api", "relay")
         }
         assert_clean_log(standby)
-        assert await standby.stop() == 0, standby.tail()
+
+        # ---- killed the moment its push lands, before the ledger hears of it: the overlays tell the truth
+        older = sandbox.git.app.short("relay-tune")  # production runs it: its images are there to promote
+        mid = remote_head(sandbox.git.gitops.path)
+        await slack.send_slash(f"deploy poc {older}")  # the standby is the only connection left
+        await wait_push(sandbox, mid, standby)
+        await standby.kill()
+        doomed = await newest(ledger)
+        assert doomed is not None
+        assert doomed.id != record.id
+        recorded = step_names(await ledger.steps(doomed.id), StepState.OK)
+        successor = await launch(bots, sandbox, slack, "successor", database_url=postgres.url)
+        resumed = await wait_finished(ledger, doomed.id, successor)
+        assert resumed.state is DeployState.SUCCEEDED, (resumed.message, successor.tail())
+        assert deploy_commits(sandbox, mid) == [f"deploy(poc): funnelcake @ {older}"]
+        ok = step_names(await ledger.steps(doomed.id), StepState.OK)
+        assert ok.count("gitops") == recorded.count("gitops"), (recorded, ok)  # never pushed again
+        assert ok[-3:] == ["sync", "rollout", "verify"]
+        assert resumed.thread_ts
+        where = "gitops" if "gitops" in recorded else "migrate"
+        await wait_thread(slack, resumed.thread_ts, f"stopped after {where}", "resuming at sync", "Done")
+        assert running_images(sandbox, "poc") == {
+            s: f"{prefix}/funnelcake-{s}:{older}" for s in ("api", "relay")
+        }
+        assert_clean_log(successor)
+        assert await successor.stop() == 0, successor.tail()
     finally:
         await ledger.close()
 
