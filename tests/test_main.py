@@ -38,6 +38,30 @@ async def test_missing_tokens_give_one_clear_message() -> None:
     assert "Traceback" not in text
 
 
+async def test_bad_settings_are_refused_without_echoing_a_secret() -> None:
+    mistake = "xoxb-2222-3333-pasted-into-the-wrong-variable"
+    base = {
+        "PATH": os.environ["PATH"],
+        "SLACK_BOT_TOKEN": "xoxb-1-2-bot",
+        "SLACK_APP_TOKEN": "xapp-1-A-2-app",
+    }
+    for extra, says in (({"SLACK_MODE": mistake}, "slack_mode"), ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL")):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            env=base | extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = err.decode()
+        assert proc.returncode == 2, text
+        assert says in text
+        assert mistake not in text
+        assert "Traceback" not in text
+
+
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
         return resp.status, await resp.text()
