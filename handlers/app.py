@@ -146,7 +146,7 @@ class SlackFront:
     async def _on_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         parsed = commands.parse(str(command.get("text", "")), self.config.env_names)
         if isinstance(parsed, commands.Usage):
-            await ack(text=parsed.message)
+            await ack(text=redact(parsed.message))  # it may quote what the user typed
             return
         if isinstance(parsed, commands.Help):
             await ack(text=commands.help_text(parsed.topic, self.config.env_names))
