@@ -222,3 +222,20 @@ async def test_a_fanned_out_step_reports_the_permanent_verdict_not_the_group() -
     assert result.failed is not None
     assert result.failed.outcome is StepOutcome.FAILED
     assert result.failed.message == "Argo CD sync of funnelcake-api in poc failed: revision not found"
+
+
+async def test_events_reach_reporters_scrubbed_of_credentials() -> None:
+    class Leaky(Step[dict[str, Any]]):
+        name = "migrate"
+
+        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+            raise PermanentError(
+                "migration failed in clickhouse://ch:9000?username=admin&password=hunter2-secret",
+                data={"log": "dial tcp: xoxb-1234567890-abcdefghij failed"},
+            )
+
+    rec = Recorder()
+    await Pipeline("d-11", [Leaky()], [rec]).run({})
+    failed = rec.events[-1]
+    assert "hunter2-secret" not in failed.message
+    assert "xoxb-1234567890-abcdefghij" not in str(failed.data)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import stamina
 
 from bot.errors import BotError, PermanentError, TransientError
+from bot.logs import redact, redact_json
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ class Pipeline(Generic[C]):
         self.reporters = list(reporters)
 
     async def _emit(self, event: StepEvent) -> None:
+        # Every reporter (Slack, the ledger, a terminal) gets the event scrubbed: a step message may quote
+        # a remote's error text, and that can carry a credential.
+        event = replace(event, message=redact(event.message), data=redact_json(dict(event.data)))
         # A reporter that breaks (Slack down) must not break the deploy; it is logged and skipped.
         for reporter in self.reporters:
             try:
