@@ -29,6 +29,7 @@ from handlers import blocks as bk
 log = logging.getLogger(__name__)
 
 BATCH_INTERVAL = 1.0  # seconds between Slack writes of one deploy: Slack's ~1 message/s per channel
+POST_PUSH_STEPS = ("sync", "rollout", "verify")  # they run only once the overlays are pushed (or on resume)
 
 
 class SlackThreadReporter:
@@ -104,8 +105,13 @@ class SlackThreadReporter:
             if e.step == "deploy":
                 ok = e.kind is EventKind.DONE
                 self.outcome = bk.summary_text(e.data, ok, e.message)
+                # Roll back only what this run changed: after a deny, an expiry or a failed preflight the env
+                # still runs its good tag, and a rollback from there would move it to an older one.
+                pushed = self.steps.get("gitops") == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
                 self.buttons = (
-                    [] if ok else [bk.button("Roll back", "rollback", self.record.envs[0], "danger")]
+                    [bk.button("Roll back", "rollback", self.record.envs[0], "danger")]
+                    if not ok and pushed
+                    else []
                 )
                 replies.append(self.outcome)
                 continue
