@@ -265,3 +265,121 @@ async def test_deny_and_expiry_leave_production_untouched(sandbox: Sandbox, slac
         assert await bot.service.deps.ledger.get_lease("production") is None
     finally:
         await bot.stop()
+
+
+# ---- Slack's real posting rate --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def slack_at_real_rate() -> AsyncIterator[FakeSlack]:
+    """Slack's chat.postMessage limit as it is: about one per second per channel, a burst of 3, then 429."""
+    async with FakeSlack(post_interval=1.0, post_burst=3) as slack:
+        yield slack
+
+
+async def test_two_deploys_in_one_rate_limited_channel_lose_nothing(
+    sandbox: Sandbox, slack_at_real_rate: FakeSlack
+) -> None:
+    slack = slack_at_real_rate
+    # the reporter batches at its shipped pace (1 s), as in production
+    bot = await started_bot(sandbox, slack, reporter_interval=1.0)
+    try:
+        short = await push_head(sandbox)
+        acks = await asyncio.gather(
+            ack_of(bot, slack, f"deploy staging {short}", user="U0ALICE"),
+            ack_of(bot, slack, f"deploy poc {short}", user="U0BOB"),
+        )
+        assert all("Working on it" in a for a in acks), acks
+        await bot.settle(timeout=150)
+        assert bot.service is not None
+
+        posts = slack.calls_to("chat.postMessage")
+        limited = [c for c in posts if c.status == 429]
+        assert limited, "the two deploys never hit Slack's rate limit: the test proves nothing"
+        assert all(c.error == "ratelimited" for c in limited)
+        # each refused post was sent again later and accepted: nothing was dropped
+        for refused in limited:
+            assert any(c.ok and c.at > refused.at and c.params == refused.params for c in posts), (
+                refused.params
+            )
+        accepted = [c for c in posts if c.ok]
+        assert len(accepted) + len(limited) == len(posts), [c.response for c in posts if not c.ok]
+        channel = [m for m in slack.messages(CHANNEL) if m.ephemeral_to is None]
+        assert len(accepted) == len(channel) + sum(len(m.replies) for m in channel)  # and none twice
+
+        for env, user in (("staging", "U0ALICE"), ("poc", "U0BOB")):
+            [record] = await bot.service.history(env, 1)
+            assert record.state is DeployState.SUCCEEDED, record.message
+            assert record.requester == user
+            assert live_image(sandbox, env).endswith(f":{short}")
+            root = slack.message(CHANNEL, str(record.thread_ts))
+            assert f"→ {env}" in root.text
+            assert root.buttons() == []
+            assert "Done" in json.dumps(root.blocks, ensure_ascii=False)  # the final chat.update landed
+            thread = "\n".join(r.text for r in slack.thread(CHANNEL, root.ts))
+            # every step the ledger recorded is in the thread, and the final summary after them
+            recorded = {s.step for s in await bot.service.deps.ledger.steps(record.id)} - {"deploy"}
+            assert {"resolve", "preflight", "images", "gitops", "sync", "rollout", "verify"} <= recorded
+            done_at = thread.index("🎉 *Done*")  # the outcome is the summary, after every step
+            for step in recorded:
+                assert 0 <= thread.find(f"*{step}*") < done_at, (env, step, thread)
+    finally:
+        await bot.stop()
+
+
+# ---- a failed rollout and its way back ------------------------------------------------------------
+
+
+async def test_failed_rollout_shows_its_diagnosis_and_rolls_back(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox
+) -> None:
+    assert sandbox.clusters is not None
+    assert bot.service is not None
+    short = await push_head(sandbox)
+    previous = deployed_short(sandbox, "staging")
+    assert live_image(sandbox, "staging").endswith(f":{previous}")
+    # The manifest says linux/amd64, so preflight and the images step rightly pass, but the binaries
+    # inside were built for arm64: on the node they die with `exec format error` (a Mac cross-build).
+    sandbox.clusters["staging"].exec_format_tags.add(short)
+
+    assert "Working on it" in await ack_of(bot, slack_sandbox, f"deploy staging {short}")
+    await bot.settle()
+    [record] = await bot.service.history("staging", 1)
+    assert record.state is DeployState.FAILED
+    steps = {s.step: s.state.value for s in await bot.service.deps.ledger.steps(record.id)}
+    assert steps["images"] == "ok"
+    assert steps["gitops"] == "ok"
+    assert steps["rollout"] == "failed"
+
+    root = slack_sandbox.message(CHANNEL, str(record.thread_ts))
+    assert [(b["action_id"], b["value"]) for b in root.buttons()] == [("rollback", "staging")]
+    assert "Failed" in json.dumps(root.blocks, ensure_ascii=False)
+    [diagnosis] = [r for r in slack_sandbox.thread(CHANNEL, root.ts) if "Diagnosis" in json.dumps(r.blocks)]
+    text = "\n".join(section_texts(diagnosis.blocks or []))
+    assert "🩺 *Diagnosis* (staging)" in text
+    assert "exec format error" in text  # the cause, and the container's own log line as evidence
+    assert "*Evidence*" in text
+    assert "*Fix*" in text
+    assert "linux/amd64" in text
+    assert [(b["action_id"], b["value"]) for b in diagnosis.buttons()] == [
+        ("rollback", "staging"),
+        ("rebuild", f"staging:{short}"),
+    ]
+    assert_within_slack_limits(diagnosis.blocks or [])
+
+    # Roll back from the diagnosis: the previous tag is deployed again and the cluster runs it
+    await bot.click(diagnosis.ts, "rollback", user="U0BOB")
+    await bot.settle()
+    [rollback] = await bot.service.history("staging", 1)
+    assert rollback.kind is DeployKind.ROLLBACK
+    assert rollback.short == previous
+    assert rollback.state is DeployState.SUCCEEDED, rollback.message
+    assert rollback.requester == "U0BOB"
+    for deployment in ("funnelcake-api", "funnelcake-relay"):
+        assert live_image(sandbox, "staging", deployment).endswith(f":{previous}")
+    dep = sandbox.clusters["staging"].store.get("deployments", "funnelcake", "funnelcake-relay")
+    assert dep is not None
+    assert dep["status"]["readyReplicas"] == dep["spec"]["replicas"]
+    back = slack_sandbox.message(CHANNEL, str(rollback.thread_ts))
+    assert f"Roll back staging to {previous}" in back.text
+    assert "🎉 *Done*" in "\n".join(r.text for r in slack_sandbox.thread(CHANNEL, back.ts))
