@@ -234,6 +234,15 @@ async def test_deny_and_expiry_leave_production_untouched(sandbox: Sandbox, slac
         )
         asked_at = time.monotonic()
 
+        # Dave is no approver (nor the requester): his deny is refused and changes nothing
+        await bot.click(expiring_root.ts, "deny", user="U0DAVE")
+        await bot.settle()
+        assert any("Not allowed" in t for t in told(slack_sandbox, "U0DAVE")), told(slack_sandbox, "U0DAVE")
+        assert [b["action_id"] for b in slack_sandbox.message(CHANNEL, expiring_root.ts).buttons()] == [
+            "approve",
+            "deny",
+        ]
+
         # Bob denies Alice's at once
         await bot.click(denied_root.ts, "deny", user="U0BOB")
         await bot.settle()
@@ -246,7 +255,7 @@ async def test_deny_and_expiry_leave_production_untouched(sandbox: Sandbox, slac
         assert denied.approver is None
         assert denied.thread_ts == denied_root.ts
 
-        # Eve's waits past its expiry; Bob's approve click is then refused and the message says so
+        # Carol's waits past its expiry; Bob's approve click is then refused and the message says so
         await asyncio.sleep(max(0.0, expiry + 0.5 - (time.monotonic() - asked_at)))
         await bot.click(expiring_root.ts, "approve", user="U0BOB")
         await bot.settle()
