@@ -65,6 +65,7 @@ class Plan:
     commits: list[CommitInfo] = field(default_factory=list)  # commits included, newest first
     migrations: list[str] = field(default_factory=list)  # migration files changed since the previous tag
     problems: list[str] = field(default_factory=list)  # preflight findings that block the deploy
+    rebuild: bool = False  # every image is built from source, present or not
 
     def images(self) -> list[ImagePlan]:
         return [img for ep in self.env_plans.values() for img in ep.images]
@@ -99,6 +100,7 @@ class Plan:
             commits=[CommitInfo(**c) for c in data["commits"]],
             migrations=list(data["migrations"]),
             problems=list(data["problems"]),
+            rebuild=bool(data.get("rebuild", False)),
         )
 
 

@@ -145,8 +145,13 @@ class DeployService:
         *,
         channel: str | None = None,
         thread_ts: str | None = None,
+        rebuild: bool = False,
     ) -> Started:
-        """Record the deploy and run it in a named background task; returns at once."""
+        """Record the deploy and run it in a named background task; returns at once.
+
+        `rebuild` builds every image from source for linux/amd64 even where a registry has the tag: the
+        fix for an image whose manifest says amd64 but whose binaries are not (`exec format error`).
+        """
         envs = [self.config.env(n) for n in env_names]
         record = await self.deps.ledger.create_deploy(
             kind=kind,
@@ -158,7 +163,7 @@ class DeployService:
             thread_ts=thread_ts,
             owner=self.instance_id,
         )
-        task = self._spawn(record.id, self._run_new(record))
+        task = self._spawn(record.id, self._run_new(record, rebuild=rebuild))
         return Started(record, task)
 
     async def decide(self, deploy_id: str, user: str, *, approve: bool) -> DeployRecord:
@@ -430,8 +435,9 @@ class DeployService:
     ) -> None:
         await self._pipeline(record, [])._emit(StepEvent(record.id, step, kind, message, data))
 
-    async def _run_new(self, record: DeployRecord) -> DeployRecord:
+    async def _run_new(self, record: DeployRecord, *, rebuild: bool = False) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
+        ctx.rebuild = rebuild
         approval = self._needs_approval(record)
 
         async def work(leases: list[Lease]) -> DeployRecord:
@@ -451,6 +457,7 @@ class DeployService:
 
     async def _run_approved(self, record: DeployRecord) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
+        ctx.rebuild = bool(record.plan and record.plan.get("rebuild"))
 
         async def work(leases: list[Lease]) -> DeployRecord:
             leases += await self._acquire(ctx.envs, record.id)

@@ -262,7 +262,9 @@ class SlackFront:
             env, short = value.split(":", 1)
             if await self._refuse(await self.policy.can_deploy(self.config.env(env), user), channel, user):
                 return
-            await svc.start(DeployKind.DEPLOY, [env], short, user, channel=channel)
+            await svc.start(
+                DeployKind.DEPLOY, [env], short, user, channel=channel, rebuild=action_id == "rebuild"
+            )
         elif action_id == "force_migrate":
             env, version = value.split(":", 1)
             await self._force(env, int(version), user, channel)

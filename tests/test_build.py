@@ -292,3 +292,31 @@ async def test_deploy_of_a_commit_in_no_registry_builds_it_in_poc(
     assert relay is not None
     assert relay["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f"/funnelcake-relay:{short}")
     assert relay["status"]["readyReplicas"] == relay["spec"]["replicas"]
+
+
+async def test_rebuild_builds_from_source_even_when_the_registry_has_the_tag(
+    sandbox: Sandbox, service: tuple[DeployService, Events]
+) -> None:
+    """The Rebuild button: an image whose manifest says amd64 but whose binaries are not gets rebuilt."""
+    svc, _ = service
+    assert sandbox.git is not None
+    assert sandbox.clusters is not None
+    short = sandbox.git.app.commits["head"][:7]
+    pushed = {
+        image: await sandbox.registries.push("poc", image, short, "amd64", seed=f"mac-{image}")
+        for image in IMAGES
+    }
+
+    started = await svc.start(DeployKind.DEPLOY, ["poc"], short, "U0ALICE", rebuild=True)
+    record = await svc.wait(started.record.id)
+    assert record.state is DeployState.SUCCEEDED, record.message
+    assert record.plan is not None
+    assert record.plan["rebuild"] is True
+    assert {(i["image"], i["action"]) for ep in record.plan["env_plans"].values() for i in ep["images"]} == {
+        (i, "build") for i in IMAGES
+    }
+    async with RegistryClient(attempts=1) as rc:
+        for image in IMAGES:
+            status = await rc.check(sandbox.registries.prefix("poc"), image, short, AMD64)
+            assert status.ok
+            assert status.digest != pushed[image]  # the registry now holds the fresh build

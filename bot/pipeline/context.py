@@ -62,6 +62,7 @@ class DeployContext:
     ref: str
     requester: str
     force_migrations: bool = False
+    rebuild: bool = False  # build every image from source even where a registry has the tag
     # outputs, in pipeline order
     commit: CommitInfo | None = None
     plan: Plan | None = None

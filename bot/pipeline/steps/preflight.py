@@ -52,6 +52,9 @@ class Preflight(Step[DeployContext]):
     async def _image(self, ctx: DeployContext, env: Environment, image: str, tag: str) -> ImagePlan:
         registry = ctx.deps.registry
         status = await registry.check(env.registry, image, tag, AMD64)
+        if ctx.rebuild:
+            note = "rebuild requested: built from source for linux/amd64 over whatever the registry holds"
+            return ImagePlan(env.name, image, tag, "build", None, platforms=status.platforms, note=note)
         if status.ok:
             return ImagePlan(env.name, image, tag, "present", status.digest, platforms=status.platforms)
         note = (

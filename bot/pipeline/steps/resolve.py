@@ -21,7 +21,7 @@ class Resolve(Step[DeployContext]):
         commit = await deps.app_repo.resolve(ctx.ref)
         ctx.commit = CommitInfo(commit.sha, commit.short, commit.subject, commit.author)
         tags = await deps.gitops.read_tags(deps.config)
-        plan = Plan(ctx.deploy_id, ctx.kind, ctx.env_names, ctx.commit)
+        plan = Plan(ctx.deploy_id, ctx.kind, ctx.env_names, ctx.commit, rebuild=ctx.rebuild)
         migrations: set[str] = set()
         unknown_previous = False
         for env in ctx.envs:
