@@ -4,11 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := docker-registry skopeo git
 PYTEST_ARGS ?=
+# Most tests wait on local servers and subprocesses, so 4 workers fit 2 cores.
+PYTEST_WORKERS ?= 4
 
 .PHONY: test demo lint setup apt venv bench clean
 
 test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check bot handlers tests bench
