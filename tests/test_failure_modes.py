@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bot.adapters.argocd import parse_time
 from bot.adapters.registry import BasicCredentials, DefaultCredentials, RegistryClient
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployRecord, DeployState
@@ -199,7 +200,10 @@ async def test_f2_deploy_refreshes_and_syncs_the_envs_own_argocd(
         assert state["syncResult"]["revision"] == pushed
         assert obj["status"]["sync"] == {**obj["status"]["sync"], "status": "Synced", "revision": pushed}
         assert obj["status"]["health"]["status"] == "Healthy"
-        # the refresh was consumed and no operation is left behind
+        # the status was reconciled after the sync finished (Argo CD learns a new revision only by a refresh),
+        # the refresh annotation consumed, no operation left behind
+        finished, reconciled = parse_time(state["finishedAt"]), parse_time(obj["status"]["reconciledAt"])
+        assert finished is not None and reconciled is not None and reconciled >= finished
         assert "argocd.argoproj.io/refresh" not in (obj["metadata"].get("annotations") or {})
         assert "operation" not in obj
     # The push moved main, yet no other env's Argo CD did anything: a push alone deploys nothing.
@@ -460,8 +464,9 @@ async def test_f7_dirty_migration_stops_then_guarded_force_recovers(
     failure = summary["failure"]
     assert failure["dirty_version"] == 4
     assert failure["outcome"] == "dirty"
-    assert "Dirty database version 4" in failure["log"] or "migration failed" in failure["log"]
-    assert "force" in (summary["hint"] or "") and "4" in (summary["hint"] or "")
+    assert "Dirty database version 4" in record.message
+    assert "error: Dirty database version 4. Fix and force version." in failure["log"]
+    assert "run the guarded `force 4` and `up` again" in (summary["hint"] or "")
     assert (clickhouse.version, clickhouse.dirty) == (4, True)
     # it stopped before git
     assert remote_head(git.gitops.path) == gitops_before
