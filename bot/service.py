@@ -236,7 +236,7 @@ class DeployService:
     ) -> Started:
         """Guarded recovery from a dirty migration (F7): force the version the last failed run reported, then up."""
         reported = await self.reported_dirty(env_name)
-        check_force(env_name, version, reported)
+        check_force(env_name, version, reported[0] if reported else None)
         record = await self.deps.ledger.create_deploy(
             kind=DeployKind.FORCE_MIGRATE,
             envs=[env_name],
@@ -248,8 +248,9 @@ class DeployService:
         )
         return Started(record, self._spawn(record.id, self._run_force(record, version, reported)))
 
-    async def reported_dirty(self, env_name: str) -> int | None:
-        """The dirty version the newest migration run in `env` reported, from the audit trail."""
+    async def reported_dirty(self, env_name: str) -> tuple[int, str] | None:
+        """The dirty version the newest migration run in `env` reported, and the commit whose migrate image
+        ran it (recovery must use that image: an older one does not know the version), from the audit trail."""
         for record in await self.deps.ledger.history(env_name, 20):
             for step in reversed(await self.deps.ledger.steps(record.id)):
                 if step.step not in ("migrate", "force-migrate") or not step.detail:
@@ -257,17 +258,20 @@ class DeployService:
                 if step.detail.get("env", env_name) != env_name:
                     continue
                 if step.state is StepState.FAILED and step.detail.get("dirty_version") is not None:
-                    return int(step.detail["dirty_version"])
+                    return int(step.detail["dirty_version"]), record.short or ""
                 if step.state in (StepState.OK, StepState.FAILED):
                     return None  # the newest run either cleaned up or failed some other way
         return None
 
-    async def _run_force(self, record: DeployRecord, version: int, reported: int | None) -> DeployRecord:
+    async def _run_force(
+        self, record: DeployRecord, version: int, reported: tuple[int, str] | None
+    ) -> DeployRecord:
         ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
 
         async def work(leases: list[Lease]) -> DeployRecord:
             leases += await self._acquire(ctx.envs, record.id)
-            result = await self._pipeline(record, [ForceMigrate(version, reported)]).run(ctx)
+            dirty, image_tag = reported if reported else (None, None)
+            result = await self._pipeline(record, [ForceMigrate(version, dirty, image_tag)]).run(ctx)
             return await self._finish(record, ctx, result)
 
         return await self._guarded(record, work)

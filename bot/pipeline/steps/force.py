@@ -16,14 +16,17 @@ class ForceMigrate(Step[DeployContext]):
     name = "force-migrate"
     timeout = 900.0
 
-    def __init__(self, version: int, reported_dirty: int | None) -> None:
+    def __init__(self, version: int, reported_dirty: int | None, image_tag: str | None) -> None:
         self.version = version
         self.reported_dirty = reported_dirty
+        self.image_tag = image_tag  # the migrate image of the run that left the database dirty
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         env = ctx.envs[0]
-        tags = await ctx.deps.gitops.read_tags(ctx.deps.config)
-        tag = tags.get(env.name, {}).get(Service.API)
+        # The image of the run that failed knows the dirty version; the overlay's (older) one may not.
+        tag = self.image_tag or (await ctx.deps.gitops.read_tags(ctx.deps.config)).get(env.name, {}).get(
+            Service.API
+        )
         if not tag:
             raise PermanentError(f"no overlay tag for {env.name}: cannot pick the migrate image to run")
         client = ctx.deps.kube[env.kube_context]

@@ -161,6 +161,9 @@ class MigrateProgram:
         if self.state.dirty:
             return 1, f"error: Dirty database version {self.state.version}. Fix and force version.\n"
         current = self.state.version if self.state.version is not None else 0
+        if current and current not in {m.version for m in migrations}:
+            # golang-migrate reads the current version's file first: an image older than the database fails
+            return 1, f"error: no migration found for version {current}: read down for version {current}\n"
         pending = [m for m in migrations if m.version > current]
         if limit is not None:
             pending = pending[:limit]
