@@ -133,9 +133,12 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 40)
         assert proc.returncode == 0, out.decode()[-2000:]
-        assert b"Traceback" not in out, out.decode()[-3000:]
         # LOG_FORMAT=json: every line the process wrote is one JSON object
         lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        # None of our own code failed. (slack_sdk logs its reconnect attempts with tracebacks while
+        # the local Slack is down on purpose; that is the library's logging, not a bot failure.)
+        ours = [r for r in lines if r["logger"].split(".")[0] in ("bot", "handlers", "funnelcake")]
+        assert not [r for r in ours if "Traceback" in json.dumps(r)], ours
         assert any(r["msg"].startswith("funnelcake-bot ready (socket mode") for r in lines)
     finally:
         if proc.returncode is None:
