@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ class Sandbox:
     """Everything the bot talks to, on this machine. `async with Sandbox() as sb:` then `sb.settings()`."""
 
     def __init__(self, *, timings: Timings | None = None, root: Path | None = None) -> None:
-        self.timings = timings or Timings.fast()
+        # Fast, but with a 12 s progress deadline (600 s x 0.02): end-to-end runs on a loaded machine
+        # must not see a healthy rollout declared failed; fail-fast diagnosis never waits for it anyway.
+        self.timings = timings or replace(Timings.fast(), deadline_scale=0.02)
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="funnelcake-sandbox-"))
         self.registries = Registries()
