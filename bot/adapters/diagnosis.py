@@ -410,7 +410,7 @@ async def _last_log(client: ClusterClient, ns: str, pod: str, container: str) ->
     kwargs: dict[str, Any] = {"container": container, "tail_lines": _LOG_LINES}
     for previous in (True, False):
         try:
-            return await client.text(
+            text = await client.text(
                 f"log of {pod}/{container}",
                 client.core.read_namespaced_pod_log,
                 pod,
@@ -420,4 +420,6 @@ async def _last_log(client: ClusterClient, ns: str, pod: str, container: str) ->
             )
         except BotError:
             continue
+        if text.strip():  # a restart can leave the previous instance's log empty; then try the current one
+            return text
     return ""

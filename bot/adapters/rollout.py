@@ -217,6 +217,9 @@ async def watch_rollout(
                     last_progress = (ready_new, status.total)
                     await progress(RolloutProgress(name, ready_new, status.total, status.message))
                 if status.phase is RolloutPhase.DONE:
+                    # the Deployment can report done before the last pod's Ready event reaches our watch
+                    if progress is not None and last_progress != (status.total, status.total):
+                        await progress(RolloutProgress(name, status.total, status.total, status.message))
                     new = tuple(sorted(n for n, p in pods.items() if is_new_pod(p, deployment)))
                     return RolloutResult(
                         name,
