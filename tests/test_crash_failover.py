@@ -359,7 +359,9 @@ async def test_two_services_race_for_one_env_on_postgres(
     gitops_before = remote_head(sandbox.git.gitops.path)
 
     def settings(name: str) -> Settings:
-        return sandbox.settings(database_url=postgres.url, work_dir=sandbox.root / name, lease_ttl=1.0)
+        # 3 s, not less: on a loaded machine a 0.25 s heartbeat can slip past a 1 s lease, and the
+        # bot then rightly cancels the deploy it no longer holds
+        return sandbox.settings(database_url=postgres.url, work_dir=sandbox.root / name, lease_ttl=3.0)
 
     async with (
         build_service(settings("one"), sandbox.config) as one,
@@ -396,7 +398,7 @@ async def test_two_services_race_for_one_env_on_postgres(
         )
         await ledger.acquire_lease("poc", holder="bot-dead", deploy_id=orphan.id, ttl=0.2)
         await ledger.record_step(orphan.id, "resolve", state=StepState.OK)
-        await asyncio.sleep(1.2)  # the lease lapsed and the record is older than a lease
+        await asyncio.sleep(3.2)  # the lease lapsed and the record is older than a lease
         lapsed = await ledger.get_lease("poc")
         assert lapsed is not None
         assert lapsed.expires_at < datetime.now(UTC)
