@@ -15,7 +15,8 @@ async def test_the_demo_tour(bot: RunningBot, sandbox: Sandbox, slack_sandbox: F
     await tour(bot, sandbox, slack_sandbox, out=out)
     text = out.getvalue()
     assert "Deploy funnelcake @" in text
-    assert "Approved by @bob" in text
+    assert "Approved by @carol" in text
+    assert "You cannot approve your own deploy" in text
     assert "you may not approve production deploys" in text
     assert "no linux/amd64 image (found: linux/arm64)" in text
     assert "Roll back staging to" in text

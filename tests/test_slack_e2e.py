@@ -57,7 +57,7 @@ async def test_production_deploy_needs_another_approver(bot: RunningBot, slack_s
     assert "Commits included" in str(root.blocks)
     assert "Migrations that will run" in str(root.blocks)
 
-    # the requester cannot approve their own deploy, even as an approver (Bob is one; Alice is not)
+    # Alice is not an approver: refused
     await bot.click(root.ts, "approve", user="U0ALICE")
     await bot.settle()
     ephemerals = [
@@ -84,6 +84,23 @@ async def test_production_deploy_needs_another_approver(bot: RunningBot, slack_s
     [record] = await bot.service.history("production", 1)
     assert record.state is DeployState.SUCCEEDED, record.message
     assert record.approver == "U0BOB"
+
+
+async def test_an_approver_cannot_approve_their_own_deploy(bot: RunningBot, slack_sandbox: FakeSlack) -> None:
+    short = await push_head(bot)
+    await bot.command(f"deploy production {short}", user="U0BOB")  # Bob is an approver
+    await bot.settle()
+    [root] = root_messages(slack_sandbox)
+    await bot.click(root.ts, "approve", user="U0BOB")
+    await bot.settle()
+    bob = [c for c in slack_sandbox.calls_to("chat.postEphemeral") if c.params.get("user") == "U0BOB"]
+    assert any("cannot approve your own deploy" in str(c.params.get("text")) for c in bob), bob
+    root = slack_sandbox.message(CHANNEL, root.ts)
+    assert [b["action_id"] for b in root.buttons()] == ["approve", "deny"]  # still waiting for someone else
+    assert bot.service is not None
+    [record] = await bot.service.history("production", 1)
+    assert record.state is DeployState.AWAITING_APPROVAL
+    assert record.approver is None
 
 
 async def test_forged_and_stale_requests_are_rejected(bot: RunningBot, slack_sandbox: FakeSlack) -> None:

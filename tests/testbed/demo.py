@@ -98,13 +98,13 @@ async def tour(bot: RunningBot, sandbox: Sandbox, slack: FakeSlack, *, out: Text
     await t.command(f"deploy poc {head}")
     t.new_messages()
 
-    t.say("3. alice deploys production: the plan waits for a second person")
-    await t.command(f"deploy production {head}")
+    t.say("3. bob deploys production: the plan waits for a second person")
+    await t.command(f"deploy production {head}", user="bob")
     t.new_messages()
-    t.say("   alice tries to approve her own deploy; dave (not an approver) tries; bob approves")
-    await t.click("^Approve$", "alice")
-    await t.click("^Approve$", "dave")
+    t.say("   bob tries to approve his own deploy; dave (not an approver) tries; carol approves")
     await t.click("^Approve$", "bob")
+    await t.click("^Approve$", "dave")
+    await t.click("^Approve$", "carol")
     t.new_messages()
 
     arm = app.commits["relay-tune"][:7]
