@@ -113,7 +113,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             with contextlib.suppress(TimeoutError):
                 running = list(service._tasks.values())
                 if running:
-                    await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), SHUTDOWN_GRACE)
+                    async with asyncio.timeout(SHUTDOWN_GRACE):
+                        await asyncio.gather(*running, return_exceptions=True)
             await front.shutdown()
             await runner.cleanup()
             with contextlib.suppress(asyncio.CancelledError):

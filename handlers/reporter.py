@@ -68,7 +68,8 @@ class SlackThreadReporter:
 
     async def flush(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - callers wait for Slack in tests/CLI
         """Wait until every queued event is on Slack."""
-        await asyncio.wait_for(self.queue.join(), timeout)
+        async with asyncio.timeout(timeout):
+            await self.queue.join()
 
     async def close(self) -> None:
         if self.task is not None:

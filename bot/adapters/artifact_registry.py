@@ -92,7 +92,8 @@ class ArtifactRegistryTags:
     async def _get_client(self) -> Any:
         async with self._client_lock:
             if self._client is None:
-                self._client = await asyncio.wait_for(asyncio.to_thread(self._make_client), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    self._client = await asyncio.to_thread(self._make_client)
             return self._client
 
     def _make_client(self) -> Any:
@@ -153,10 +154,8 @@ class ArtifactRegistryTags:
         repo = ArtifactRepository.from_prefix(registry_prefix)
         client = await self._get_client()
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(self._list, client, repo, image, limit, tagged_only),
-                self._timeout * (self._max_pages + 1),
-            )
+            async with asyncio.timeout(self._timeout * (self._max_pages + 1)):
+                return await asyncio.to_thread(self._list, client, repo, image, limit, tagged_only)
         # REST errors map by HTTP status (Forbidden, Unauthorized), gRPC ones by code: both can occur
         except (api.Unauthenticated, api.PermissionDenied, api.Unauthorized, api.Forbidden) as e:
             email = getattr(self._credentials, "service_account_email", None)

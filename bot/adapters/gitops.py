@@ -370,7 +370,8 @@ class GitOpsRepo:
                 hint="Install kubectl (it bundles kustomize) in the bot's image.",
             ) from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.render_timeout)
+            async with asyncio.timeout(self.render_timeout):
+                out, err = await proc.communicate()
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -133,9 +133,8 @@ class ClusterClient:
             fresh = k8s.Configuration()
             fresh.refresh_api_key_hook = None
             try:
-                loader = await asyncio.wait_for(
-                    _load_context(auth.kubeconfig, auth.context, fresh), self._exec_timeout
-                )
+                async with asyncio.timeout(self._exec_timeout):
+                    loader = await _load_context(auth.kubeconfig, auth.context, fresh)
             except TimeoutError:
                 raise TransientError(
                     f"the credential plugin for cluster {self.context} did not answer within "
@@ -361,7 +360,8 @@ class KubeClients:
             for context in dict.fromkeys(contexts):
                 configuration = k8s.Configuration()
                 try:
-                    loader = await asyncio.wait_for(_load_context(path, context, configuration), exec_timeout)
+                    async with asyncio.timeout(exec_timeout):
+                        loader = await _load_context(path, context, configuration)
                 except TimeoutError:
                     raise TransientError(
                         f"the credential plugin for cluster {context} did not answer within {exec_timeout:.0f}s"

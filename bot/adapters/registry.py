@@ -165,14 +165,13 @@ class GoogleAccessToken:
                 if self._creds is None:
                     import google.auth  # noqa: PLC0415
 
-                    self._creds, _ = await asyncio.wait_for(
-                        asyncio.to_thread(google.auth.default, scopes=list(self._scopes)),
-                        self._refresh_timeout,
-                    )
+                    async with asyncio.timeout(self._refresh_timeout):
+                        self._creds, _ = await asyncio.to_thread(
+                            google.auth.default, scopes=list(self._scopes)
+                        )
                 if not self._creds.valid:
-                    await asyncio.wait_for(
-                        asyncio.to_thread(self._creds.refresh, Request()), self._refresh_timeout
-                    )
+                    async with asyncio.timeout(self._refresh_timeout):
+                        await asyncio.to_thread(self._creds.refresh, Request())
             except gexc.DefaultCredentialsError as e:
                 raise PermanentError(
                     f"no Google credentials for Artifact Registry: {e}",
