@@ -305,8 +305,9 @@ class DeployService:
 
     async def _announce_expired(self, deploy_id: str) -> None:
         record = await self.deps.ledger.get_deploy(deploy_id)
-        minutes = self.config.timeouts.approval / 60
-        message = f"approval expired: nobody approved within {minutes:g} min; deploy again to ask anew"
+        seconds = self.config.timeouts.approval
+        within = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+        message = f"approval expired: nobody approved within {within}; deploy again to ask anew"
         await self._emit_for(record, "approval", EventKind.FAILED, message)
         summary = {**_summary(record, None, None), "failed_step": "approval"}
         await self._emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)

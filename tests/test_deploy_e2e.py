@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -101,3 +102,26 @@ async def test_status_reports_drift_across_three_envs(
     # the staging site shows the live version
     assert report.envs[1].site is not None
     assert "shows" in report.envs[1].site
+
+
+async def test_an_unanswered_approval_expires_and_the_thread_says_so(sandbox: Sandbox) -> None:
+    assert sandbox.config is not None
+    assert sandbox.git is not None
+    timeouts = sandbox.config.timeouts.model_copy(update={"approval": 0.5})
+    config = sandbox.config.model_copy(update={"timeouts": timeouts})
+    short = sandbox.git.app.commits["head"][:7]
+    for image in ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate"):
+        await sandbox.registries.push("production", image, short, "multi", seed=f"{image}:{short}")
+    events = Events()
+    async with build_service(sandbox.settings(), config, reporters=lambda record: [events]) as svc:
+        started = await svc.start(DeployKind.DEPLOY, ["production"], short, "U0ALICE")
+        record = await svc.wait(started.record.id)
+        assert record.state is DeployState.AWAITING_APPROVAL
+        await asyncio.sleep(0.6)
+        await svc.recover()  # the bot's periodic pass: nobody clicked, the approval lapses
+        record = await svc.deps.ledger.get_deploy(record.id)
+        assert record.state is DeployState.EXPIRED
+        expired = [e.message for e in events.events if e.step == "approval" and e.kind.value == "failed"]
+        assert expired == ["approval expired: nobody approved within 0.5 s; deploy again to ask anew"]
+        assert events.events[-1].step == "deploy"
+        assert events.events[-1].kind.value == "failed"
