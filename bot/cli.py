@@ -24,7 +24,7 @@ from bot.errors import BotError, ConfigError
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
 from bot.models import Plan
 from bot.pipeline.engine import PipelineResult, Reporter
-from bot.service import EXECUTE_STEPS, PLAN_STEPS, DeployService
+from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
 from bot.settings import FunnelcakeConfig, Settings
 from bot.terminal import TerminalReporter
 
@@ -35,7 +35,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 LOG_FILE = "funnelcake-cli.log"
 MAX_USER_LENGTH = 100
 # A migrate run stops after the migration Job: no overlay bump, sync or rollout.
-MIGRATE_STEPS = ("images", "migrate")
 
 DESCRIPTION = """\
 Deploy funnelcake from a terminal: the same operations as the Slack bot, for when Slack is down or for

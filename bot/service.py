@@ -61,10 +61,10 @@ log = logging.getLogger(__name__)
 
 BOT_USER = "funnelcake-bot"
 SUMMARY_STEP = "deploy"  # the event that closes a run: its data is the summary a reporter shows
+# The step names of each kind of run, for reporters that show the list up front (the CLI).
 PLAN_STEPS = ("resolve", "preflight")
 EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
-# Steps after the push only read the cluster: a restarted bot may pick a deploy up from there.
-RESUMABLE_AFTER = ("gitops", "sync", "rollout")
+MIGRATE_STEPS = ("images", "migrate")
 
 ReporterFactory = Callable[[DeployRecord], Sequence[Reporter]]
 
@@ -502,9 +502,9 @@ class DeployService:
             await asyncio.shield(self._release(leases))
 
     def _execute_steps(self, kind: DeployKind) -> list[Step[DeployContext]]:
-        if kind is DeployKind.MIGRATE:
-            return [Images(), Migrate()]
-        return [Images(), Migrate(), GitOps(), Sync(), Rollout(), Verify()]
+        steps: list[Step[DeployContext]] = [Images(), Migrate(), GitOps(), Sync(), Rollout(), Verify()]
+        names = MIGRATE_STEPS if kind is DeployKind.MIGRATE else EXECUTE_STEPS
+        return [s for s in steps if s.name in names]
 
     async def _request_approval(self, record: DeployRecord, ctx: DeployContext) -> DeployRecord:
         plan = ctx.require_plan()
