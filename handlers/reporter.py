@@ -24,6 +24,7 @@ from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import Plan
 from bot.pipeline.engine import EventKind, StepEvent
+from bot.service import SUMMARY_STEP
 from handlers import blocks as bk
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class SlackThreadReporter:
             finally:
                 for _ in batch:
                     self.queue.task_done()
-            if any(e.step == "deploy" for e in batch):
+            if any(e.step == SUMMARY_STEP for e in batch):
                 self.finished.set()
                 if self.on_close is not None:
                     self.on_close(self.record.id)
@@ -103,7 +104,7 @@ class SlackThreadReporter:
         replies: list[str] = []
         extra: list[bk.Block] = []
         for e in batch:
-            if e.step == "deploy":
+            if e.step == SUMMARY_STEP:
                 ok = e.kind is EventKind.DONE
                 self.outcome = bk.summary_text(e.data, ok, e.message)
                 # Roll back only what this run changed: after a deny, an expiry or a failed preflight the env
@@ -131,12 +132,12 @@ class SlackThreadReporter:
                 self.current = e.step
                 continue
             if e.kind is EventKind.PROGRESS:
-                if e.step == "resolve" and e.message:
-                    self.subject = e.message.split("“", 1)[-1].split("”", 1)[0] if "“" in e.message else ""
                 continue
             if e.kind is EventKind.RETRYING:
                 continue
             self.steps[e.step] = e.kind.value
+            if e.step == "resolve" and e.kind is EventKind.DONE:
+                self.subject = str(e.data.get("subject") or "")
             replies.append(bk.step_line(e.step, e.kind.value, e.message, e.elapsed))
             if e.step == "preflight" and e.kind is EventKind.DONE:
                 with contextlib.suppress(Exception):

@@ -47,6 +47,7 @@ class Resolve(Step[DeployContext]):
         return {
             "sha": commit.sha,
             "short": commit.short,
+            "subject": commit.subject,
             "previous": {e: ep.previous for e, ep in plan.env_plans.items()},
             "commits": len(plan.commits),
             "migrations": plan.migrations,
