@@ -121,6 +121,7 @@ class DeployService:
         self.heartbeat_every = heartbeat_every
         self._tasks: dict[str, asyncio.Task[DeployRecord]] = {}
         self._heartbeats: dict[str, asyncio.Task[None]] = {}
+        self._waiting: set[str] = set()  # orphaned deploys already told they wait for a manual unlock
 
     @property
     def config(self) -> FunnelcakeConfig:
@@ -320,8 +321,15 @@ class DeployService:
             nonlocal record
             try:
                 leases += await self._acquire(ctx.envs, record.id)
-            except LockHeld:
-                return record  # another bot is taking it over right now: stand down, it is not a failure
+            except LockHeld as held:
+                # Another bot is taking it over (stand down, not a failure), or someone locked the env by hand
+                # while its bot was dead: then say once why the deploy waits.
+                manual = [lock for lock in await self.deps.ledger.locks() if lock.env in record.envs]
+                if manual and record.id not in self._waiting:
+                    self._waiting.add(record.id)
+                    message = f"waiting to resume: {held.message} The deploy resumes once it is unlocked."
+                    await self._emit_for(record, "recovery", EventKind.PROGRESS, message)
+                return record
             # Two bots may find the same orphan: the lease admits one at a time, but the second may get it
             # after the first finished. Whoever finds it no longer RUNNING under the dead owner stands down.
             current = await self.deps.ledger.get_deploy(record.id)

@@ -125,3 +125,36 @@ async def test_an_unanswered_approval_expires_and_the_thread_says_so(sandbox: Sa
         assert expired == ["approval expired: nobody approved within 0.5 s; deploy again to ask anew"]
         assert events.events[-1].step == "deploy"
         assert events.events[-1].kind.value == "failed"
+
+
+async def test_an_orphaned_deploy_in_a_locked_env_says_once_why_it_waits(sandbox: Sandbox) -> None:
+    assert sandbox.config is not None
+    events = Events()
+    settings = sandbox.settings(lease_ttl=0.5)
+    async with build_service(settings, sandbox.config, reporters=lambda record: [events]) as svc:
+        ledger = svc.deps.ledger
+        orphan = await ledger.create_deploy(
+            kind=DeployKind.DEPLOY,
+            envs=["poc"],
+            ref="aaaf1b8",
+            requester="U0ALICE",
+            state=DeployState.RUNNING,
+            owner="bot-dead",
+        )
+        await ledger.acquire_lease("poc", holder="bot-dead", deploy_id=orphan.id, ttl=0.1)
+        await ledger.lock("poc", "U0CAROL", "database maintenance")
+        await asyncio.sleep(0.6)  # the dead bot's lease lapsed
+        for _ in range(2):
+            assert await svc.recover() == [orphan.id]
+            await svc.wait(orphan.id)
+        waiting = [e.message for e in events.events if e.step == "recovery"]
+        assert len(waiting) == 1  # said once, not on every pass
+        assert "waiting to resume" in waiting[0]
+        assert "database maintenance" in waiting[0]
+        assert (await ledger.get_deploy(orphan.id)).state is DeployState.RUNNING
+        await ledger.unlock("poc", "U0CAROL")
+        assert await svc.recover() == [orphan.id]
+        record = await svc.wait(orphan.id)
+        # it had not pushed anything: interrupted, and the thread says nothing reached git
+        assert record.state is DeployState.INTERRUPTED
+        assert "nothing was pushed" in (record.message or "")
