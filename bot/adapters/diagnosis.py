@@ -406,20 +406,27 @@ class Diagnoser:
 
 
 async def _last_log(client: ClusterClient, ns: str, pod: str, container: str) -> str:
-    """The crashed container's log: the previous instance first, the current one as a fallback."""
+    """The crashed container's log: the previous instance first, the current one as a fallback.
+
+    A restart moves the current log to "previous" between our two reads, so both can come back empty
+    for a moment: read again briefly before concluding there is no output.
+    """
     kwargs: dict[str, Any] = {"container": container, "tail_lines": _LOG_LINES}
-    for previous in (True, False):
-        try:
-            text = await client.text(
-                f"log of {pod}/{container}",
-                client.core.read_namespaced_pod_log,
-                pod,
-                ns,
-                previous=previous,
-                **kwargs,
-            )
-        except BotError:
-            continue
-        if text.strip():  # a restart can leave the previous instance's log empty; then try the current one
-            return text
+    for attempt in range(3):
+        if attempt:
+            await asyncio.sleep(0.2)
+        for previous in (True, False):
+            try:
+                text = await client.text(
+                    f"log of {pod}/{container}",
+                    client.core.read_namespaced_pod_log,
+                    pod,
+                    ns,
+                    previous=previous,
+                    **kwargs,
+                )
+            except BotError:
+                continue
+            if text.strip():
+                return text
     return ""
