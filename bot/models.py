@@ -48,10 +48,6 @@ class EnvPlan:
     run_migrations: bool = False
     locked_by: str | None = None
 
-    @property
-    def services(self) -> list[Service]:
-        return list(Service)
-
 
 @dataclass
 class Plan:

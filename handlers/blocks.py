@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
@@ -194,10 +193,6 @@ def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
     if data.get("hint"):
         text += f"\n_{esc(str(data['hint']))}_"
     return text
-
-
-def decided_line(verb: str, user: str, at: datetime) -> str:
-    return f"{verb} by {mention(user)} at {at:%H:%M} UTC"
 
 
 # ---- status ------------------------------------------------------------------------------------

@@ -155,10 +155,6 @@ class PipelineResult:
         return all(r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED) for r in self.results)
 
     @property
-    def last(self) -> StepResult | None:
-        return self.results[-1] if self.results else None
-
-    @property
     def failed(self) -> StepResult | None:
         return next((r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED)), None)
 
