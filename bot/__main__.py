@@ -30,7 +30,7 @@ from handlers.http import web_app
 
 log = logging.getLogger("funnelcake")
 
-SHUTDOWN_GRACE = 25.0  # Kubernetes gives 30 s between SIGTERM and SIGKILL
+SHUTDOWN_GRACE = 25.0  # Kubernetes gives 30 s between SIGTERM and SIGKILL: hand over well within it
 
 
 def _require(settings: Settings) -> list[str]:
@@ -106,15 +106,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         try:
             await stop.wait()
         finally:
-            log.info("stopping: no new requests; waiting up to %.0fs for running deploys", SHUTDOWN_GRACE)
+            log.info("stopping: no new requests; handing running deploys over to another bot")
             recovery.cancel()
             if socket is not None:
                 await socket.close_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
+            # Hand over, never cancel: only a person cancels. Another bot (or this one, restarted) resumes
+            # each deploy from its recorded step; the threads say so before the process ends.
             with contextlib.suppress(TimeoutError):
-                running = list(service._tasks.values())
-                if running:
-                    async with asyncio.timeout(SHUTDOWN_GRACE):
-                        await asyncio.gather(*running, return_exceptions=True)
+                async with asyncio.timeout(SHUTDOWN_GRACE):
+                    await service.shutdown()
+                    await front.flush()
             await front.shutdown()
             await runner.cleanup()
             with contextlib.suppress(asyncio.CancelledError):

@@ -297,6 +297,7 @@ class Session:
     err: TextIO = field(default_factory=lambda: sys.stderr)
     reporter: TerminalReporter | None = None
     deploy_id: str | None = None
+    stopped: str | None = None  # how Ctrl-C ended the deploy, in the same words as the Slack thread
 
     def say(self, *lines: str) -> None:
         for line in lines:
@@ -386,8 +387,10 @@ async def _run_deploy(
             # Not service.wait(): it swallows the waiter's own cancellation, and Ctrl-C must get through.
             await asyncio.wait({started.task})
         except asyncio.CancelledError:
-            # Ctrl-C: stop the deploy here, so its leases are released and the ledger says cancelled.
-            await service.cancel(started.record.id)
+            # Ctrl-C: a cancel by this user, through the same path (and words) as the Slack Cancel button.
+            with contextlib.suppress(BotError):
+                ended = await asyncio.shield(service.cancel(started.record.id, session.user))
+                session.stopped = ended.message
             raise
         record = await service.wait(started.record.id)
     return _outcome(session, record)
@@ -530,7 +533,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return asyncio.run(_dispatch(session, args, cmd))
     except KeyboardInterrupt:
         stopped = (
-            f": deploy {session.deploy_id} was stopped and its locks released"
+            f": deploy {session.deploy_id} — {session.stopped or 'stopped'}; its locks are released"
             if session and session.deploy_id
             else ""
         )

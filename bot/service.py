@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bot import recovery
 from bot.adapters.migrations import check_force
 from bot.drift import DriftReport, build_report
-from bot.errors import PermanentError
+from bot.errors import PermanentError, TransientError
+from bot.leases import LeaseKeeper
 from bot.ledger.models import (
     ApprovalExpired,
     DeployKind,
     DeployRecord,
     DeployState,
-    Lease,
+    Fenced,
     LockHeld,
     ManualLock,
     StepState,
@@ -55,7 +57,8 @@ from bot.pipeline.steps.resolve import Resolve
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
-from bot.settings import Environment, FunnelcakeConfig, Service
+from bot.runs import Run, RunTracker, Stop
+from bot.settings import FunnelcakeConfig, Service
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +79,65 @@ class Started:
 
 
 class LedgerReporter:
-    """Writes each step's start and end into the audit trail."""
+    """Writes each step's start and end into the audit trail, as the run's current owner (fenced).
 
-    def __init__(self, service: DeployService, deploy_id: str) -> None:
+    When the ledger is unreachable the events are kept, in order, and written once it answers again (the
+    next event, or the run's final write, replays them): no step row is lost to an outage. A write refused
+    because another bot owns the deploy now drops them: the successor writes its own."""
+
+    def __init__(self, service: DeployService, run: Run) -> None:
         self.service = service
-        self.deploy_id = deploy_id
+        self.run = run
+        self.pending: list[StepEvent] = []
 
     async def emit(self, event: StepEvent) -> None:
         if event.step == SUMMARY_STEP:
             return  # the deploy record itself holds the outcome
+        self.pending.append(event)
+        with contextlib.suppress(TransientError):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is pending; TransientError leaves the rest pending, Fenced drops it."""
+        while self.pending:
+            try:
+                await self._write(self.pending[0])
+            except Fenced:
+                self.pending.clear()
+                return
+            except TransientError:
+                if len(self.pending) == 1 or len(self.pending) % 20 == 0:
+                    log.warning("ledger unreachable: %d step event(s) kept for later", len(self.pending))
+                raise
+            self.pending.pop(0)
+
+    async def _write(self, event: StepEvent) -> None:
         ledger = self.service.deps.ledger
+        fence = self.run.record.fence
         if event.kind is EventKind.STARTED:
-            await ledger.record_step(self.deploy_id, event.step, state=StepState.RUNNING)
-        elif event.kind in (EventKind.DONE, EventKind.SKIPPED, EventKind.FAILED, EventKind.ERRORED):
-            state = {
-                EventKind.DONE: StepState.OK,
-                EventKind.SKIPPED: StepState.SKIPPED,
-                EventKind.FAILED: StepState.FAILED,
-                EventKind.ERRORED: StepState.ERRORED,
-            }[event.kind]
+            await ledger.record_step(
+                self.run.record.id, event.step, state=StepState.RUNNING, fence=fence, at=event.at
+            )
+        elif event.kind in _STEP_STATES:
             detail = {"message": event.message, "elapsed": round(event.elapsed, 3), "attempts": event.attempt}
             detail.update({k: v for k, v in event.data.items() if _jsonable(v)})
-            await ledger.finish_step(self.deploy_id, event.step, state=state, detail=detail)
+            await ledger.finish_step(
+                self.run.record.id,
+                event.step,
+                state=_STEP_STATES[event.kind],
+                detail=detail,
+                fence=fence,
+                at=event.at,
+            )
+
+
+_STEP_STATES = {
+    EventKind.DONE: StepState.OK,
+    EventKind.SKIPPED: StepState.SKIPPED,
+    EventKind.FAILED: StepState.FAILED,
+    EventKind.ERRORED: StepState.ERRORED,
+    EventKind.CANCELLED: StepState.ERRORED,
+}
 
 
 def _jsonable(value: object) -> bool:
@@ -120,8 +160,10 @@ class DeployService:
         self.lease_ttl = lease_ttl
         self.heartbeat_every = heartbeat_every
         self._tasks: dict[str, asyncio.Task[DeployRecord]] = {}
-        self._heartbeats: dict[str, asyncio.Task[None]] = {}
+        self._runs: dict[str, Run] = {}
+        self._ledger_reporters: dict[str, LedgerReporter] = {}
         self._waiting: set[str] = set()  # orphaned deploys already told they wait for a manual unlock
+        self._stopping = False
 
     @property
     def config(self) -> FunnelcakeConfig:
@@ -188,19 +230,30 @@ class DeployService:
             self._spawn(deploy_id, self._run_approved(record))
         else:
             message = f"denied by {who(user)}"
-            await self._emit_for(record, "approval", EventKind.FAILED, message)
+            await self.emit_for(record, "approval", EventKind.FAILED, message)
             summary = {**_summary(record, None, None), "failed_step": "approval"}
-            await self._emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+            await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
         return record
 
-    async def cancel(self, deploy_id: str) -> bool:
+    async def cancel(self, deploy_id: str, user: str) -> DeployRecord:
+        """A person asks to stop a deploy. Recorded in the ledger, so whichever bot runs it acts on it (this
+        one at once, another within about a second); a deploy waiting for approval is cancelled outright.
+        Returns the record: final if this bot ran it, else still running with the request noted.
+        Who may cancel is the caller's policy decision."""
+        record = await self.deps.ledger.request_cancel(deploy_id, user)
+        run = self._runs.get(deploy_id)
+        if run is not None and run.task is not None:
+            self._stop(deploy_id, Stop("cancel", by=record.cancel_requested_by or user))
+            await asyncio.wait({run.task})
+        elif record.state is DeployState.CANCELLED:
+            await self.emit_for(record, "approval", EventKind.FAILED, record.message or "cancelled")
+            summary = {**_summary(record, None, None), "failed_step": "approval"}
+            await self.emit_for(record, SUMMARY_STEP, EventKind.CANCELLED, record.message or "", **summary)
+        return await self.deps.ledger.get_deploy(deploy_id)
+
+    def running(self, deploy_id: str) -> bool:
         task = self._tasks.get(deploy_id)
-        if task is None or task.done():
-            return False
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        return True
+        return task is not None and not task.done()
 
     async def wait(self, deploy_id: str) -> DeployRecord:
         task = self._tasks.get(deploy_id)
@@ -264,117 +317,54 @@ class DeployService:
                     return None  # the newest run either cleaned up or failed some other way
         return None
 
-    async def _run_force(
-        self, record: DeployRecord, version: int, reported: tuple[int, str] | None
-    ) -> DeployRecord:
-        ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
-
-        async def work(leases: list[Lease]) -> DeployRecord:
-            leases += await self._acquire(ctx.envs, record.id)
-            dirty, image_tag = reported if reported else (None, None)
-            result = await self._pipeline(record, [ForceMigrate(version, dirty, image_tag)]).run(ctx)
-            return await self._finish(record, ctx, result)
-
-        return await self._guarded(record, work)
-
-    # ---- crash recovery ------------------------------------------------------------------------
+    # ---- crash recovery and hand-over (bot/recovery.py decides; these are its hooks) ----------
 
     async def recover(self) -> list[str]:
-        """Take over deploys whose bot died: their lease lapsed (or they never got one) while still running.
-
-        A deploy that had not pushed to git is marked interrupted (nothing changed, deploy again); one that
-        had pushed is resumed from sync, whose refresh + sync to the GitOps head is safe to repeat, then
-        rollout and verify. Git itself is never half-pushed: a push is atomic on the remote.
-        """
+        """Take over deploys no live bot runs: handed over on a graceful stop, or whose bot died or lost its
+        lease (this bot's own included, after a restart with the same identity or a failed run)."""
         for expired in await self.deps.ledger.expire_approvals():
             await self._announce_expired(expired)
-        now = datetime.now(UTC)
         taken: list[str] = []
-        for record in await self.deps.ledger.in_flight():
-            if record.state is not DeployState.RUNNING or record.id in self._tasks:
-                continue
-            leases = [await self.deps.ledger.get_lease(env) for env in record.envs]
-            if any(lease and lease.deploy_id == record.id and lease.expires_at > now for lease in leases):
-                continue  # its bot is alive and heart-beating
-            if record.owner == self.instance_id:
-                continue  # ours but not running here: only after a failed spawn; leave it to the lease
-            if now - record.updated_at < timedelta(seconds=self.lease_ttl):
-                continue  # too fresh: a live bot may not have taken its lease yet
+        for record in await recovery.orphans(self):
             taken.append(record.id)
-            self._spawn(record.id, self._resume(record))
+            self._spawn(record.id, recovery.resume(self, record))
         return taken
 
-    async def _announce_expired(self, deploy_id: str) -> None:
-        record = await self.deps.ledger.get_deploy(deploy_id)
-        seconds = self.config.timeouts.approval
-        within = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
-        message = f"approval expired: nobody approved within {within}; deploy again to ask anew"
-        await self._emit_for(record, "approval", EventKind.FAILED, message)
-        summary = {**_summary(record, None, None), "failed_step": "approval"}
-        await self._emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+    def note_waiting(self, deploy_id: str) -> bool:
+        """True the first time an orphan is found waiting for a manual unlock (say it once)."""
+        if deploy_id in self._waiting:
+            return False
+        self._waiting.add(deploy_id)
+        return True
 
-    async def _resume(self, record: DeployRecord) -> DeployRecord:
-        ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
-        previous_owner = record.owner or "another bot"
-
-        async def work(leases: list[Lease]) -> DeployRecord:
-            nonlocal record
-            try:
-                leases += await self._acquire(ctx.envs, record.id)
-            except LockHeld as held:
-                # Another bot is taking it over (stand down, not a failure), or someone locked the env by hand
-                # while its bot was dead: then say once why the deploy waits.
-                manual = [lock for lock in await self.deps.ledger.locks() if lock.env in record.envs]
-                if manual and record.id not in self._waiting:
-                    self._waiting.add(record.id)
-                    message = f"waiting to resume: {held.message} The deploy resumes once it is unlocked."
-                    await self._emit_for(record, "recovery", EventKind.PROGRESS, message)
-                return record
-            # Two bots may find the same orphan: the lease admits one at a time, but the second may get it
-            # after the first finished. Whoever finds it no longer RUNNING under the dead owner stands down.
-            current = await self.deps.ledger.get_deploy(record.id)
-            if current.state is not DeployState.RUNNING or current.owner != record.owner:
-                log.info("deploy %s was already taken over by %s", record.id, current.owner)
-                return current
-            record = await self.deps.ledger.update_deploy(
-                record.id, expect_state=DeployState.RUNNING, owner=self.instance_id
-            )
-            done = {s.step for s in await self.deps.ledger.steps(record.id) if s.state is StepState.OK}
-            pushed = "gitops" in done or await self._overlays_at(record)
-            where = record.last_step or "start"
-            if not record.kind.changes_tags or not pushed or record.plan is None:
-                message = (
-                    f"interrupted after {where}: {previous_owner} stopped before anything reached git; "
-                    "nothing was pushed — deploy again"
-                )
-                await self._emit_for(record, "recovery", EventKind.FAILED, message)
-                record = await self.deps.ledger.update_deploy(
-                    record.id, state=DeployState.INTERRUPTED, message=message
-                )
-                await self._emit_for(
-                    record, "deploy", EventKind.FAILED, message, **_summary(record, ctx, None)
-                )
-                return record
-            ctx.plan = Plan.from_json(record.plan)
-            ctx.commit = ctx.plan.commit
-            await self._emit_for(
-                record,
-                "recovery",
-                EventKind.PROGRESS,
-                f"{self.instance_id} took over from {previous_owner} (stopped after {where}); "
-                "the push is on the remote, resuming at sync",
-            )
-            result = await self._pipeline(record, [Sync(), Rollout(), Verify()]).run(ctx)
-            return await self._finish(record, ctx, result)
-
-        return await self._guarded(record, work)
-
-    async def _overlays_at(self, record: DeployRecord) -> bool:
+    async def overlays_at(self, record: DeployRecord) -> bool:
         """Did this deploy's push land although its gitops step was never recorded as done?"""
         tags = await self.deps.gitops.read_tags(self.config)
         return bool(record.short) and all(
             set(tags.get(env, {}).values()) == {record.short} for env in record.envs
         )
+
+    def post_push_steps(self) -> list[Step[DeployContext]]:
+        return [Sync(), Rollout(), Verify()]
+
+    async def run_steps(self, run: Run, steps: Sequence[Step[DeployContext]]) -> DeployRecord:
+        result = await self._pipeline(run, steps).run(run.ctx)
+        return await self._finish(run, result)
+
+    async def replan_and_run(self, run: Run) -> DeployRecord:
+        """Plan again and run the rest; an approved deploy goes on only if the plan is what was approved."""
+        replanned = await self._pipeline(run, [Resolve(), Preflight()]).run(run.ctx)
+        if not replanned.ok or run.ctx.plan is None:
+            return await self._finish(run, replanned)
+        if self._needs_approval(run.record):
+            await self.deps.ledger.verify_approval(run.record.id, binding=run.ctx.plan.binding())
+        return await self.run_steps(run, self._execute_steps(run.record.kind))
+
+    async def finish_with(self, run: Run, state: DeployState, message: str) -> DeployRecord:
+        run.record = await self._write(run, state=state, message=message)
+        summary = {**_summary(run.record, None, None), "failed_step": "recovery"}
+        await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+        return run.record
 
     async def rollback_target(self, env_name: str) -> str:
         """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
@@ -400,9 +390,14 @@ class DeployService:
         )
 
     async def shutdown(self) -> None:
+        """A graceful stop: every running deploy is handed over (not cancelled) for another bot to resume."""
+        self._stopping = True
         tasks = [t for t in self._tasks.values() if not t.done()]
+        for deploy_id in list(self._runs):
+            self._stop(deploy_id, Stop("handover"))
         for t in tasks:
-            t.cancel()
+            if not t.done():
+                t.cancel()  # not yet a run (still claiming): it stops without touching anything
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -414,10 +409,15 @@ class DeployService:
         with deploy_context(deploy_id):
             task = asyncio.create_task(coro, name=f"deploy-{deploy_id}")
         self._tasks[deploy_id] = task
-        task.add_done_callback(
-            lambda t: self._tasks.pop(deploy_id, None) if self._tasks.get(deploy_id) is t else None
-        )
+        task.add_done_callback(lambda t: self._task_done(deploy_id, t))
         return task
+
+    def _task_done(self, deploy_id: str, task: asyncio.Task[DeployRecord]) -> None:
+        if self._tasks.get(deploy_id) is task:
+            self._tasks.pop(deploy_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Never silent: the recovery pass picks the deploy up again (ours, no task), and the log says why.
+            log.error("deploy %s stopped on an error", deploy_id, exc_info=task.exception())
 
     def _context(
         self, deploy_id: str, kind: DeployKind, env_names: Sequence[str], ref: str, requester: str
@@ -437,108 +437,179 @@ class DeployService:
             return False  # back to a tag that already ran there; speed matters more than a second click
         return any(self.config.env(e).approval_required for e in record.envs)
 
-    def _pipeline(
-        self, record: DeployRecord, steps: Sequence[Step[DeployContext]]
-    ) -> Pipeline[DeployContext]:
-        reporters: list[Reporter] = [LedgerReporter(self, record.id), *self.reporters(record)]
-        return Pipeline(record.id, steps, reporters)
+    def _pipeline(self, run: Run, steps: Sequence[Step[DeployContext]]) -> Pipeline[DeployContext]:
+        reporters: list[Reporter] = [
+            RunTracker(run),
+            self._ledger_reporter(run),
+            *self.reporters(run.record),
+        ]
+        return Pipeline(run.record.id, steps, reporters)
 
-    async def _emit_for(
+    def _ledger_reporter(self, run: Run) -> LedgerReporter:
+        reporter = self._ledger_reporters.get(run.record.id)
+        if reporter is None or reporter.run is not run:
+            reporter = self._ledger_reporters[run.record.id] = LedgerReporter(self, run)
+        return reporter
+
+    async def emit_for(
         self, record: DeployRecord, step: str, kind: EventKind, message: str, **data: object
     ) -> None:
-        await self._pipeline(record, [])._emit(StepEvent(record.id, step, kind, message, data))
+        """An event outside any step (a decision, a recovery, the summary), to the record's reporters."""
+        reporters = list(self.reporters(record))
+        run = self._runs.get(record.id)
+        if run is not None:
+            reporters.insert(0, self._ledger_reporter(run))
+        await Pipeline(record.id, [], reporters)._emit(StepEvent(record.id, step, kind, message, data))
 
-    async def _run_new(self, record: DeployRecord, *, rebuild: bool = False) -> DeployRecord:
-        ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
-        ctx.rebuild = rebuild
-        approval = self._needs_approval(record)
-
-        async def work(leases: list[Lease]) -> DeployRecord:
-            nonlocal record
-            if not approval:
-                leases += await self._acquire(ctx.envs, record.id)
-            planned = await self._pipeline(record, [Resolve(), Preflight()]).run(ctx)
-            record = await self._save_plan(record, ctx)
-            if not planned.ok:
-                return await self._finish(record, ctx, planned)
-            if approval:
-                return await self._request_approval(record, ctx)
-            executed = await self._pipeline(record, self._execute_steps(record.kind)).run(ctx)
-            return await self._finish(record, ctx, executed)
-
-        return await self._guarded(record, work)
-
-    async def _run_approved(self, record: DeployRecord) -> DeployRecord:
-        ctx = self._context(record.id, record.kind, record.envs, record.ref, record.requester)
-        ctx.rebuild = bool(record.plan and record.plan.get("rebuild"))
-
-        async def work(leases: list[Lease]) -> DeployRecord:
-            leases += await self._acquire(ctx.envs, record.id)
-            await self._emit_for(
-                record, "approval", EventKind.DONE, f"approved by {who(record.approver or '?')}"
-            )
-            # Re-plan: the approval holds only if the commit and every digest are still what was approved.
-            replanned = await Pipeline(record.id, [Resolve(), Preflight()], []).run(ctx)
-            if not replanned.ok or ctx.plan is None:
-                return await self._finish(record, ctx, replanned)
-            await self.deps.ledger.verify_approval(record.id, binding=ctx.plan.binding())
-            executed = await self._pipeline(record, self._execute_steps(record.kind)).run(ctx)
-            return await self._finish(record, ctx, executed)
-
-        return await self._guarded(record, work)
-
-    async def _guarded(
-        self, record: DeployRecord, work: Callable[[list[Lease]], Awaitable[DeployRecord]]
+    async def guarded(
+        self, record: DeployRecord, work: Callable[[Run], Awaitable[DeployRecord]]
     ) -> DeployRecord:
-        """Run one deploy's work holding its leases; a refusal before the pipeline (env locked or
-        leased, approval voided) ends the deploy with that message; leases are always released."""
-        leases: list[Lease] = []
+        """Run one deploy's work as its owner. A refusal before the pipeline (env locked or leased, approval
+        voided) ends the deploy with that message; a stop (cancel, hand-over, lost lease) ends it as
+        `_stopped` says; leases are always released."""
+        ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
+        run = Run(record, ctx, task=self._tasks.get(record.id))
+        self._runs[record.id] = run
         try:
-            return await work(leases)
+            return await work(run)
+        except Fenced as e:
+            await self._lost(run, e.why)
+            return run.record
         except PermanentError as e:
             step = "lock" if isinstance(e, LockHeld) else "approval"
-            record = await self.deps.ledger.update_deploy(
-                record.id, state=DeployState.FAILED, message=e.message
-            )
-            summary = {**_summary(record, None, None), "failed_step": step, "hint": e.hint}
-            await self._emit_for(record, "deploy", EventKind.FAILED, e.message, **summary)
-            return record
+            try:
+                run.record = await self._write(run, state=DeployState.FAILED, message=e.message)
+            except Fenced as lost:
+                await self._lost(run, lost.why)
+                return run.record
+            summary = {**_summary(run.record, None, None), "failed_step": step, "hint": e.hint}
+            await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, e.message, **summary)
+            return run.record
         except asyncio.CancelledError:
-            await asyncio.shield(self._cancelled(record))
+            stop = run.stop or (Stop("handover") if self._stopping else Stop("cancel"))
+            await asyncio.shield(self._stopped(run, stop))
+            task = asyncio.current_task()
+            if run.stop is not None and stop.kind != "handover" and task is not None and task.uncancel() == 0:
+                return run.record  # we stopped it ourselves: the run ends normally, with its record
             raise
         finally:
-            await asyncio.shield(self._release(leases))
+            if run.keeper is not None:
+                await asyncio.shield(run.keeper.release())
+            if self._runs.get(record.id) is run:
+                self._runs.pop(record.id, None)
+                self._ledger_reporters.pop(record.id, None)
+
+    def _stop(self, deploy_id: str, stop: Stop) -> None:
+        run = self._runs.get(deploy_id)
+        if run is None or run.stop is not None or run.task is None or run.task.done():
+            return
+        run.stop = stop
+        run.task.cancel()
+
+    async def take_leases(self, run: Run) -> None:
+        """Hold the run's envs under its fence; the one lock rule: only the bot's own failure lock lets a
+        rollback through."""
+        fence = run.record.fence
+        if fence is None:
+            raise Fenced(run.record.id, "it has no owner")
+        deploy_id = run.record.id
+        run.keeper = LeaseKeeper(
+            self.deps.ledger,
+            deploy_id,
+            fence,
+            ttl=self.lease_ttl,
+            heartbeat_every=self.heartbeat_every,
+            on_lost=lambda lost: self._stop(deploy_id, Stop("lost", why=lost.why)),
+            on_cancel=lambda user: self._stop(deploy_id, Stop("cancel", by=user)),
+        )
+        rollback = run.record.kind is DeployKind.ROLLBACK
+        await run.keeper.acquire(run.record.envs, passes=lambda lock: rollback and lock.user == BOT_USER)
+        run.ctx.guard = run.keeper.prove
+
+    async def _own(self, record: DeployRecord) -> DeployRecord:
+        """Become the deploy's owner at a new epoch: whoever wrote as its owner before is fenced out."""
+        return await self.deps.ledger.claim_deploy(record.id, owner=self.instance_id, expect=record.fence)
+
+    async def _run_new(self, record: DeployRecord, *, rebuild: bool = False) -> DeployRecord:
+        record = await self._own(record)
+        approval = self._needs_approval(record)
+
+        async def work(run: Run) -> DeployRecord:
+            run.ctx.rebuild = rebuild
+            if not approval:
+                await self.take_leases(run)
+            planned = await self._pipeline(run, [Resolve(), Preflight()]).run(run.ctx)
+            await self._save_plan(run)
+            if not planned.ok:
+                return await self._finish(run, planned)
+            if approval:
+                return await self._request_approval(run)
+            return await self.run_steps(run, self._execute_steps(run.record.kind))
+
+        return await self.guarded(record, work)
+
+    async def _run_approved(self, record: DeployRecord) -> DeployRecord:
+        record = await self._own(record)
+
+        async def work(run: Run) -> DeployRecord:
+            run.ctx.rebuild = bool(record.plan and record.plan.get("rebuild"))
+            await self.take_leases(run)
+            await self.emit_for(
+                run.record, "approval", EventKind.DONE, f"approved by {who(run.record.approver or '?')}"
+            )
+            # Re-plan: the approval holds only if the commit and every digest are still what was approved.
+            replanned = await Pipeline(run.record.id, [Resolve(), Preflight()], []).run(run.ctx)
+            if not replanned.ok or run.ctx.plan is None:
+                return await self._finish(run, replanned)
+            await self.deps.ledger.verify_approval(run.record.id, binding=run.ctx.plan.binding())
+            return await self.run_steps(run, self._execute_steps(run.record.kind))
+
+        return await self.guarded(record, work)
+
+    async def _run_force(
+        self, record: DeployRecord, version: int, reported: tuple[int, str] | None
+    ) -> DeployRecord:
+        record = await self._own(record)
+
+        async def work(run: Run) -> DeployRecord:
+            await self.take_leases(run)
+            dirty, image_tag = reported if reported else (None, None)
+            return await self.run_steps(run, [ForceMigrate(version, dirty, image_tag)])
+
+        return await self.guarded(record, work)
 
     def _execute_steps(self, kind: DeployKind) -> list[Step[DeployContext]]:
         steps: list[Step[DeployContext]] = [Images(), Migrate(), GitOps(), Sync(), Rollout(), Verify()]
         names = MIGRATE_STEPS if kind is DeployKind.MIGRATE else EXECUTE_STEPS
         return [s for s in steps if s.name in names]
 
-    async def _request_approval(self, record: DeployRecord, ctx: DeployContext) -> DeployRecord:
-        plan = ctx.require_plan()
+    async def _request_approval(self, run: Run) -> DeployRecord:
+        plan = run.ctx.require_plan()
         expires = datetime.now(UTC) + timedelta(seconds=self.config.timeouts.approval)
+        await self._flush_ledger(run)
         await self.deps.ledger.request_approval(
-            record.id, binding=plan.binding(), requester=record.requester, expires_at=expires
+            run.record.id, binding=plan.binding(), requester=run.record.requester, expires_at=expires
         )
-        record = await self.deps.ledger.get_deploy(record.id)
-        await self._emit_for(
-            record,
+        run.record = await self.deps.ledger.get_deploy(run.record.id)
+        await self.emit_for(
+            run.record,
             "approval",
             EventKind.STARTED,
             "waiting for approval",
             plan=plan.to_json(),
             expires_at=expires.isoformat(),
         )
-        return record
+        return run.record
 
-    async def _save_plan(self, record: DeployRecord, ctx: DeployContext) -> DeployRecord:
+    async def _save_plan(self, run: Run) -> None:
+        ctx = run.ctx
         if ctx.plan is None:
-            return record
+            return
         previous = {e: ep.previous.get("api", "") for e, ep in ctx.plan.env_plans.items()}
         short = ctx.plan.commit.short
-        tags = {e: short for e in record.envs} if record.kind.changes_tags else {}
-        return await self.deps.ledger.update_deploy(
-            record.id,
+        tags = {e: short for e in run.record.envs} if run.record.kind.changes_tags else {}
+        run.record = await self._write(
+            run,
             plan=ctx.plan.to_json(),
             sha=ctx.plan.commit.sha,
             short=short,
@@ -546,101 +617,160 @@ class DeployService:
             tags=tags,
         )
 
-    async def _finish(self, record: DeployRecord, ctx: DeployContext, result: PipelineResult) -> DeployRecord:
+    async def _write(self, run: Run, **fields: Any) -> DeployRecord:
+        """A write about the run's deploy, as its owner: kept trying while the ledger is unreachable (the lease
+        keeper stops the run if that lasts past the lease), refused with Fenced once another bot owns it."""
+        await self._flush_ledger(run)
+        delay = 0.2
+        while True:
+            try:
+                return await self.deps.ledger.update_deploy(run.record.id, fence=run.record.fence, **fields)
+            except TransientError as e:
+                log.warning("ledger unreachable writing deploy %s (%s); retrying", run.record.id, e.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _flush_ledger(self, run: Run) -> None:
+        reporter = self._ledger_reporter(run)
+        delay = 0.2
+        while True:
+            try:
+                await reporter.flush()
+            except TransientError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                return
+
+    async def _finish(self, run: Run, result: PipelineResult) -> DeployRecord:
         failed = result.failed
+        if failed is not None and run.keeper is not None and run.keeper.lost is not None:
+            raise Fenced(run.record.id, run.keeper.lost.why)  # the step stopped because the lease was lost
         if failed is None:
-            record = await self.deps.ledger.update_deploy(
-                record.id, state=DeployState.SUCCEEDED, message="deployed"
-            )
-            await self._clear_failure_lock(record)
+            run.record = await self._write(run, state=DeployState.SUCCEEDED, message="deployed")
+            await self._clear_failure_lock(run.record)
         else:
             message = f"{failed.step}: {failed.message}"
-            record = await self.deps.ledger.update_deploy(
-                record.id, state=DeployState.FAILED, message=message
-            )
+            run.record = await self._write(run, state=DeployState.FAILED, message=message)
             changed_git = any(r.step == "gitops" and r.outcome is StepOutcome.OK for r in result.results)
-            for env in record.envs:
-                if changed_git and self.config.env(env).approval_required:
-                    # A failed production deploy holds production until someone rolls back or unlocks.
-                    reason = f"deploy {record.id} failed at {failed.step}; roll back or unlock"
-                    await self.deps.ledger.lock(env, BOT_USER, reason)
-        await self._emit_for(
-            record,
-            "deploy",
+            if changed_git:
+                await self._lock_after_failure(run.record, failed.step)
+        await self.emit_for(
+            run.record,
+            SUMMARY_STEP,
             EventKind.DONE if failed is None else EventKind.FAILED,
-            record.message or "",
-            **_summary(record, ctx, result),
+            run.record.message or "",
+            **_summary(run.record, run.ctx, result),
         )
-        return record
+        return run.record
+
+    async def _lock_after_failure(self, record: DeployRecord, where: str) -> None:
+        for env in record.envs:
+            if self.config.env(env).approval_required:
+                # A failed production deploy holds production until someone rolls back or unlocks.
+                reason = f"deploy {record.id} failed at {where}; roll back or unlock"
+                with contextlib.suppress(LockHeld):
+                    await self.deps.ledger.lock(env, BOT_USER, reason)
 
     async def _clear_failure_lock(self, record: DeployRecord) -> None:
         for lock in await self.deps.ledger.locks():
             if lock.env in record.envs and lock.user == BOT_USER:
                 await self.deps.ledger.unlock(lock.env, BOT_USER)
 
-    async def _cancelled(self, record: DeployRecord) -> None:
-        with contextlib.suppress(Exception):
-            await self.deps.ledger.update_deploy(record.id, state=DeployState.CANCELLED, message="cancelled")
+    # ---- how a stopped run ends -----------------------------------------------------------------
 
-    # ---- leases -------------------------------------------------------------------------------
-
-    async def _acquire(self, envs: Sequence[Environment], deploy_id: str) -> list[Lease]:
-        leases: list[Lease] = []
-        record = await self.deps.ledger.get_deploy(deploy_id)
+    async def _stopped(self, run: Run, stop: Stop) -> None:
         try:
-            for env in sorted(
-                envs, key=lambda e: e.name
-            ):  # a fixed order: two multi-env deploys never deadlock
-                await self._refuse_if_locked(env, record)
-                leases.append(
-                    await self.deps.ledger.acquire_lease(
-                        env.name,
-                        holder=self.instance_id,
-                        deploy_id=deploy_id,
-                        ttl=self.lease_ttl,
-                        ignore_lock_by=BOT_USER if record.kind is DeployKind.ROLLBACK else None,
-                    )
-                )
-        except BaseException:
-            await self._release(leases)
-            raise
-        self._spawn_heartbeat(deploy_id, leases)
-        return leases
+            if stop.kind == "handover":
+                await self._hand_over(run)
+            elif stop.kind == "lost":
+                await self._lost(run, stop.why)
+            else:
+                await self._cancelled(run, stop.by)
+        except Fenced as e:
+            await self._lost(run, e.why)
+        except Exception:
+            log.exception("could not record how deploy %s stopped", run.record.id)
 
-    async def _refuse_if_locked(self, env: Environment, record: DeployRecord) -> None:
-        for lock in await self.deps.ledger.locks():
-            if lock.env != env.name:
-                continue
-            if record.kind is DeployKind.ROLLBACK and lock.user == BOT_USER:
-                continue  # a rollback is the way out of a failed-deploy lock
-            raise LockHeld.for_lock(lock, datetime.now(UTC))
+    async def _pushed(self, run: Run) -> bool:
+        """Did this run's overlays reach the GitOps remote? (Sync and later run only once they have.)"""
+        if not run.record.kind.changes_tags:
+            return False
+        if "gitops" in run.done or run.current in POST_PUSH_STEPS or set(run.done) & set(POST_PUSH_STEPS):
+            return True
+        if run.current == "gitops":
+            return await self.overlays_at(run.record)  # stopped mid-push: the remote tells
+        return False
 
-    def _spawn_heartbeat(self, deploy_id: str, leases: list[Lease]) -> None:
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.heartbeat_every)
-                for lease in leases:
-                    if not await self.deps.ledger.heartbeat(lease.env, self.instance_id, self.lease_ttl):
-                        log.error("lost the lease on %s for %s", lease.env, deploy_id)
-                        deploy = self._tasks.get(deploy_id)
-                        if deploy is not None:
-                            deploy.cancel()
-                        return
+    async def _cancelled(self, run: Run, by: str | None) -> None:
+        where = run.where
+        by_whom = f" by {who(by)}" if by else ""
+        try:
+            pushed = await self._pushed(run)
+        except Exception:  # noqa: BLE001 - unknown is told as such; the cancel itself must still be recorded
+            pushed = None
+        short = run.record.short or run.record.ref
+        if pushed:
+            overlays = " and ".join(f"{env}'s" for env in run.record.envs)
+            plural = " is" if len(run.record.envs) == 1 else "s are"
+            mid = f"mid-{where}" if where in POST_PUSH_STEPS else f"about to sync (stopped at {where})"
+            message = (
+                f"cancelled{by_whom} after the GitOps push: {overlays} overlay{plural} at `{short}`, "
+                f"the cluster was {mid}"
+            )
+        elif pushed is None:
+            message = (
+                f"cancelled{by_whom} at {where}; whether the GitOps push landed is unknown — check `status`"
+            )
+        else:
+            message = f"cancelled{by_whom} at {where}; nothing was pushed"
+        run.record = await self._write(run, state=DeployState.CANCELLED, message=message)
+        if pushed:
+            await self._lock_after_failure(run.record, where)
+        summary = {**_summary(run.record, run.ctx, None), "failed_step": where, "pushed": bool(pushed)}
+        await self.emit_for(run.record, SUMMARY_STEP, EventKind.CANCELLED, message, **summary)
 
-        task = asyncio.create_task(beat(), name=f"lease-heartbeat-{deploy_id}")
-        self._heartbeats[deploy_id] = task
-
-    async def _release(self, leases: list[Lease]) -> None:
-        if not leases:
+    async def _hand_over(self, run: Run) -> None:
+        where = run.where
+        fence = run.record.fence
+        if fence is None:
             return
-        beat = self._heartbeats.pop(leases[0].deploy_id, None)
-        if beat is not None:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
-        for lease in leases:
-            with contextlib.suppress(Exception):
-                await self.deps.ledger.release_lease(lease.env, self.instance_id)
+        await self._flush_ledger_briefly(run)
+        async with asyncio.timeout(10):
+            run.record = await self.deps.ledger.hand_over(run.record.id, fence)
+        await self.emit_for(
+            run.record,
+            "recovery",
+            EventKind.PROGRESS,
+            f"handed over at {where}: {self.instance_id} is stopping; another bot resumes it",
+        )
+
+    async def _flush_ledger_briefly(self, run: Run) -> None:
+        with contextlib.suppress(TimeoutError, TransientError):
+            async with asyncio.timeout(5):
+                await self._flush_ledger(run)
+
+    async def _lost(self, run: Run, why: str) -> None:
+        """This bot can no longer prove it owns the deploy: it writes nothing more about it and says so."""
+        where = run.where
+        await self.emit_for(
+            run.record,
+            "recovery",
+            EventKind.PROGRESS,
+            f"{self.instance_id} stopped at {where} and left the deploy to another bot: {why}",
+        )
+
+    async def _announce_expired(self, deploy_id: str) -> None:
+        record = await self.deps.ledger.get_deploy(deploy_id)
+        seconds = self.config.timeouts.approval
+        within = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+        message = f"approval expired: nobody approved within {within}; deploy again to ask anew"
+        await self.emit_for(record, "approval", EventKind.FAILED, message)
+        summary = {**_summary(record, None, None), "failed_step": "approval"}
+        await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+
+
+POST_PUSH_STEPS = ("sync", "rollout", "verify")
 
 
 def _summary(

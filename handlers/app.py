@@ -18,7 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import commands
 from bot.errors import BotError
-from bot.ledger.models import DeployKind, DeployRecord
+from bot.ledger.models import DeployKind, DeployRecord, who
 from bot.logs import redact, redact_json
 from bot.policy.rbac import Decision, GroupCache, Policy
 from bot.service import DeployService, Started
@@ -239,6 +239,36 @@ class SlackFront:
             name=f"action-{action_id}-{user}",
         )
 
+    async def _cancel(self, deploy_id: str, user: str, channel: str) -> None:
+        """Stop a deploy: its requester, a deployer of every env it touches, or an admin of one of them."""
+        svc = self.service
+        record = await svc.deps.ledger.get_deploy(deploy_id)
+        if record.state.terminal:
+            await self._tell(channel, user, f"That deploy already ended: {record.state.value}.")
+            return
+        if user != record.requester:
+            envs = [self.config.env(e) for e in record.envs]
+            deployer = [await self.policy.can_deploy(env, user) for env in envs]
+            admin = [await self.policy.can_admin(env, user) for env in envs]
+            if not all(d.allowed for d in deployer) and not any(a.allowed for a in admin):
+                refusal = next(d for d in deployer if not d.allowed)
+                await self._tell(
+                    channel,
+                    user,
+                    f"🚫 Not allowed: only its requester {who(record.requester)}, the deployers of "
+                    f"{', '.join(record.envs)} or an admin may cancel it ({refusal.reason}).",
+                )
+                return
+        ended = await svc.cancel(deploy_id, user)
+        if ended.state.terminal:
+            await self._tell(channel, user, f"🛑 {ended.message or 'Cancelled.'}")
+        else:
+            await self._tell(
+                channel,
+                user,
+                "🛑 Cancel requested: the bot running it stops it within seconds; the thread says where.",
+            )
+
     async def _click(self, action_id: str, value: str, user: str, channel: str) -> None:
         svc = self.service
         if action_id in ("approve", "deny"):
@@ -252,10 +282,7 @@ class SlackFront:
                         return
             await svc.decide(value, user, approve=action_id == "approve")
         elif action_id == "cancel":
-            cancelled = await svc.cancel(value)
-            await self._tell(
-                channel, user, "🛑 Cancelled." if cancelled else "That deploy is not running any more."
-            )
+            await self._cancel(value, user, channel)
         elif action_id == "rollback":
             await self._rollback(value, user, channel)
         elif action_id in ("rebuild", "catchup"):

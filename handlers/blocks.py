@@ -189,6 +189,9 @@ def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
         if data.get("revision"):
             lines.append(f"Argo CD revision `{str(data['revision'])[:7]}`")
         return "\n".join(lines)
+    if data.get("state") == "cancelled":
+        # The service writes this text from Slack IDs (`cancelled by <@U…>`): the mention stays unescaped.
+        return f"🛑 *Cancelled* after {seconds}s: {message}"
     text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc(message)}"
     if data.get("hint"):
         text += f"\n_{esc(str(data['hint']))}_"

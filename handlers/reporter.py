@@ -109,7 +109,9 @@ class SlackThreadReporter:
                 self.outcome = bk.summary_text(e.data, ok, e.message)
                 # Roll back only what this run changed: after a deny, an expiry or a failed preflight the env
                 # still runs its good tag, and a rollback from there would move it to an older one.
-                pushed = self.steps.get("gitops") == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
+                pushed = bool(e.data.get("pushed")) or (
+                    self.steps.get("gitops") == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
+                )
                 self.buttons = (
                     [bk.button("Roll back", "rollback", self.record.envs[0], "danger")]
                     if not ok and pushed

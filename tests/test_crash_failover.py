@@ -165,7 +165,9 @@ def step_names(steps: list[StepRecord], state: StepState) -> list[str]:
 def taken_over_at(steps: list[StepRecord]) -> datetime:
     """When the new bot started its own sync: the second sync attempt of the deploy."""
     syncs = [s for s in steps if s.step == "sync"]
-    assert len(syncs) == 2, syncs
+    assert len(syncs) == 2, [
+        (s.step, s.state.value, s.started_at.isoformat(), (s.detail or {}).get("message")) for s in steps
+    ]
     return syncs[1].started_at
 
 

@@ -455,6 +455,7 @@ async def test_a_lapsed_lease_is_taken_over(ledger: Ledger, other: Ledger, clock
     taken = await other.acquire_lease("staging", holder="bot-b", deploy_id=b.id, ttl=30)
     assert (taken.holder, taken.deploy_id, taken.taken_over_from) == ("bot-b", b.id, a.id)
     assert taken.acquired_at == clock.now
+    assert (first.epoch, taken.epoch) == (1, 2)  # the take-over moved the env's fencing token on
     # the crashed holder learns it lost the lease, and cannot release the new holder's
     assert await ledger.heartbeat("staging", "bot-a", 30) is False
     assert await ledger.release_lease("staging", "bot-a") is False
@@ -465,6 +466,7 @@ async def test_a_lapsed_lease_is_taken_over(ledger: Ledger, other: Ledger, clock
         acquired_at=clock.now,
         expires_at=clock.now + timedelta(seconds=30),
         heartbeat_at=clock.now,
+        epoch=2,
     )
 
 

@@ -87,6 +87,16 @@ class DeployRecord:
     tags: dict[str, str] = field(default_factory=dict)
     # env -> tag the overlays held before this record ran, when the service knew it
     previous_tags: dict[str, str] = field(default_factory=dict)
+    # the owner's fencing token: a take-over increments it, and every write by the owner names it
+    epoch: int = 0
+    # a person asked to stop it (through any replica); the owner acts on it
+    cancel_requested_by: str | None = None
+    cancel_requested_at: datetime | None = None
+
+    @property
+    def fence(self) -> Fence | None:
+        """The (owner, epoch) pair a write about this deploy must present, if it has an owner."""
+        return Fence(self.owner, self.epoch) if self.owner else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,26 @@ class Lease:
     heartbeat_at: datetime
     # the deploy whose expired lease this one replaced (its bot crashed or hung), if any
     taken_over_from: str | None = None
+    # the env's fencing token: grows with every acquisition that is not a live renewal
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """The few fields of a deploy its running bot watches: who owns it, and whether someone asked to stop."""
+
+    state: DeployState
+    owner: str | None
+    epoch: int
+    cancel_requested_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Who may write about a deploy: its owner at one epoch. A stale owner's write changes nothing."""
+
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +229,18 @@ class StateConflict(LedgerError):
         super().__init__(f"Deploy {deploy_id} is {state.value}, not {wanted}; it was not changed.")
         self.deploy_id = deploy_id
         self.state = state
+
+
+class Fenced(LedgerError):
+    """This bot no longer owns the deploy (another took it over) or no longer holds its lease."""
+
+    def __init__(self, deploy_id: str, why: str) -> None:
+        super().__init__(
+            f"This bot no longer owns deploy {deploy_id}: {why}.",
+            hint="Another bot has taken it over; its thread tells how it ends.",
+        )
+        self.deploy_id = deploy_id
+        self.why = why
 
 
 class LockHeld(LedgerError):

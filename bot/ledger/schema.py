@@ -99,6 +99,10 @@ deploys = Table(
     Column("finished_at", UTCDateTime),
     Column("owner", String(128)),
     Column("last_step", String(64)),
+    # the fencing token of the deploy's owner: grows with every take-over; every write checks it
+    Column("epoch", Integer, nullable=False, server_default="0"),
+    Column("cancel_requested_by", String(64)),
+    Column("cancel_requested_at", UTCDateTime),
 )
 
 deploy_targets = Table(
@@ -133,6 +137,9 @@ leases = Table(
     Column("acquired_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
+    # grows with every acquisition that is not a live renewal; rows outlive a release so it never goes back
+    Column("epoch", Integer, nullable=False, server_default="0"),
+    Column("released_at", UTCDateTime),
 )
 
 locks = Table(
@@ -316,8 +323,37 @@ def _v3(conn: Connection) -> None:
         conn.execute(targets.insert(), values)
 
 
+def _v4(conn: Connection) -> None:
+    """fencing: epochs on deploys and leases, released leases kept, cancel requests"""
+    for table, columns in (
+        (
+            "deploys",
+            (
+                ("epoch", "INTEGER NOT NULL DEFAULT 0"),
+                ("cancel_requested_by", "VARCHAR(64)"),
+                ("cancel_requested_at", "TIMESTAMP WITH TIME ZONE" if _pg(conn) else "DATETIME"),
+            ),
+        ),
+        (
+            "leases",
+            (
+                ("epoch", "INTEGER NOT NULL DEFAULT 0"),
+                ("released_at", "TIMESTAMP WITH TIME ZONE" if _pg(conn) else "DATETIME"),
+            ),
+        ),
+    ):
+        have = _columns(conn, table)
+        for name, ddl in columns:
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+
+
+def _pg(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
 Step = Callable[[Connection], None]
-STEPS: tuple[Step, ...] = (_v1, _v2, _v3)
+STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4)
 LATEST = len(STEPS)
 
 

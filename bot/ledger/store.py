@@ -46,11 +46,14 @@ from bot.ledger.models import (
     ApprovalExpired,
     ApprovalState,
     ApprovalVoid,
+    Control,
     Decision,
     DecisionKind,
     DeployKind,
     DeployRecord,
     DeployState,
+    Fence,
+    Fenced,
     Lease,
     LedgerError,
     LockEvent,
@@ -61,6 +64,7 @@ from bot.ledger.models import (
     StepRecord,
     StepState,
     UnknownDeploy,
+    when,
     who,
 )
 
@@ -333,9 +337,12 @@ class Ledger:
         deploy_id: str,
         *,
         expect_state: DeployState | Collection[DeployState] | None = None,
+        fence: Fence | None = None,
         **fields: Unpack[DeployUpdate],
     ) -> DeployRecord:
-        """Change a deploy; with `expect_state`, only if it is still in that state (else StateConflict).
+        """Change a deploy; with `expect_state`, only if it is still in that state (else StateConflict);
+        with `fence`, only if that owner still holds it at that epoch (else Fenced: a stale bot's write
+        changes nothing).
 
         Moving to a terminal state stamps finished_at unless given.
         """
@@ -361,9 +368,12 @@ class Ledger:
             stmt = update(s.deploys).where(s.deploys.c.id == deploy_id).values(**values)
             if expected:
                 stmt = stmt.where(s.deploys.c.state.in_([x.value for x in expected]))
+            if fence is not None:
+                stmt = stmt.where(_owned_by(fence))
             result = await conn.execute(stmt)
             if result.rowcount == 0:
                 current = await self._get(conn, deploy_id)  # raises UnknownDeploy
+                _check_fence(current, fence)
                 raise StateConflict(deploy_id, current.state, expected)
             tags = fields.get("tags") or {}
             previous = fields.get("previous_tags") or {}
@@ -485,12 +495,16 @@ class Ledger:
         env: str | None = None,
         state: StepState = StepState.RUNNING,
         detail: dict[str, Any] | None = None,
+        fence: Fence | None = None,
+        at: datetime | None = None,
     ) -> StepRecord:
-        """Start a step (or record one already finished, e.g. skipped). Finished ok/skipped moves last_step."""
+        """Start a step (or record one already finished, e.g. skipped). Finished ok/skipped moves last_step.
+
+        `at` is when it happened, for events written late (kept while the ledger was unreachable)."""
         state = StepState(state)
-        now = self._now()
+        now = at or self._now()
         async with self._tx() as conn:
-            await self._require_deploy(conn, deploy_id)
+            await self._require_deploy(conn, deploy_id, fence)
             result = await conn.execute(
                 s.deploy_steps.insert()
                 .values(
@@ -516,17 +530,20 @@ class Ledger:
         state: StepState,
         env: str | None = None,
         detail: dict[str, Any] | None = None,
+        fence: Fence | None = None,
+        at: datetime | None = None,
     ) -> StepRecord:
         """Finish the newest running attempt of the step (or record it finished if it never started)."""
         state = StepState(state)
         if state is StepState.RUNNING:
             raise ValueError("finish_step needs a final state (ok, failed, errored or skipped)")
-        now = self._now()
+        now = at or self._now()
         c = s.deploy_steps.c
         same = and_(
             c.deploy_id == deploy_id, c.step == step, c.env.is_(None) if env is None else c.env == env
         )
         async with self._tx() as conn:
+            await self._require_deploy(conn, deploy_id, fence)
             latest = (
                 await conn.execute(
                     select(c.id)
@@ -536,7 +553,6 @@ class Ledger:
                 )
             ).scalar_one_or_none()
             if latest is None:
-                await self._require_deploy(conn, deploy_id)
                 stmt: Any = s.deploy_steps.insert().values(
                     deploy_id=deploy_id,
                     env=env,
@@ -571,9 +587,83 @@ class Ledger:
             values["last_step"] = step
         await conn.execute(update(s.deploys).where(s.deploys.c.id == deploy_id).values(**values))
 
-    async def _require_deploy(self, conn: AsyncConnection, deploy_id: str) -> None:
+    async def _require_deploy(
+        self, conn: AsyncConnection, deploy_id: str, fence: Fence | None = None
+    ) -> None:
+        if fence is not None:
+            row = (
+                await conn.execute(
+                    select(s.deploys.c.owner, s.deploys.c.epoch).where(s.deploys.c.id == deploy_id)
+                )
+            ).one_or_none()
+            if row is None:
+                raise UnknownDeploy(deploy_id)
+            if (row.owner, row.epoch) != (fence.owner, fence.epoch):
+                raise Fenced(deploy_id, _fence_why(row.owner, row.epoch))
+            return
         if not (await conn.execute(select(exists().where(s.deploys.c.id == deploy_id)))).scalar():
             raise UnknownDeploy(deploy_id)
+
+    async def control(self, deploy_id: str) -> Control:
+        c = s.deploys.c
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    select(c.state, c.owner, c.epoch, c.cancel_requested_by).where(c.id == deploy_id)
+                )
+            ).one_or_none()
+            if row is None:
+                raise UnknownDeploy(deploy_id)
+            return Control(DeployState(row.state), row.owner, row.epoch, row.cancel_requested_by)
+
+    async def claim_deploy(self, deploy_id: str, *, owner: str, expect: Fence | None) -> DeployRecord:
+        """Become the deploy's owner at the next epoch, if it is still owned as `expect` says (None: by
+        nobody, e.g. after a hand-over). Every take-over goes through here; the loser gets Fenced."""
+        c = s.deploys.c
+        now = self._now()
+        async with self._tx() as conn:
+            held = c.owner.is_(None) if expect is None else _owned_by(expect)
+            result = await conn.execute(
+                update(s.deploys)
+                .where(c.id == deploy_id, held, c.state.in_([x.value for x in IN_FLIGHT_STATES]))
+                .values(owner=owner, epoch=c.epoch + 1, updated_at=now)
+            )
+            current = await self._get(conn, deploy_id)
+            if result.rowcount == 0:
+                if current.state.terminal:
+                    raise StateConflict(deploy_id, current.state, IN_FLIGHT_STATES)
+                raise Fenced(deploy_id, _fence_why(current.owner, current.epoch))
+            return current
+
+    async def hand_over(self, deploy_id: str, fence: Fence) -> DeployRecord:
+        """Give a running deploy up for any bot to resume at once (a graceful stop): no owner, same epoch."""
+        return await self.update_deploy(deploy_id, fence=fence, expect_state=IN_FLIGHT_STATES, owner=None)
+
+    async def request_cancel(self, deploy_id: str, user: str) -> DeployRecord:
+        """Ask the deploy's owner, whichever bot it is, to stop it; the first request is kept.
+
+        A deploy awaiting approval has no run to stop: it is cancelled here and now."""
+        c = s.deploys.c
+        now = self._now()
+        async with self._tx() as conn:
+            current = await self._get(conn, deploy_id)
+            if current.state.terminal:
+                raise StateConflict(deploy_id, current.state, IN_FLIGHT_STATES)
+            values: dict[str, Any] = {"updated_at": now}
+            if current.cancel_requested_by is None:
+                values.update(cancel_requested_by=user, cancel_requested_at=now)
+            if current.state is DeployState.AWAITING_APPROVAL:
+                values.update(
+                    state=DeployState.CANCELLED.value,
+                    message=f"cancelled by {who(user)} while it waited for approval; nothing was pushed",
+                    finished_at=now,
+                )
+            await conn.execute(
+                update(s.deploys)
+                .where(c.id == deploy_id, c.state.in_([x.value for x in IN_FLIGHT_STATES]))
+                .values(**values)
+            )
+            return await self._get(conn, deploy_id)
 
     # ---- leases ----
 
@@ -586,11 +676,13 @@ class Ledger:
         ttl: float,
         ignore_lock_by: str | None = None,
     ) -> Lease:
-        """Take the env for a deploy, or take over a lapsed lease; LockHeld if a lock or a live lease is in the way.
+        """Take the env for a deploy, or take over a lapsed or released lease; LockHeld if a lock or a live
+        lease is in the way.
 
-        Re-acquiring by the same holder for the same deploy renews it. A manual lock set by
-        `ignore_lock_by` does not block (a rollback is the way out of the bot's failed-deploy lock);
-        the lock stays in place.
+        Re-acquiring a live lease by the same holder for the same deploy renews it at the same epoch;
+        every other acquisition moves the env's epoch on, so whoever held it before is fenced out. A manual
+        lock set by `ignore_lock_by` does not block (a rollback is the way out of the bot's failed-deploy
+        lock); the lock stays in place.
         """
         if ttl <= 0:
             raise ValueError("ttl must be positive")
@@ -603,7 +695,9 @@ class Ledger:
             if lock is not None and (ignore_lock_by is None or lock.user != ignore_lock_by):
                 raise LockHeld.for_lock(_lock(lock), now)
             before = (await conn.execute(select(s.leases).where(c.env == env))).one_or_none()
-            mine = and_(c.holder == holder, c.deploy_id == deploy_id)
+            live_mine = and_(
+                c.holder == holder, c.deploy_id == deploy_id, c.expires_at > now, c.released_at.is_(None)
+            )
             ins = self._insert(s.leases).values(
                 env=env,
                 holder=holder,
@@ -611,18 +705,22 @@ class Ledger:
                 acquired_at=now,
                 expires_at=expires,
                 heartbeat_at=now,
+                epoch=1,
+                released_at=None,
             )
-            # One statement decides the race: a new row, a lapsed lease taken over, or our own renewed.
+            # One statement decides the race: a new row, a lapsed or released lease taken, or our own renewed.
             ins = ins.on_conflict_do_update(
                 index_elements=[c.env],
                 set_={
                     "holder": ins.excluded.holder,
                     "deploy_id": ins.excluded.deploy_id,
-                    "acquired_at": case((mine, c.acquired_at), else_=ins.excluded.acquired_at),
+                    "acquired_at": case((live_mine, c.acquired_at), else_=ins.excluded.acquired_at),
                     "expires_at": ins.excluded.expires_at,
                     "heartbeat_at": ins.excluded.heartbeat_at,
+                    "epoch": case((live_mine, c.epoch), else_=c.epoch + 1),
+                    "released_at": None,
                 },
-                where=or_(c.expires_at <= now, mine),
+                where=or_(c.expires_at <= now, c.released_at.is_not(None), live_mine),
             ).returning(*s.leases.c)
             row = (await conn.execute(ins)).one_or_none()
             if row is None:
@@ -634,7 +732,11 @@ class Ledger:
                     deploy = None
                 raise LockHeld.for_lease(lease, deploy, now)
             taken_over = None
-            if before is not None and (before.holder, before.deploy_id) != (holder, deploy_id):
+            if (
+                before is not None
+                and before.released_at is None
+                and (before.holder, before.deploy_id) != (holder, deploy_id)
+            ):
                 taken_over = before.deploy_id
                 log.warning(
                     "took over a lapsed lease",
@@ -642,41 +744,80 @@ class Ledger:
                 )
             return _lease(row, taken_over_from=taken_over)
 
-    async def heartbeat(self, env: str, holder: str, ttl: float) -> bool:
-        """Extend a live lease; False means it lapsed or was taken over, so the holder must stop."""
+    async def heartbeat(self, env: str, holder: str, ttl: float, *, epoch: int | None = None) -> bool:
+        """Extend a live lease; False means it lapsed, was released or was taken over, so the holder must stop."""
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         now = self._now()
         c = s.leases.c
         async with self._tx() as conn:
+            stmt = update(s.leases).where(
+                c.env == env, c.holder == holder, c.expires_at > now, c.released_at.is_(None)
+            )
+            if epoch is not None:
+                stmt = stmt.where(c.epoch == epoch)
             result = await conn.execute(
-                update(s.leases)
-                .where(c.env == env, c.holder == holder, c.expires_at > now)
-                .values(expires_at=now + timedelta(seconds=ttl), heartbeat_at=now)
+                stmt.values(expires_at=now + timedelta(seconds=ttl), heartbeat_at=now)
             )
             return bool(result.rowcount)
 
-    async def release_lease(self, env: str, holder: str) -> bool:
+    async def prove(self, deploy_id: str, fence: Fence, leases: Sequence[Lease], *, ttl: float) -> datetime:
+        """The check before a side effect: this owner still owns the deploy at its epoch and holds each
+        lease at its epoch, unexpired. Renews the leases; returns their new expiry. Fenced otherwise."""
+        now = self._now()
+        c = s.leases.c
+        expires = now + timedelta(seconds=ttl)
         async with self._tx() as conn:
-            result = await conn.execute(
-                delete(s.leases).where(s.leases.c.env == env, s.leases.c.holder == holder)
-            )
+            await self._require_deploy(conn, deploy_id, fence)
+            for lease in leases:
+                result = await conn.execute(
+                    update(s.leases)
+                    .where(
+                        c.env == lease.env,
+                        c.holder == fence.owner,
+                        c.deploy_id == deploy_id,
+                        c.epoch == lease.epoch,
+                        c.expires_at > now,
+                        c.released_at.is_(None),
+                    )
+                    .values(expires_at=expires, heartbeat_at=now)
+                )
+                if not result.rowcount:
+                    row = (await conn.execute(select(s.leases).where(c.env == lease.env))).one_or_none()
+                    raise Fenced(deploy_id, _lease_why(lease, row, now))
+            return expires
+
+    async def release_lease(self, env: str, holder: str, *, epoch: int | None = None) -> bool:
+        """Free the env. The row stays (released) so the env's epoch never goes back."""
+        c = s.leases.c
+        async with self._tx() as conn:
+            stmt = update(s.leases).where(c.env == env, c.holder == holder, c.released_at.is_(None))
+            if epoch is not None:
+                stmt = stmt.where(c.epoch == epoch)
+            result = await conn.execute(stmt.values(released_at=self._now()))
             return bool(result.rowcount)
 
     async def get_lease(self, env: str) -> Lease | None:
+        """The env's lease unless it was released (a lapsed one is returned: its holder may be dead)."""
+        c = s.leases.c
         async with self._tx() as conn:
-            row = (await conn.execute(select(s.leases).where(s.leases.c.env == env))).one_or_none()
+            row = (
+                await conn.execute(select(s.leases).where(c.env == env, c.released_at.is_(None)))
+            ).one_or_none()
             return _lease(row) if row is not None else None
 
     async def leases(self) -> list[Lease]:
+        c = s.leases.c
         async with self._tx() as conn:
-            return [_lease(r) for r in (await conn.execute(select(s.leases).order_by(s.leases.c.env))).all()]
+            q = select(s.leases).where(c.released_at.is_(None)).order_by(c.env)
+            return [_lease(r) for r in (await conn.execute(q)).all()]
 
     async def expired_leases(self) -> list[Lease]:
         """Leases whose holder stopped heart-beating: their deploys are candidates for takeover."""
         now = self._now()
+        c = s.leases.c
         async with self._tx() as conn:
-            q = select(s.leases).where(s.leases.c.expires_at <= now).order_by(s.leases.c.env)
+            q = select(s.leases).where(c.expires_at <= now, c.released_at.is_(None)).order_by(c.env)
             return [_lease(r) for r in (await conn.execute(q)).all()]
 
     # ---- manual locks ----
@@ -984,6 +1125,29 @@ def _check_envs(envs: Sequence[str], *maps: Mapping[str, str]) -> None:
             )
 
 
+def _owned_by(fence: Fence) -> ColumnElement[bool]:
+    return and_(s.deploys.c.owner == fence.owner, s.deploys.c.epoch == fence.epoch)
+
+
+def _fence_why(owner: str | None, epoch: int) -> str:
+    if owner is None:
+        return "it was handed over and awaits a bot to resume it"
+    return f"{owner} took it over (epoch {epoch})"
+
+
+def _check_fence(current: DeployRecord, fence: Fence | None) -> None:
+    if fence is not None and (current.owner, current.epoch) != (fence.owner, fence.epoch):
+        raise Fenced(current.id, _fence_why(current.owner, current.epoch))
+
+
+def _lease_why(mine: Lease, row: Row[Any] | None, now: datetime) -> str:
+    if row is None or row.released_at is not None:
+        return f"its lease on {mine.env} was released"
+    if (row.holder, row.deploy_id, row.epoch) != (mine.holder, mine.deploy_id, mine.epoch):
+        return f"{row.holder} holds {mine.env} now (epoch {row.epoch}, deploy {row.deploy_id})"
+    return f"its lease on {mine.env} lapsed at {when(row.expires_at, now)}"
+
+
 def _touches(env: str) -> ColumnElement[bool]:
     return exists().where(s.deploy_targets.c.deploy_id == s.deploys.c.id, s.deploy_targets.c.env == env)
 
@@ -1010,6 +1174,9 @@ def _deploy(r: Row[Any], targets: Sequence[Row[Any]]) -> DeployRecord:
         last_step=r.last_step,
         tags={t.env: t.tag for t in targets if t.tag is not None},
         previous_tags={t.env: t.previous_tag for t in targets if t.previous_tag is not None},
+        epoch=r.epoch,
+        cancel_requested_by=r.cancel_requested_by,
+        cancel_requested_at=r.cancel_requested_at,
     )
 
 
@@ -1035,6 +1202,7 @@ def _lease(r: Row[Any], *, taken_over_from: str | None = None) -> Lease:
         expires_at=r.expires_at,
         heartbeat_at=r.heartbeat_at,
         taken_over_from=taken_over_from,
+        epoch=r.epoch,
     )
 
 

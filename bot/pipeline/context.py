@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
     from bot.adapters.rollout import RolloutResult
     from bot.adapters.site import SiteResult
     from bot.ledger import Ledger
+
+
+Guard = Callable[[str], Awaitable[None]]
+
+
+async def _nothing_to_prove() -> None:
+    return None
 
 
 @dataclass
@@ -63,6 +71,9 @@ class DeployContext:
     requester: str
     force_migrations: bool = False
     rebuild: bool = False  # build every image from source even where a registry has the tag
+    # Called right before each world-changing action (a push, a Job, a sync request) with what it is
+    # about to do: it proves the run still owns its deploy and leases, or raises Fenced. Plans have none.
+    guard: Guard = field(default=lambda action: _nothing_to_prove())
     # outputs, in pipeline order
     commit: CommitInfo | None = None
     plan: Plan | None = None

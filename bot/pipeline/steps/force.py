@@ -30,11 +30,13 @@ class ForceMigrate(Step[DeployContext]):
         if not tag:
             raise PermanentError(f"no overlay tag for {env.name}: cannot pick the migrate image to run")
         client = ctx.deps.kube[env.kube_context]
+        await ctx.guard(f"forcing version {self.version} in {env.name}")
         try:
             forced = await ctx.deps.migrations.force(
                 client, env, tag, self.version, reported_dirty=self.reported_dirty
             )
             await progress(f"{env.name}: forced version {self.version}", {"env": env.name})
+            await ctx.guard(f"migrate up in {env.name}")
             up = await ctx.deps.migrations.up(client, env, tag)
         except MigrationFailed as e:
             raise PermanentError(

@@ -21,6 +21,7 @@ class GitOps(Step[DeployContext]):
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         await verify_images(ctx)
+        await ctx.guard("the GitOps push")
         result = await ctx.deps.gitops.bump(
             ctx.envs, plan.commit.short, requester=ctx.requester, deploy_id=ctx.deploy_id
         )

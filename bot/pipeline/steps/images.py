@@ -29,6 +29,7 @@ class Images(Step[DeployContext]):
             async with bound:
                 if img.action == "promote" and img.source_env is not None:
                     source = config.env(img.source_env)
+                    await ctx.guard(f"promoting {img.image}:{img.tag} to {img.env}")
                     result = await ctx.deps.registry.promote(
                         source.registry, env.registry, img.image, img.tag
                     )
@@ -38,6 +39,7 @@ class Images(Step[DeployContext]):
                         raise PermanentError(
                             f"{img.image}:{img.tag} must be built but no builder is configured"
                         )
+                    await ctx.guard(f"building {img.image}:{img.tag} in {img.env}")
                     await ctx.deps.builder.build(env, img.image, plan.commit.sha, plan.commit.short, progress)
                     verb = "built for linux/amd64"
                 else:

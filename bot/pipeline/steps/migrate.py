@@ -25,6 +25,7 @@ class Migrate(Step[DeployContext]):
 
         async def one(env_name: str) -> None:
             env = ctx.deps.config.env(env_name)
+            await ctx.guard(f"the migration Job in {env.name}")
             try:
                 run = await ctx.deps.migrations.up(ctx.deps.kube[env.kube_context], env, short)
             except MigrationFailed as e:

@@ -20,6 +20,7 @@ class Sync(Step[DeployContext]):
         async def one(env_name: str) -> None:
             env = ctx.deps.config.env(env_name)
             apps = list(env.argocd.applications.values())
+            await ctx.guard(f"the Argo CD sync of {env.name}")
             results = await ctx.deps.argocd(env).sync_all(apps, revision, username=ctx.requester)
             ctx.synced[env.name] = results
             await progress(
