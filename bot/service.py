@@ -1,6 +1,6 @@
 """The deploy service: turns requests into pipeline runs, and owns the ledger record, leases and approvals.
 
-Flow of a deploy (DESIGN.md §4): resolve → preflight form the plan (alone they are the dry run). An env
+Flow of a deploy: resolve → preflight form the plan (alone they are the dry run). An env
 that needs approval stops there: the plan's binding (commit + image digests) is stored with the approval
 request, and the rest runs only after a second person approves — with a fresh plan whose binding must be
 the same. Then: images → migrate → gitops → sync → rollout → verify, under a lease per env.
@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from bot import recovery
 from bot.adapters.migrations import check_force
@@ -621,26 +621,12 @@ class DeployService:
         """A write about the run's deploy, as its owner: kept trying while the ledger is unreachable (the lease
         keeper stops the run if that lasts past the lease), refused with Fenced once another bot owns it."""
         await self._flush_ledger(run)
-        delay = 0.2
-        while True:
-            try:
-                return await self.deps.ledger.update_deploy(run.record.id, fence=run.record.fence, **fields)
-            except TransientError as e:
-                log.warning("ledger unreachable writing deploy %s (%s); retrying", run.record.id, e.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await _until_the_ledger_answers(
+            lambda: self.deps.ledger.update_deploy(run.record.id, fence=run.record.fence, **fields)
+        )
 
     async def _flush_ledger(self, run: Run) -> None:
-        reporter = self._ledger_reporter(run)
-        delay = 0.2
-        while True:
-            try:
-                await reporter.flush()
-            except TransientError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            else:
-                return
+        await _until_the_ledger_answers(self._ledger_reporter(run).flush)
 
     async def _finish(self, run: Run, result: PipelineResult) -> DeployRecord:
         failed = result.failed
@@ -771,6 +757,20 @@ class DeployService:
 
 
 POST_PUSH_STEPS = ("sync", "rollout", "verify")
+
+T = TypeVar("T")
+
+
+async def _until_the_ledger_answers(write: Callable[[], Awaitable[T]]) -> T:
+    """Retry a ledger write through an outage, backing off to 5 s; other errors (Fenced) pass through."""
+    delay = 0.2
+    while True:
+        try:
+            return await write()
+        except TransientError as e:
+            log.warning("ledger unreachable (%s); retrying in %.1f s", e.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _summary(

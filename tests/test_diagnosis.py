@@ -32,7 +32,7 @@ from tests.testbed.registry import Registries
 
 IMG = "us-central1-docker.pkg.dev/rich-compiler-479518-d2/containers-poc/funnelcake-api:e7e79eb"
 
-# The kubelet event texts of DESIGN.md §5, as containerd words them.
+# The kubelet event texts, as containerd words them.
 NOT_FOUND = (
     f'Failed to pull image "{IMG}": rpc error: code = NotFound desc = failed to pull and unpack image '
     f'"{IMG}": failed to resolve reference "{IMG}": {IMG}: not found'

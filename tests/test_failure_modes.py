@@ -1,4 +1,4 @@
-"""One end-to-end test per runbook failure mode (DESIGN.md §2, F1-F11), plus concurrent deploys and rollback.
+"""One end-to-end test per runbook failure mode (F1-F11), plus concurrent deploys and rollback.
 
 Each test drives the real deploy service (bot.wiring.build_service) against the full sandbox: real
 registries, real git remotes, the simulated clusters and the live staging site. Assertions are about what

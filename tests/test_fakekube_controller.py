@@ -68,7 +68,7 @@ async def get_app(api: client.ApiClient, name: str) -> dict[str, Any]:
 
 
 async def patch_app(api: client.ApiClient, name: str, body: dict[str, Any]) -> dict[str, Any]:
-    # kubernetes_asyncio would send json-patch for a dict body (DESIGN.md §7)
+    # kubernetes_asyncio would send json-patch for a dict body
     obj: dict[str, Any] = await client.CustomObjectsApi(api).patch_namespaced_custom_object(
         *ARGO, name, body, _content_type=MERGE
     )
@@ -87,7 +87,7 @@ async def pods_of(api: client.ApiClient, service: str) -> list[dict[str, Any]]:
 
 
 def rollout_state(dep: dict[str, Any]) -> str:
-    """What `kubectl rollout status` concludes from one Deployment (DESIGN.md §5 "Rollout")."""
+    """What `kubectl rollout status` concludes from one Deployment."""
     spec, status = dep.get("spec") or {}, dep.get("status") or {}
     if dep["metadata"].get("generation", 0) > status.get("observedGeneration", 0):
         return "waiting: generation"
@@ -572,7 +572,7 @@ async def test_deployment_status_follows_rollout_status_semantics(
 def migrate_job(
     cluster: SimCluster, tag: str, args: list[str], *, backoff_limit: int = 3, cloud_url: bool = False
 ) -> dict[str, Any]:
-    """Job funnelcake-db-migrate as the bot builds it (DESIGN.md §1)."""
+    """Job funnelcake-db-migrate as the bot builds it."""
     secret = "funnelcake-clickhouse-credentials"
 
     def from_secret(key: str) -> dict[str, Any]:

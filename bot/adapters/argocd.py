@@ -1,6 +1,6 @@
 """Argo CD through its Application objects in each env's own cluster: hard refresh, then sync, watched to the end.
 
-Argo CD quirks this relies on (DESIGN.md §5): the Application has no status subresource; the controller drops
+Argo CD quirks this relies on: the Application has no status subresource; the controller drops
 the refresh annotation only after it has reconciled and written status.reconciledAt; a sync is requested by
 setting top-level `operation`, and one patched while another is Running is silently dropped; right after the
 patch the PREVIOUS operationState is still visible, so a result counts only if it started after our request.

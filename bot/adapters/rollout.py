@@ -36,7 +36,7 @@ def _int(value: object) -> int:
 
 
 def rollout_status(deployment: JSON) -> RolloutStatus:
-    """The decision `kubectl rollout status` makes for a Deployment, in its order (DESIGN.md §5)."""
+    """The decision `kubectl rollout status` makes for a Deployment, in its order."""
     meta = deployment.get("metadata") or {}
     spec = deployment.get("spec") or {}
     status = deployment.get("status") or {}

@@ -1,4 +1,4 @@
-"""Simulated Argo CD application controller for the funnelcake Applications (DESIGN.md §1 and §5).
+"""Simulated Argo CD application controller for the funnelcake Applications.
 
 It reads the GitOps bare remote with real git, renders the env overlay with `kubectl kustomize`, and
 writes the whole Application (no status subresource): a `refresh` annotation is consumed together with

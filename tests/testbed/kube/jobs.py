@@ -2,7 +2,7 @@
 
 The migrate image is tagged with the app repo's short sha; its migrations are read at that commit from
 the app bare remote (database/migrations/NNNNNN_name.up.sql). The container behaves like golang-migrate
-behind funnelcake's entrypoint (DESIGN.md §1, §5): per-migration lines, `no change`, a half-applied
+behind funnelcake's entrypoint: per-migration lines, `no change`, a half-applied
 migration leaving the database dirty, `force X`, and the wrong connection mode timing out on port 9440.
 
 A build Job's kaniko container (gcr.io/kaniko-project/executor) clones the app remote at the init
