@@ -2,7 +2,7 @@
 sharing PostgreSQL, and two services racing for one env.
 
 The sandbox is slowed (Timings) so a rollout lasts a few seconds and a kill lands inside it; LEASE_TTL and
-RECOVERY_EVERY are cut to 2 s and 0.5 s so a takeover happens within seconds.
+RECOVERY_EVERY are cut to 4 s and 0.5 s so a takeover happens within seconds.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ class BotProcess:
         *,
         name: str = "bot",
         database_url: str | None = None,
-        lease_ttl: float = 2.0,
+        # 4 s, not less: on a loaded machine a heartbeat can slip past a 2 s lease, and the bot then
+        # rightly stops and recovers its own deploy, which shows as an extra sync in the audit trail
+        lease_ttl: float = 4.0,
         recovery_every: float = 0.5,
         extra_env: dict[str, str] | None = None,
     ) -> None:
