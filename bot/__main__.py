@@ -51,11 +51,13 @@ async def _recovery_loop(service: DeployService, every: float) -> None:
         try:
             taken = await service.recover()
             if taken:
-                log.warning("took over deploys whose bot stopped: %s", ", ".join(taken))
+                log.warning("taking over deploys whose bot stopped: %s", ", ".join(taken))
         except asyncio.CancelledError:
             raise
+        except BotError as e:  # the ledger is unreachable: weather, not a bug
+            log.warning("recovery pass skipped: %s; retrying in %.1f s", e.message, every)
         except Exception:
-            log.exception("recovery pass failed; retrying in %.0fs", every)
+            log.exception("recovery pass failed; retrying in %.1f s", every)
         await asyncio.sleep(every)
 
 

@@ -175,7 +175,7 @@ class LeaseKeeper:
         except (TransientError, TimeoutError) as e:
             now = time.monotonic()
             if self._failing_since is None:
-                self._failing_since = now
+                self._failing_since = started
                 log.warning(
                     "ledger unreachable while renewing the leases of %s (%s); retrying while they hold",
                     self.deploy_id,

@@ -26,7 +26,7 @@ from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import EventKind, StepEvent, stopped_by_a_person
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class MetricsReporter:
         if event.kind is EventKind.ERRORED:
             return "errored"
         if event.kind is EventKind.CANCELLED:
-            return "cancelled"
+            return "cancelled" if stopped_by_a_person(event) else None  # else it ends in another bot
         last = event.total > 0 and event.index == event.total
         if event.kind in (EventKind.DONE, EventKind.SKIPPED) and last and event.step not in self.plan_steps:
             return "succeeded"

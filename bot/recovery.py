@@ -16,6 +16,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from bot.errors import TransientError
 from bot.ledger import DeployRecord, DeployState, Fenced, LockHeld, StateConflict, StepState
 from bot.models import Plan
 from bot.pipeline.engine import EventKind
@@ -56,9 +57,21 @@ async def resume(service: DeployService, record: DeployRecord) -> DeployRecord:
     except (Fenced, StateConflict):
         # Two bots found the same orphan: the claim admits one; the other stands down quietly.
         log.info("deploy %s was already taken over", record.id)
-        return await ledger.get_deploy(record.id)
-    done = {s.step for s in await ledger.steps(record.id) if s.state is StepState.OK}
-    pushed = record.kind.changes_tags and ("gitops" in done or await service.overlays_at(claimed))
+        return record
+    except TransientError as e:
+        log.warning(
+            "could not take deploy %s over yet (%s); the next recovery pass tries again", record.id, e.message
+        )
+        return record
+    try:
+        done = {s.step for s in await ledger.steps(record.id) if s.state is StepState.OK}
+        pushed = record.kind.changes_tags and ("gitops" in done or await service.overlays_at(claimed))
+    except TransientError as e:
+        # Ours now, but where it stands is unreadable: the next pass finds it (ours, no task) and goes on.
+        log.warning(
+            "took deploy %s over but cannot read where it stands (%s); retrying", record.id, e.message
+        )
+        return claimed
     where = claimed.last_step or "start"
     return await service.guarded(
         claimed,

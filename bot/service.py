@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from bot import recovery
 from bot.adapters.migrations import check_force
 from bot.drift import DriftReport, build_report
-from bot.errors import PermanentError, TransientError
+from bot.errors import BotError, PermanentError, TransientError
 from bot.leases import LeaseKeeper
 from bot.ledger.models import (
     ApprovalExpired,
@@ -415,9 +415,14 @@ class DeployService:
     def _task_done(self, deploy_id: str, task: asyncio.Task[DeployRecord]) -> None:
         if self._tasks.get(deploy_id) is task:
             self._tasks.pop(deploy_id, None)
-        if not task.cancelled() and task.exception() is not None:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, BotError):
             # Never silent: the recovery pass picks the deploy up again (ours, no task), and the log says why.
-            log.error("deploy %s stopped on an error", deploy_id, exc_info=task.exception())
+            log.warning(
+                "deploy %s stopped: %s; the recovery pass takes it up again", deploy_id, error.message
+            )
+        elif error is not None:
+            log.error("deploy %s stopped on an error", deploy_id, exc_info=error)
 
     def _context(
         self, deploy_id: str, kind: DeployKind, env_names: Sequence[str], ref: str, requester: str
@@ -504,7 +509,7 @@ class DeployService:
         if run is None or run.stop is not None or run.task is None or run.task.done():
             return
         run.stop = stop
-        run.task.cancel()
+        run.task.cancel(stop.kind)  # the engine's step line tells why (STOPPED)
 
     async def take_leases(self, run: Run) -> None:
         """Hold the run's envs under its fence; the one lock rule: only the bot's own failure lock lets a

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import EventKind, StepEvent, stopped_by_a_person
 
 SUMMARY_STEP = "deploy"  # the service's final event for a run: its data is the summary, not a step
 
@@ -141,7 +141,7 @@ class TerminalReporter:
         if state in _FINISHED:
             line.elapsed = event.elapsed
         line.state = state
-        if event.kind is EventKind.CANCELLED:
+        if stopped_by_a_person(event):
             self.cancelled = True
         if event.kind in (EventKind.FAILED, EventKind.ERRORED):
             hint = event.data.get("hint")
@@ -236,7 +236,7 @@ class TerminalReporter:
                 EventKind.SKIPPED: "skipped",
                 EventKind.FAILED: "failed",
                 EventKind.ERRORED: "failed",
-                EventKind.CANCELLED: "cancelled",
+                EventKind.CANCELLED: "cancelled" if stopped_by_a_person(event) else "stopped",
             }[event.kind]
             text = f"{stamp} {count} {symbol} {event.step} {verb} in {event.elapsed:.1f}s"
             if event.message and event.message != verb:

@@ -15,7 +15,7 @@ MAX_BLOCKS = 50
 MAX_SECTION = 3000
 MAX_BUTTON_VALUE = 2000
 STEPS = ("resolve", "preflight", "images", "migrate", "gitops", "sync", "rollout", "verify")
-ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️", "cancelled": "🛑"}
+ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️", "cancelled": "🛑", "stopped": "⏸️"}
 
 
 def esc(text: str) -> str:

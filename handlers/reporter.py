@@ -23,7 +23,7 @@ from bot.ledger import Ledger
 from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import Plan
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import EventKind, StepEvent, stopped_by_a_person
 from bot.service import SUMMARY_STEP
 from handlers import blocks as bk
 
@@ -140,7 +140,9 @@ class SlackThreadReporter:
             self.steps[e.step] = e.kind.value
             if e.step == "resolve" and e.kind is EventKind.DONE:
                 self.subject = str(e.data.get("subject") or "")
-            replies.append(bk.step_line(e.step, e.kind.value, e.message, e.elapsed))
+            # a hand-over or a lost lease pauses the step here; the bot that carries on runs it again
+            kind = "stopped" if e.kind is EventKind.CANCELLED and not stopped_by_a_person(e) else e.kind.value
+            replies.append(bk.step_line(e.step, kind, e.message, e.elapsed))
             if e.step == "preflight" and e.kind is EventKind.DONE:
                 with contextlib.suppress(Exception):
                     self.record = await self.ledger.get_deploy(self.record.id)

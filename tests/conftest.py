@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.testbed.kube.cluster",
     "tests.testbed.sandbox",
     "tests.testbed.botrun",
+    "tests.testbed.scenario",
 ]

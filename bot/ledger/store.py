@@ -633,6 +633,21 @@ class Ledger:
                 if current.state.terminal:
                     raise StateConflict(deploy_id, current.state, IN_FLIGHT_STATES)
                 raise Fenced(deploy_id, _fence_why(current.owner, current.epoch))
+            # Steps the previous owner left running will never be finished by it (it is fenced out now):
+            # close them, saying why, so the deploy's story has no step running forever.
+            previous = expect.owner if expect is not None else "its previous bot"
+            st = s.deploy_steps.c
+            await conn.execute(
+                update(s.deploy_steps)
+                .where(st.deploy_id == deploy_id, st.state == StepState.RUNNING.value)
+                .values(
+                    state=StepState.ERRORED.value,
+                    finished_at=now,
+                    detail={
+                        "message": f"stopped: {previous} stopped running the deploy; {owner} took it over"
+                    },
+                )
+            )
             return current
 
     async def hand_over(self, deploy_id: str, fence: Fence) -> DeployRecord:

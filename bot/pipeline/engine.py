@@ -38,6 +38,21 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
 
 
+# Why a run was stopped, passed as the cancel message, and what its step line says. Only a person cancels;
+# a hand-over or a lost lease is the bot stepping aside for another, and the deploy goes on there.
+STOP_CANCEL, STOP_HANDOVER, STOP_LOST = "cancel", "handover", "lost"
+STOPPED = {
+    STOP_CANCEL: "cancelled",
+    STOP_HANDOVER: "handed over to another bot",
+    STOP_LOST: "stopped: this bot lost its lease",
+}
+
+
+def stopped_by_a_person(event: StepEvent) -> bool:
+    """A cancelled step that ends the deploy here (not a hand-over or a lost lease, which go on elsewhere)."""
+    return event.kind is EventKind.CANCELLED and event.data.get("stop", STOP_CANCEL) == STOP_CANCEL
+
+
 FINAL_KINDS = frozenset(
     {EventKind.DONE, EventKind.SKIPPED, EventKind.FAILED, EventKind.ERRORED, EventKind.CANCELLED}
 )
@@ -262,8 +277,11 @@ class Pipeline(Generic[C]):
             res = result(StepOutcome.ERRORED, msg, "Check the thread for the last progress, then retry.")
             await self._emit(event(EventKind.ERRORED, msg))
             return res
-        except asyncio.CancelledError:
-            await asyncio.shield(self._emit(event(EventKind.CANCELLED, "cancelled")))
+        except asyncio.CancelledError as e:
+            # Whoever stopped the run says why in the cancel message (`task.cancel(STOP_HANDOVER)`): a person's
+            # cancel, a hand-over to another bot, a lost lease. A bare cancel is a person's (or a shutdown's).
+            why = e.args[0] if e.args and e.args[0] in STOPPED else STOP_CANCEL
+            await asyncio.shield(self._emit(event(EventKind.CANCELLED, STOPPED[why], {"stop": why})))
             raise
         except BotError as e:
             res = result(StepOutcome.FAILED, e.message, e.hint, _details(e))

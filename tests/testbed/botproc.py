@@ -1,8 +1,12 @@
-"""The bot as a real process (`python -m bot`, Socket Mode) against the sandbox and the local Slack.
+"""The bot as a real process (`python -m bot`, Socket Mode or HTTP mode) against the sandbox and the local Slack.
 
 Crash tests need what only a process gives: SIGKILL with no cleanup at all. `BotProcess` works outside
 pytest too (`async with BotProcess(sandbox, slack, name="a") as bot: ...`); its output goes to a log
 file in the sandbox (a pipe nobody reads would fill and stall the bot), and `tail()` shows it.
+
+In HTTP mode (`mode="http"`) each replica listens on its own port, so a test chooses which replica a
+request reaches (`await bot.deliver(*slack.signed_click(...))`), as a load balancer in front of two pods
+would; in Socket Mode Slack picks the connection.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
+
+import aiohttp
 
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import APP_TOKEN, BOT_TOKEN, FakeSlack
@@ -44,6 +50,7 @@ class BotProcess:
         lease_ttl: float = 4.0,
         recovery_every: float = 0.5,
         extra_env: dict[str, str] | None = None,
+        mode: Literal["socket", "http"] = "socket",
     ) -> None:
         self.sandbox = sandbox
         self.slack = slack
@@ -52,6 +59,7 @@ class BotProcess:
         self.lease_ttl = lease_ttl
         self.recovery_every = recovery_every
         self.extra_env = extra_env or {}
+        self.mode = mode
         self.port = free_port()
         self.log_path = sandbox.root / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -64,7 +72,8 @@ class BotProcess:
             "SLACK_BOT_TOKEN": BOT_TOKEN,
             "SLACK_APP_TOKEN": APP_TOKEN,
             "SLACK_API_URL": self.slack.api_url,
-            "SLACK_MODE": "socket",
+            "SLACK_MODE": self.mode,
+            "SLACK_SIGNING_SECRET": self.slack.signing_secret,
             "FUNNELCAKE_CONFIG": str(self.sandbox.config_path),
             "KUBECONFIG": str(self.sandbox.kubeconfig_path),
             "DATABASE_URL": self.database_url,
@@ -78,8 +87,13 @@ class BotProcess:
             **self.extra_env,
         }
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     async def start(self, *, connected_timeout: float = 60.0) -> None:
-        """Start the process and wait until its Socket Mode connection is up (one more live socket)."""
+        """Start the process and wait until it can take Slack's requests: one more live Socket Mode
+        connection, or (HTTP mode) its listener answering."""
         before = self.slack.socket_connections
         self._log = Path(self.log_path).open("ab")  # noqa: ASYNC230, SIM115 - held for the process's life
         self.proc = await asyncio.create_subprocess_exec(
@@ -87,7 +101,7 @@ class BotProcess:
         )
         try:
             async with asyncio.timeout(connected_timeout):
-                while self.slack.socket_connections <= before:
+                while not await self._up(before):
                     if self.proc.returncode is not None:
                         raise RuntimeError(
                             f"bot {self.name} exited with {self.proc.returncode}:\n{self.tail()}"
@@ -95,7 +109,29 @@ class BotProcess:
                     await asyncio.sleep(0.1)
         except TimeoutError:
             await self.kill()
-            raise TimeoutError(f"bot {self.name} did not connect to Slack:\n{self.tail()}") from None
+            raise TimeoutError(f"bot {self.name} did not come up:\n{self.tail()}") from None
+
+    async def _up(self, sockets_before: int) -> bool:
+        if self.mode == "socket":
+            return self.slack.socket_connections > sockets_before
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+                session.get(f"{self.url}/healthz") as resp,
+            ):
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def deliver(self, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+        """POST a signed Slack request (`slack.signed_click(...)`, `slack.signed_slash_command(...)`) to this
+        replica's /slack/events and return the HTTP status and body it answered within Slack's 3 s."""
+        assert self.mode == "http", "deliver() is for HTTP mode; in Socket Mode use slack.click()"
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
+            session.post(f"{self.url}/slack/events", data=body, headers=headers) as resp,
+        ):
+            return resp.status, await resp.text()
 
     @property
     def running(self) -> bool:

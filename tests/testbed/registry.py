@@ -101,6 +101,12 @@ class LocalRegistry:
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
+    @property
+    def pid(self) -> int:
+        """The registry process's pid (to SIGSTOP it, as a hung registry)."""
+        assert self._proc is not None, "the registry is not running"
+        return self._proc.pid
+
     def _config(self) -> dict[str, Any]:
         port = self._port if self._port is not None else 0
         cfg: dict[str, Any] = {
