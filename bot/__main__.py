@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -24,9 +25,11 @@ from bot.metrics import Metrics, SlackErrorCounter, add_metrics_route
 from bot.pipeline.engine import Reporter
 from bot.service import DeployService
 from bot.settings import Settings
+from bot.watcher import Watcher
 from bot.wiring import build_service
 from handlers.app import SlackFront
 from handlers.http import web_app
+from handlers.incidents import SlackIncidents
 
 log = logging.getLogger("funnelcake")
 
@@ -104,12 +107,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )
             await socket.connect_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
         recovery = asyncio.create_task(_recovery_loop(service, settings.recovery_every), name="recovery")
+        watcher = _watcher(service, SlackIncidents(client, config), metrics, settings)
+        watching = asyncio.create_task(watcher.run(), name="watcher") if watcher is not None else None
         log.info("funnelcake-bot ready (%s mode, %s)", settings.slack_mode, ", ".join(config.env_names))
         try:
             await stop.wait()
         finally:
             log.info("stopping: no new requests; handing running deploys over to another bot")
             recovery.cancel()
+            if watching is not None and watcher is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+                await watcher.stop()  # the other replica watches from its next look
             if socket is not None:
                 await socket.close_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
             # Hand over, never cancel: only a person cancels. Another bot (or this one, restarted) resumes
@@ -122,6 +132,25 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await runner.cleanup()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
+
+
+def _watcher(
+    service: DeployService, notifier: SlackIncidents, metrics: Metrics, settings: Settings
+) -> Watcher | None:
+    config = service.config
+    if not config.watch.enabled:
+        log.info("watcher off (watch.enabled is false)")
+        return None
+    if not any(config.alerts_channel(env) for env in config.environments):
+        log.info(
+            "watcher off: no channel to post incidents in (set watch.channel or an env's alerts_channel)"
+        )
+        return None
+    watcher = Watcher(service, notifier, lease_ttl=settings.lease_ttl)
+    watcher.on_open.append(
+        lambda incidents: metrics.set_incidents(Counter((i.env, i.kind) for i in incidents))
+    )
+    return watcher
 
 
 def _register_secrets(settings: Settings) -> None:

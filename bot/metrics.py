@@ -84,6 +84,13 @@ class Metrics:
             ["env"],
             registry=self.registry,
         )
+        self.incidents_open = Gauge(
+            "incidents_open",
+            "Incidents the watcher has open right now, by env and kind (pods_failing, out_of_sync, …).",
+            ["env", "kind"],
+            registry=self.registry,
+        )
+        self._incident_labels: set[tuple[str, str]] = set()
         self.slack_api_errors = Counter(
             "slack_api_errors",
             "Slack Web API calls that failed, by method and Slack's error code (or the transport error).",
@@ -140,6 +147,14 @@ class Metrics:
             elapsed = max((at - started).total_seconds(), 0.0)
         if elapsed > 0:
             self.step_duration.labels(step=_label(step)).observe(elapsed)
+
+    def set_incidents(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """The open incidents by (env, kind); a pair that had some and has none now goes back to 0."""
+        for env, kind in self._incident_labels - set(counts):
+            self.incidents_open.labels(env=env, kind=kind).set(0)
+        for (env, kind), n in counts.items():
+            self.incidents_open.labels(env=env, kind=_label(kind)).set(n)
+        self._incident_labels |= set(counts)
 
     def slack_api_error(self, method: str, error: str) -> None:
         self.slack_api_errors.labels(method=_label(method), error=_label(error)).inc()

@@ -368,22 +368,29 @@ class DeployService:
 
     async def rollback_target(self, env_name: str) -> str:
         """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
-        since (a failed deploy, or a hand edit of the overlay); else the tag before the newest deploy."""
-        current = (await self.deps.gitops.read_tags(self.config)).get(env_name, {}).get(Service.API)
+        since (a failed deploy, or a hand edit of any service's overlay); else the tag before the newest
+        deploy; else the newest earlier tag in the overlays' own git history. A tag is a way back only if
+        some service does not run it now."""
+        current = set((await self.deps.gitops.read_tags(self.config)).get(env_name, {}).values())
+
+        def moved_off(tag: str | None) -> bool:
+            return bool(tag) and current != {tag}
+
         last = await self.deps.ledger.last_succeeded(env_name)
-        if last is not None and last.tags.get(env_name) and last.tags[env_name] != current:
+        if last is not None and moved_off(last.tags.get(env_name)):
             return last.tags[env_name]
         for record in await self.deps.ledger.history(env_name, 50):
             if not record.kind.changes_tags:
                 continue
             previous = record.previous_tags.get(env_name)
-            if previous and previous != current:
+            if previous and moved_off(previous):
                 return previous
-        # Nothing in the ledger (the env was only ever changed by hand): the overlay's own git history.
-        history = await self.deps.gitops.tag_history(self.config.env(env_name), Service.API)
-        earlier = [t for t in history if t != current]
-        if earlier:
-            return earlier[0]
+        # Nothing in the ledger (the env was only ever changed by hand): the overlays' own git history.
+        env = self.config.env(env_name)
+        for service in (Service.API, Service.RELAY):
+            for tag in await self.deps.gitops.tag_history(env, service):
+                if moved_off(tag):
+                    return tag
         raise PermanentError(
             f"no earlier deploy of {env_name} is recorded, so there is nothing to roll back to",
             hint=f"Deploy a known-good commit instead: `/funnelcake deploy {env_name} <commit>`.",

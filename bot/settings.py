@@ -116,6 +116,7 @@ class Environment(_Strict):
     approval_required: bool = False
     approvers: list[Principal] = Field(default_factory=list)
     admins: list[Principal] = Field(default_factory=list)
+    alerts_channel: str | None = None  # the watcher's incidents for this env (default: watch.channel)
 
     @field_validator("registry")
     @classmethod
@@ -181,10 +182,25 @@ class Timeouts(_Strict):
     site: float = Field(default=10, gt=0)
 
 
+class Watch(_Strict):
+    """The watcher: one bot at a time follows every env outside deploys and posts incidents."""
+
+    enabled: bool = True
+    channel: str | None = None  # where incidents go unless the env names its own `alerts_channel`
+    every: float = Field(default=3.0, gt=0)  # seconds between looks
+    confirm_after: int = Field(default=2, ge=1)  # looks a problem must last before it is posted
+    clear_after: int = Field(default=2, ge=1)  # looks without it before it is closed as recovered
+    flap_window: float = Field(default=600, ge=0)  # a problem back within this many seconds reopens its post
+
+
 class FunnelcakeConfig(_Strict):
     repos: Repos
     environments: list[Environment] = Field(min_length=1)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    watch: Watch = Field(default_factory=Watch)
+
+    def alerts_channel(self, env: Environment) -> str | None:
+        return env.alerts_channel or self.watch.channel
 
     @field_validator("environments")
     @classmethod

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
-from bot.ledger.models import DeployKind, DeployRecord
+from bot.ledger.models import DeployKind, DeployRecord, IncidentRecord
 from bot.models import Plan
 
 Block = dict[str, Any]
@@ -265,3 +265,55 @@ def history_blocks(records: Sequence[DeployRecord]) -> list[Block]:
             + (f"\n    _{esc(r.message[:200])}_" if r.message and r.state.value != "succeeded" else "")
         )
     return [section("*History*\n" + "\n".join(lines))]
+
+
+# ---- incidents (the watcher) ----------------------------------------------------------------------------
+
+_INCIDENT_ICONS = {
+    "pods_failing": "🚨",
+    "degraded": "🚨",
+    "sync_failed": "🚨",
+    "unreachable": "📡",
+    "out_of_sync": "⚠️",
+    "hand_edit": "✍️",
+}
+
+
+def incident_blocks(incident: IncidentRecord, *, lasted: float | None = None) -> tuple[str, list[Block]]:
+    """The incident's message (fallback text and blocks): the diagnosis and its one-click fix while it is
+    open; once closed, how long it lasted and no buttons (a notice keeps its Roll back)."""
+    d = incident.detail
+    icon = _INCIDENT_ICONS.get(incident.kind, "⚠️")
+    notice = incident.kind == "hand_edit"
+    if lasted is not None and not notice:
+        text = f"✅ Recovered after {_duration(lasted)}: {incident.title}"
+        return text, [section(f"✅ *Recovered* after {_duration(lasted)}: {esc(incident.title)}")]
+    again = int(d.get("reopened", 0) or 0)
+    lead = f"{icon} *{esc(incident.env)}*: {esc(incident.title)}"
+    if again:
+        lead += f" _(back again, {again + 1}{'nd' if again == 1 else 'rd' if again == 2 else 'th'} time)_"
+    blocks = [section(lead)]
+    if d.get("cause"):
+        blocks.append(section(f"*Cause*: {esc(str(d['cause']))}"))
+    if d.get("evidence"):
+        blocks.append(section("*Evidence*\n> " + esc(str(d["evidence"])).replace("\n", "\n> ")))
+    if d.get("fix"):
+        blocks.append(section(f"*Fix*: {esc(str(d['fix']))}"))
+    buttons = []
+    for action in d.get("actions") or ():
+        if action == "rollback":
+            buttons.append(button(f"Roll back {incident.env}", "rollback", incident.env, "danger"))
+        elif action == "rebuild" and d.get("tag"):
+            buttons.append(button(f"Rebuild {d['tag']}", "rebuild", f"{incident.env}:{d['tag']}"))
+    if buttons:
+        blocks.append(actions(f"incident:{incident.id}", *buttons))
+    blocks.append(context(f"Seen by the watcher since {incident.opened_at:%Y-%m-%d %H:%M} UTC"))
+    return f"{icon} {incident.env}: {incident.title}", fit(blocks)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -161,6 +161,21 @@ class BumpResult:
     files: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class OverlayCommit:
+    """A commit on the remote branch that changed some env's overlay: who, what, which envs."""
+
+    sha: str
+    author: str
+    email: str
+    subject: str
+    envs: tuple[str, ...]
+
+    @property
+    def short(self) -> str:
+        return self.sha[:7]
+
+
 class GitOpsRepo:
     """A working clone of the GitOps repo; one lock per clone serialises every operation on it."""
 
@@ -185,6 +200,7 @@ class GitOpsRepo:
         self.network_timeout = network_timeout
         self.render_timeout = render_timeout
         self.retry_delay = retry_delay
+        self.author = author
         self._git = GitRunner(clone_dir, remote_url=url, credentials=credentials, identity=author)
         self._lock = asyncio.Lock()
         self.name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or url
@@ -234,6 +250,51 @@ class GitOpsRepo:
         async with self._lock:
             await run_blocking(self._sync)
             return await run_blocking(self._rev, self._origin)
+
+    async def overlay_commits(
+        self, envs: Iterable[Environment], since: str | None, *, limit: int = 20
+    ) -> tuple[str, list[OverlayCommit]]:
+        """The remote head (after a fetch) and the commits after `since` that touched one of the envs'
+        overlay directories, oldest first (at most `limit`). `since` None, or unknown to the remote (a
+        force push rewrote it): none, the head becomes the new starting point."""
+        async with self._lock:
+            await run_blocking(self._sync)
+            return await run_blocking(self._overlay_commits, list(envs), since, limit)
+
+    def _overlay_commits(
+        self, envs: list[Environment], since: str | None, limit: int
+    ) -> tuple[str, list[OverlayCommit]]:
+        head = self._rev(self._origin)
+        if since is None or since == head:
+            return head, []
+        known = self._git.run("merge-base", "--is-ancestor", since, head, check=False)
+        if not known.ok:
+            return head, []
+        dirs = {
+            env.name: sorted({str(PurePosixPath(self._path(env, s)[0]).parent) for s in Service})
+            for env in envs
+        }
+        out = self._git.run(
+            "log",
+            "--reverse",
+            f"-{limit}",
+            "--format=%x1e%H%x1f%an%x1f%ae%x1f%s",
+            "--name-only",
+            f"{since}..{head}",
+            "--",
+            *sorted({d for ds in dirs.values() for d in ds}),
+        ).stdout
+        commits: list[OverlayCommit] = []
+        for chunk in out.split("\x1e"):
+            if not chunk.strip():
+                continue
+            first, *files = chunk.strip("\n").split("\n")
+            sha, author, email, subject = first.split("\x1f", 3)
+            touched = tuple(
+                name for name, ds in dirs.items() if any(f.startswith(d + "/") for f in files for d in ds)
+            )
+            commits.append(OverlayCommit(sha, author, email, subject, touched))
+        return head, commits
 
     async def bump(
         self,

@@ -154,6 +154,27 @@ class ManualLock:
 
 
 @dataclass(frozen=True, slots=True)
+class IncidentRecord:
+    """Something wrong with an env that no deploy is handling, as the watcher saw it; closed when it ended."""
+
+    id: int
+    env: str
+    kind: str
+    key: str
+    title: str
+    detail: dict[str, Any]
+    opened_at: datetime
+    updated_at: datetime
+    closed_at: datetime | None = None
+    channel: str | None = None
+    message_ts: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.closed_at is None
+
+
+@dataclass(frozen=True, slots=True)
 class LockEvent:
     env: str
     action: Literal["lock", "unlock"]

@@ -181,6 +181,23 @@ approvals = Table(
     Column("decided_at", UTCDateTime),
 )
 
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("env", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("key", String(256), nullable=False),  # what makes it the same incident from one look to the next
+    Column("title", Text, nullable=False),
+    Column("detail", _json()),
+    Column("opened_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("closed_at", UTCDateTime),
+    Column("channel", String(64)),
+    Column("message_ts", String(32)),
+    Index("ix_incidents_open", "closed_at", "env"),
+)
+
 # ---- upgrade steps: frozen table shapes, one function per version ----
 
 
@@ -348,12 +365,33 @@ def _v4(conn: Connection) -> None:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
 
+def _v5(conn: Connection) -> None:
+    """incidents the watcher found outside any deploy, open and closed"""
+    md = MetaData()
+    Table(
+        "incidents",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("env", String(32), nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("key", String(256), nullable=False),
+        Column("title", Text, nullable=False),
+        Column("detail", _json()),
+        Column("opened_at", UTCDateTime, nullable=False),
+        Column("updated_at", UTCDateTime, nullable=False),
+        Column("closed_at", UTCDateTime),
+        Column("channel", String(64)),
+        Column("message_ts", String(32)),
+        Index("ix_incidents_open", "closed_at", "env"),
+    ).create(conn, checkfirst=True)
+
+
 def _pg(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
 Step = Callable[[Connection], None]
-STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4)
+STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5)
 LATEST = len(STEPS)
 
 

@@ -54,6 +54,7 @@ from bot.ledger.models import (
     DeployState,
     Fence,
     Fenced,
+    IncidentRecord,
     Lease,
     LedgerError,
     LockEvent,
@@ -875,6 +876,61 @@ class Ledger:
         async with self._tx() as conn:
             return [_lock(r) for r in (await conn.execute(select(s.locks).order_by(s.locks.c.env))).all()]
 
+    # ---- incidents (the watcher's findings outside any deploy) ----
+
+    async def open_incident(
+        self, env: str, kind: str, key: str, title: str, detail: dict[str, Any]
+    ) -> tuple[IncidentRecord, bool]:
+        """The open incident with this key, or a new one; True when it was opened now."""
+        c = s.incidents.c
+        now = self._now()
+        async with self._tx() as conn:
+            await self._env_guard(conn, f"incident:{key}")
+            row = (await conn.execute(select(s.incidents).where(c.key == key, c.closed_at.is_(None)))).first()
+            if row is not None:
+                return _incident(row), False
+            new = (
+                await conn.execute(
+                    s.incidents.insert()
+                    .values(
+                        env=env, kind=kind, key=key, title=title, detail=detail, opened_at=now, updated_at=now
+                    )
+                    .returning(*s.incidents.c)
+                )
+            ).one()
+            return _incident(new), True
+
+    async def update_incident(self, incident_id: int, **fields: Any) -> IncidentRecord:
+        """Change an incident's title, detail, channel or message_ts; `closed=True` closes it now, `reopen=True`
+        opens it again (it came back soon after it ended)."""
+        allowed = {"title", "detail", "channel", "message_ts"}
+        unknown = set(fields) - allowed - {"closed", "reopen"}
+        if unknown:
+            raise ValueError(f"unknown incident field(s): {', '.join(sorted(unknown))}")
+        now = self._now()
+        values: dict[str, Any] = {k: v for k, v in fields.items() if k in allowed}
+        values["updated_at"] = now
+        if fields.get("closed"):
+            values["closed_at"] = now
+        if fields.get("reopen"):
+            values["closed_at"] = None
+        c = s.incidents.c
+        async with self._tx() as conn:
+            await conn.execute(update(s.incidents).where(c.id == incident_id).values(**values))
+            return _incident((await conn.execute(select(s.incidents).where(c.id == incident_id))).one())
+
+    async def incidents(
+        self, *, open_only: bool = True, env: str | None = None, limit: int = 100
+    ) -> list[IncidentRecord]:
+        c = s.incidents.c
+        q = select(s.incidents).order_by(c.opened_at.desc(), c.id.desc()).limit(limit)
+        if open_only:
+            q = q.where(c.closed_at.is_(None))
+        if env is not None:
+            q = q.where(c.env == env)
+        async with self._tx() as conn:
+            return [_incident(r) for r in (await conn.execute(q)).all()]
+
     async def lock_events(self, env: str | None = None, limit: int = 20) -> list[LockEvent]:
         c = s.lock_events.c
         q = select(s.lock_events).order_by(c.at.desc(), c.id.desc()).limit(limit)
@@ -1218,6 +1274,22 @@ def _lease(r: Row[Any], *, taken_over_from: str | None = None) -> Lease:
         heartbeat_at=r.heartbeat_at,
         taken_over_from=taken_over_from,
         epoch=r.epoch,
+    )
+
+
+def _incident(r: Row[Any]) -> IncidentRecord:
+    return IncidentRecord(
+        id=r.id,
+        env=r.env,
+        kind=r.kind,
+        key=r.key,
+        title=r.title,
+        detail=dict(r.detail or {}),
+        opened_at=r.opened_at,
+        updated_at=r.updated_at,
+        closed_at=r.closed_at,
+        channel=r.channel,
+        message_ts=r.message_ts,
     )
 
 

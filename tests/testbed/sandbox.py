@@ -117,6 +117,16 @@ class Sandbox:
                 env["site_url"] = self.site.url
         return yaml.safe_dump(data, sort_keys=False)
 
+    def reconfigure(self, **sections: Any) -> FunnelcakeConfig:
+        """Rewrite the environments file with these top-level sections replaced (e.g. `watch={...}`), as an
+        operator editing it would; bots started afterwards read the new file."""
+        data: dict[str, Any] = yaml.safe_load(self.config_path.read_text())
+        data.update(sections)
+        text = yaml.safe_dump(data, sort_keys=False)
+        self.config = parse_config(text, str(self.config_path))
+        self.config_path.write_text(text)
+        return self.config
+
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "funnelcake_config": self.config_path,

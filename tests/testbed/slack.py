@@ -139,6 +139,21 @@ class Message:
     def is_reply(self) -> bool:
         return self.thread_ts is not None and self.thread_ts != self.ts
 
+    @property
+    def shown(self) -> str:
+        """What a reader sees: the blocks' text when there are blocks (Slack shows `text` only as the
+        notification fallback then), else `text`."""
+        if not self.blocks:
+            return self.text
+        parts: list[str] = []
+        for block in self.blocks:
+            if isinstance(block.get("text"), dict):
+                parts.append(_text_of(block["text"]))
+            for el in block.get("elements") or block.get("fields") or []:
+                if isinstance(el, dict) and el.get("type") in ("mrkdwn", "plain_text"):
+                    parts.append(_text_of(el))
+        return "\n".join(parts)
+
     def buttons(self) -> list[dict[str, Any]]:
         """Every button in the message's blocks, in display order, with its block_id added."""
         out: list[dict[str, Any]] = []

@@ -1,0 +1,409 @@
+"""The watcher: tell the team of trouble before anyone asks.
+
+One bot at a time watches (the holder of the ledger lease `WATCH_LEASE`; a replica that loses it stops
+posting at once, so two replicas never post the same incident twice). Every `watch.every` seconds it
+looks at each env the way `status` does and turns what it sees into incidents:
+
+- pods failing (ImagePullBackOff, ErrImagePull, CrashLoopBackOff, Pending) with the deploy's own
+  diagnosis (cause, evidence, fix) and its one-click fix;
+- Argo CD OutOfSync, Degraded (when no failing pod explains it) or a failed sync operation;
+- the cluster unreachable;
+- a GitOps commit that changed an env's overlay and was not made by the bot (who changed what): a notice,
+  opened and closed at once.
+
+An env with a deploy running (its lease is live) is left to that deploy, which diagnoses on its own. A
+problem must be seen `confirm_after` looks in a row before it is posted and missed `clear_after` looks in
+a row before it is closed ("recovered after 3 min"); one that comes back within `flap_window` reopens its
+own message instead of posting a new one. Incidents live in the ledger, so a new leader carries on with
+the open ones (updates the same messages) instead of posting them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bot.adapters.gitops import OverlayCommit
+from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot, snapshot_env
+from bot.errors import BotError
+from bot.ledger import IncidentRecord, Ledger, LockHeld
+from bot.settings import Environment
+
+if TYPE_CHECKING:
+    from bot.service import DeployService
+
+log = logging.getLogger(__name__)
+
+WATCH_LEASE = "~watcher"  # a lease row of its own: no env is called that (names are [a-z0-9-])
+WATCH_HOLDER_DEPLOY = "watcher"
+LOOK_LIMIT = 20.0  # one env's look never takes longer than this
+
+
+class IncidentKind(StrEnum):
+    PODS_FAILING = "pods_failing"
+    OUT_OF_SYNC = "out_of_sync"
+    DEGRADED = "degraded"
+    SYNC_FAILED = "sync_failed"
+    UNREACHABLE = "unreachable"
+    HAND_EDIT = "hand_edit"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One problem seen in one look. `key` makes it the same incident from one look to the next."""
+
+    env: str
+    kind: IncidentKind
+    key: str
+    title: str
+    detail: Mapping[str, Any] = field(default_factory=dict)  # cause, evidence, fix, actions, author…
+    notice: bool = False  # a one-off (a hand edit): posted, then closed at once
+
+
+class IncidentNotifier(Protocol):
+    """Where incidents are told (the Slack front implements it). `opened` returns (channel, ts) or None
+    when the env has nowhere to post."""
+
+    async def opened(self, incident: IncidentRecord) -> tuple[str, str] | None: ...
+
+    async def updated(self, incident: IncidentRecord) -> None: ...
+
+    async def closed(self, incident: IncidentRecord, lasted: timedelta) -> None: ...
+
+
+# ---- what a look sees ---------------------------------------------------------------------------------
+
+
+def observe(env: Environment, snap: EnvSnapshot) -> list[Observation]:
+    """The problems one env's snapshot shows."""
+    if not snap.reachable:
+        return [
+            Observation(
+                env.name,
+                IncidentKind.UNREACHABLE,
+                f"{env.name}:unreachable",
+                f"{env.name}'s cluster is {snap.error}",
+                {
+                    "cause": f"the bot cannot read {env.name}'s cluster",
+                    "evidence": snap.error or "",
+                    "fix": (f"Check the cluster and the bot's access to kube context {env.kube_context}."),
+                },
+            )
+        ]
+    found: list[Observation] = []
+    for svc in snap.services:
+        found += _service(env, svc)
+    return found
+
+
+def _service(env: Environment, svc: ServiceSnapshot) -> list[Observation]:
+    found: list[Observation] = []
+    name = f"funnelcake-{svc.service}"
+    if svc.failing:
+        first = svc.failing[0]
+        d = first.diagnosis
+        pods = ", ".join(f"{p.name} ({p.reason})" for p in svc.failing)
+        detail: dict[str, Any] = {
+            "service": svc.service,
+            "tag": svc.tag,
+            "pods": pods,
+            "cause": d.cause if d else f"pod {first.name} is {first.reason}",
+            "evidence": d.evidence if d else first.reason,
+            "fix": d.fix if d else f"Roll {env.name} back, or look at `kubectl describe pod {first.name}`.",
+            "actions": ["rollback", "rebuild"] if svc.tag else ["rollback"],
+        }
+        found.append(
+            Observation(
+                env.name,
+                IncidentKind.PODS_FAILING,
+                f"{env.name}:pods:{svc.service}",
+                f"{name} pods failing in {env.name}: {first.reason}",
+                detail,
+            )
+        )
+    elif svc.argo_health == "Degraded":
+        found.append(
+            Observation(
+                env.name,
+                IncidentKind.DEGRADED,
+                f"{env.name}:degraded:{svc.service}",
+                f"{name} is Degraded in {env.name}'s Argo CD",
+                {
+                    "service": svc.service,
+                    "cause": f"Argo CD reports {name} Degraded",
+                    "evidence": f"health {svc.argo_health}, pods {svc.ready}/{svc.total} ready",
+                    "fix": f"Look at the Argo CD application, or roll {env.name} back.",
+                    "actions": ["rollback"],
+                },
+            )
+        )
+    if svc.argo_sync == "OutOfSync":
+        found.append(
+            Observation(
+                env.name,
+                IncidentKind.OUT_OF_SYNC,
+                f"{env.name}:out_of_sync:{svc.service}",
+                f"{name} is OutOfSync in {env.name}: git and the cluster differ",
+                {
+                    "service": svc.service,
+                    "cause": "the GitOps repo and the cluster differ and nothing synced them",
+                    "evidence": f"Argo CD sync status {svc.argo_sync} (revision {svc.argo_revision[:7] or '?'})",
+                    "fix": f"Deploy through the bot, or sync {name} in {env.name}'s Argo CD.",
+                    "actions": [],
+                },
+            )
+        )
+    op = svc.last_operation
+    if op is not None and op.phase in ("Failed", "Error"):
+        found.append(
+            Observation(
+                env.name,
+                IncidentKind.SYNC_FAILED,
+                f"{env.name}:sync_failed:{svc.service}:{op.started_at}",
+                f"{name}'s last Argo CD sync in {env.name} {op.phase.lower()}",
+                {
+                    "service": svc.service,
+                    "cause": f"the sync started by {op.initiated_by or 'someone'} at {op.started_at} {op.phase.lower()}",
+                    "evidence": op.message,
+                    "fix": f"Read the sync result in Argo CD, fix the manifests, or roll {env.name} back.",
+                    "actions": ["rollback"],
+                },
+            )
+        )
+    return found
+
+
+def hand_edits(commits: Sequence[OverlayCommit], bot_author: tuple[str, str]) -> list[Observation]:
+    """Overlay commits not made by the bot: one notice per commit and env."""
+    found: list[Observation] = []
+    for c in commits:
+        if (c.author, c.email) == bot_author:
+            continue
+        for env in c.envs:
+            found.append(
+                Observation(
+                    env,
+                    IncidentKind.HAND_EDIT,
+                    f"{env}:hand_edit:{c.sha}",
+                    f"{c.author} changed {env}'s overlay by hand in {c.short}: {c.subject}",
+                    {
+                        "commit": c.sha,
+                        "author": c.author,
+                        "email": c.email,
+                        "subject": c.subject,
+                        "cause": f"a commit by {c.author} <{c.email}>, not by the bot, changed {env}'s overlay",
+                        "evidence": f"{c.short} {c.subject}",
+                        "fix": "If this was not meant, roll back; the bot's `status` shows what runs now.",
+                        "actions": ["rollback"],
+                    },
+                    notice=True,
+                )
+            )
+    return found
+
+
+# ---- the watcher --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Seen:
+    looks: int = 0  # consecutive looks that saw it
+    missed: int = 0  # consecutive looks that did not
+
+
+class Watcher:
+    def __init__(self, service: DeployService, notifier: IncidentNotifier, *, lease_ttl: float) -> None:
+        self.service = service
+        self.notifier = notifier
+        self.settings = service.config.watch
+        self.lease_ttl = max(lease_ttl, self.settings.every * 3)
+        self.leading = False
+        self._seen: dict[str, _Seen] = {}
+        self._gitops_head: str | None = None
+        # told the open incidents after every look (the metrics' incidents_open gauge)
+        self.on_open: list[Callable[[Sequence[IncidentRecord]], None]] = []
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.service.deps.ledger
+
+    async def run(self) -> None:
+        """Look every `watch.every` seconds while this bot holds the watcher lease; never returns."""
+        while True:
+            try:
+                if await self._lead():
+                    await self.look()
+            except asyncio.CancelledError:
+                raise
+            except BotError as e:  # the ledger or git is away: weather, told once per look
+                log.warning("watcher: this look was skipped: %s", e.message)
+            except Exception:
+                log.exception("watcher: a look failed; the next one tries again")
+            await asyncio.sleep(self.settings.every)
+
+    async def stop(self) -> None:
+        """Give the watcher lease up (a graceful stop): another replica leads from its next look."""
+        if self.leading:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.ledger.release_lease(WATCH_LEASE, self.service.instance_id)
+            self.leading = False
+
+    async def _lead(self) -> bool:
+        try:
+            async with asyncio.timeout(10):
+                await self.ledger.acquire_lease(
+                    WATCH_LEASE,
+                    holder=self.service.instance_id,
+                    deploy_id=WATCH_HOLDER_DEPLOY,
+                    ttl=self.lease_ttl,
+                )
+        except LockHeld:
+            if self.leading:
+                log.info("watcher: another bot watches now")
+            self.leading = False
+            return False
+        except TimeoutError:
+            self.leading = False
+            return False
+        if not self.leading:
+            log.info("watcher: this bot watches the envs now")
+            self._seen.clear()  # what the last leader saw is in the ledger; counting starts afresh
+        self.leading = True
+        return True
+
+    async def look(self) -> None:
+        """One look at every env, and the incidents brought up to date."""
+        envs = self.service.config.environments
+        observations = await self._hand_edits(envs)
+        results = await asyncio.gather(*(self._look_at(env) for env in envs))
+        watched: set[str] = set()
+        for env, seen in zip(envs, results, strict=True):
+            if seen is None:
+                continue  # a deploy runs there: it is that deploy's to tell
+            watched.add(env.name)
+            observations += seen
+        await self._reconcile(observations, watched)
+
+    async def _look_at(self, env: Environment) -> list[Observation] | None:
+        lease = await self.ledger.get_lease(env.name)
+        if lease is not None and lease.expires_at > datetime.now(UTC):
+            return None
+        deps = self.service.deps
+        if env.kube_context not in deps.kube:
+            return [
+                Observation(
+                    env.name,
+                    IncidentKind.UNREACHABLE,
+                    f"{env.name}:unreachable",
+                    f"{env.name} has no kube context {env.kube_context} configured",
+                )
+            ]
+        snap = await snapshot_env(
+            deps.kube[env.kube_context], env, diagnoser=deps.diagnoser(env), limit=LOOK_LIMIT
+        )
+        return observe(env, snap)
+
+    async def _hand_edits(self, envs: Sequence[Environment]) -> list[Observation]:
+        gitops = self.service.deps.gitops
+        try:
+            async with asyncio.timeout(LOOK_LIMIT):
+                head, commits = await gitops.overlay_commits(envs, self._gitops_head)
+        except (BotError, TimeoutError) as e:
+            log.warning("watcher: the GitOps repo could not be read: %s", getattr(e, "message", "timed out"))
+            return []
+        self._gitops_head = head
+        return hand_edits(commits, gitops.author)
+
+    async def _reconcile(self, observations: list[Observation], watched: set[str]) -> None:
+        ledger = self.ledger
+        now_seen = {o.key: o for o in observations}
+        for key in now_seen:
+            seen = self._seen.setdefault(key, _Seen())
+            seen.looks, seen.missed = seen.looks + 1, 0
+        open_incidents = {i.key: i for i in await ledger.incidents(open_only=True)}
+        for key, obs in now_seen.items():
+            incident = open_incidents.get(key)
+            if incident is not None:
+                if incident.title != obs.title or incident.detail != dict(obs.detail):
+                    updated = await ledger.update_incident(
+                        incident.id, title=obs.title, detail=dict(obs.detail)
+                    )
+                    await self._tell("updated", updated)
+                continue
+            if obs.notice or self._seen[key].looks >= self.settings.confirm_after:
+                await self._open(obs)
+        for key, incident in open_incidents.items():
+            if key in now_seen or incident.env not in watched:
+                continue  # still there, or not looked at (a deploy runs there)
+            seen = self._seen.setdefault(key, _Seen(looks=0))
+            seen.missed += 1
+            if seen.missed >= self.settings.clear_after:
+                closed = await ledger.update_incident(incident.id, closed=True)
+                await self._tell_closed(closed)
+                self._seen.pop(key, None)
+        for key in [k for k, s in self._seen.items() if k not in now_seen and k not in open_incidents]:
+            self._seen.pop(key, None)  # seen once, then gone: a blip, never posted
+        if self.on_open:
+            still_open = await ledger.incidents(open_only=True)
+            for callback in self.on_open:
+                callback(still_open)
+
+    async def _open(self, obs: Observation) -> None:
+        ledger = self.ledger
+        recent = await self._recently_closed(obs.key)
+        if recent is not None:
+            reopened = await ledger.update_incident(
+                recent.id,
+                reopen=True,
+                title=obs.title,
+                detail={**obs.detail, "reopened": int(recent.detail.get("reopened", 0)) + 1},
+            )
+            await self._tell("updated", reopened)
+            return
+        incident, new = await ledger.open_incident(
+            obs.env, obs.kind.value, obs.key, obs.title, dict(obs.detail)
+        )
+        if not new:
+            return
+        try:
+            where = await self.notifier.opened(incident)
+        except Exception:
+            log.exception("watcher: could not post incident %s", obs.key)
+            where = None
+        if where is not None:
+            incident = await ledger.update_incident(incident.id, channel=where[0], message_ts=where[1])
+        log.warning("incident opened", extra={"env": obs.env, "kind": obs.kind.value, "incident": obs.title})
+        if obs.notice:
+            await ledger.update_incident(incident.id, closed=True)
+
+    async def _recently_closed(self, key: str) -> IncidentRecord | None:
+        if self.settings.flap_window <= 0:
+            return None
+        since = datetime.now(UTC) - timedelta(seconds=self.settings.flap_window)
+        for incident in await self.ledger.incidents(open_only=False, limit=50):
+            if incident.key == key and incident.closed_at is not None and incident.closed_at >= since:
+                return incident
+        return None
+
+    async def _tell(self, what: str, incident: IncidentRecord) -> None:
+        try:
+            await self.notifier.updated(incident)
+        except Exception:
+            log.exception("watcher: could not %s the post of incident %s", what, incident.key)
+
+    async def _tell_closed(self, incident: IncidentRecord) -> None:
+        lasted = (incident.closed_at or datetime.now(UTC)) - incident.opened_at
+        log.info(
+            "incident closed", extra={"env": incident.env, "kind": incident.kind, "incident": incident.title}
+        )
+        try:
+            await self.notifier.closed(incident, lasted)
+        except Exception:
+            log.exception("watcher: could not close the post of incident %s", incident.key)

@@ -1,0 +1,157 @@
+"""The watcher, with two real bot processes sharing PostgreSQL: breakage done by hand, as a colleague
+following the old runbook would (an arm64 build pushed to the registry, `sed` on the overlay, an Argo CD
+sync), is posted once, with the deploy's diagnosis and a Roll back that works, and closed as recovered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+from bot.ledger import Ledger
+from tests.testbed.botproc import BotProcess
+from tests.testbed.gitrepos import overlay_path, push_from_second_clone
+from tests.testbed.pg import ThrowawayPostgres, postgres  # noqa: F401 - a fixture
+from tests.testbed.sandbox import Sandbox
+from tests.testbed.scenario import WAIT, launch
+from tests.testbed.slack import DEFAULT_CHANNEL, FakeSlack, Message
+
+pytestmark = pytest.mark.timeout(300)
+REFRESH = "argocd.argoproj.io/refresh"
+
+
+def watch_here(sandbox: Sandbox) -> None:
+    sandbox.reconfigure(watch={"channel": DEFAULT_CHANNEL, "every": 1.0})
+
+
+def set_tag(service: str, tag: str) -> Any:
+    """A colleague's `sed` on the overlay: the newTag in funnelcake-<service>'s images entry, everything
+    else as it was (other entries, comments, quoting of the rest)."""
+
+    def edit(text: str) -> str:
+        items = re.split(r"(?m)(?=^\s*- )", text)
+        hits = [i for i, item in enumerate(items) if re.search(rf"\bfunnelcake-{service}\b", item)]
+        assert len(hits) == 1, text
+        items[hits[0]], n = re.subn(r"(newTag:\s*)\"?[0-9a-f]{7}\"?", rf'\g<1>"{tag}"', items[hits[0]])
+        assert n == 1, text
+        return "".join(items)
+
+    return edit
+
+
+async def by_hand(sandbox: Sandbox, env: str, app: str, *, sync: bool) -> None:
+    """`kubectl annotate … refresh=hard`, and with `sync` the runbook's sync patch, as a person runs them."""
+    assert sandbox.clusters is not None
+    store = sandbox.clusters[env].store
+
+    def patch(obj: dict[str, Any]) -> None:
+        obj["metadata"].setdefault("annotations", {})[REFRESH] = "hard"
+        if sync:
+            obj["operation"] = {"initiatedBy": {"username": "colleague"}, "sync": {"revision": "main"}}
+
+    store.update("applications", "argocd", app, patch)
+
+
+def posts(slack: FakeSlack, needle: str) -> list[Message]:
+    return [m for m in slack.messages(DEFAULT_CHANNEL) if needle in m.text]
+
+
+async def one_post(slack: FakeSlack, needle: str, *bots: BotProcess) -> Message:
+    try:
+        async with asyncio.timeout(WAIT):
+            while not posts(slack, needle):
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        logs = "\n".join(f"--- {b.name}\n{b.tail(3000)}" for b in bots)
+        raise AssertionError(
+            f"no post with {needle!r}:\n{slack.transcript(DEFAULT_CHANNEL)}\n{logs}"
+        ) from None
+    return posts(slack, needle)[0]
+
+
+async def until_text(slack: FakeSlack, ts: str, needle: str, *bots: BotProcess) -> Message:
+    try:
+        async with asyncio.timeout(WAIT):
+            while needle not in (msg := slack.message(DEFAULT_CHANNEL, ts)).text:
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        logs = "\n".join(f"--- {b.name}\n{b.tail(3000)}" for b in bots)
+        raise AssertionError(
+            f"message {ts} never said {needle!r}:\n{slack.message(DEFAULT_CHANNEL, ts).text}\n{logs}"
+        ) from None
+    return msg
+
+
+async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_after_the_rollback(
+    sandbox: Sandbox,
+    slack_sandbox: FakeSlack,
+    postgres: ThrowawayPostgres,  # noqa: F811 - the fixture
+    bots: list[BotProcess],
+) -> None:
+    slack = slack_sandbox
+    assert sandbox.git is not None
+    watch_here(sandbox)
+    one = await launch(bots, sandbox, slack, "one", database_url=postgres.url, mode="http")
+    two = await launch(bots, sandbox, slack, "two", database_url=postgres.url, mode="http")
+
+    # ---- a colleague builds the relay on an arm64 Mac, pushes it to staging's registry, edits, syncs
+    tag = "badc0de"
+    await sandbox.registries.push("staging", "funnelcake-relay", tag, "arm64", seed="mac-build")
+    sha = push_from_second_clone(
+        sandbox.git.gitops.url, overlay_path("relay", "staging"), set_tag("relay", tag), "relay: try my build"
+    )
+    await by_hand(sandbox, "staging", "funnelcake-relay", sync=True)
+
+    incident = await one_post(slack, "funnelcake-relay pods failing in staging", one, two)
+    text = incident.shown
+    assert "arm64" in text, text  # the deploy's own diagnosis: the image is for the wrong platform
+    assert "*Fix*" in text
+    assert [b.get("action_id") for b in incident.buttons()] == ["rollback", "rebuild"]
+    notice = await one_post(slack, f"changed staging's overlay by hand in {sha[:7]}", one, two)
+    assert "A Colleague" in notice.shown
+    assert "relay: try my build" in notice.shown
+    await asyncio.sleep(4)  # several more looks by whichever replica watches: still one post of each
+    assert len(posts(slack, "funnelcake-relay pods failing in staging")) == 1
+    assert len(posts(slack, f"changed staging's overlay by hand in {sha[:7]}")) == 1
+
+    # ---- the Roll back button on the incident works, and the incident closes as recovered
+    status, _ = await two.deliver(
+        *slack.signed_click(DEFAULT_CHANNEL, incident.ts, "rollback", user_id="U0ALICE")
+    )
+    assert status == 200
+    closed = await until_text(slack, incident.ts, "Recovered after", one, two)
+    assert closed.buttons() == []
+    assert "funnelcake-relay pods failing in staging" in closed.text
+    ledger = await Ledger.open(postgres.url)
+    try:
+        assert await ledger.incidents(open_only=True) == []
+        history = await ledger.incidents(open_only=False)
+        assert sorted(i.kind for i in history) == ["hand_edit", "pods_failing"]
+        assert all(i.closed_at is not None for i in history)
+    finally:
+        await ledger.close()
+
+
+async def test_out_of_sync_is_reported_then_cleared_by_a_sync(
+    sandbox: Sandbox, slack_sandbox: FakeSlack, bots: list[BotProcess]
+) -> None:
+    slack = slack_sandbox
+    assert sandbox.git is not None
+    watch_here(sandbox)
+    bot = await launch(bots, sandbox, slack, "solo", mode="http")
+    # poc's registry holds the tag (amd64): once synced, the pods run it
+    tag = sandbox.git.app.short("relay-tune")
+    await sandbox.registries.push("poc", "funnelcake-api", tag, "multi", seed=f"api:{tag}")
+    push_from_second_clone(
+        sandbox.git.gitops.url, overlay_path("api", "poc"), set_tag("api", tag), "api: bump by hand"
+    )
+    await by_hand(sandbox, "poc", "funnelcake-api", sync=False)  # refreshed, not synced: OutOfSync
+
+    incident = await one_post(slack, "funnelcake-api is OutOfSync in poc", bot)
+    assert "git and the cluster differ" in incident.shown
+    await by_hand(sandbox, "poc", "funnelcake-api", sync=True)
+    closed = await until_text(slack, incident.ts, "Recovered after", bot)
+    assert "OutOfSync" in closed.text
