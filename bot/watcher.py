@@ -365,6 +365,9 @@ class Watcher:
                 title=obs.title,
                 detail={**obs.detail, "reopened": int(recent.detail.get("reopened", 0)) + 1},
             )
+            log.warning(
+                "incident back", extra={"env": obs.env, "kind": obs.kind.value, "incident": obs.title}
+            )
             await self._tell("updated", reopened)
             return
         incident, new = await ledger.open_incident(

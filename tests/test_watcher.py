@@ -6,8 +6,6 @@ sync), is posted once, with the deploy's diagnosis and a Roll back that works, a
 from __future__ import annotations
 
 import asyncio
-import re
-from typing import Any
 
 import pytest
 
@@ -16,43 +14,14 @@ from tests.testbed.botproc import BotProcess
 from tests.testbed.gitrepos import overlay_path, push_from_second_clone
 from tests.testbed.pg import ThrowawayPostgres, postgres  # noqa: F401 - a fixture
 from tests.testbed.sandbox import Sandbox
-from tests.testbed.scenario import WAIT, launch
+from tests.testbed.scenario import WAIT, by_hand, launch, set_tag
 from tests.testbed.slack import DEFAULT_CHANNEL, FakeSlack, Message
 
 pytestmark = pytest.mark.timeout(300)
-REFRESH = "argocd.argoproj.io/refresh"
 
 
 def watch_here(sandbox: Sandbox) -> None:
     sandbox.reconfigure(watch={"channel": DEFAULT_CHANNEL, "every": 1.0})
-
-
-def set_tag(service: str, tag: str) -> Any:
-    """A colleague's `sed` on the overlay: the newTag in funnelcake-<service>'s images entry, everything
-    else as it was (other entries, comments, quoting of the rest)."""
-
-    def edit(text: str) -> str:
-        items = re.split(r"(?m)(?=^\s*- )", text)
-        hits = [i for i, item in enumerate(items) if re.search(rf"\bfunnelcake-{service}\b", item)]
-        assert len(hits) == 1, text
-        items[hits[0]], n = re.subn(r"(newTag:\s*)\"?[0-9a-f]{7}\"?", rf'\g<1>"{tag}"', items[hits[0]])
-        assert n == 1, text
-        return "".join(items)
-
-    return edit
-
-
-async def by_hand(sandbox: Sandbox, env: str, app: str, *, sync: bool) -> None:
-    """`kubectl annotate … refresh=hard`, and with `sync` the runbook's sync patch, as a person runs them."""
-    assert sandbox.clusters is not None
-    store = sandbox.clusters[env].store
-
-    def patch(obj: dict[str, Any]) -> None:
-        obj["metadata"].setdefault("annotations", {})[REFRESH] = "hard"
-        if sync:
-            obj["operation"] = {"initiatedBy": {"username": "colleague"}, "sync": {"revision": "main"}}
-
-    store.update("applications", "argocd", app, patch)
 
 
 def posts(slack: FakeSlack, needle: str) -> list[Message]:

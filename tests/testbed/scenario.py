@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,3 +182,36 @@ def frozen(pid: int) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+# ---- what a colleague does by hand, following the old runbook ----
+
+REFRESH = "argocd.argoproj.io/refresh"
+
+
+def set_tag(service: str, tag: str) -> Any:
+    """A colleague's `sed` on the overlay: the newTag in funnelcake-<service>'s images entry, everything
+    else as it was (other entries, comments, quoting of the rest)."""
+
+    def edit(text: str) -> str:
+        items = re.split(r"(?m)(?=^\s*- )", text)
+        hits = [i for i, item in enumerate(items) if re.search(rf"\bfunnelcake-{service}\b", item)]
+        assert len(hits) == 1, text
+        items[hits[0]], n = re.subn(r"(newTag:\s*)\"?[0-9a-f]{7}\"?", rf'\g<1>"{tag}"', items[hits[0]])
+        assert n == 1, text
+        return "".join(items)
+
+    return edit
+
+
+async def by_hand(sandbox: Sandbox, env: str, app: str, *, sync: bool) -> None:
+    """`kubectl annotate … refresh=hard`, and with `sync` the runbook's sync patch, as a person runs them."""
+    assert sandbox.clusters is not None
+    store = sandbox.clusters[env].store
+
+    def patch(obj: dict[str, Any]) -> None:
+        obj["metadata"].setdefault("annotations", {})[REFRESH] = "hard"
+        if sync:
+            obj["operation"] = {"initiatedBy": {"username": "colleague"}, "sync": {"revision": "main"}}
+
+    store.update("applications", "argocd", app, patch)
