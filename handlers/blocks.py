@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
@@ -21,6 +22,20 @@ ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️
 def esc(text: str) -> str:
     """Escape user or system text for mrkdwn: `<`, `>` and `&` would otherwise become links or mentions."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def when(at: datetime | str) -> str:
+    """A time each reader sees in their own zone and format (`<!date^…>`), with a UTC fallback for clients
+    that cannot render it; an unreadable value is shown as given."""
+    if isinstance(at, str):
+        try:
+            at = datetime.fromisoformat(at)
+        except ValueError:
+            return esc(str(at))
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    fallback = f"{at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} at {{time}}|{fallback}>"
 
 
 def clip(text: str, limit: int = MAX_SECTION - 100) -> str:
@@ -307,7 +322,7 @@ def incident_blocks(incident: IncidentRecord, *, lasted: float | None = None) ->
             buttons.append(button(f"Rebuild {d['tag']}", "rebuild", f"{incident.env}:{d['tag']}"))
     if buttons:
         blocks.append(actions(f"incident:{incident.id}", *buttons))
-    blocks.append(context(f"Seen by the watcher since {incident.opened_at:%Y-%m-%d %H:%M} UTC"))
+    blocks.append(context(f"Seen by the watcher since {when(incident.opened_at)}"))
     return f"{icon} {incident.env}: {incident.title}", fit(blocks)
 
 

@@ -103,6 +103,7 @@ class SlackThreadReporter:
         await self._ensure_root()
         replies: list[str] = []
         extra: list[bk.Block] = []
+        final: tuple[str, bool] | None = None  # the outcome reply, and whether the channel must see it
         for e in batch:
             if e.step == SUMMARY_STEP:
                 ok = e.kind is EventKind.DONE
@@ -117,7 +118,9 @@ class SlackThreadReporter:
                     if not ok and pushed
                     else []
                 )
-                replies.append(self.outcome)
+                # Its own reply, mentioning the requester; a failure is also shown in the channel, where
+                # people look (a thread nobody follows is where failures used to go unseen).
+                final = (f"<@{self.record.requester}> {self.outcome}", not ok)
                 continue
             if e.step == "approval":
                 self._approval(e)
@@ -167,22 +170,27 @@ class SlackThreadReporter:
             await self._post(
                 "\n".join(replies) or "diagnosis", blocks=bk.fit(reply_blocks + extra), thread_ts=self.root_ts
             )
+        if final is not None:
+            text, broadcast = final
+            await self._post(
+                text, blocks=[bk.section(text)], thread_ts=self.root_ts, reply_broadcast=broadcast
+            )
         await self._update_root()
 
     def _approval(self, e: StepEvent) -> None:
         if e.kind is EventKind.STARTED:
             self.plan = Plan.from_json(dict(e.data["plan"])) if e.data.get("plan") else self.plan
-            expires = str(e.data.get("expires_at", ""))[11:16]
-            self.approval = f"⏳ Waiting for an approver (not the requester) · expires at {expires} UTC"
+            expires = bk.when(str(e.data.get("expires_at", "")))
+            self.approval = f"⏳ Waiting for an approver (not the requester) · expires {expires}"
             self.buttons = [
                 bk.button("Approve", "approve", self.record.id, "primary"),
                 bk.button("Deny", "deny", self.record.id, "danger"),
             ]
         elif e.kind is EventKind.DONE:
-            self.approval = f"✅ {_sentence(e.message)} at {datetime.now(UTC):%H:%M} UTC"
+            self.approval = f"✅ {_sentence(e.message)} {bk.when(datetime.now(UTC))}"
             self.buttons = [bk.button("Cancel", "cancel", self.record.id)]
         else:
-            self.approval = f"⛔ {_sentence(e.message)} at {datetime.now(UTC):%H:%M} UTC"
+            self.approval = f"⛔ {_sentence(e.message)} {bk.when(datetime.now(UTC))}"
             self.buttons = []
 
     async def _ensure_root(self) -> None:
@@ -213,11 +221,20 @@ class SlackThreadReporter:
             await self.client.chat_update(
                 channel=self.channel,
                 ts=self.root_ts,
-                text=redact(bk.title(self.record)),
+                text=redact(self._fallback()),
                 blocks=redact_json(self._root_blocks()),
             )
         except SlackApiError as err:
             log.warning("chat.update of deploy %s failed: %s", self.record.id, err.response.get("error"))
+
+    def _fallback(self) -> str:
+        """The root's `text`: what notifications and screen readers show, so it carries the outcome too."""
+        title = bk.title(self.record)
+        if self.outcome:
+            return f"{title}: {self.outcome.splitlines()[0].replace('*', '')}"
+        if self.approval:
+            return f"{title}: waiting for approval"
+        return title
 
     async def _post(self, text: str, *, blocks: list[bk.Block], **kw: Any) -> Any:
         # Step messages quote remote systems (a migrate Job's log, git, Kubernetes): scrub before posting.

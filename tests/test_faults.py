@@ -124,7 +124,10 @@ async def settled(
             s: f"{prefix}/funnelcake-{s}:{record.short}" for s in ("api", "relay")
         }
     assert not [s.step for s in steps if s.state is StepState.RUNNING], [(s.step, s.state) for s in steps]
-    await one_final_message(slack, record)
+    final = await one_final_message(slack, record)
+    # it tells the requester, and anything but a success is also shown in the channel
+    assert final.text.startswith(f"<@{record.requester}> "), final.text
+    assert final.broadcast is (state is not DeployState.SUCCEEDED)
     assert await ledger.get_lease("poc") is None
     for bot in live:
         assert_clean_log(bot)
@@ -368,10 +371,12 @@ def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
 def fill(disk: Path) -> Path:
     """Fill the disk to the last byte; return the filler to delete."""
     filler = disk / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    with (
+        contextlib.suppress(OSError),
+        filler.open("wb", buffering=0) as f,
+    ):  # unbuffered: close writes nothing
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
     return filler
 
 

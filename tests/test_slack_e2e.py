@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from urllib.parse import urlencode
 
 from bot.ledger.models import DeployState
@@ -39,8 +40,10 @@ async def test_deploy_poc_posts_a_root_message_and_thread(bot: RunningBot, slack
     text = "\n".join(r.text for r in replies)
     for step in ("resolve", "preflight", "images", "gitops", "sync", "rollout", "verify"):
         assert f"*{step}*" in text, text
-    assert "Done" in replies[-1].text
+    assert replies[-1].text.startswith("<@U0ALICE> 🎉 *Done*"), replies[-1].text  # the requester is told
+    assert not replies[-1].broadcast  # a success stays in the thread
     assert "Argo CD revision" in replies[-1].text
+    assert f"Deploy funnelcake @ {short} → poc: 🎉 Done" in slack_sandbox.message(CHANNEL, root.ts).text
     assert bot.service is not None
     [record] = await bot.service.history("poc", 1)
     assert record.state is DeployState.SUCCEEDED
@@ -56,6 +59,12 @@ async def test_production_deploy_needs_another_approver(bot: RunningBot, slack_s
     assert labels == ["approve", "deny"]
     assert "Commits included" in str(root.blocks)
     assert "Migrations that will run" in str(root.blocks)
+    # the expiry is a Slack date token: each reader sees it in their own time zone, UTC as the fallback
+    assert re.search(
+        r"expires <!date\^\d+\^\{date_short_pretty\} at \{time\}\|\d{4}-\d\d-\d\d \d\d:\d\d UTC>",
+        str(root.blocks),
+    )
+    assert root.text.endswith(": waiting for approval")
 
     # Alice is not an approver: refused
     await bot.click(root.ts, "approve", user="U0ALICE")

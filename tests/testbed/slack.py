@@ -133,6 +133,7 @@ class Message:
     edited: bool = False
     deleted: bool = False
     ephemeral_to: str | None = None
+    broadcast: bool = False  # a thread reply also sent to the channel (`reply_broadcast`)
     replies: list[Message] = field(default_factory=list)
 
     @property
@@ -575,13 +576,14 @@ class FakeSlack:
         raise KeyError(f"no message {ts} in {channel}")
 
     def messages(self, channel: str = DEFAULT_CHANNEL) -> list[Message]:
-        """Root messages and ephemerals in order, each root with its thread replies (copies)."""
+        """What the channel shows, in order: root messages (each with its thread replies, copies),
+        ephemerals, and thread replies also sent to the channel (`is_reply` and `broadcast` set)."""
         log = [m for m in self._messages.get(channel, []) if not m.deleted]
         replies: dict[str, list[Message]] = {}
         for m in log:
             if m.is_reply and m.thread_ts is not None:
                 replies.setdefault(m.thread_ts, []).append(replace(m, replies=[]))
-        return [replace(m, replies=replies.get(m.ts, [])) for m in log if not m.is_reply]
+        return [replace(m, replies=replies.get(m.ts, [])) for m in log if not m.is_reply or m.broadcast]
 
     def thread(self, channel: str, ts: str) -> list[Message]:
         for m in self.messages(channel):
@@ -1031,6 +1033,7 @@ class FakeSlack:
             text=text,
             blocks=blocks,
             thread_ts=thread_ts,
+            broadcast=thread_ts is not None and self._flag(params.get("reply_broadcast")),
         )
         self._messages.setdefault(channel, []).append(m)
         return {"channel": channel, "ts": m.ts, "message": self._wire(m)}
