@@ -54,7 +54,8 @@ def header(text: str) -> Block:
     return {"type": "header", "text": {"type": "plain_text", "text": text[:150], "emoji": True}}
 
 
-def button(label: str, action_id: str, value: str, style: str | None = None) -> Block:
+def button(label: str, action_id: str, value: str, style: str | None = None, *, confirm: str = "") -> Block:
+    """A button; a `danger` one must say, in a confirm dialog, what clicking it will do."""
     b: Block = {
         "type": "button",
         "text": {"type": "plain_text", "text": label[:75], "emoji": True},
@@ -63,7 +64,24 @@ def button(label: str, action_id: str, value: str, style: str | None = None) -> 
     }
     if style:
         b["style"] = style
+    if style == "danger" and not confirm:
+        raise ValueError(f"the danger button {label!r} needs a confirm text saying what it will do")
+    if confirm:
+        b["confirm"] = {
+            "title": {"type": "plain_text", "text": f"{label[:90]}?"},
+            "text": {"type": "mrkdwn", "text": confirm[:300]},
+            "confirm": {"type": "plain_text", "text": label[:30]},
+            "deny": {"type": "plain_text", "text": "Not now"},
+            "style": "danger",
+        }
     return b
+
+
+def rollback_confirm(env: str) -> str:
+    return (
+        f"Roll *{esc(env)}* back to the last tag the bot deployed there successfully: its overlays change in git "
+        "and Argo CD syncs the cluster. Migrations are not reverted."
+    )
 
 
 def actions(block_id: str, *buttons: Block) -> Block:
@@ -184,7 +202,7 @@ def diagnosis_blocks(env: str, deploy_id: str, short: str | None, data: Mapping[
         section("*Evidence*\n> " + esc(str(d.get("evidence", ""))).replace("\n", "\n> ")),
         section(f"*Fix*: {esc(str(d.get('fix', '')))}"),
     ]
-    buttons = [button("Roll back", "rollback", env, "danger")]
+    buttons = [button("Roll back", "rollback", env, "danger", confirm=rollback_confirm(env))]
     if short:
         buttons.append(button("Rebuild", "rebuild", f"{env}:{short}"))
     blocks.append(actions(f"diagnosis:{deploy_id}", *buttons))
@@ -256,7 +274,9 @@ def status_blocks(report: DriftReport) -> list[Block]:
             target = f.action.split(":", 1)[1]
             label = f"Roll back {target}"
             if all(b["text"]["text"] != label for b in buttons):
-                buttons.append(button(label, f"rollback-{target}", target, "danger"))
+                buttons.append(
+                    button(label, f"rollback-{target}", target, "danger", confirm=rollback_confirm(target))
+                )
         if f.action and f.action.startswith("catchup:"):
             _, target, short = f.action.split(":", 2)
             # action_ids must be unique within a message: one per target env
@@ -317,7 +337,15 @@ def incident_blocks(incident: IncidentRecord, *, lasted: float | None = None) ->
     buttons = []
     for action in d.get("actions") or ():
         if action == "rollback":
-            buttons.append(button(f"Roll back {incident.env}", "rollback", incident.env, "danger"))
+            buttons.append(
+                button(
+                    f"Roll back {incident.env}",
+                    "rollback",
+                    incident.env,
+                    "danger",
+                    confirm=rollback_confirm(incident.env),
+                )
+            )
         elif action == "rebuild" and d.get("tag"):
             buttons.append(button(f"Rebuild {d['tag']}", "rebuild", f"{incident.env}:{d['tag']}"))
     if buttons:

@@ -114,7 +114,15 @@ class SlackThreadReporter:
                     self.steps.get("gitops") == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
                 )
                 self.buttons = (
-                    [bk.button("Roll back", "rollback", self.record.envs[0], "danger")]
+                    [
+                        bk.button(
+                            "Roll back",
+                            "rollback",
+                            self.record.envs[0],
+                            "danger",
+                            confirm=bk.rollback_confirm(self.record.envs[0]),
+                        )
+                    ]
                     if not ok and pushed
                     else []
                 )
@@ -162,7 +170,16 @@ class SlackThreadReporter:
                     ),
                     bk.actions(
                         f"dirty:{self.record.id}",
-                        bk.button(f"Force version {version}", "force_migrate", f"{env}:{version}", "danger"),
+                        bk.button(
+                            f"Force version {version}",
+                            "force_migrate",
+                            f"{env}:{version}",
+                            "danger",
+                            confirm=(
+                                f"Mark *{bk.esc(env)}*'s database clean at version {version}, then run `up` again. "
+                                "Only after checking what the failed migration left behind."
+                            ),
+                        ),
                     ),
                 ]
         if replies or extra:
@@ -184,7 +201,13 @@ class SlackThreadReporter:
             self.approval = f"⏳ Waiting for an approver (not the requester) · expires {expires}"
             self.buttons = [
                 bk.button("Approve", "approve", self.record.id, "primary"),
-                bk.button("Deny", "deny", self.record.id, "danger"),
+                bk.button(
+                    "Deny",
+                    "deny",
+                    self.record.id,
+                    "danger",
+                    confirm="Deny this deploy? It ends now; nothing is pushed.",
+                ),
             ]
         elif e.kind is EventKind.DONE:
             self.approval = f"✅ {_sentence(e.message)} {bk.when(datetime.now(UTC))}"

@@ -79,6 +79,9 @@ async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_af
     assert "arm64" in text, text  # the deploy's own diagnosis: the image is for the wrong platform
     assert "*Fix*" in text
     assert [b.get("action_id") for b in incident.buttons()] == ["rollback", "rebuild"]
+    dialog = incident.buttons()[0]["confirm"]  # a danger button says what it will do before it does it
+    assert dialog["title"]["text"] == "Roll back staging?"
+    assert "Roll *staging* back to the last tag the bot deployed there successfully" in dialog["text"]["text"]
     notice = await one_post(slack, f"changed staging's overlay by hand in {sha[:7]}", one, two)
     assert "A Colleague" in notice.shown
     assert "relay: try my build" in notice.shown

@@ -372,6 +372,21 @@ def validate_blocks(blocks: Any) -> list[str]:
         value = el.get("value")
         if isinstance(value, str) and len(value) > MAX_BUTTON_VALUE:
             problems.append(f"must be less than {MAX_BUTTON_VALUE + 1} characters [json-pointer:{ptr}/value]")
+        confirm = el.get("confirm")
+        if confirm is not None:  # Slack's confirmation dialog object and its limits
+            for key, limit, kinds in (
+                ("title", 100, ("plain_text",)),
+                ("text", 300, ("plain_text", "mrkdwn")),
+                ("confirm", 30, ("plain_text",)),
+                ("deny", 30, ("plain_text",)),
+            ):
+                obj = confirm.get(key) if isinstance(confirm, dict) else None
+                if not isinstance(obj, dict) or obj.get("type") not in kinds:
+                    problems.append(f"missing required field: {key} [json-pointer:{ptr}/confirm/{key}]")
+                elif len(_text_of(obj)) > limit:
+                    problems.append(
+                        f"must be less than {limit + 1} characters [json-pointer:{ptr}/confirm/{key}/text]"
+                    )
         aid = el.get("action_id")
         if isinstance(aid, str):
             if len(aid) > MAX_ACTION_ID:
