@@ -26,7 +26,7 @@ from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
-from bot.pipeline.engine import EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,19 @@ class Metrics:
             ["env"],
             registry=self.registry,
         )
+        self.deploy_duration = Histogram(
+            "deploy_duration_seconds",
+            "Wall time of finished deploys, request to final state, by env and kind (deploy, rollback, migrate…).",
+            ["env", "kind"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "last_successful_deploy_timestamp_seconds",
+            "Unix time of the env's last deploy that succeeded (0: none since this bot started).",
+            ["env"],
+            registry=self.registry,
+        )
         self.incidents_open = Gauge(
             "incidents_open",
             "Incidents the watcher has open right now, by env and kind (pods_failing, out_of_sync, …).",
@@ -113,6 +126,7 @@ class Metrics:
             for result in RESULTS:
                 self.deploys.labels(env=env, result=result)
             self.locks_held.labels(env=env).set(0)
+            self.last_success.labels(env=env)
 
     def reporter(self, envs: Sequence[str]) -> MetricsReporter:
         return MetricsReporter(self, envs)
@@ -132,6 +146,14 @@ class Metrics:
         for env in envs:
             self.deploys.labels(env=env, result=result).inc()
         return True
+
+    def deploy_ended(self, envs: Sequence[str], kind: str, state: str, seconds: float, at: datetime) -> None:
+        """A deploy's final summary: its duration per env and kind; an env's last success time."""
+        self.known_envs(envs)
+        for env in envs:
+            self.deploy_duration.labels(env=env, kind=_label(kind)).observe(max(seconds, 0.0))
+            if state == "succeeded":
+                self.last_success.labels(env=env).set(at.timestamp())
 
     def step_started(self, run_id: str, step: str, at: datetime) -> None:
         self._starts[(run_id, step)] = at
@@ -214,6 +236,11 @@ class MetricsReporter:
             m.step_started(event.run_id, event.step, event.at)
         elif event.kind in (EventKind.DONE, EventKind.FAILED, EventKind.ERRORED):
             m.step_ended(event.run_id, event.step, event.elapsed, event.at)
+        if event.step == SUMMARY_STEP:
+            seconds = event.data.get("seconds")
+            if isinstance(seconds, int | float):
+                kind, state = str(event.data.get("deploy_kind", "deploy")), str(event.data.get("state", ""))
+                m.deploy_ended(self.envs, kind, state, float(seconds), event.at)
         result = self._result(event)
         if result is not None:
             m.deploy_finished(event.run_id, self.envs, result)

@@ -40,6 +40,7 @@ from bot.logs import deploy_context
 from bot.models import Plan
 from bot.pipeline.context import DeployContext, Deps
 from bot.pipeline.engine import (
+    SUMMARY_STEP,
     EventKind,
     Pipeline,
     PipelineResult,
@@ -63,7 +64,6 @@ from bot.settings import FunnelcakeConfig, Service
 log = logging.getLogger(__name__)
 
 BOT_USER = "funnelcake-bot"
-SUMMARY_STEP = "deploy"  # the event that closes a run: its data is the summary a reporter shows
 # The step names of each kind of run, for reporters that show the list up front (the CLI).
 PLAN_STEPS = ("resolve", "preflight")
 EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")

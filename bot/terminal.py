@@ -17,9 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
-from bot.pipeline.engine import EventKind, StepEvent, stopped_by_a_person
-
-SUMMARY_STEP = "deploy"  # the service's final event for a run: its data is the summary, not a step
+from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 
 _FANCY = {"pending": "·", "running": "…", "done": "✓", "skipped": "\u2013", "failed": "✗", "retrying": "↻"}
 _PLAIN = {"pending": ".", "running": "~", "done": "+", "skipped": "-", "failed": "x", "retrying": "r"}

@@ -23,8 +23,7 @@ from bot.ledger import Ledger
 from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import Plan
-from bot.pipeline.engine import EventKind, StepEvent, stopped_by_a_person
-from bot.service import SUMMARY_STEP
+from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 from handlers import blocks as bk
 
 log = logging.getLogger(__name__)

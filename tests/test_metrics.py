@@ -23,7 +23,7 @@ from bot.errors import PermanentError, TransientError
 from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployState
 from bot.metrics import Metrics, MetricsReporter, SlackErrorCounter, add_metrics_route
-from bot.pipeline.engine import EventKind, Pipeline, Retry, Step, StepEvent
+from bot.pipeline.engine import STOP_HANDOVER, SUMMARY_STEP, EventKind, Pipeline, Retry, Step, StepEvent
 from tests.testbed.slack import BOT_TOKEN, FakeSlack
 
 ENVS = ("production", "staging", "poc")
@@ -170,6 +170,33 @@ async def test_cancelled_deploy_is_counted_once(scraper: Scraper) -> None:
     s = await scraper.samples()
     assert value(s, "deploys_total", env="production", result="cancelled") == 1
     assert value(s, "deploys_total", env="production", result="failed") == 0
+
+
+async def test_a_hand_over_is_not_a_cancelled_deploy(scraper: Scraper) -> None:
+    m = scraper.metrics
+    hang = Hangs()
+    task = asyncio.create_task(run(m, "d6", ["poc"], [hang]), name="test-deploy-d6")
+    await asyncio.wait_for(hang.entered.wait(), 5)
+    task.cancel(STOP_HANDOVER)  # the bot is stopping: another bot finishes the deploy and counts it
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    s = await scraper.samples()
+    assert value(s, "deploys_total", env="poc", result="cancelled") == 0
+
+
+async def test_deploy_duration_and_last_success_come_from_the_final_summary(scraper: Scraper) -> None:
+    m = scraper.metrics
+    summary = {"state": "succeeded", "deploy_kind": "rollback", "seconds": 42.0}
+    await m.reporter(["staging"]).emit(StepEvent("d7", SUMMARY_STEP, EventKind.DONE, "deployed", summary))
+    failed = {"state": "failed", "deploy_kind": "deploy", "seconds": 7.5}
+    await m.reporter(["poc"]).emit(StepEvent("d8", SUMMARY_STEP, EventKind.FAILED, "no", failed))
+    s = await scraper.samples()
+    assert value(s, "deploy_duration_seconds_count", env="staging", kind="rollback") == 1
+    assert value(s, "deploy_duration_seconds_sum", env="staging", kind="rollback") == 42.0
+    assert value(s, "deploy_duration_seconds_sum", env="poc", kind="deploy") == 7.5
+    assert value(s, "last_successful_deploy_timestamp_seconds", env="staging") > 1.7e9
+    assert value(s, "last_successful_deploy_timestamp_seconds", env="poc") == 0  # its deploy failed
+    assert value(s, "deploys_total", env="poc", result="failed") == 1
 
 
 async def test_approval_wait_is_measured_across_pipelines(scraper: Scraper) -> None:

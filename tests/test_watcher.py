@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bot.ledger import Ledger
 from tests.testbed.botproc import BotProcess
@@ -54,6 +56,24 @@ async def until_text(slack: FakeSlack, ts: str, needle: str, *bots: BotProcess) 
     return msg
 
 
+async def incidents_gauge(*bots: BotProcess) -> float:
+    """incidents_open{env="staging",kind="pods_failing"} as the bot that watches serves it on /metrics
+    (the other replica never set it)."""
+    values = []
+    async with aiohttp.ClientSession() as session:
+        for bot in bots:
+            async with session.get(f"{bot.url}/metrics") as resp:
+                text = await resp.text()
+            for family in text_string_to_metric_families(text):
+                values += [
+                    s.value
+                    for s in family.samples
+                    if s.name == "incidents_open" and s.labels == {"env": "staging", "kind": "pods_failing"}
+                ]
+    assert len(values) == 1, values  # one watcher, whichever it is
+    return values[0]
+
+
 async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_after_the_rollback(
     sandbox: Sandbox,
     slack_sandbox: FakeSlack,
@@ -85,6 +105,7 @@ async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_af
     notice = await one_post(slack, f"changed staging's overlay by hand in {sha[:7]}", one, two)
     assert "A Colleague" in notice.shown
     assert "relay: try my build" in notice.shown
+    assert await incidents_gauge(one, two) == 1.0  # the watching replica counts it
     await asyncio.sleep(4)  # several more looks by whichever replica watches: still one post of each
     assert len(posts(slack, "funnelcake-relay pods failing in staging")) == 1
     assert len(posts(slack, f"changed staging's overlay by hand in {sha[:7]}")) == 1
@@ -97,6 +118,7 @@ async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_af
     closed = await until_text(slack, incident.ts, "Recovered after", one, two)
     assert closed.buttons() == []
     assert "funnelcake-relay pods failing in staging" in closed.text
+    assert await incidents_gauge(one, two) == 0.0
     ledger = await Ledger.open(postgres.url)
     try:
         assert await ledger.incidents(open_only=True) == []

@@ -38,6 +38,8 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
 
 
+SUMMARY_STEP = "deploy"  # the event that closes a run: its data is the summary a reporter shows
+
 # Why a run was stopped, passed as the cancel message, and what its step line says. Only a person cancels;
 # a hand-over or a lost lease is the bot stepping aside for another, and the deploy goes on there.
 STOP_CANCEL, STOP_HANDOVER, STOP_LOST = "cancel", "handover", "lost"
