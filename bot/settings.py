@@ -116,6 +116,8 @@ class Environment(_Strict):
     approval_required: bool = False
     approvers: list[Principal] = Field(default_factory=list)
     admins: list[Principal] = Field(default_factory=list)
+    # the Slack channel (C…) where requests from outside Slack (the CLI) post their approval request
+    channel: str | None = Field(default=None, pattern=r"^[CG][A-Z0-9]{2,}$")
 
     @field_validator("registry")
     @classmethod
@@ -181,10 +183,23 @@ class Timeouts(_Strict):
     site: float = Field(default=10, gt=0)
 
 
+class Operator(_Strict):
+    """Maps an OS user running the CLI to the Slack user the rules apply to."""
+
+    os_user: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    slack_user: str = Field(pattern=_SLACK_USER_RE.pattern)
+    # may act as someone else with `--as` (automation accounts, break-glass)
+    impersonate: bool = False
+
+
 class FunnelcakeConfig(_Strict):
     repos: Repos
     environments: list[Environment] = Field(min_length=1)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    operators: list[Operator] = Field(default_factory=list)
+
+    def operator(self, os_user: str) -> Operator | None:
+        return next((o for o in self.operators if o.os_user == os_user), None)
 
     @field_validator("environments")
     @classmethod

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployKind, DeployRecord
 from bot.models import Plan
+from handlers import buttons as drawn
 
 Block = dict[str, Any]
 
@@ -21,6 +23,14 @@ ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️
 def esc(text: str) -> str:
     """Escape user or system text for mrkdwn: `<`, `>` and `&` would otherwise become links or mentions."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_ESCAPED_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]{2,})&gt;")
+
+
+def esc_keep_mentions(text: str) -> str:
+    """Escape like `esc`, but a `<@U…>` mention the bot wrote (who refused, who holds a lock) resolves."""
+    return _ESCAPED_MENTION.sub(r"<@\1>", esc(text))
 
 
 def clip(text: str, limit: int = MAX_SECTION - 100) -> str:
@@ -169,11 +179,19 @@ def diagnosis_blocks(env: str, deploy_id: str, short: str | None, data: Mapping[
         section("*Evidence*\n> " + esc(str(d.get("evidence", ""))).replace("\n", "\n> ")),
         section(f"*Fix*: {esc(str(d.get('fix', '')))}"),
     ]
-    buttons = [button("Roll back", "rollback", env, "danger")]
+    buttons = [button("Roll back", "rollback", drawn.command(f"rollback {env}", ran=short), "danger")]
     if short:
-        buttons.append(button("Rebuild", "rebuild", f"{env}:{short}"))
+        buttons.append(button("Rebuild", "rebuild", drawn.command(f"deploy {env} {short}", ran=short)))
     blocks.append(actions(f"diagnosis:{deploy_id}", *buttons))
     return blocks
+
+
+def _overlay_api(report: DriftReport, env: str) -> str | None:
+    """The api tag `env`'s overlay held when the report was made: what a button drawn from it acts on."""
+    for e in report.envs:
+        if e.env == env:
+            return next((r.overlay_tag for r in e.rows if r.service == "api"), None)
+    return None
 
 
 def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
@@ -241,12 +259,21 @@ def status_blocks(report: DriftReport) -> list[Block]:
             target = f.action.split(":", 1)[1]
             label = f"Roll back {target}"
             if all(b["text"]["text"] != label for b in buttons):
-                buttons.append(button(label, f"rollback-{target}", target, "danger"))
+                ran = _overlay_api(report, target)
+                buttons.append(
+                    button(
+                        label, f"rollback-{target}", drawn.command(f"rollback {target}", ran=ran), "danger"
+                    )
+                )
         if f.action and f.action.startswith("catchup:"):
             _, target, short = f.action.split(":", 2)
             # action_ids must be unique within a message: one per target env
             buttons.append(
-                button(f"Deploy production's {short} to {target}", f"catchup-{target}", f"{target}:{short}")
+                button(
+                    f"Deploy production's {short} to {target}",
+                    f"catchup-{target}",
+                    drawn.command(f"deploy {target} {short}", ran=_overlay_api(report, target)),
+                )
             )
     if buttons:
         blocks.append(actions("status:actions", *buttons[:5]))

@@ -26,6 +26,7 @@ from bot.models import Plan
 from bot.pipeline.engine import EventKind, StepEvent
 from bot.service import SUMMARY_STEP
 from handlers import blocks as bk
+from handlers import buttons as drawn
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,14 @@ class SlackThreadReporter:
                     self.steps.get("gitops") == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
                 )
                 self.buttons = (
-                    [bk.button("Roll back", "rollback", self.record.envs[0], "danger")]
+                    [
+                        bk.button(
+                            "Roll back",
+                            "rollback",
+                            drawn.command(f"rollback {self.record.envs[0]}", ran=self.record.short),
+                            "danger",
+                        )
+                    ]
                     if not ok and pushed
                     else []
                 )
@@ -157,7 +165,12 @@ class SlackThreadReporter:
                     ),
                     bk.actions(
                         f"dirty:{self.record.id}",
-                        bk.button(f"Force version {version}", "force_migrate", f"{env}:{version}", "danger"),
+                        bk.button(
+                            f"Force version {version}",
+                            "force_migrate",
+                            drawn.command(f"migrate {env} force {version}"),
+                            "danger",
+                        ),
                     ),
                 ]
         if replies or extra:

@@ -76,7 +76,6 @@ Clock = Callable[[], datetime]
 _ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
 _ID_LEN = 6
 _ID_ATTEMPTS = 5
-BOT_USER = "funnelcake-bot"
 
 
 def new_deploy_id() -> str:
@@ -279,6 +278,7 @@ class Ledger:
         tags: Mapping[str, str] | None = None,
         previous_tags: Mapping[str, str] | None = None,
         deploy_id: str | None = None,
+        origin: str | None = None,
     ) -> DeployRecord:
         """Record a new deploy. A deploy or rollback with a short hash puts that tag in each env unless `tags` says otherwise."""
         kind = _as_kind(kind)
@@ -311,6 +311,7 @@ class Ledger:
                             updated_at=now,
                             finished_at=now if DeployState(state).terminal else None,
                             owner=owner,
+                            origin=origin,
                         )
                     )
                     await conn.execute(
@@ -987,6 +988,27 @@ class Ledger:
         # Raised after the commit so an expiry or voiding found on the way is kept.
         raise refusal
 
+    async def approve_envs(self, deploy_id: str, envs: Sequence[str], *, user: str) -> dict[str, str]:
+        """Record `user`'s approval of each of `envs` not yet approved (a multi-env request needs one approver
+        per env that requires approval); returns every approved env of the deploy and by whom."""
+        c = s.env_approvals.c
+        at = self._now()
+        async with self._tx() as conn:
+            have = {
+                r.env: r.approved_by
+                for r in (await conn.execute(select(s.env_approvals).where(c.deploy_id == deploy_id))).all()
+            }
+            fresh = [e for e in dict.fromkeys(envs) if e not in have]
+            if fresh:
+                await conn.execute(
+                    s.env_approvals.insert(),
+                    [
+                        {"deploy_id": deploy_id, "env": e, "approved_by": user, "approved_at": at}
+                        for e in fresh
+                    ],
+                )
+            return {**have, **dict.fromkeys(fresh, user)}
+
     async def verify_approval(self, deploy_id: str, *, binding: str) -> Approval:
         """Just before running: the approval must be approved and bound to the plan about to run."""
         a = s.approvals.c
@@ -1177,6 +1199,7 @@ def _deploy(r: Row[Any], targets: Sequence[Row[Any]]) -> DeployRecord:
         epoch=r.epoch,
         cancel_requested_by=r.cancel_requested_by,
         cancel_requested_at=r.cancel_requested_at,
+        origin=r.origin,
     )
 
 

@@ -577,6 +577,12 @@ class FakeSlack:
     def channels(self) -> list[str]:
         return list(self._messages)
 
+    def told(self, user: str) -> list[str]:
+        """Every private text `user` was shown, by chat.postEphemeral or through a response_url."""
+        return [
+            m.text for ms in self._messages.values() for m in ms if m.ephemeral_to == user and not m.deleted
+        ]
+
     def transcript(self, channel: str | None = None) -> str:
         """The conversation as plain text: roots, indented replies, [Buttons], (edited), ephemerals."""
         chans = [channel] if channel is not None else self.channels()
