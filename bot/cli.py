@@ -583,7 +583,16 @@ async def _decide(session: Session, service: DeployService, deploy_id: str, *, a
     return _outcome(session, record)
 
 
+def _reads_only(cmd: commands.Command | None) -> bool:
+    if isinstance(cmd, commands.Deploy):
+        return cmd.dry_run
+    return isinstance(cmd, (commands.Status, commands.History, commands.Plan))
+
+
 async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command | None) -> int:
+    if session.principal.user is None and not _reads_only(cmd):
+        # Whoever no operator maps may only read: refused before anything is opened.
+        await session.allow(Action.DEPLOY, [])
     async with session.service() as service:
         if cmd is None:
             return await _decide(session, service, args.deploy_id, approve=args.command == "approve")
