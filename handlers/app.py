@@ -63,6 +63,9 @@ class SlackFront:
         self.app.action(
             re.compile(r"^(approve|deny|cancel|rollback|rebuild|catchup|force_migrate)(-[a-z0-9-]+)?$")
         )(self._on_action)
+        # Anything else a signed request can carry gets a clear answer, not Bolt's "unhandled request".
+        self.app.action(re.compile(".*"))(self._on_unknown_action)
+        self.app.command(re.compile(".*"))(self._on_unknown_command)
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -266,6 +269,16 @@ class SlackFront:
             self._guard(asker, self._click(action_id, value if isinstance(value, str) else "", asker)),
             name=f"action-{action_id}-{user_id}",
         )
+
+    async def _on_unknown_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        user = _dict(body.get("user")).get("id")
+        if isinstance(user, str) and user:
+            channel = str(_dict(body.get("channel")).get("id") or "")
+            await self._tell(Asker(user, channel, _str_or_none(body.get("response_url"))), STALE_BUTTON)
+
+    async def _on_unknown_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        await ack(text="This app only answers `/funnelcake`; try `/funnelcake help`.")
 
     async def _click(self, action_id: str, value: str, asker: Asker) -> None:
         if action_id in ("approve", "deny", "cancel"):

@@ -66,7 +66,8 @@ def decode(content_type: str, charset: str | None, body: bytes) -> str:
     except UnicodeDecodeError:
         raise Refused(400, "the body is not UTF-8") from None
     if content_type == "application/json":
-        _json_object(text, "the JSON body")
+        if _json_object(text, "the JSON body").get("type") != "url_verification":
+            raise Refused(400, "a JSON body other than Slack's url_verification")
     elif content_type == "application/x-www-form-urlencoded":
         try:
             form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
@@ -74,13 +75,25 @@ def decode(content_type: str, charset: str | None, body: bytes) -> str:
             raise Refused(400, "the form body is malformed") from None
         if "payload" in form:
             payload = _json_object(form["payload"][0], "payload=")
-            if not isinstance(payload.get("type"), str):
-                raise Refused(400, "payload= has no type")
-        elif not form.get("command"):
+            if payload.get("type") != "block_actions":
+                raise Refused(400, "payload= is not a button click (block_actions)")
+            _click_shape(payload)
+        elif not form.get("command") and not form.get("ssl_check"):
             raise Refused(400, "the form is neither a slash command nor an interaction")
     else:
         raise Refused(400, f"unsupported content type {content_type[:60]!r}")
     return text
+
+
+def _click_shape(payload: dict[str, object]) -> None:
+    """What Bolt reads of a click before any listener runs: a user with an id and a first action."""
+    actions, user = payload.get("actions"), payload.get("user")
+    if not isinstance(user, dict) or not isinstance(user.get("id"), str):
+        raise Refused(400, "the click names no user")
+    if not isinstance(actions, list) or not actions or not isinstance(actions[0], dict):
+        raise Refused(400, "the click carries no action")
+    if not isinstance(actions[0].get("action_id"), str):
+        raise Refused(400, "the click's action has no action_id")
 
 
 def _json_object(text: str, what: str) -> dict[str, object]:
