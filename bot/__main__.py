@@ -26,7 +26,7 @@ from bot.service import DeployService
 from bot.settings import Settings
 from bot.wiring import build_service
 from handlers.app import SlackFront
-from handlers.http import KEEPALIVE_TIMEOUT, web_app
+from handlers.http import EdgeRunner, web_app
 
 log = logging.getLogger("funnelcake")
 
@@ -92,7 +92,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
         app = web_app(front, readiness=readiness, slack_events=settings.slack_mode == "http")
         add_metrics_route(app, metrics)
-        runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
+        runner = EdgeRunner(app)
         await runner.setup()
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
         if settings.slack_mode == "socket":

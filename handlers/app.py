@@ -140,7 +140,9 @@ class SlackFront:
         try:
             await coro
         except BotError as e:
-            await self._tell(asker, f"❌ {e.message}" + (f"\n_{e.hint}_" if e.hint else ""))
+            # Mentions the bot wrote resolve; anything a user typed (a lock reason, a ref) stays text.
+            hint = f"\n_{bk.esc_keep_mentions(e.hint)}_" if e.hint else ""
+            await self._tell(asker, f"❌ {bk.esc_keep_mentions(e.message)}{hint}")
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -161,7 +163,7 @@ class SlackFront:
             action, asker.principal, envs, requester=requester, lock_holder=lock_holder
         )
         if not decision.allowed:
-            await self._tell(asker, f"🚫 Not allowed: {decision.reason}.")
+            await self._tell(asker, f"🚫 Not allowed: {bk.esc_keep_mentions(decision.reason)}.")
         return decision.allowed
 
     # ---- slash command --------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def step_line(step: str, kind: str, message: str, elapsed: float) -> str:
     if kind in ("failed", "errored"):
         text += f" {kind}"
     if message:
-        text += f" — {esc(message)}"
+        text += f" — {esc_keep_mentions(message)}"
     return text + f" _({elapsed:.1f}s)_"
 
 
@@ -210,9 +210,9 @@ def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
     if data.get("state") == "cancelled":
         # The service writes this text from Slack IDs (`cancelled by <@U…>`): the mention stays unescaped.
         return f"🛑 *Cancelled* after {seconds}s: {message}"
-    text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc(message)}"
+    text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc_keep_mentions(message)}"
     if data.get("hint"):
-        text += f"\n_{esc(str(data['hint']))}_"
+        text += f"\n_{esc_keep_mentions(str(data['hint']))}_"
     return text
 
 
@@ -236,7 +236,7 @@ def _row(r: ServiceRow) -> str:
 def status_blocks(report: DriftReport) -> list[Block]:
     blocks: list[Block] = [header("funnelcake status")]
     for env in report.envs:
-        lines = [f"*{env.env}*" + (f" — 🔒 {esc(env.lock)}" if env.lock else "")]
+        lines = [f"*{env.env}*" + (f" — 🔒 {esc_keep_mentions(env.lock)}" if env.lock else "")]
         if env.error:
             lines.append(f"🔴 {esc(env.error)}")
         lines += [_row(r) for r in env.rows]
@@ -289,6 +289,10 @@ def history_blocks(records: Sequence[DeployRecord]) -> list[Block]:
         lines.append(
             f"`{r.id}` {r.created_at:%Y-%m-%d %H:%M} {r.kind.value} {', '.join(r.envs)} @ `{r.short or esc(r.ref)}`"
             f" — *{r.state.value}* by {mention(r.requester)}{approver}"
-            + (f"\n    _{esc(r.message[:200])}_" if r.message and r.state.value != "succeeded" else "")
+            + (
+                f"\n    _{esc_keep_mentions(r.message[:200])}_"
+                if r.message and r.state.value != "succeeded"
+                else ""
+            )
         )
     return [section("*History*\n" + "\n".join(lines))]

@@ -131,12 +131,12 @@ class SlackThreadReporter:
                 self._approval(e)
                 continue
             if e.step == "lock":
-                replies.append(f"🔒 {bk.esc(e.message)}")
+                replies.append(f"🔒 {bk.esc_keep_mentions(e.message)}")
                 self.buttons = []
                 continue
             if e.step == "recovery" and e.kind is EventKind.PROGRESS:
                 # Another bot took this deploy over after its bot died: the people watching must see that.
-                replies.append(f"♻️ {bk.esc(e.message)}")
+                replies.append(f"♻️ {bk.esc_keep_mentions(e.message)}")
                 continue
             if e.kind is EventKind.STARTED:
                 self.current = e.step

@@ -210,3 +210,20 @@ async def test_an_approver_removed_from_the_group_is_refused_at_the_click(
     assert bot.service is not None
     [record] = await bot.service.history("production", 1)
     assert record.state is DeployState.AWAITING_APPROVAL
+
+
+async def test_a_lock_refusal_is_private_with_a_live_mention_and_the_reason_escaped(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox
+) -> None:
+    assert bot.service is not None
+    await bot.command("lock poc <!channel> load test & more", user="U0BOB")
+    await bot.settle()
+    posts = len(slack_sandbox.calls_to("chat.postMessage"))
+    short = await push_head(sandbox)
+    await bot.command(f"deploy poc {short}", user="U0ALICE")
+    await bot.settle()
+    [refusal] = [t for t in slack_sandbox.told("U0ALICE") if "locked" in t]
+    assert refusal.startswith("❌ poc is locked by <@U0BOB> since "), refusal  # a mention Slack resolves
+    assert "&lt;!channel&gt; load test &amp; more" in refusal  # what Bob typed stays text
+    assert len(slack_sandbox.calls_to("chat.postMessage")) == posts  # nothing in the channel
+    assert [r.kind for r in await bot.service.history("poc", 10)] == []  # no deploy record

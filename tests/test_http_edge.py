@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bot.ledger.models import DeployState
+from handlers import http as edge
 from tests.testbed.botrun import RunningBot
 from tests.testbed.slack import FakeSlack, block_actions_payload, sign, signed_headers
 
@@ -224,3 +226,31 @@ async def test_a_tampered_button_value_is_refused_privately_before_anything_is_r
     assert [r for r in await bot.service.history(None, 10) if r.state is not DeployState.SUCCEEDED] == []
     assert await bot.service.history(None, 10) == []
     assert await bot.service.deps.ledger.leases() == []
+
+
+async def test_slow_clients_are_cut_off(
+    bot: RunningBot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(edge, "HEADER_TIMEOUT", 1.0)
+    monkeypatch.setattr(edge, "BODY_TIMEOUT", 1.0)
+    host, port = bot.url.removeprefix("http://").split(":")
+
+    # headers that never end: the connection is closed, nothing answered
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /slack/events HTTP/1.1\r\nHost: bot\r\nX-Slack-Signature: v0=")
+    await writer.drain()
+    async with asyncio.timeout(30):
+        assert await reader.read() == b""
+    writer.close()
+
+    # a body that never arrives: 408
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /slack/events HTTP/1.1\r\nHost: bot\r\nContent-Length: 500\r\n\r\ncommand=")
+    await writer.drain()
+    async with asyncio.timeout(30):
+        status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert "request headers did not arrive" in caplog.text
+    assert "the body did not arrive" in caplog.text
+    assert _tracebacks(caplog) == []
