@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -31,7 +31,7 @@ from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
 from bot.settings import FunnelcakeConfig, Settings
 from bot.terminal import TerminalReporter
-from handlers.directory import SlackClient, connect, group_members
+from handlers.directory import SlackClient, connect, group_members, user_by_email
 from handlers.reporter import SlackThreadReporter
 
 log = logging.getLogger("bot.cli")
@@ -210,6 +210,22 @@ def whoami(args: argparse.Namespace, config: FunnelcakeConfig) -> Principal:
             raise UsageError(f"--as takes a Slack user ID (U…), not {as_user[:40]!r}")
         return Principal(as_user, "cli", os_user, host)
     return Principal(operator.slack_user if operator else None, "cli", os_user, host)
+
+
+async def _by_email(session: Session) -> None:
+    """An operator named by e-mail becomes the Slack user with that address (needs SLACK_BOT_TOKEN)."""
+    operator = session.config.operator(session.principal.os_user or "")
+    if session.principal.user is not None or operator is None or operator.email is None:
+        return
+    if session.slack is None:
+        raise Refused(
+            f"the OS user {session.principal.os_user} is mapped by e-mail, and without SLACK_BOT_TOKEN "
+            "there is no Slack to look the address up in"
+        )
+    user = await user_by_email(session.slack, operator.email)
+    if user is None:
+        raise Refused(f"no Slack user has the e-mail address {operator.email} that `operators` gives")
+    session.principal = replace(session.principal, user=user)
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -590,10 +606,13 @@ def _reads_only(cmd: commands.Command | None) -> bool:
 
 
 async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command | None) -> int:
-    if session.principal.user is None and not _reads_only(cmd):
+    operator = session.config.operator(session.principal.os_user or "")
+    if session.principal.user is None and not _reads_only(cmd) and not (operator and operator.email):
         # Whoever no operator maps may only read: refused before anything is opened.
         await session.allow(Action.DEPLOY, [])
     async with session.service() as service:
+        if not _reads_only(cmd):
+            await _by_email(session)
         if cmd is None:
             return await _decide(session, service, args.deploy_id, approve=args.command == "approve")
         if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):

@@ -187,9 +187,17 @@ class Operator(_Strict):
     """Maps an OS user running the CLI to the Slack user the rules apply to."""
 
     os_user: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    slack_user: str = Field(pattern=_SLACK_USER_RE.pattern)
+    slack_user: str | None = Field(default=None, pattern=_SLACK_USER_RE.pattern)
+    # or the Slack user with this e-mail address (users.lookupByEmail; needs SLACK_BOT_TOKEN)
+    email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
     # may act as someone else with `--as` (automation accounts, break-glass)
     impersonate: bool = False
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> Self:
+        if (self.slack_user is None) == (self.email is None):
+            raise ValueError("give exactly one of slack_user and email")
+        return self
 
 
 class FunnelcakeConfig(_Strict):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -30,6 +31,18 @@ async def group_members(client: AsyncWebClient, group: str) -> frozenset[str]:
         group_id = found[0]
     resp = await client.usergroups_users_list(usergroup=group_id)
     return frozenset(resp.get("users", []))
+
+
+async def user_by_email(client: AsyncWebClient, email: str) -> str | None:
+    """The Slack user ID with this e-mail address, or None when the workspace has nobody with it."""
+    try:
+        resp = await client.users_lookupByEmail(email=email)
+    except SlackApiError as e:
+        if e.response.get("error") == "users_not_found":
+            return None
+        raise
+    user = resp.get("user") or {}
+    return str(user["id"]) if user.get("id") else None
 
 
 @contextlib.asynccontextmanager

@@ -227,3 +227,20 @@ async def test_a_lock_refusal_is_private_with_a_live_mention_and_the_reason_esca
     assert "&lt;!channel&gt; load test &amp; more" in refusal  # what Bob typed stays text
     assert len(slack_sandbox.calls_to("chat.postMessage")) == posts  # nothing in the channel
     assert [r.kind for r in await bot.service.history("poc", 10)] == []  # no deploy record
+
+
+async def test_the_cli_finds_an_operator_by_e_mail_through_slack(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox, cli_env: Path
+) -> None:
+    data = yaml.safe_load(cli_env.read_text())
+    data["operators"] = [{"os_user": pwd.getpwuid(os.getuid()).pw_name, "email": "bob@funnelcake.test"}]
+    cli_env.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert await cli("lock", "poc", "by", "mail") == 0
+    assert bot.service is not None
+    [lock] = await bot.service.deps.ledger.locks()
+    assert (lock.env, lock.user) == ("poc", "U0BOB")
+
+    data["operators"] = [{"os_user": pwd.getpwuid(os.getuid()).pw_name, "email": "nobody@funnelcake.test"}]
+    cli_env.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert await cli("unlock", "poc") == 3  # no such Slack user: not allowed, and the lock stays
+    assert [lk.user for lk in await bot.service.deps.ledger.locks()] == ["U0BOB"]
