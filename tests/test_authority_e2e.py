@@ -232,15 +232,17 @@ async def test_a_lock_refusal_is_private_with_a_live_mention_and_the_reason_esca
 async def test_the_cli_finds_an_operator_by_e_mail_through_slack(
     bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox, cli_env: Path
 ) -> None:
-    data = yaml.safe_load(cli_env.read_text())
-    data["operators"] = [{"os_user": pwd.getpwuid(os.getuid()).pw_name, "email": "bob@funnelcake.test"}]
-    cli_env.write_text(yaml.safe_dump(data, sort_keys=False))
+    def operator_by(email: str) -> None:
+        data = yaml.safe_load(cli_env.read_text())
+        data["operators"] = [{"os_user": pwd.getpwuid(os.getuid()).pw_name, "email": email}]
+        cli_env.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    await asyncio.to_thread(operator_by, "bob@funnelcake.test")
     assert await cli("lock", "poc", "by", "mail") == 0
     assert bot.service is not None
     [lock] = await bot.service.deps.ledger.locks()
     assert (lock.env, lock.user) == ("poc", "U0BOB")
 
-    data["operators"] = [{"os_user": pwd.getpwuid(os.getuid()).pw_name, "email": "nobody@funnelcake.test"}]
-    cli_env.write_text(yaml.safe_dump(data, sort_keys=False))
+    await asyncio.to_thread(operator_by, "nobody@funnelcake.test")
     assert await cli("unlock", "poc") == 3  # no such Slack user: not allowed, and the lock stays
     assert [lk.user for lk in await bot.service.deps.ledger.locks()] == ["U0BOB"]
