@@ -189,6 +189,9 @@ class SlackThreadReporter:
                 bk.button("Approve", "approve", self.record.id, "primary"),
                 bk.button("Deny", "deny", self.record.id, "danger"),
             ]
+        elif e.kind is EventKind.PROGRESS:
+            # part of a multi-env request approved: the buttons stay for the other envs' approvers
+            self.approval = f"⏳ {_sentence(e.message)}"
         elif e.kind is EventKind.DONE:
             self.approval = f"✅ {_sentence(e.message)} at {datetime.now(UTC):%H:%M} UTC"
             self.buttons = [bk.button("Cancel", "cancel", self.record.id)]

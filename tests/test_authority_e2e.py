@@ -21,6 +21,7 @@ import yaml
 from bot.cli import main
 from bot.ledger.models import DeployKind, DeployState
 from bot.policy.locks import BOT_USER
+from bot.settings import parse_config
 from tests.test_slack_front import (
     CHANNEL,
     awaiting_approval,
@@ -246,3 +247,41 @@ async def test_the_cli_finds_an_operator_by_e_mail_through_slack(
     await asyncio.to_thread(operator_by, "nobody@funnelcake.test")
     assert await cli("unlock", "poc") == 3  # no such Slack user: not allowed, and the lock stays
     assert [lk.user for lk in await bot.service.deps.ledger.locks()] == ["U0BOB"]
+
+
+async def test_each_env_that_needs_approval_needs_its_own_approver(
+    sandbox: Sandbox, slack_sandbox: FakeSlack
+) -> None:
+    """staging also needs approval here, by Dave only: Carol's approval covers production, not staging."""
+    assert sandbox.config is not None
+    data = yaml.safe_load(await asyncio.to_thread(sandbox.config_path.read_text))
+    for env in data["environments"]:
+        if env["name"] == "staging":
+            env.update({"approval_required": True, "approvers": ["U0DAVE"]})
+    sandbox.config = parse_config(yaml.safe_dump(data))
+    bot = RunningBot(sandbox, slack_sandbox)
+    await bot.start()
+    try:
+        assert bot.service is not None
+        short = await push_head(sandbox)
+        await bot.command(f"deploy production,staging {short}", user="U0ALICE")
+        await bot.settle()
+        [root] = roots(slack_sandbox)
+        await bot.click(root.ts, "approve", user="U0CAROL")
+        await bot.settle()
+        [record] = await bot.service.history("production", 1)
+        assert record.state is DeployState.AWAITING_APPROVAL  # staging still waits for its approver
+        shown = json.dumps(slack_sandbox.message(CHANNEL, root.ts).blocks, ensure_ascii=False)
+        assert "still waiting for an approver of staging" in shown, shown
+        await bot.click(root.ts, "approve", user="U0CAROL")  # a second click of hers adds nothing
+        await bot.settle()
+        assert (await bot.service.history("production", 1))[0].state is DeployState.AWAITING_APPROVAL
+
+        await bot.click(root.ts, "approve", user="U0DAVE")
+        await bot.settle()
+        [record] = await bot.service.history("production", 1)
+        assert record.state is DeployState.SUCCEEDED, record.message
+        for env in ("production", "staging"):
+            assert live_image(sandbox, env).endswith(f":{short}")
+    finally:
+        await bot.stop()

@@ -994,20 +994,19 @@ class Ledger:
         c = s.env_approvals.c
         at = self._now()
         async with self._tx() as conn:
-            have = {
-                r.env: r.approved_by
-                for r in (await conn.execute(select(s.env_approvals).where(c.deploy_id == deploy_id))).all()
-            }
-            fresh = [e for e in dict.fromkeys(envs) if e not in have]
+            rows = (await conn.execute(select(s.env_approvals.c.env).where(c.deploy_id == deploy_id))).all()
+            fresh = [e for e in dict.fromkeys(envs) if e not in {r.env for r in rows}]
             if fresh:
+                # Two approvers of one env at once: the first row stays (the first decision wins).
                 await conn.execute(
-                    s.env_approvals.insert(),
+                    self._insert(s.env_approvals).on_conflict_do_nothing(index_elements=["deploy_id", "env"]),
                     [
                         {"deploy_id": deploy_id, "env": e, "approved_by": user, "approved_at": at}
                         for e in fresh
                     ],
                 )
-            return {**have, **dict.fromkeys(fresh, user)}
+            approved = (await conn.execute(select(s.env_approvals).where(c.deploy_id == deploy_id))).all()
+            return {r.env: r.approved_by for r in approved}
 
     async def verify_approval(self, deploy_id: str, *, binding: str) -> Approval:
         """Just before running: the approval must be approved and bound to the plan about to run."""
