@@ -584,7 +584,7 @@ async def _decide(session: Session, service: DeployService, deploy_id: str, *, a
     session.deploy_id = deploy_id
     async with reporter:
         await service.decide(deploy_id, session.user, approve=approve, envs=mine)
-        task = service._tasks.get(deploy_id)
+        task = service.task(deploy_id)
         if task is not None:
             await _wait_cancelling_on_ctrl_c(session, service, deploy_id, task)
         record = await service.wait(deploy_id)

@@ -296,6 +296,10 @@ class DeployService:
             await self.emit_for(record, SUMMARY_STEP, EventKind.CANCELLED, record.message or "", **summary)
         return await self.deps.ledger.get_deploy(deploy_id)
 
+    def task(self, deploy_id: str) -> asyncio.Task[DeployRecord] | None:
+        """The task running the deploy in this process, if any (the CLI waits on it, Ctrl-C cancels it)."""
+        return self._tasks.get(deploy_id)
+
     def running(self, deploy_id: str) -> bool:
         task = self._tasks.get(deploy_id)
         return task is not None and not task.done()

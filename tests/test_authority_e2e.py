@@ -285,3 +285,30 @@ async def test_each_env_that_needs_approval_needs_its_own_approver(
             assert live_image(sandbox, env).endswith(f":{short}")
     finally:
         await bot.stop()
+
+
+async def test_funnelcake_approve_runs_a_slack_request_from_the_cli_with_the_same_rules(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox, cli_env: Path
+) -> None:
+    def operator_is(user: str) -> None:
+        data = yaml.safe_load(cli_env.read_text())
+        data["operators"] = [{"os_user": pwd.getpwuid(os.getuid()).pw_name, "slack_user": user}]
+        cli_env.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    short = await push_head(sandbox)
+    root = await awaiting_approval(bot, slack_sandbox, short, "U0ALICE")
+    assert bot.service is not None
+    [record] = await bot.service.history("production", 1)
+
+    await asyncio.to_thread(operator_is, "U0DAVE")  # no approver: the same refusal as the button's
+    assert await cli("deny", record.id) == 3
+    await asyncio.to_thread(operator_is, "U0CAROL")
+    assert await cli("approve", record.id) == 0  # the deploy runs here, to the end
+
+    [done] = await bot.service.history("production", 1)
+    assert done.state is DeployState.SUCCEEDED, done.message
+    assert done.approver == "U0CAROL"
+    assert live_image(sandbox, "production").endswith(f":{short}")
+    await bot.settle()
+    shown = json.dumps(slack_sandbox.message(CHANNEL, root.ts).blocks, ensure_ascii=False)
+    assert "Approved by <@U0CAROL>" in shown, shown  # the Slack thread followed the CLI's run
