@@ -312,3 +312,23 @@ async def test_funnelcake_approve_runs_a_slack_request_from_the_cli_with_the_sam
     await bot.settle()
     shown = json.dumps(slack_sandbox.message(CHANNEL, root.ts).blocks, ensure_ascii=False)
     assert "Approved by <@U0CAROL>" in shown, shown  # the Slack thread followed the CLI's run
+
+
+async def test_a_busy_env_is_told_privately_and_leaves_no_record(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox
+) -> None:
+    assert bot.service is not None
+    ledger = bot.service.deps.ledger
+    running = await ledger.create_deploy(
+        kind=DeployKind.DEPLOY, envs=["poc"], ref="main", requester="U0BOB", state=DeployState.RUNNING
+    )
+    await ledger.acquire_lease("poc", holder="another-bot", deploy_id=running.id, ttl=60)
+    short = await push_head(sandbox)
+    await bot.command(f"deploy poc {short}", user="U0ALICE")
+    await bot.settle()
+    told = slack_sandbox.told("U0ALICE")
+    assert any(t.startswith(f"❌ poc is busy: deploy {running.id}") and "<@U0BOB>" in t for t in told), told
+    assert [r.id for r in await bot.service.history("poc", 10)] == [running.id]
+    assert slack_sandbox.calls_to("chat.postMessage") == []
+    [lease] = await ledger.leases()
+    assert (lease.holder, lease.deploy_id) == ("another-bot", running.id)
