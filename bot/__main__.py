@@ -28,7 +28,7 @@ from bot.settings import Settings
 from bot.watcher import Watcher
 from bot.wiring import build_service
 from handlers.app import SlackFront
-from handlers.http import web_app
+from handlers.http import EdgeRunner, web_app
 from handlers.incidents import SlackIncidents
 
 log = logging.getLogger("funnelcake")
@@ -97,7 +97,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
         app = web_app(front, readiness=readiness, slack_events=settings.slack_mode == "http")
         add_metrics_route(app, metrics)
-        runner = web.AppRunner(app, access_log=None)
+        runner = EdgeRunner(app)
         await runner.setup()
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
         if settings.slack_mode == "socket":

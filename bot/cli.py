@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import getpass
 import json
 import logging
 import os
+import pwd
+import re
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -21,19 +23,24 @@ from pydantic import ValidationError
 from bot import commands
 from bot.drift import DriftReport
 from bot.errors import BotError, ConfigError
+from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
 from bot.models import Plan
 from bot.pipeline.engine import PipelineResult, Reporter
+from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
 from bot.settings import FunnelcakeConfig, Settings
 from bot.terminal import TerminalReporter
+from handlers.directory import SlackClient, connect, group_members, user_by_email
+from handlers.reporter import SlackThreadReporter
 
 log = logging.getLogger("bot.cli")
 
 PROG = "funnelcake"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_ENDED, EXIT_CANCELLED = 0, 1, 2, 3, 4, 130
+FOLLOW_EVERY = 1.0  # seconds between ledger reads while following a deploy another process runs
 LOG_FILE = "funnelcake-cli.log"
-MAX_USER_LENGTH = 100
+_SLACK_USER_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
 # A migrate run stops after the migration Job: no overlay bump, sync or rollout.
 
 DESCRIPTION = """\
@@ -41,14 +48,20 @@ Deploy funnelcake from a terminal: the same operations as the Slack bot, for whe
 scripts. Every command works on the environments of the file named by FUNNELCAKE_CONFIG.
 """
 EPILOG = """\
-who you are: --as NAME, else $FUNNELCAKE_USER, else your OS user name. It is recorded in the audit trail.
+who you are: your OS user, mapped to a Slack user by `operators` in the environments file; the same
+rules as in Slack then apply to that user. An OS user no operator maps may only run status, history
+and plan. `--as U…` acts as another Slack user, only for an operator with `impersonate: true`. The
+audit trail records the Slack user, your OS user and this host.
 
-production: a deploy to an environment that needs approval (production) stops after the plan. The CLI
-prints the deploy id and "awaiting approval" and exits 0 with the deploy in state awaiting_approval; a
-second person (an approver who is not you) approves it in Slack, and the bot runs the rest.
+production: a deploy to an environment that needs approval stops after the plan. With SLACK_BOT_TOKEN
+set and a `channel` for the environment, the CLI posts the plan with Approve/Deny buttons there. A
+second person (an approver who is not you) approves it in Slack or with `funnelcake approve ID`.
+With --wait the CLI follows the deploy to its end; without it, it exits 0 awaiting approval.
 
-exit codes: 0 success (or awaiting approval), 1 the deploy/plan/operation failed, 2 usage or
-configuration error, 130 interrupted with Ctrl-C (a running deploy is cancelled and its locks released).
+exit codes: 0 success (or awaiting approval without --wait), 1 the deploy/plan/operation failed,
+2 usage or configuration error, 3 not allowed (who may do what: see the README), 4 the deploy ended
+without running (denied or expired), 130 interrupted with Ctrl-C (a running deploy is cancelled and its
+locks released).
 """
 
 
@@ -67,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="as_user",
         metavar="NAME",
         default=argparse.SUPPRESS,
-        help="who is asking (default: $FUNNELCAKE_USER, else the OS user)",
+        help="act as this Slack user (U…); only for operators allowed to impersonate",
     )
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -94,14 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         "environments, showing each step live.\n\n"
         "Without --yes the plan is shown first and you are asked to confirm; without a terminal to\n"
         "ask on, --yes is required.\n\n"
-        "production (any environment that needs approval): the CLI starts the deploy, prints its id\n"
-        'and "awaiting approval", and exits 0 in state awaiting_approval. A second person approves\n'
-        "it in Slack; nothing is changed until then.",
+        "production (any environment that needs approval): the CLI starts the deploy, posts the\n"
+        'approval request to the environment\'s Slack channel, prints its id and "awaiting approval";\n'
+        "with --wait it follows the deploy until it ends, else it exits 0. A second person approves it\n"
+        "in Slack or with `funnelcake approve ID`; nothing is changed until then.",
     )
     deploy.add_argument("envs", metavar="ENV[,ENV…]", help="environment(s), comma-separated")
     deploy.add_argument("commit", metavar="COMMIT", help="commit hash (7-40 hex) or branch/tag name")
     deploy.add_argument("--dry-run", action="store_true", help="only show the plan (same as `plan`)")
     deploy.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    deploy.add_argument("--wait", action="store_true", help="follow a deploy awaiting approval to its end")
+
+    for name, verb in (("approve", "approve"), ("deny", "deny")):
+        decide = add(name, f"{verb} a deploy waiting for approval (the same rules as the Slack button)")
+        decide.add_argument("deploy_id", metavar="DEPLOY_ID", help="the id the deploy's requester was given")
 
     plan = add("plan", "show what a deploy would do, touching nothing")
     plan.add_argument("envs", metavar="ENV[,ENV…]")
@@ -168,20 +187,45 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
     return parsed
 
 
-def requester(args: argparse.Namespace) -> str:
-    name = getattr(args, "as_user", None) or os.environ.get("FUNNELCAKE_USER")
-    if not name:
-        try:
-            name = getpass.getuser()
-        except (OSError, KeyError):
-            name = None
-    if not name:
-        raise UsageError("Cannot tell who you are: pass --as NAME or set FUNNELCAKE_USER.")
-    if len(name) > MAX_USER_LENGTH or not name.isprintable() or any(c.isspace() for c in name):
-        raise UsageError(
-            f"{name[:40]!r} is not a usable name: one word of at most {MAX_USER_LENGTH} characters."
+class Refused(Exception):
+    """The authority said no; exit 3 with its reason."""
+
+
+def whoami(args: argparse.Namespace, config: FunnelcakeConfig) -> Principal:
+    """The OS user running the CLI, mapped to a Slack user by the config's `operators` (or unmapped)."""
+    try:
+        os_user = pwd.getpwuid(os.getuid()).pw_name  # not $USER: an environment variable is anyone's to set
+    except KeyError:
+        os_user = str(os.getuid())
+    host = socket.gethostname()
+    operator = config.operator(os_user)
+    as_user = getattr(args, "as_user", None)
+    if as_user is not None:
+        if operator is None or not operator.impersonate:
+            raise Refused(
+                f"--as acts as someone else, and the OS user {os_user} may not: only operators with "
+                "`impersonate: true` in the environments file may"
+            )
+        if not _SLACK_USER_RE.match(as_user):
+            raise UsageError(f"--as takes a Slack user ID (U…), not {as_user[:40]!r}")
+        return Principal(as_user, "cli", os_user, host)
+    return Principal(operator.slack_user if operator else None, "cli", os_user, host)
+
+
+async def _by_email(session: Session) -> None:
+    """An operator named by e-mail becomes the Slack user with that address (needs SLACK_BOT_TOKEN)."""
+    operator = session.config.operator(session.principal.os_user or "")
+    if session.principal.user is not None or operator is None or operator.email is None:
+        return
+    if session.slack is None:
+        raise Refused(
+            f"the OS user {session.principal.os_user} is mapped by e-mail, and without SLACK_BOT_TOKEN "
+            "there is no Slack to look the address up in"
         )
-    return name
+    user = await user_by_email(session.slack, operator.email)
+    if user is None:
+        raise Refused(f"no Slack user has the e-mail address {operator.email} that `operators` gives")
+    session.principal = replace(session.principal, user=user)
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -292,27 +336,40 @@ class Session:
 
     settings: Settings
     config: FunnelcakeConfig
-    user: str
+    principal: Principal = field(default_factory=lambda: Principal(None, "cli"))
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     reporter: TerminalReporter | None = None
     deploy_id: str | None = None
     stopped: str | None = None  # how Ctrl-C ended the deploy, in the same words as the Slack thread
+    slack: SlackClient | None = None
+    ledger: Ledger | None = None
+    threads: dict[str, SlackThreadReporter] = field(default_factory=dict)
+
+    @property
+    def user(self) -> str:
+        return self.principal.user or self.principal.name
 
     def say(self, *lines: str) -> None:
         for line in lines:
             print(line, file=self.out)
         self.out.flush()
 
-    def fail(self, message: str, hint: str | None = None) -> int:
+    def fail(self, message: str, hint: str | None = None, code: int = EXIT_FAILED) -> int:
         print(f"error: {message}", file=self.err)
         if hint:
             print(f"hint: {hint}", file=self.err)
         self.err.flush()
-        return EXIT_FAILED
+        return code
 
     def reporters(self, record: DeployRecord) -> Sequence[Reporter]:
-        return [self.reporter] if self.reporter is not None else []
+        out: list[Reporter] = [self.reporter] if self.reporter is not None else []
+        if self.slack is not None and self.ledger is not None and record.channel:
+            thread = self.threads.get(record.id)
+            if thread is None:
+                thread = self.threads[record.id] = SlackThreadReporter(self.slack, self.ledger, record)
+            out.append(thread)
+        return out
 
     @contextlib.asynccontextmanager
     async def service(self) -> AsyncIterator[DeployService]:
@@ -320,8 +377,56 @@ class Session:
         # `config-check` and `--help` should not pay for.
         from bot.wiring import build_service  # noqa: PLC0415
 
-        async with build_service(self.settings, self.config, reporters=self.reporters) as service:
-            yield service
+        async with contextlib.AsyncExitStack() as stack:
+            token = self.settings.slack_bot_token
+            if token is not None:
+                self.slack = await stack.enter_async_context(
+                    connect(token.get_secret_value(), self.settings.slack_api_url)
+                )
+            service = await stack.enter_async_context(
+                build_service(self.settings, self.config, reporters=self.reporters)
+            )
+            self.ledger = service.deps.ledger
+            try:
+                yield service
+            finally:
+                for thread in list(self.threads.values()):
+                    # the thread shows everything this process reported, then the worker stops
+                    with contextlib.suppress(TimeoutError):
+                        await thread.flush(timeout=20)
+                    await thread.close()
+
+    def authority(self) -> Authority:
+        client = self.slack
+
+        async def members(group: str) -> frozenset[str]:
+            # Without Slack nobody is known to be in a group: only IDs and "*" in the file count.
+            return await group_members(client, group) if client is not None else frozenset()
+
+        return Authority(self.config, GroupCache(members))
+
+    async def allow(
+        self,
+        action: Action,
+        envs: Sequence[str],
+        *,
+        requester: str | None = None,
+        lock_holder: str | None = None,
+    ) -> None:
+        decision = await self.authority().decide(
+            action, self.principal, envs, requester=requester, lock_holder=lock_holder
+        )
+        if not decision.allowed:
+            hint = "" if self.slack is not None else " (without SLACK_BOT_TOKEN group membership is unknown)"
+            raise Refused(decision.reason + hint)
+
+    def channel_for(self, kind: DeployKind, envs: Sequence[str]) -> str | None:
+        """Where a request that needs approval posts it: the first such env's channel, with Slack set up."""
+        if self.slack is None or kind is DeployKind.ROLLBACK:
+            return None
+        return next(
+            (e.channel for e in map(self.config.env, envs) if e.approval_required and e.channel), None
+        )
 
 
 def _steps(kind: DeployKind, envs: Sequence[str], config: FunnelcakeConfig) -> list[str]:
@@ -370,30 +475,69 @@ async def _run_deploy(
     kind: DeployKind,
     envs: Sequence[str],
     ref: str | None,
+    *,
+    wait: bool = False,
 ) -> int:
     target = ", ".join(envs)
+    await service.admit(kind, envs, ref)
     reporter = TerminalReporter(
         _steps(kind, envs, session.config), title=f"{kind.value} {ref or ''} → {target}", stream=session.out
     )
     session.reporter = reporter
+    channel = session.channel_for(kind, envs)
+    origin = session.principal.origin
     async with reporter:
         if ref is None:
-            started = await service.start_rollback(envs[0], session.user)
+            started = await service.start_rollback(envs[0], session.user, channel=channel, origin=origin)
         else:
-            started = await service.start(kind, envs, ref, session.user)
+            started = await service.start(kind, envs, ref, session.user, channel=channel, origin=origin)
         reporter.title = f"{kind.value} {started.record.ref} → {target} ({started.record.id})"
         session.deploy_id = started.record.id
-        try:
-            # Not service.wait(): it swallows the waiter's own cancellation, and Ctrl-C must get through.
-            await asyncio.wait({started.task})
-        except asyncio.CancelledError:
-            # Ctrl-C: a cancel by this user, through the same path (and words) as the Slack Cancel button.
-            with contextlib.suppress(BotError):
-                ended = await asyncio.shield(service.cancel(started.record.id, session.user))
-                session.stopped = ended.message
-            raise
+        await _wait_cancelling_on_ctrl_c(session, service, started.record.id, started.task)
         record = await service.wait(started.record.id)
+    if record.state is DeployState.AWAITING_APPROVAL:
+        session.say(*_awaiting(session, record))
+        if wait:
+            record = await _follow(session, service, record)
     return _outcome(session, record)
+
+
+async def _wait_cancelling_on_ctrl_c(
+    session: Session, service: DeployService, deploy_id: str, task: asyncio.Task[DeployRecord]
+) -> None:
+    try:
+        # Not service.wait(): it swallows the waiter's own cancellation, and Ctrl-C must get through.
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        # Ctrl-C: a cancel by this user, through the same path (and words) as the Slack Cancel button.
+        with contextlib.suppress(BotError):
+            ended = await asyncio.shield(service.cancel(deploy_id, session.user))
+            session.stopped = ended.message
+        raise
+
+
+async def _follow(session: Session, service: DeployService, record: DeployRecord) -> DeployRecord:
+    """Read the deploy from the ledger until it ends, whichever bot runs it once approved."""
+    seen = record.state
+    while not record.state.terminal:
+        await asyncio.sleep(FOLLOW_EVERY)
+        record = await service.deps.ledger.get_deploy(record.id)
+        if record.state is not seen:
+            seen = record.state
+            by = f" (approved by {who(record.approver)})" if record.approver else ""
+            session.say(f"{record.id}: {record.state.value}{by}")
+    return record
+
+
+def _awaiting(session: Session, record: DeployRecord) -> list[str]:
+    expires = _approval_expiry(session.reporter)
+    where = f" in Slack (the request is in <#{record.channel}>)" if record.channel else ""
+    return [
+        f"{record.kind.value} {record.id} ({record.short or record.ref} → {', '.join(record.envs)}): "
+        "awaiting approval.",
+        f"A second person must approve it{where} or with `{PROG} approve {record.id}`; nothing is changed "
+        "until then" + (f" (the request expires at {when(expires)})." if expires else "."),
+    ]
 
 
 def _approval_expiry(reporter: TerminalReporter | None) -> datetime | None:
@@ -413,38 +557,84 @@ def _outcome(session: Session, record: DeployRecord) -> int:
         session.say(f"{what} succeeded{took}")
         return EXIT_OK
     if record.state is DeployState.AWAITING_APPROVAL:
-        expires = _approval_expiry(session.reporter)
-        session.say(
-            f"{what}: awaiting approval.",
-            "A second person must approve it in Slack; nothing is changed until then"
-            + (f" (the request expires at {when(expires)})." if expires else "."),
-        )
         return EXIT_OK
     failure = session.reporter.failure if session.reporter else None
     hint = failure.hint if failure else None
     if hint is None:
         scope = f" {record.envs[0]}" if len(record.envs) == 1 else ""
         hint = f"The steps above show where it stopped; `{PROG} history{scope}` lists the deploys."
-    return session.fail(f"{what} {record.state.value}: {record.message or 'no message recorded'}", hint)
+    code = EXIT_ENDED if record.state in (DeployState.DENIED, DeployState.EXPIRED) else EXIT_FAILED
+    return session.fail(f"{what} {record.state.value}: {record.message or 'no message recorded'}", hint, code)
 
 
-async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command) -> int:
+async def _decide(session: Session, service: DeployService, deploy_id: str, *, approve: bool) -> int:
+    """`approve`/`deny ID`: the rules of the Slack buttons; an approved deploy runs here, shown live."""
+    if not re.match(r"^[a-z0-9-]{1,16}$", deploy_id):
+        raise UsageError(f"{deploy_id[:40]!r} is not a deploy id: `{PROG} history` lists them")
+    record = await service.deps.ledger.get_deploy(deploy_id)
+    await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
+    authority = session.authority()
+    mine = [e.name for e in authority.approval_envs(record.envs) if await authority.approves(e, session.user)]
+    reporter = TerminalReporter(
+        list(EXECUTE_STEPS),
+        title=f"{record.kind.value} {record.ref} → {', '.join(record.envs)} ({record.id})",
+        stream=session.out,
+    )
+    session.reporter = reporter
+    session.deploy_id = deploy_id
+    async with reporter:
+        await service.decide(deploy_id, session.user, approve=approve, envs=mine)
+        task = service.task(deploy_id)
+        if task is not None:
+            await _wait_cancelling_on_ctrl_c(session, service, deploy_id, task)
+        record = await service.wait(deploy_id)
+    if record.state is DeployState.AWAITING_APPROVAL:
+        session.say(
+            f"{deploy_id}: your approval is recorded; it still waits for the other environments' approvers"
+        )
+        return EXIT_OK
+    if record.state is DeployState.DENIED:
+        session.say(f"{deploy_id}: {record.message or 'denied'}")
+        return EXIT_OK
+    return _outcome(session, record)
+
+
+def _reads_only(cmd: commands.Command | None) -> bool:
+    if isinstance(cmd, commands.Deploy):
+        return cmd.dry_run
+    return isinstance(cmd, (commands.Status, commands.History, commands.Plan))
+
+
+async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command | None) -> int:
+    operator = session.config.operator(session.principal.os_user or "")
+    if session.principal.user is None and not _reads_only(cmd) and not (operator and operator.email):
+        # Whoever no operator maps may only read: refused before anything is opened.
+        await session.allow(Action.DEPLOY, [])
     async with session.service() as service:
+        if not _reads_only(cmd):
+            await _by_email(session)
+        if cmd is None:
+            return await _decide(session, service, args.deploy_id, approve=args.command == "approve")
         if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
+            await session.allow(Action.PLAN, cmd.envs)
             return await _show_plan(session, service, cmd.envs, cmd.ref)
         if isinstance(cmd, commands.Deploy):
+            await session.allow(Action.DEPLOY, cmd.envs)
             if not args.yes:
                 code = await _show_plan(session, service, cmd.envs, cmd.ref)
                 if code != EXIT_OK:
                     return code
                 if not await _ask(session, f"Deploy {cmd.ref} to {', '.join(cmd.envs)}? [y/N] "):
                     return session.fail("not confirmed; nothing was deployed")
-            return await _run_deploy(session, service, DeployKind.DEPLOY, cmd.envs, cmd.ref)
+            return await _run_deploy(session, service, DeployKind.DEPLOY, cmd.envs, cmd.ref, wait=args.wait)
         if isinstance(cmd, commands.Migrate):
+            await session.allow(Action.MIGRATE, [cmd.env])
             return await _run_deploy(session, service, DeployKind.MIGRATE, [cmd.env], cmd.ref)
         if isinstance(cmd, commands.Rollback):
+            await session.allow(Action.ROLLBACK, [cmd.env])
             return await _run_deploy(session, service, DeployKind.ROLLBACK, [cmd.env], None)
         if isinstance(cmd, commands.Status):
+            await session.allow(Action.STATUS, [])
             report = await service.status()
             if args.json:
                 session.say(json.dumps(report.to_json(), indent=2, default=str))
@@ -452,13 +642,17 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
                 session.say(*render_status(report))
             return EXIT_OK
         if isinstance(cmd, commands.History):
+            await session.allow(Action.HISTORY, [cmd.env] if cmd.env else [])
             session.say(*render_history(await service.history(cmd.env, cmd.limit)))
             return EXIT_OK
         if isinstance(cmd, commands.Lock):
+            await session.allow(Action.LOCK, [cmd.env])
             lock = await service.lock(cmd.env, session.user, cmd.reason)
             session.say(f"{lock.env} locked by {who(lock.user)} since {when(lock.since)}: {lock.reason}")
             return EXIT_OK
         if isinstance(cmd, commands.Unlock):
+            held = next((lk for lk in await service.deps.ledger.locks() if lk.env == cmd.env), None)
+            await session.allow(Action.UNLOCK, [cmd.env], lock_holder=held.user if held else None)
             released = await service.unlock(cmd.env, session.user)
             if released is None:
                 session.say(f"{cmd.env} was not locked")
@@ -524,12 +718,13 @@ def _main(argv: Sequence[str] | None) -> int:
         settings = Settings()
         handler, log_path = _setup_logging(settings)
         config = settings.load()
-        session = Session(settings, config, "")
+        session = Session(settings, config)
         if args.command == "config-check":
             return _config_check(session)
-        cmd = _validated(args, config)
-        session.user = requester(args)
-        _refuse_unconfirmable(args, cmd)
+        cmd = None if args.command in ("approve", "deny") else _validated(args, config)
+        session.principal = whoami(args, config)
+        if cmd is not None:
+            _refuse_unconfirmable(args, cmd)
         return asyncio.run(_dispatch(session, args, cmd))
     except KeyboardInterrupt:
         stopped = (
@@ -542,6 +737,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Refused as e:
+        print(f"error: not allowed: {e}", file=sys.stderr)
+        print("hint: the README's authorization matrix says who may do what", file=sys.stderr)
+        return EXIT_REFUSED
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,6 +34,7 @@ from bot.ledger.models import (
     LockHeld,
     ManualLock,
     StepState,
+    UnknownDeploy,
     who,
 )
 from bot.logs import deploy_context
@@ -58,12 +59,13 @@ from bot.pipeline.steps.resolve import Resolve
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
+from bot.policy import locks
+from bot.policy.locks import BOT_USER
 from bot.runs import Run, RunTracker, Stop
 from bot.settings import FunnelcakeConfig, Service
 
 log = logging.getLogger(__name__)
 
-BOT_USER = "funnelcake-bot"
 # The step names of each kind of run, for reporters that show the list up front (the CLI).
 PLAN_STEPS = ("resolve", "preflight")
 EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
@@ -189,6 +191,7 @@ class DeployService:
         channel: str | None = None,
         thread_ts: str | None = None,
         rebuild: bool = False,
+        origin: str | None = None,
     ) -> Started:
         """Record the deploy and run it in a named background task; returns at once.
 
@@ -205,17 +208,59 @@ class DeployService:
             channel=channel,
             thread_ts=thread_ts,
             owner=self.instance_id,
+            origin=origin,
         )
         task = self._spawn(record.id, self._run_new(record, rebuild=rebuild))
         return Started(record, task)
 
-    async def decide(self, deploy_id: str, user: str, *, approve: bool) -> DeployRecord:
-        """Record an approval decision (the ledger makes the first one win); approve → the deploy continues."""
+    async def admit(self, kind: DeployKind, env_names: Sequence[str], ref: str | None) -> None:
+        """Refuse, before anything is recorded or leased, a request that cannot run now: an env held by a lock
+        (the one lock rule) or by another deploy's live lease, or a ref the app repo does not know. The lease
+        taken when the run starts still decides a race; this only keeps mistakes out of the audit trail."""
+        ledger = self.deps.ledger
+        for name in env_names:
+            self.config.env(name)
+        now = datetime.now(UTC)
+        held = locks.blocking(await ledger.locks(), env_names, kind)
+        if held:
+            raise LockHeld.for_lock(held[0], now)
+        for lease in await ledger.leases():
+            if lease.env in env_names and lease.expires_at > now:
+                try:
+                    deploy: DeployRecord | None = await ledger.get_deploy(lease.deploy_id)
+                except UnknownDeploy:
+                    deploy = None
+                raise LockHeld.for_lease(lease, deploy, now)
+        if ref:
+            await self.deps.app_repo.resolve(ref)
+
+    async def decide(
+        self, deploy_id: str, user: str, *, approve: bool, envs: Sequence[str] | None = None
+    ) -> DeployRecord:
+        """Record an approval decision (the ledger makes the first one win); approve → the deploy continues.
+
+        `envs` are the envs needing approval that `user` approves for (the authority checked them); a
+        multi-env request runs once every env that needs approval has one, a denial by any of them ends it."""
         record = await self.deps.ledger.get_deploy(deploy_id)
         if approve and user == record.requester:
             raise PermanentError(
                 "You cannot approve your own deploy.", hint="Ask another approver to click Approve."
             )
+        needing = [e for e in record.envs if self.config.env(e).approval_required]
+        if approve and len(needing) > 1 and record.state is DeployState.AWAITING_APPROVAL:
+            approved = await self.deps.ledger.approve_envs(
+                deploy_id, [e for e in (envs or needing) if e in needing], user=user
+            )
+            waiting = [e for e in needing if e not in approved]
+            if waiting:
+                done = ", ".join(f"{e} by {who(u)}" for e, u in approved.items())
+                await self.emit_for(
+                    record,
+                    "approval",
+                    EventKind.PROGRESS,
+                    f"approved for {done}; still waiting for an approver of {', '.join(waiting)}",
+                )
+                return record
         plan = Plan.from_json(record.plan) if record.plan else None
         binding = plan.binding() if plan else ""
         try:
@@ -251,6 +296,10 @@ class DeployService:
             await self.emit_for(record, SUMMARY_STEP, EventKind.CANCELLED, record.message or "", **summary)
         return await self.deps.ledger.get_deploy(deploy_id)
 
+    def task(self, deploy_id: str) -> asyncio.Task[DeployRecord] | None:
+        """The task running the deploy in this process, if any (the CLI waits on it, Ctrl-C cancels it)."""
+        return self._tasks.get(deploy_id)
+
     def running(self, deploy_id: str) -> bool:
         task = self._tasks.get(deploy_id)
         return task is not None and not task.done()
@@ -277,16 +326,34 @@ class DeployService:
         return await self.deps.ledger.unlock(env_name, user)
 
     async def start_rollback(
-        self, env_name: str, requester: str, *, channel: str | None = None, thread_ts: str | None = None
+        self,
+        env_name: str,
+        requester: str,
+        *,
+        channel: str | None = None,
+        thread_ts: str | None = None,
+        origin: str | None = None,
     ) -> Started:
         """Deploy the env's previous tag through the same pipeline; its images exist, so nothing is built."""
         target = await self.rollback_target(env_name)
         return await self.start(
-            DeployKind.ROLLBACK, [env_name], target, requester, channel=channel, thread_ts=thread_ts
+            DeployKind.ROLLBACK,
+            [env_name],
+            target,
+            requester,
+            channel=channel,
+            thread_ts=thread_ts,
+            origin=origin,
         )
 
     async def start_force(
-        self, env_name: str, version: int, requester: str, *, channel: str | None = None
+        self,
+        env_name: str,
+        version: int,
+        requester: str,
+        *,
+        channel: str | None = None,
+        origin: str | None = None,
     ) -> Started:
         """Guarded recovery from a dirty migration (F7): force the version the last failed run reported, then up."""
         reported = await self.reported_dirty(env_name)
@@ -299,6 +366,7 @@ class DeployService:
             state=DeployState.RUNNING,
             channel=channel,
             owner=self.instance_id,
+            origin=origin,
         )
         return Started(record, self._spawn(record.id, self._run_force(record, version, reported)))
 
@@ -365,6 +433,10 @@ class DeployService:
         summary = {**_summary(run.record, None, None), "failed_step": "recovery"}
         await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
         return run.record
+
+    async def current_tag(self, env_name: str) -> str | None:
+        """The api tag the env's overlay holds now."""
+        return (await self.deps.gitops.read_tags(self.config)).get(env_name, {}).get(Service.API)
 
     async def rollback_target(self, env_name: str) -> str:
         """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
@@ -534,8 +606,8 @@ class DeployService:
             on_lost=lambda lost: self._stop(deploy_id, Stop("lost", why=lost.why)),
             on_cancel=lambda user: self._stop(deploy_id, Stop("cancel", by=user)),
         )
-        rollback = run.record.kind is DeployKind.ROLLBACK
-        await run.keeper.acquire(run.record.envs, passes=lambda lock: rollback and lock.user == BOT_USER)
+        kind = run.record.kind
+        await run.keeper.acquire(run.record.envs, passes=lambda lock: locks.passes(lock, kind))
         run.ctx.guard = run.keeper.prove
 
     async def _own(self, record: DeployRecord) -> DeployRecord:

@@ -117,6 +117,8 @@ class Environment(_Strict):
     approvers: list[Principal] = Field(default_factory=list)
     admins: list[Principal] = Field(default_factory=list)
     alerts_channel: str | None = None  # the watcher's incidents for this env (default: watch.channel)
+    # the Slack channel (C…) where requests from outside Slack (the CLI) post their approval request
+    channel: str | None = Field(default=None, pattern=r"^[CG][A-Z0-9]{2,}$")
 
     @field_validator("registry")
     @classmethod
@@ -193,14 +195,35 @@ class Watch(_Strict):
     flap_window: float = Field(default=600, ge=0)  # a problem back within this many seconds reopens its post
 
 
+class Operator(_Strict):
+    """Maps an OS user running the CLI to the Slack user the rules apply to."""
+
+    os_user: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    slack_user: str | None = Field(default=None, pattern=_SLACK_USER_RE.pattern)
+    # or the Slack user with this e-mail address (users.lookupByEmail; needs SLACK_BOT_TOKEN)
+    email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    # may act as someone else with `--as` (automation accounts, break-glass)
+    impersonate: bool = False
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> Self:
+        if (self.slack_user is None) == (self.email is None):
+            raise ValueError("give exactly one of slack_user and email")
+        return self
+
+
 class FunnelcakeConfig(_Strict):
     repos: Repos
     environments: list[Environment] = Field(min_length=1)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     watch: Watch = Field(default_factory=Watch)
+    operators: list[Operator] = Field(default_factory=list)
 
     def alerts_channel(self, env: Environment) -> str | None:
         return env.alerts_channel or self.watch.channel
+
+    def operator(self, os_user: str) -> Operator | None:
+        return next((o for o in self.operators if o.os_user == os_user), None)
 
     @field_validator("environments")
     @classmethod

@@ -9,20 +9,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot import commands
 from bot.errors import BotError
-from bot.ledger.models import DeployKind, DeployRecord, who
+from bot.ledger.models import DeployKind, DeployRecord
 from bot.logs import redact, redact_json
-from bot.policy.rbac import Decision, GroupCache, Policy
-from bot.service import DeployService, Started
+from bot.policy.authz import Action, Authority, GroupCache, Principal
+from bot.service import DeployService
 from handlers import blocks as bk
+from handlers import buttons as drawn
+from handlers.directory import group_members
 from handlers.reporter import SlackThreadReporter
 
 log = logging.getLogger(__name__)
@@ -41,7 +46,8 @@ class SlackFront:
         self.service = service
         self.client = client
         self.config = service.config
-        self.policy = Policy(self.config, GroupCache(self._group_members, ttl=group_ttl))
+        self.signing_secret = signing_secret
+        self.authority = Authority(self.config, GroupCache(self._group_members, ttl=group_ttl))
         self.reporter_interval = reporter_interval
         self.tasks: set[asyncio.Task[Any]] = set()
         self.reporters: dict[str, SlackThreadReporter] = {}
@@ -57,6 +63,9 @@ class SlackFront:
         self.app.action(
             re.compile(r"^(approve|deny|cancel|rollback|rebuild|catchup|force_migrate)(-[a-z0-9-]+)?$")
         )(self._on_action)
+        # Anything else a signed request can carry gets a clear answer, not Bolt's "unhandled request".
+        self.app.action(re.compile(".*"))(self._on_unknown_action)
+        self.app.command(re.compile(".*"))(self._on_unknown_command)
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -102,44 +111,60 @@ class SlackFront:
             await reporter.close()
 
     async def _group_members(self, group: str) -> frozenset[str]:
-        group_id = group
-        if group.startswith("@"):
-            listing = await self.client.usergroups_list()
-            groups: list[dict[str, Any]] = listing.get("usergroups", [])
-            found = [str(g["id"]) for g in groups if g.get("handle") == group[1:]]
-            if not found:
-                log.warning("user group %s does not exist in this workspace", group)
-                return frozenset()
-            group_id = found[0]
-        resp = await self.client.usergroups_users_list(usergroup=group_id)
-        return frozenset(resp.get("users", []))
+        return await group_members(self.client, group)
 
-    async def _tell(self, channel: str, user: str, text: str, blocks: list[bk.Block] | None = None) -> None:
-        """An ephemeral message only `user` sees: refusals, errors, dry runs."""
+    async def _tell(self, asker: Asker, text: str, blocks: list[bk.Block] | None = None) -> None:
+        """A private message only the asker sees: refusals, errors, dry runs. Through the request's
+        response_url when it has one (that works in channels the bot was never invited to)."""
+        text, payload = redact(text)[:3000], redact_json(blocks)
+        if asker.response_url:
+            try:
+                async with asyncio.timeout(10):
+                    resp = await AsyncWebhookClient(asker.response_url, session=self.client.session).send(
+                        text=text, blocks=payload, response_type="ephemeral", replace_original=False
+                    )
+                if resp.status_code == 200:
+                    return
+                log.warning("response_url answered %d; telling %s directly", resp.status_code, asker.user)
+            except (TimeoutError, aiohttp.ClientError) as e:
+                log.warning("response_url failed (%s); telling %s directly", type(e).__name__, asker.user)
         try:
             await self.client.chat_postEphemeral(
-                channel=channel, user=user, text=redact(text)[:3000], blocks=redact_json(blocks)
+                channel=asker.channel, user=asker.user, text=text, blocks=payload
             )
         except SlackApiError as e:
-            log.warning("could not tell %s: %s", user, e.response.get("error"))
+            log.warning("could not tell %s: %s", asker.user, e.response.get("error"))
 
-    async def _guard(self, channel: str, user: str, coro: Coroutine[Any, Any, None]) -> None:
+    async def _guard(self, asker: Asker, coro: Coroutine[Any, Any, None]) -> None:
         """Run one user request; any refusal or failure becomes a message to that user, never a traceback."""
         try:
             await coro
         except BotError as e:
-            await self._tell(channel, user, f"❌ {e.message}" + (f"\n_{e.hint}_" if e.hint else ""))
+            # Mentions the bot wrote resolve; anything a user typed (a lock reason, a ref) stays text.
+            hint = f"\n_{bk.esc_keep_mentions(e.hint)}_" if e.hint else ""
+            await self._tell(asker, f"❌ {bk.esc_keep_mentions(e.message)}{hint}")
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("request from %s failed", user)
-            await self._tell(channel, user, "❌ Internal error in the bot; the logs have the details.")
+            log.exception("request from %s failed", asker.user)
+            await self._tell(asker, "❌ Internal error in the bot; the logs have the details.")
 
-    async def _refuse(self, decision: Decision, channel: str, user: str) -> bool:
+    async def _allow(
+        self,
+        action: Action,
+        asker: Asker,
+        envs: Sequence[str],
+        *,
+        requester: str | None = None,
+        lock_holder: str | None = None,
+    ) -> bool:
+        """Ask the one authority; a refusal is told privately and nothing else happens."""
+        decision = await self.authority.decide(
+            action, asker.principal, envs, requester=requester, lock_holder=lock_holder
+        )
         if not decision.allowed:
-            await self._tell(channel, user, f"🚫 Not allowed: {decision.reason}.")
-            return True
-        return False
+            await self._tell(asker, f"🚫 Not allowed: {bk.esc_keep_mentions(decision.reason)}.")
+        return decision.allowed
 
     # ---- slash command --------------------------------------------------------------------------
 
@@ -152,146 +177,208 @@ class SlackFront:
             await ack(text=commands.help_text(parsed.topic, self.config.env_names))
             return
         await ack(text="⏳ Working on it…")
-        user, channel = str(command["user_id"]), str(command["channel_id"])
-        name = f"command-{type(parsed).__name__.lower()}-{user}"
-        self.spawn(self._guard(channel, user, self._run(parsed, user, channel)), name=name)
+        asker = Asker(
+            str(command.get("user_id", "")),
+            str(command.get("channel_id", "")),
+            _str_or_none(command.get("response_url")),
+        )
+        name = f"command-{type(parsed).__name__.lower()}-{asker.user}"
+        self.spawn(self._guard(asker, self._run(parsed, asker)), name=name)
 
-    async def _run(self, cmd: commands.Command, user: str, channel: str) -> None:
-        svc = self.service
+    async def _run(self, cmd: commands.Command, asker: Asker, *, rebuild: bool = False) -> None:
+        svc, user, channel = self.service, asker.user, asker.channel
         match cmd:
             case commands.Deploy(envs=envs, ref=ref, dry_run=False):
-                for env in envs:
-                    if await self._refuse(
-                        await self.policy.can_deploy(self.config.env(env), user), channel, user
-                    ):
-                        return
-                await svc.start(DeployKind.DEPLOY, list(envs), ref, user, channel=channel)
+                action = Action.REBUILD if rebuild else Action.DEPLOY
+                if await self._allow(action, asker, envs):
+                    await svc.admit(DeployKind.DEPLOY, envs, ref)
+                    await svc.start(
+                        DeployKind.DEPLOY,
+                        list(envs),
+                        ref,
+                        user,
+                        channel=channel,
+                        rebuild=rebuild,
+                        origin=ORIGIN,
+                    )
             case commands.Deploy(envs=envs, ref=ref) | commands.Plan(envs=envs, ref=ref):
+                if not await self._allow(Action.PLAN, asker, envs):
+                    return
                 plan, result = await svc.plan(list(envs), ref, user)
                 failed = result.failed
                 text = f"📝 Plan for {', '.join(envs)} @ `{plan.commit.short if plan else ref}` (nothing was changed)"
                 blocks = [bk.section(text), *(bk.plan_blocks(plan) if plan else [])]
                 if failed is not None and not (plan and plan.problems):
-                    blocks.append(bk.section(f"❌ {failed.step}: {bk.esc(failed.message)}"))
-                await self._tell(channel, user, text, bk.fit(blocks))
+                    blocks.append(bk.section(f"❌ {failed.step}: {bk.esc_keep_mentions(failed.message)}"))
+                await self._tell(asker, text, bk.fit(blocks))
             case commands.Status():
-                report = await svc.status()
-                await self.client.chat_postMessage(
-                    channel=channel, text="funnelcake status", blocks=redact_json(bk.status_blocks(report))
-                )
+                if await self._allow(Action.STATUS, asker, []):
+                    report = await svc.status()
+                    await self.client.chat_postMessage(
+                        channel=channel,
+                        text="funnelcake status",
+                        blocks=redact_json(bk.status_blocks(report)),
+                    )
             case commands.Migrate(env=env, force_version=None, ref=ref):
-                if await self._refuse(
-                    await self.policy.can_deploy(self.config.env(env), user), channel, user
-                ):
-                    return
-                await svc.start(DeployKind.MIGRATE, [env], ref or "", user, channel=channel)
+                if await self._allow(Action.MIGRATE, asker, [env]):
+                    await svc.admit(DeployKind.MIGRATE, [env], ref)
+                    await svc.start(
+                        DeployKind.MIGRATE, [env], ref or "", user, channel=channel, origin=ORIGIN
+                    )
             case commands.Migrate(env=env, force_version=int(version)):
-                await self._force(env, version, user, channel)
+                if await self._allow(Action.FORCE, asker, [env]):
+                    await svc.admit(DeployKind.FORCE_MIGRATE, [env], None)
+                    await svc.start_force(env, version, user, channel=channel, origin=ORIGIN)
             case commands.Rollback(env=env):
-                await self._rollback(env, user, channel)
+                if await self._allow(Action.ROLLBACK, asker, [env]):
+                    await svc.admit(DeployKind.ROLLBACK, [env], None)
+                    await svc.start_rollback(env, user, channel=channel, origin=ORIGIN)
             case commands.History(env=env, limit=limit):
-                records = await svc.history(env, limit)
-                await self._tell(channel, user, "History", bk.history_blocks(records))
+                if await self._allow(Action.HISTORY, asker, [env] if env else []):
+                    await self._tell(asker, "History", bk.history_blocks(await svc.history(env, limit)))
             case commands.Lock(env=env, reason=reason):
-                if await self._refuse(
-                    await self.policy.can_deploy(self.config.env(env), user), channel, user
-                ):
-                    return
-                await svc.lock(env, user, reason)
-                await self.client.chat_postMessage(
-                    channel=channel, text=redact(f"🔒 {env} locked by {bk.mention(user)}: {bk.esc(reason)}")
-                )
+                if await self._allow(Action.LOCK, asker, [env]):
+                    await svc.lock(env, user, reason)
+                    await self.client.chat_postMessage(
+                        channel=channel,
+                        text=redact(f"🔒 {env} locked by {bk.mention(user)}: {bk.esc(reason)}"),
+                    )
             case commands.Unlock(env=env):
-                await self._unlock(env, user, channel)
-
-    async def _rollback(self, env: str, user: str, channel: str) -> Started | None:
-        if await self._refuse(await self.policy.can_deploy(self.config.env(env), user), channel, user):
-            return None
-        return await self.service.start_rollback(env, user, channel=channel)
-
-    async def _force(self, env: str, version: int, user: str, channel: str) -> None:
-        if await self._refuse(await self.policy.can_admin(self.config.env(env), user), channel, user):
-            return
-        await self.service.start_force(env, version, user, channel=channel)
-
-    async def _unlock(self, env: str, user: str, channel: str) -> None:
-        held = [lock for lock in await self.service.deps.ledger.locks() if lock.env == env]
-        if held and held[0].user != user:
-            decision = await self.policy.can_admin(self.config.env(env), user)
-            if await self._refuse(decision, channel, user):
-                return
-        lock = await self.service.unlock(env, user)
-        text = f"🔓 {env} unlocked by {bk.mention(user)}" if lock else f"{env} was not locked."
-        await self.client.chat_postMessage(channel=channel, text=text)
+                held = next((lock for lock in await svc.deps.ledger.locks() if lock.env == env), None)
+                if await self._allow(Action.UNLOCK, asker, [env], lock_holder=held.user if held else None):
+                    lock = await svc.unlock(env, user)
+                    text = f"🔓 {env} unlocked by {bk.mention(user)}" if lock else f"{env} was not locked."
+                    await self.client.chat_postMessage(channel=channel, text=text)
 
     # ---- buttons --------------------------------------------------------------------------------
 
     async def _on_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
-        action = body["actions"][0]
-        user = str(body["user"]["id"])
-        channel = str(
-            (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+        actions, user = body.get("actions"), body.get("user")
+        action = actions[0] if isinstance(actions, list) and actions else None
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if not isinstance(action, dict) or not isinstance(user_id, str):
+            log.warning("ignored a button payload without an action or a user")
+            return
+        asker = Asker(
+            user_id,
+            str(_dict(body.get("channel")).get("id") or _dict(body.get("container")).get("channel_id") or ""),
+            _str_or_none(body.get("response_url")),
         )
-        action_id, value = str(action["action_id"]).split("-", 1)[0], str(action.get("value", ""))
+        action_id = str(action.get("action_id", "")).split("-", 1)[0]
+        value = action.get("value")
         self.spawn(
-            self._guard(channel, user, self._click(action_id, value, user, channel)),
-            name=f"action-{action_id}-{user}",
+            self._guard(asker, self._click(action_id, value if isinstance(value, str) else "", asker)),
+            name=f"action-{action_id}-{user_id}",
         )
 
-    async def _cancel(self, deploy_id: str, user: str, channel: str) -> None:
+    async def _on_unknown_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        user = _dict(body.get("user")).get("id")
+        if isinstance(user, str) and user:
+            channel = str(_dict(body.get("channel")).get("id") or "")
+            await self._tell(Asker(user, channel, _str_or_none(body.get("response_url"))), STALE_BUTTON)
+
+    async def _on_unknown_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        await ack(text="This app only answers `/funnelcake`; try `/funnelcake help`.")
+
+    async def _click(self, action_id: str, value: str, asker: Asker) -> None:
+        if action_id in ("approve", "deny", "cancel"):
+            deploy_id = drawn.deploy_id(value)
+            if deploy_id is None:
+                await self._tell(asker, STALE_BUTTON)
+                return
+            if action_id == "cancel":
+                await self._cancel(deploy_id, asker)
+            else:
+                await self._decide(deploy_id, asker, approve=action_id == "approve")
+            return
+        button = drawn.read(value)
+        parsed = _button_command(action_id, button.command, self.config.env_names) if button else None
+        if button is None or parsed is None:
+            await self._tell(asker, STALE_BUTTON)
+            return
+        env = parsed.envs[0] if isinstance(parsed, commands.Deploy) else parsed.env
+        if button.ran is not None:
+            now = await self.service.current_tag(env)
+            if now != button.ran:
+                await self._tell(
+                    asker,
+                    f"⚠️ {env} moved from `{button.ran}` to `{now or 'nothing'}` since this message; "
+                    "nothing was done. Run `/funnelcake status` again.",
+                )
+                return
+        await self._run(parsed, asker, rebuild=action_id == "rebuild")
+
+    async def _decide(self, deploy_id: str, asker: Asker, *, approve: bool) -> None:
+        record = await self.service.deps.ledger.get_deploy(deploy_id)
+        action = Action.APPROVE if approve else Action.DENY
+        if not await self._allow(action, asker, record.envs, requester=record.requester):
+            return
+        # Which of the envs needing approval this approver covers, asked of Slack now (not the cache).
+        mine = [
+            e.name
+            for e in self.authority.approval_envs(record.envs)
+            if await self.authority.approves(e, asker.user)
+        ]
+        await self.service.decide(deploy_id, asker.user, approve=approve, envs=mine)
+
+    async def _cancel(self, deploy_id: str, asker: Asker) -> None:
         """Stop a deploy: its requester, a deployer of every env it touches, or an admin of one of them."""
         svc = self.service
         record = await svc.deps.ledger.get_deploy(deploy_id)
         if record.state.terminal:
-            await self._tell(channel, user, f"That deploy already ended: {record.state.value}.")
+            await self._tell(asker, f"That deploy already ended: {record.state.value}.")
             return
-        if user != record.requester:
-            envs = [self.config.env(e) for e in record.envs]
-            deployer = [await self.policy.can_deploy(env, user) for env in envs]
-            admin = [await self.policy.can_admin(env, user) for env in envs]
-            if not all(d.allowed for d in deployer) and not any(a.allowed for a in admin):
-                refusal = next(d for d in deployer if not d.allowed)
-                await self._tell(
-                    channel,
-                    user,
-                    f"🚫 Not allowed: only its requester {who(record.requester)}, the deployers of "
-                    f"{', '.join(record.envs)} or an admin may cancel it ({refusal.reason}).",
-                )
-                return
-        ended = await svc.cancel(deploy_id, user)
+        if not await self._allow(Action.CANCEL, asker, record.envs, requester=record.requester):
+            return
+        ended = await svc.cancel(deploy_id, asker.user)
         if ended.state.terminal:
-            await self._tell(channel, user, f"🛑 {ended.message or 'Cancelled.'}")
+            await self._tell(asker, f"🛑 {ended.message or 'Cancelled.'}")
         else:
             await self._tell(
-                channel,
-                user,
+                asker,
                 "🛑 Cancel requested: the bot running it stops it within seconds; the thread says where.",
             )
 
-    async def _click(self, action_id: str, value: str, user: str, channel: str) -> None:
-        svc = self.service
-        if action_id in ("approve", "deny"):
-            record = await svc.deps.ledger.get_deploy(value)
-            # Approving takes an approver; denying, an approver or the requester withdrawing it.
-            if action_id == "approve" or user != record.requester:
-                for env in record.envs:
-                    if await self._refuse(
-                        await self.policy.can_approve(self.config.env(env), user), channel, user
-                    ):
-                        return
-            await svc.decide(value, user, approve=action_id == "approve")
-        elif action_id == "cancel":
-            await self._cancel(value, user, channel)
-        elif action_id == "rollback":
-            await self._rollback(value, user, channel)
-        elif action_id in ("rebuild", "catchup"):
-            env, short = value.split(":", 1)
-            if await self._refuse(await self.policy.can_deploy(self.config.env(env), user), channel, user):
-                return
-            await svc.start(
-                DeployKind.DEPLOY, [env], short, user, channel=channel, rebuild=action_id == "rebuild"
-            )
-        elif action_id == "force_migrate":
-            env, version = value.split(":", 1)
-            await self._force(env, int(version), user, channel)
+
+ORIGIN = "slack"
+STALE_BUTTON = (
+    "⚠️ This button's value is not one the bot drew, so nothing was done. "
+    "Run `/funnelcake status` (or open the deploy's thread) for current buttons."
+)
+
+
+@dataclass(frozen=True)
+class Asker:
+    """Who clicked or typed, where, and the request's response_url for private answers."""
+
+    user: str
+    channel: str
+    response_url: str | None
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(self.user)
+
+
+def _button_command(
+    action_id: str, text: str, env_names: Sequence[str]
+) -> commands.Deploy | commands.Rollback | commands.Migrate | None:
+    """A button's command through the typed grammar; only the command that button stands for."""
+    parsed = commands.parse(text, env_names)
+    if action_id == "rollback" and isinstance(parsed, commands.Rollback):
+        return parsed
+    if action_id in ("catchup", "rebuild") and isinstance(parsed, commands.Deploy):
+        return parsed if not parsed.dry_run and len(parsed.envs) == 1 else None
+    if action_id == "force_migrate" and isinstance(parsed, commands.Migrate):
+        return parsed if parsed.force_version is not None else None
+    return None
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployKind, DeployRecord, IncidentRecord
 from bot.models import Plan
+from handlers import buttons as drawn
 
 Block = dict[str, Any]
 
@@ -36,6 +38,14 @@ def when(at: datetime | str) -> str:
         at = at.replace(tzinfo=UTC)
     fallback = f"{at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
     return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} at {{time}}|{fallback}>"
+
+
+_ESCAPED_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]{2,})&gt;")
+
+
+def esc_keep_mentions(text: str) -> str:
+    """Escape like `esc`, but a `<@U…>` mention the bot wrote (who refused, who holds a lock) resolves."""
+    return _ESCAPED_MENTION.sub(r"<@\1>", esc(text))
 
 
 def clip(text: str, limit: int = MAX_SECTION - 100) -> str:
@@ -191,7 +201,7 @@ def step_line(step: str, kind: str, message: str, elapsed: float) -> str:
     if kind in ("failed", "errored"):
         text += f" {kind}"
     if message:
-        text += f" — {esc(message)}"
+        text += f" — {esc_keep_mentions(message)}"
     return text + f" _({elapsed:.1f}s)_"
 
 
@@ -202,11 +212,27 @@ def diagnosis_blocks(env: str, deploy_id: str, short: str | None, data: Mapping[
         section("*Evidence*\n> " + esc(str(d.get("evidence", ""))).replace("\n", "\n> ")),
         section(f"*Fix*: {esc(str(d.get('fix', '')))}"),
     ]
-    buttons = [button("Roll back", "rollback", env, "danger", confirm=rollback_confirm(env))]
+    buttons = [
+        button(
+            "Roll back",
+            "rollback",
+            drawn.command(f"rollback {env}", ran=short),
+            "danger",
+            confirm=rollback_confirm(env),
+        )
+    ]
     if short:
-        buttons.append(button("Rebuild", "rebuild", f"{env}:{short}"))
+        buttons.append(button("Rebuild", "rebuild", drawn.command(f"deploy {env} {short}", ran=short)))
     blocks.append(actions(f"diagnosis:{deploy_id}", *buttons))
     return blocks
+
+
+def _overlay_api(report: DriftReport, env: str) -> str | None:
+    """The api tag `env`'s overlay held when the report was made: what a button drawn from it acts on."""
+    for e in report.envs:
+        if e.env == env:
+            return next((r.overlay_tag for r in e.rows if r.service == "api"), None)
+    return None
 
 
 def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
@@ -225,9 +251,9 @@ def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
     if data.get("state") == "cancelled":
         # The service writes this text from Slack IDs (`cancelled by <@U…>`): the mention stays unescaped.
         return f"🛑 *Cancelled* after {seconds}s: {message}"
-    text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc(message)}"
+    text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc_keep_mentions(message)}"
     if data.get("hint"):
-        text += f"\n_{esc(str(data['hint']))}_"
+        text += f"\n_{esc_keep_mentions(str(data['hint']))}_"
     return text
 
 
@@ -251,7 +277,7 @@ def _row(r: ServiceRow) -> str:
 def status_blocks(report: DriftReport) -> list[Block]:
     blocks: list[Block] = [header("funnelcake status")]
     for env in report.envs:
-        lines = [f"*{env.env}*" + (f" — 🔒 {esc(env.lock)}" if env.lock else "")]
+        lines = [f"*{env.env}*" + (f" — 🔒 {esc_keep_mentions(env.lock)}" if env.lock else "")]
         if env.error:
             lines.append(f"🔴 {esc(env.error)}")
         lines += [_row(r) for r in env.rows]
@@ -274,14 +300,25 @@ def status_blocks(report: DriftReport) -> list[Block]:
             target = f.action.split(":", 1)[1]
             label = f"Roll back {target}"
             if all(b["text"]["text"] != label for b in buttons):
+                ran = _overlay_api(report, target)
                 buttons.append(
-                    button(label, f"rollback-{target}", target, "danger", confirm=rollback_confirm(target))
+                    button(
+                        label,
+                        f"rollback-{target}",
+                        drawn.command(f"rollback {target}", ran=ran),
+                        "danger",
+                        confirm=rollback_confirm(target),
+                    )
                 )
         if f.action and f.action.startswith("catchup:"):
             _, target, short = f.action.split(":", 2)
             # action_ids must be unique within a message: one per target env
             buttons.append(
-                button(f"Deploy production's {short} to {target}", f"catchup-{target}", f"{target}:{short}")
+                button(
+                    f"Deploy production's {short} to {target}",
+                    f"catchup-{target}",
+                    drawn.command(f"deploy {target} {short}", ran=_overlay_api(report, target)),
+                )
             )
     if buttons:
         blocks.append(actions("status:actions", *buttons[:5]))
@@ -297,7 +334,11 @@ def history_blocks(records: Sequence[DeployRecord]) -> list[Block]:
         lines.append(
             f"`{r.id}` {r.created_at:%Y-%m-%d %H:%M} {r.kind.value} {', '.join(r.envs)} @ `{r.short or esc(r.ref)}`"
             f" — *{r.state.value}* by {mention(r.requester)}{approver}"
-            + (f"\n    _{esc(r.message[:200])}_" if r.message and r.state.value != "succeeded" else "")
+            + (
+                f"\n    _{esc_keep_mentions(r.message[:200])}_"
+                if r.message and r.state.value != "succeeded"
+                else ""
+            )
         )
     return [section("*History*\n" + "\n".join(lines))]
 
@@ -341,13 +382,16 @@ def incident_blocks(incident: IncidentRecord, *, lasted: float | None = None) ->
                 button(
                     f"Roll back {incident.env}",
                     "rollback",
-                    incident.env,
+                    drawn.command(f"rollback {incident.env}"),
                     "danger",
                     confirm=rollback_confirm(incident.env),
                 )
             )
         elif action == "rebuild" and d.get("tag"):
-            buttons.append(button(f"Rebuild {d['tag']}", "rebuild", f"{incident.env}:{d['tag']}"))
+            # the incident's message closes (buttons gone) when it ends, so it carries no `ran` to compare
+            buttons.append(
+                button(f"Rebuild {d['tag']}", "rebuild", drawn.command(f"deploy {incident.env} {d['tag']}"))
+            )
     if buttons:
         blocks.append(actions(f"incident:{incident.id}", *buttons))
     blocks.append(context(f"Seen by the watcher since {when(incident.opened_at)}"))

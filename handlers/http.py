@@ -1,25 +1,234 @@
-"""The bot's HTTP listener: Slack's /slack/events (HTTP mode) plus the probes, translated at the edge only."""
+"""The bot's HTTP listener: Slack's /slack/events (HTTP mode) plus the probes, translated at the edge only.
+
+The edge holds before anything reaches Bolt: the body is read under a deadline, the signature and
+timestamp are checked on the raw bytes before anything is decoded, and only then is the body decoded and
+its shape checked. A bad signature is a 401, a signed but malformed body a 400, each with one log line
+and no traceback. Slack re-delivers a request it thinks was lost (same body, same signature): within
+Slack's five-minute window a duplicate gets the first answer again and acts nothing twice.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from aiohttp.web_protocol import RequestHandler
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from slack_bolt.request.async_request import AsyncBoltRequest
 
 from handlers.app import SlackFront
 
+log = logging.getLogger(__name__)
+
 Readiness = Callable[[], Awaitable[list[str]]]  # the problems that make the bot not ready; empty = ready
+
+SIGNATURE_WINDOW = 300  # seconds: Slack's replay window for X-Slack-Request-Timestamp
+BODY_TIMEOUT = 10.0  # seconds to receive the whole body: a trickling client is cut off
+MAX_BODY = 256 * 1024  # Slack's payloads are a few KiB; a button-heavy message stays far below this
+KEEPALIVE_TIMEOUT = 15.0  # an idle connection is closed after this
+HEADER_TIMEOUT = 10.0  # seconds from connecting to a complete request line and headers
+_SEEN_MAX = 2048
+
+
+class Refused(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+
+def verify(secret: str, body: bytes, timestamp: str | None, signature: str | None, now: float) -> None:
+    """Slack's v0 signature over the raw bytes; Refused(401) with the reason when it does not hold."""
+    if not timestamp or not signature:
+        raise Refused(401, "no signature headers")
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise Refused(401, "the timestamp is not a number")
+    if abs(now - int(timestamp)) > SIGNATURE_WINDOW:
+        raise Refused(401, "the timestamp is outside the five-minute window")
+    base = b"v0:" + timestamp.encode() + b":" + body
+    expected = "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+        raise Refused(401, "the signature does not match")
+
+
+def decode(content_type: str, charset: str | None, body: bytes) -> str:
+    """The body as text, once its shape is one Slack sends; Refused(400) otherwise."""
+    if charset is not None and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        raise Refused(400, f"unsupported charset {charset[:40]!r}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(400, "the body is not UTF-8") from None
+    if content_type == "application/json":
+        if _json_object(text, "the JSON body").get("type") != "url_verification":
+            raise Refused(400, "a JSON body other than Slack's url_verification")
+    elif content_type == "application/x-www-form-urlencoded":
+        try:
+            form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(400, "the form body is malformed") from None
+        if "payload" in form:
+            payload = _json_object(form["payload"][0], "payload=")
+            if payload.get("type") != "block_actions":
+                raise Refused(400, "payload= is not a button click (block_actions)")
+            _click_shape(payload)
+        elif not form.get("command") and not form.get("ssl_check"):
+            raise Refused(400, "the form is neither a slash command nor an interaction")
+    else:
+        raise Refused(400, f"unsupported content type {content_type[:60]!r}")
+    return text
+
+
+def _click_shape(payload: dict[str, object]) -> None:
+    """What Bolt reads of a click before any listener runs: a user with an id and a first action."""
+    actions, user = payload.get("actions"), payload.get("user")
+    if not isinstance(user, dict) or not isinstance(user.get("id"), str):
+        raise Refused(400, "the click names no user")
+    if not isinstance(actions, list) or not actions or not isinstance(actions[0], dict):
+        raise Refused(400, "the click carries no action")
+    if not isinstance(actions[0].get("action_id"), str):
+        raise Refused(400, "the click's action has no action_id")
+
+
+def _json_object(text: str, what: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise Refused(400, f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise Refused(400, f"{what} is not a JSON object")
+    return value
+
+
+class Replays:
+    """The answers to signed requests seen within the window, by signature: a re-delivery acts once."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[str, tuple[float, asyncio.Future[web.Response]]] = OrderedDict()
+
+    def first(self, signature: str, now: float) -> asyncio.Future[web.Response] | None:
+        """None for a new request (it is registered); the first delivery's answer for a duplicate."""
+        while self._seen and (
+            len(self._seen) > _SEEN_MAX or now - next(iter(self._seen.values()))[0] > SIGNATURE_WINDOW
+        ):
+            self._seen.popitem(last=False)
+        hit = self._seen.get(signature)
+        if hit is not None:
+            return hit[1]
+        self._seen[signature] = (now, asyncio.get_running_loop().create_future())
+        return None
+
+    def answer(self, signature: str, response: web.Response) -> None:
+        hit = self._seen.get(signature)
+        if hit is not None and not hit[1].done():
+            hit[1].set_result(response)
+
+
+class _HeaderDeadline(RequestHandler):
+    """A connection whose first request's headers have not all arrived within HEADER_TIMEOUT is closed:
+    aiohttp itself waits for a trickling client forever."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._headers_due: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            HEADER_TIMEOUT, self._headers_late
+        )
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_count and self._headers_due is not None:  # a whole request head was parsed
+            self._headers_due.cancel()
+            self._headers_due = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+            self._headers_due = None
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._headers_due = None
+        log.warning("closed a connection whose request headers did not arrive within %.0f s", HEADER_TIMEOUT)
+        self.force_close()
+
+
+class _EdgeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _HeaderDeadline(self, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose connections have a header deadline and a short keep-alive."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _EdgeServer  # the same server; only the protocol it makes differs
+        return server
 
 
 def web_app(front: SlackFront | None, *, readiness: Readiness, slack_events: bool) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY)
+    replays = Replays()
 
     async def events(request: web.Request) -> web.Response:
         assert front is not None  # noqa: S101 - the route exists only with a front
-        bolt_request = await to_bolt_request(request)
-        bolt_response = await front.app.async_dispatch(bolt_request)
-        return await to_aiohttp_response(bolt_response)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await request.read()
+        except TimeoutError:
+            log.warning(
+                "refused a request to /slack/events: the body did not arrive within %.0f s", BODY_TIMEOUT
+            )
+            return web.Response(status=408, text="request body too slow")
+        except web.HTTPRequestEntityTooLarge:
+            log.warning("refused a request to /slack/events: the body is over %d bytes", MAX_BODY)
+            return web.Response(status=413, text="request body too large")
+        signature = request.headers.get("X-Slack-Signature")
+        try:
+            if front.signing_secret is not None:
+                verify(
+                    front.signing_secret,
+                    body,
+                    request.headers.get("X-Slack-Request-Timestamp"),
+                    signature,
+                    time.time(),
+                )
+            text = decode(request.content_type, request.charset, body)
+        except Refused as e:
+            log.warning("refused a request to /slack/events (%d): %s", e.status, e.why)
+            return web.Response(
+                status=e.status, text="invalid request" if e.status == 400 else "unauthorized"
+            )
+        earlier = replays.first(signature, time.monotonic()) if signature else None
+        if earlier is not None:
+            log.info("a re-delivered Slack request got the first delivery's answer")
+            first = await asyncio.shield(earlier)
+            return web.Response(status=first.status, body=first.body, content_type=first.content_type)
+        bolt_request = AsyncBoltRequest(
+            body=text,
+            query=request.query_string,
+            headers={k.lower(): list(request.headers.getall(k)) for k in request.headers},
+        )
+        try:
+            response = await to_aiohttp_response(await front.app.async_dispatch(bolt_request))
+        except BaseException:
+            if signature:
+                replays.answer(signature, web.Response(status=500))
+            raise
+        if signature:
+            replays.answer(signature, response)
+        return response
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

@@ -25,6 +25,7 @@ from bot.logs import redact, redact_json
 from bot.models import Plan
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 from handlers import blocks as bk
+from handlers import buttons as drawn
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class SlackThreadReporter:
                         bk.button(
                             "Roll back",
                             "rollback",
-                            self.record.envs[0],
+                            drawn.command(f"rollback {self.record.envs[0]}", ran=self.record.short),
                             "danger",
                             confirm=bk.rollback_confirm(self.record.envs[0]),
                         )
@@ -133,12 +134,12 @@ class SlackThreadReporter:
                 self._approval(e)
                 continue
             if e.step == "lock":
-                replies.append(f"🔒 {bk.esc(e.message)}")
+                replies.append(f"🔒 {bk.esc_keep_mentions(e.message)}")
                 self.buttons = []
                 continue
             if e.step == "recovery" and e.kind is EventKind.PROGRESS:
                 # Another bot took this deploy over after its bot died: the people watching must see that.
-                replies.append(f"♻️ {bk.esc(e.message)}")
+                replies.append(f"♻️ {bk.esc_keep_mentions(e.message)}")
                 continue
             if e.kind is EventKind.STARTED:
                 self.current = e.step
@@ -172,7 +173,7 @@ class SlackThreadReporter:
                         bk.button(
                             f"Force version {version}",
                             "force_migrate",
-                            f"{env}:{version}",
+                            drawn.command(f"migrate {env} force {version}"),
                             "danger",
                             confirm=(
                                 f"Mark *{bk.esc(env)}*'s database clean at version {version}, then run `up` again. "
@@ -208,6 +209,9 @@ class SlackThreadReporter:
                     confirm="Deny this deploy? It ends now; nothing is pushed.",
                 ),
             ]
+        elif e.kind is EventKind.PROGRESS:
+            # part of a multi-env request approved: the buttons stay for the other envs' approvers
+            self.approval = f"⏳ {_sentence(e.message)}"
         elif e.kind is EventKind.DONE:
             self.approval = f"✅ {_sentence(e.message)} {bk.when(datetime.now(UTC))}"
             self.buttons = [bk.button("Cancel", "cancel", self.record.id)]

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import pwd
 import re
 import select
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import yaml
 
 from bot.cli import main
 from bot.ledger import DeployState, Ledger
@@ -27,6 +29,7 @@ from bot.service import DeployService
 from bot.terminal import TerminalReporter
 from tests.testbed.gitrepos import remote_head
 from tests.testbed.sandbox import Sandbox
+from tests.testbed.slack import FakeSlack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -53,16 +56,33 @@ async def sb(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sandbox]
         await box.stop()
 
 
+OPERATOR = "U0OPS"  # the Slack user the OS user running the tests is mapped to
+
+
+def with_operators(sb: Sandbox, name: str, operators: list[dict[str, object]]) -> Path:
+    """The sandbox's environments file plus an `operators` table (and production's deploy channel)."""
+    data = yaml.safe_load(sb.config_path.read_text())
+    data["operators"] = operators
+    for env in data["environments"]:
+        if env["name"] == "production":
+            env["channel"] = "C0DEPLOYS"
+    path = sb.root / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def cli_env(sb: Sandbox) -> Iterator[dict[str, str]]:
-    """The process environment that points the CLI at the sandbox, as a user would export it."""
+    """The process environment that points the CLI at the sandbox, as a user would export it; the OS user
+    is an operator who may impersonate (`--as U…`), as the team's automation account is."""
     s = sb.settings()
+    me = pwd.getpwuid(os.getuid()).pw_name
+    config = with_operators(sb, "cli.yaml", [{"os_user": me, "slack_user": OPERATOR, "impersonate": True}])
     env = {
-        "FUNNELCAKE_CONFIG": str(s.funnelcake_config),
+        "FUNNELCAKE_CONFIG": str(config),
         "KUBECONFIG": str(s.kubeconfig),
         "DATABASE_URL": s.database_url,
         "WORK_DIR": str(s.work_dir),
-        "FUNNELCAKE_USER": "tester",
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -179,7 +199,7 @@ async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox,
     previous = _live_tag(sb, "poc")
     await _ci_built(sb, short)
 
-    run = await cli("deploy", "poc", short, "--yes", "--as", "alice")
+    run = await cli("deploy", "poc", short, "--yes", "--as", "U0ALICE")
 
     assert run.code == 0, run.out + run.err
     for step in EXECUTE:
@@ -200,7 +220,7 @@ async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox,
     # id, date, time, kind, envs, commit, state, by, message
     row = history.out.splitlines()[1].split()
     assert row[0] == deploy_id
-    assert row[3:9] == ["deploy", "poc", short, "succeeded", "alice", "deployed"]
+    assert row[3:9] == ["deploy", "poc", short, "succeeded", "U0ALICE", "deployed"]
 
     back = await cli("rollback", "poc")
     assert back.code == 0, back.out + back.err
@@ -229,24 +249,29 @@ async def test_migrate_runs_only_the_migrations(sb: Sandbox, cli) -> None:  # ty
 
 async def test_lock_refuses_a_deploy_with_who_why_since_then_unlock(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
     short = _short(sb, "head")
-    locked = await cli("lock", "poc", "load", "test", "until", "15:00", "--as", "bob")
+    locked = await cli("lock", "poc", "load", "test", "until", "15:00", "--as", "U0BOB")
     assert locked.code == 0
-    assert locked.out.startswith("poc locked by bob since ")
+    assert locked.out.startswith("poc locked by <@U0BOB> since ")
+    before = await cli("history", "poc", "--limit", "100")
 
-    refused = await cli("deploy", "poc", short, "--yes", "--as", "alice")
+    refused = await cli("deploy", "poc", short, "--yes", "--as", "U0ALICE")
 
+    # refused before anything is recorded or run: no steps, no deploy in the history
     assert refused.code == 1
-    assert "✗ lock failed" in refused.out
+    assert "lock" not in refused.out
     err = refused.err.splitlines()
-    assert err[0].startswith("error: deploy d-")
-    assert re.search(
-        r"poc is locked by bob since \d{4}-\d\d-\d\d \d\d:\d\d UTC .*: load test until 15:00", err[0]
-    )
+    assert re.match(
+        r"error: poc is locked by <@U0BOB> since \d{4}-\d\d-\d\d \d\d:\d\d UTC .*: load test until 15:00",
+        err[0],
+    ), err
     assert err[1].startswith("hint: ") and "unlock poc" in err[1], err
+    assert (await cli("history", "poc", "--limit", "100")).out == before.out
 
-    unlocked = await cli("unlock", "poc")
+    # the lock is Bob's: the operator (no admin) may not lift it; Bob may
+    assert (await cli("unlock", "poc")).code == 3
+    unlocked = await cli("unlock", "poc", "--as", "U0BOB")
     assert unlocked.code == 0
-    assert "poc unlocked (it was locked by bob: load test until 15:00)" in unlocked.out
+    assert "poc unlocked (it was locked by <@U0BOB>: load test until 15:00)" in unlocked.out
 
 
 async def test_production_deploy_stops_at_awaiting_approval(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
@@ -255,14 +280,23 @@ async def test_production_deploy_stops_at_awaiting_approval(sb: Sandbox, cli) ->
     await _ci_built(sb, short)
     gitops_before = remote_head(sb.git.gitops.path)
 
-    run = await cli("deploy", "production", short, "--yes", "--as", "carol")
+    # production's deployers are a Slack group: the CLI asks Slack, and posts the request to the channel
+    async with FakeSlack() as slack:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLACK_BOT_TOKEN", slack.bot_token)
+            mp.setenv("SLACK_API_URL", slack.api_url)
+            run = await cli("deploy", "production", short, "--yes", "--as", "U0CAROL")
+        [request] = [m for m in slack.messages("C0DEPLOYS") if m.ephemeral_to is None]
 
     assert run.code == 0, run.err
     match = re.search(rf"deploy (d-\w+) \({short} → production\): awaiting approval\.", run.out)
     assert match, run.out
     assert re.search(
-        r"approve it in Slack; nothing is changed until then \(the request expires at \d{4}-", run.out
-    )
+        rf"approve it in Slack \(the request is in <#C0DEPLOYS>\) or with `funnelcake approve {match.group(1)}`;"
+        r" nothing is changed until then \(the request expires at \d{4}-",
+        run.out,
+    ), run.out
+    assert [b["action_id"] for b in request.buttons()] == ["approve", "deny"]
     assert remote_head(sb.git.gitops.path) == gitops_before
     ledger = await Ledger.open(sb.settings().database_url)
     try:
@@ -270,7 +304,8 @@ async def test_production_deploy_stops_at_awaiting_approval(sb: Sandbox, cli) ->
     finally:
         await ledger.close()
     assert record.state is DeployState.AWAITING_APPROVAL
-    assert record.requester == "carol"
+    assert record.requester == "U0CAROL"
+    assert record.origin is not None and record.origin.startswith(f"cli:{pwd.getpwuid(os.getuid()).pw_name}@")
 
 
 async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]

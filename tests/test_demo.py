@@ -16,7 +16,7 @@ async def test_the_demo_tour(bot: RunningBot, sandbox: Sandbox, slack_sandbox: F
     text = out.getvalue()
     assert "Deploy funnelcake @" in text
     assert "Approved by @carol" in text
-    assert "You cannot approve your own deploy" in text
+    assert "you cannot approve your own deploy" in text
     assert "you may not approve production deploys" in text
     assert "no linux/amd64 image (found: linux/arm64)" in text
     assert "Roll back staging to" in text

@@ -180,7 +180,7 @@ async def test_planted_secrets_never_leave_the_process(
         await slack.send_slash("status", channel_id=CHANNEL)
         async with asyncio.timeout(60):
             while not (
-                slack.calls_to("chat.postEphemeral")
+                any(m.ephemeral_to for ch in slack.channels() for m in slack.messages(ch))
                 and any(
                     c.params.get("text") == "funnelcake status" for c in slack.calls_to("chat.postMessage")
                 )

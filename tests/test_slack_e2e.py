@@ -69,15 +69,13 @@ async def test_production_deploy_needs_another_approver(bot: RunningBot, slack_s
     # Alice is not an approver: refused
     await bot.click(root.ts, "approve", user="U0ALICE")
     await bot.settle()
-    ephemerals = [
-        c for c in slack_sandbox.calls_to("chat.postEphemeral") if c.params.get("user") == "U0ALICE"
-    ]
-    assert any("may not approve" in str(c.params.get("text")) for c in ephemerals), ephemerals
+    ephemerals = slack_sandbox.told("U0ALICE")
+    assert any("may not approve" in t for t in ephemerals), ephemerals
     # a non-approver is refused
     await bot.click(root.ts, "approve", user="U0DAVE")
     await bot.settle()
-    dave = [c for c in slack_sandbox.calls_to("chat.postEphemeral") if c.params.get("user") == "U0DAVE"]
-    assert any("may not approve" in str(c.params.get("text")) for c in dave)
+    dave = slack_sandbox.told("U0DAVE")
+    assert any("may not approve" in t for t in dave), dave
 
     # Bob double-clicks Approve: two payloads; the first decision counts, the second is told so
     await asyncio.gather(
@@ -87,8 +85,8 @@ async def test_production_deploy_needs_another_approver(bot: RunningBot, slack_s
     root = slack_sandbox.message(CHANNEL, root.ts)
     assert "approve" not in [b["action_id"] for b in root.buttons()]
     assert "Approved by <@U0BOB>" in str(root.blocks)
-    bob = [c for c in slack_sandbox.calls_to("chat.postEphemeral") if c.params.get("user") == "U0BOB"]
-    assert [c for c in bob if "already approved" in str(c.params.get("text"))], bob
+    bob = slack_sandbox.told("U0BOB")
+    assert [t for t in bob if "already approved" in t], bob
     assert bot.service is not None
     [record] = await bot.service.history("production", 1)
     assert record.state is DeployState.SUCCEEDED, record.message
@@ -102,8 +100,8 @@ async def test_an_approver_cannot_approve_their_own_deploy(bot: RunningBot, slac
     [root] = root_messages(slack_sandbox)
     await bot.click(root.ts, "approve", user="U0BOB")
     await bot.settle()
-    bob = [c for c in slack_sandbox.calls_to("chat.postEphemeral") if c.params.get("user") == "U0BOB"]
-    assert any("cannot approve your own deploy" in str(c.params.get("text")) for c in bob), bob
+    bob = slack_sandbox.told("U0BOB")
+    assert any("cannot approve your own deploy" in t for t in bob), bob
     root = slack_sandbox.message(CHANNEL, root.ts)
     assert [b["action_id"] for b in root.buttons()] == ["approve", "deny"]  # still waiting for someone else
     assert bot.service is not None

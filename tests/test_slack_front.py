@@ -35,12 +35,8 @@ def roots(slack: FakeSlack, channel: str = CHANNEL) -> list[Message]:
 
 
 def told(slack: FakeSlack, user: str) -> list[str]:
-    """Every ephemeral text the bot sent to `user`, as the Web API received it."""
-    return [
-        str(c.params.get("text"))
-        for c in slack.calls_to("chat.postEphemeral")
-        if c.params.get("user") == user and c.ok
-    ]
+    """Every private text the bot showed `user` (ephemeral, or through the request's response_url)."""
+    return slack.told(user)
 
 
 def live_image(sandbox: Sandbox, env: str, deployment: str = "funnelcake-relay") -> str:
@@ -171,9 +167,13 @@ async def test_help_usage_status_and_catch_up_over_http_and_socket_mode(
         assert f"*{env}*" in text
     [status] = roots(slack_sandbox)
     prod = deployed_short(sandbox, "production")
-    catchup = {b["action_id"]: b["value"] for b in status.buttons()}
-    # staging and poc run older commits than production: one catch-up button each
-    assert catchup == {"catchup-staging": f"staging:{prod}", "catchup-poc": f"poc:{prod}"}, catchup
+    catchup = {b["action_id"]: json.loads(b["value"]) for b in status.buttons()}
+    # staging and poc run older commits than production: one catch-up button each, carrying the command
+    # it stands for and the tag the env ran when it was drawn
+    assert catchup == {
+        "catchup-staging": {"cmd": f"deploy staging {prod}", "ran": deployed_short(sandbox, "staging")},
+        "catchup-poc": {"cmd": f"deploy poc {prod}", "ran": deployed_short(sandbox, "poc")},
+    }, catchup
 
     # one click (over Socket Mode) brings poc to production's commit; a new status no longer offers it
     click = await slack_sandbox.click(CHANNEL, status.ts, "catchup-poc", user_id="U0ALICE")
@@ -362,7 +362,8 @@ async def test_failed_rollout_shows_its_diagnosis_and_rolls_back(
     assert steps["rollout"] == "failed"
 
     root = slack_sandbox.message(CHANNEL, str(record.thread_ts))
-    assert [(b["action_id"], b["value"]) for b in root.buttons()] == [("rollback", "staging")]
+    drawn_for = {"cmd": "rollback staging", "ran": short}  # the tag this failed deploy put there
+    assert [(b["action_id"], json.loads(b["value"])) for b in root.buttons()] == [("rollback", drawn_for)]
     assert "Failed" in json.dumps(root.blocks, ensure_ascii=False)
     [diagnosis] = [r for r in slack_sandbox.thread(CHANNEL, root.ts) if "Diagnosis" in json.dumps(r.blocks)]
     text = "\n".join(section_texts(diagnosis.blocks or []))
@@ -371,9 +372,9 @@ async def test_failed_rollout_shows_its_diagnosis_and_rolls_back(
     assert "*Evidence*" in text
     assert "*Fix*" in text
     assert "linux/amd64" in text
-    assert [(b["action_id"], b["value"]) for b in diagnosis.buttons()] == [
-        ("rollback", "staging"),
-        ("rebuild", f"staging:{short}"),
+    assert [(b["action_id"], json.loads(b["value"])) for b in diagnosis.buttons()] == [
+        ("rollback", drawn_for),
+        ("rebuild", {"cmd": f"deploy staging {short}", "ran": short}),
     ]
     assert_within_slack_limits(diagnosis.blocks or [])
 

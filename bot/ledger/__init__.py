@@ -28,7 +28,8 @@ from bot.ledger.models import (
     StepState,
     UnknownDeploy,
 )
-from bot.ledger.store import BOT_USER, Clock, DeployUpdate, Ledger, new_deploy_id
+from bot.ledger.store import Clock, DeployUpdate, Ledger, new_deploy_id
+from bot.policy.locks import BOT_USER
 
 __all__ = [
     "BOT_USER",

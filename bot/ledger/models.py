@@ -92,6 +92,8 @@ class DeployRecord:
     # a person asked to stop it (through any replica); the owner acts on it
     cancel_requested_by: str | None = None
     cancel_requested_at: datetime | None = None
+    # "slack", or "cli:<os user>@<host>": where the request came from, next to its principal
+    origin: str | None = None
 
     @property
     def fence(self) -> Fence | None:

@@ -103,6 +103,8 @@ deploys = Table(
     Column("epoch", Integer, nullable=False, server_default="0"),
     Column("cancel_requested_by", String(64)),
     Column("cancel_requested_at", UTCDateTime),
+    # where the request came from: "slack", or "cli:<os user>@<host>" next to the Slack principal
+    Column("origin", String(200)),
 )
 
 deploy_targets = Table(
@@ -179,6 +181,17 @@ approvals = Table(
     Column("state", String(16), nullable=False),
     Column("decided_by", String(64)),
     Column("decided_at", UTCDateTime),
+)
+
+# One row per env of a multi-env request that needs approval, once one of that env's approvers approved.
+env_approvals = Table(
+    "env_approvals",
+    metadata,
+    Column("deploy_id", String(16), ForeignKey("deploys.id", ondelete="CASCADE"), nullable=False),
+    Column("env", String(32), nullable=False),
+    Column("approved_by", String(64), nullable=False),
+    Column("approved_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("deploy_id", "env"),
 )
 
 incidents = Table(
@@ -366,6 +379,23 @@ def _v4(conn: Connection) -> None:
 
 
 def _v5(conn: Connection) -> None:
+    """one authority: where each request came from, and per-env approvals of multi-env requests"""
+    if "origin" not in _columns(conn, "deploys"):
+        conn.execute(text("ALTER TABLE deploys ADD COLUMN origin VARCHAR(200)"))
+    md = MetaData()
+    Table("deploys", md, Column("id", String(16), primary_key=True))  # the key the new table refers to
+    Table(
+        "env_approvals",
+        md,
+        Column("deploy_id", String(16), ForeignKey("deploys.id", ondelete="CASCADE"), nullable=False),
+        Column("env", String(32), nullable=False),
+        Column("approved_by", String(64), nullable=False),
+        Column("approved_at", UTCDateTime, nullable=False),
+        PrimaryKeyConstraint("deploy_id", "env"),
+    ).create(conn, checkfirst=True)
+
+
+def _v6(conn: Connection) -> None:
     """incidents the watcher found outside any deploy, open and closed"""
     md = MetaData()
     Table(
@@ -391,7 +421,7 @@ def _pg(conn: Connection) -> bool:
 
 
 Step = Callable[[Connection], None]
-STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5)
+STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 LATEST = len(STEPS)
 
 

@@ -77,7 +77,6 @@ Clock = Callable[[], datetime]
 _ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
 _ID_LEN = 6
 _ID_ATTEMPTS = 5
-BOT_USER = "funnelcake-bot"
 
 
 def new_deploy_id() -> str:
@@ -280,6 +279,7 @@ class Ledger:
         tags: Mapping[str, str] | None = None,
         previous_tags: Mapping[str, str] | None = None,
         deploy_id: str | None = None,
+        origin: str | None = None,
     ) -> DeployRecord:
         """Record a new deploy. A deploy or rollback with a short hash puts that tag in each env unless `tags` says otherwise."""
         kind = _as_kind(kind)
@@ -312,6 +312,7 @@ class Ledger:
                             updated_at=now,
                             finished_at=now if DeployState(state).terminal else None,
                             owner=owner,
+                            origin=origin,
                         )
                     )
                     await conn.execute(
@@ -1058,6 +1059,26 @@ class Ledger:
         # Raised after the commit so an expiry or voiding found on the way is kept.
         raise refusal
 
+    async def approve_envs(self, deploy_id: str, envs: Sequence[str], *, user: str) -> dict[str, str]:
+        """Record `user`'s approval of each of `envs` not yet approved (a multi-env request needs one approver
+        per env that requires approval); returns every approved env of the deploy and by whom."""
+        c = s.env_approvals.c
+        at = self._now()
+        async with self._tx() as conn:
+            rows = (await conn.execute(select(s.env_approvals.c.env).where(c.deploy_id == deploy_id))).all()
+            fresh = [e for e in dict.fromkeys(envs) if e not in {r.env for r in rows}]
+            if fresh:
+                # Two approvers of one env at once: the first row stays (the first decision wins).
+                await conn.execute(
+                    self._insert(s.env_approvals).on_conflict_do_nothing(index_elements=["deploy_id", "env"]),
+                    [
+                        {"deploy_id": deploy_id, "env": e, "approved_by": user, "approved_at": at}
+                        for e in fresh
+                    ],
+                )
+            approved = (await conn.execute(select(s.env_approvals).where(c.deploy_id == deploy_id))).all()
+            return {r.env: r.approved_by for r in approved}
+
     async def verify_approval(self, deploy_id: str, *, binding: str) -> Approval:
         """Just before running: the approval must be approved and bound to the plan about to run."""
         a = s.approvals.c
@@ -1248,6 +1269,7 @@ def _deploy(r: Row[Any], targets: Sequence[Row[Any]]) -> DeployRecord:
         epoch=r.epoch,
         cancel_requested_by=r.cancel_requested_by,
         cancel_requested_at=r.cancel_requested_at,
+        origin=r.origin,
     )
 
 

@@ -21,7 +21,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.service import DeployService
 from bot.wiring import build_service
 from handlers.app import SlackFront
-from handlers.http import web_app
+from handlers.http import EdgeRunner, web_app
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import SIGNING_SECRET, FakeSlack, signed_headers
 
@@ -64,7 +64,7 @@ class RunningBot:
             async def ready() -> list[str]:
                 return []
 
-            runner = web.AppRunner(web_app(self.front, readiness=ready, slack_events=True), access_log=None)
+            runner = EdgeRunner(web_app(self.front, readiness=ready, slack_events=True))
             await runner.setup()
             self._stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -65,6 +65,10 @@ class SlackUser:
     is_bot: bool = False
     deleted: bool = False
 
+    @property
+    def email(self) -> str:
+        return f"{self.name}@funnelcake.test"
+
 
 @dataclass(frozen=True)
 class UserGroup:
@@ -511,6 +515,7 @@ class FakeSlack:
             "chat.update": self._chat_update,
             "chat.postEphemeral": self._chat_post_ephemeral,
             "users.info": self._users_info,
+            "users.lookupByEmail": self._users_lookup_by_email,
             "usergroups.list": self._usergroups_list,
             "usergroups.users.list": self._usergroups_users_list,
         }
@@ -608,6 +613,12 @@ class FakeSlack:
 
     def channels(self) -> list[str]:
         return list(self._messages)
+
+    def told(self, user: str) -> list[str]:
+        """Every private text `user` was shown, by chat.postEphemeral or through a response_url."""
+        return [
+            m.text for ms in self._messages.values() for m in ms if m.ephemeral_to == user and not m.deleted
+        ]
 
     def transcript(self, channel: str | None = None) -> str:
         """The conversation as plain text: roots, indented replies, [Buttons], (edited), ephemerals."""
@@ -1102,7 +1113,7 @@ class FakeSlack:
             "is_bot": u.is_bot,
             "is_admin": False,
             "tz": "Europe/Paris",
-            "profile": {"real_name": u.real_name, "display_name": u.name, "team": TEAM_ID},
+            "profile": {"real_name": u.real_name, "display_name": u.name, "team": TEAM_ID, "email": u.email},
         }
 
     def _users_info(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -1110,6 +1121,13 @@ class FakeSlack:
         if u is None:
             raise SlackApiFailure("user_not_found")
         return {"user": self._user_json(u)}
+
+    def _users_lookup_by_email(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        wanted = str(params.get("email") or "").casefold()
+        for u in self.users.values():
+            if u.email.casefold() == wanted and not u.deleted:
+                return {"user": self._user_json(u)}
+        raise SlackApiFailure("users_not_found")
 
     @staticmethod
     def _flag(value: Any) -> bool:

@@ -8,10 +8,10 @@ from typing import Any
 
 from bot.adapters.argocd import operation_running
 from bot.errors import BotError, PermanentError
-from bot.ledger.models import who
 from bot.models import AMD64, ImagePlan, Plan, deployed_images
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
+from bot.policy import locks
 from bot.settings import Environment
 
 
@@ -93,9 +93,8 @@ class Preflight(Step[DeployContext]):
 
     async def _lock(self, ctx: DeployContext, env: Environment) -> list[str]:
         return [
-            f"{env.name} is locked by {who(lock.user)} since {lock.since:%Y-%m-%d %H:%M} UTC: {lock.reason}"
-            for lock in await ctx.deps.ledger.locks()
-            if lock.env == env.name
+            locks.describe(lock)
+            for lock in locks.blocking(await ctx.deps.ledger.locks(), [env.name], ctx.kind)
         ]
 
 

@@ -1,4 +1,4 @@
-"""Who may do what: user IDs and groups from the environments file, group membership cached with a TTL."""
+"""Who may do what: user IDs and groups from the environments file, group membership cached with a TTL\n(and asked fresh for an approval)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.policy.rbac import GroupCache, Policy
+from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.settings import DEFAULT_CONFIG_PATH, load_config
 
 GROUPS = {"@funnelcake-approvers": {"U0BOB", "U0CAROL"}, "@funnelcake-deployers": {"U0ALICE", "U0BOB"}}
@@ -29,17 +29,22 @@ def directory() -> Directory:
 
 async def test_roles_come_from_the_environments_file(directory: Directory) -> None:
     config = load_config(DEFAULT_CONFIG_PATH)
-    policy = Policy(config, GroupCache(directory.members))
-    prod, staging = config.env("production"), config.env("staging")
-    assert (await policy.can_deploy(prod, "U0ALICE")).allowed
-    refused = await policy.can_deploy(prod, "U0DAVE")
-    assert not refused.allowed
-    assert refused.reason == "you may not deploy to production: deployers are @funnelcake-deployers"
-    assert (await policy.can_deploy(staging, "U0DAVE")).allowed  # staging: anyone
-    assert (await policy.can_approve(prod, "U0CAROL")).allowed
-    assert not (await policy.can_approve(prod, "U0ALICE")).allowed
-    assert not (await policy.can_admin(staging, "U0ALICE")).allowed
-    assert (await policy.can_admin(staging, "U0BOB")).allowed
+    authority = Authority(config, GroupCache(directory.members))
+
+    async def decide(action: Action, user: str, envs: list[str], **kw: str) -> tuple[bool, str]:
+        d = await authority.decide(action, Principal(user), envs, **kw)
+        return d.allowed, d.reason
+
+    assert (await decide(Action.DEPLOY, "U0ALICE", ["production"]))[0]
+    assert await decide(Action.DEPLOY, "U0DAVE", ["production"]) == (
+        False,
+        "you may not deploy to production: deployers are @funnelcake-deployers",
+    )
+    assert (await decide(Action.DEPLOY, "U0DAVE", ["staging"]))[0]  # staging: anyone
+    assert (await decide(Action.APPROVE, "U0CAROL", ["production"], requester="U0ALICE"))[0]
+    assert not (await decide(Action.APPROVE, "U0ALICE", ["production"], requester="U0BOB"))[0]
+    assert not (await decide(Action.FORCE, "U0ALICE", ["staging"]))[0]
+    assert (await decide(Action.FORCE, "U0BOB", ["staging"]))[0]
 
 
 async def test_group_lookups_are_shared_and_cached_until_the_ttl(directory: Directory) -> None:
@@ -52,3 +57,5 @@ async def test_group_lookups_are_shared_and_cached_until_the_ttl(directory: Dire
     await asyncio.sleep(0.25)
     await cache.members("@funnelcake-approvers")
     assert len(directory.calls) == 2  # membership changes in Slack are seen after the TTL
+    await cache.members("@funnelcake-approvers", fresh=True)
+    assert len(directory.calls) == 3  # an approval asks Slack now, whatever the cache holds

@@ -1,0 +1,58 @@
+"""Slack for the authority and for processes other than the bot: group membership (shared by the Slack
+front and the CLI) and a Web API client of the CLI's own."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+log = logging.getLogger(__name__)
+
+SlackClient = AsyncWebClient  # for code outside the Slack edge that holds one (the CLI)
+
+
+async def group_members(client: AsyncWebClient, group: str) -> frozenset[str]:
+    """The user IDs in a group named by handle (`@name`) or ID (`S…`); empty when it does not exist."""
+    group_id = group
+    if group.startswith("@"):
+        listing = await client.usergroups_list()
+        groups: list[dict[str, Any]] = listing.get("usergroups", [])
+        found = [str(g["id"]) for g in groups if g.get("handle") == group[1:]]
+        if not found:
+            log.warning("user group %s does not exist in this workspace", group)
+            return frozenset()
+        group_id = found[0]
+    resp = await client.usergroups_users_list(usergroup=group_id)
+    return frozenset(resp.get("users", []))
+
+
+async def user_by_email(client: AsyncWebClient, email: str) -> str | None:
+    """The Slack user ID with this e-mail address, or None when the workspace has nobody with it."""
+    try:
+        resp = await client.users_lookupByEmail(email=email)
+    except SlackApiError as e:
+        if e.response.get("error") == "users_not_found":
+            return None
+        raise
+    user = resp.get("user") or {}
+    return str(user["id"]) if user.get("id") else None
+
+
+@contextlib.asynccontextmanager
+async def connect(token: str, api_url: str) -> AsyncIterator[AsyncWebClient]:
+    """A Web API client with its own HTTP session, for a process that is not the bot (the CLI)."""
+    async with aiohttp.ClientSession() as session:
+        yield AsyncWebClient(
+            token=token,
+            base_url=api_url,
+            session=session,
+            timeout=10,
+            retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=3)],
+        )
