@@ -169,14 +169,14 @@ async def test_an_env_without_relay_endpoints_says_the_checks_were_skipped(sandb
     assert record.state is DeployState.SUCCEEDED, record.message
     (done,) = events.of(record.id, "verify", EventKind.DONE)
     assert done.data["endpoint_lines"]["poc"] == (
-        "skipped (no endpoint configured): relay NIP-11, relay REQ→EOSE, api /health"
+        "relay and API checks skipped: no endpoints configured for this environment"
     )
     progress = [e.message for e in events.of(record.id, "verify", EventKind.PROGRESS)]
     assert "poc: relay REQ→EOSE skipped: no endpoints.relay_ws configured" in progress
     assert "poc: api /health skipped: no endpoints.api configured" in progress
     # status says the same, and a skip is not a finding
     by_env = {e.env: e for e in report.envs}
-    assert by_env["poc"].endpoints is not None and by_env["poc"].endpoints.startswith("skipped")
+    assert by_env["poc"].endpoints == done.data["endpoint_lines"]["poc"]
     assert not [f for f in report.findings if f.env == "poc" and "relay" in f.text]
 
 
@@ -190,7 +190,7 @@ async def test_status_shows_each_envs_relay_row_and_flags_a_relay_showing_anothe
     assert rows["staging"] is not None
     assert rows["staging"].startswith(f"relay NIP-11 version {staging_tag} · relay REQ→EOSE ")
     assert "api /health: 200 in " in rows["staging"]
-    assert rows["production"] == "skipped (no endpoint configured): relay NIP-11, relay REQ→EOSE, api /health"
+    assert rows["production"] == "relay and API checks skipped: no endpoints configured for this environment"
     assert not [f for f in report.findings if "relay" in f.text and f.severity == "error"]
     blocks = str(status_blocks(report))
     assert f"📡 relay NIP-11 version {staging_tag}" in blocks
