@@ -279,6 +279,9 @@ async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_
     for env in ("production", "staging", "poc"):
         assert f"\n{env}" in "\n" + table.out
     assert "findings:" in table.out
+    # each env's relay row: the real relay's NIP-11 version and REQ→EOSE latency, or why it was skipped
+    assert f"  endpoints: relay NIP-11 version {sb.relays['staging'].version} · relay REQ→EOSE " in table.out
+    assert "  endpoints: relay and API checks skipped: no endpoints configured" in table.out
 
     proc = await _subprocess(cli_env, "status", "--json")
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -286,6 +289,11 @@ async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_
     report = json.loads(out)
     assert [e["env"] for e in report["envs"]] == ["production", "staging", "poc"]
     assert {r["service"] for r in report["envs"][0]["rows"]} == {"api", "relay"}
+    assert [(c["check"], c["status"]) for c in report["envs"][2]["checks"]] == [
+        ("relay NIP-11", "ok"),
+        ("relay REQ→EOSE", "ok"),
+        ("api /health", "ok"),
+    ]
     assert isinstance(report["findings"], list)
 
 

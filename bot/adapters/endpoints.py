@@ -49,6 +49,12 @@ def _words(text: object) -> str:
     return flat if len(flat) <= _MAX_WORDS else flat[: _MAX_WORDS - 1] + "…"
 
 
+def _unreachable(url: str, limit: float, e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return f"{url} did not answer within {limit:g}s"
+    return f"{url} could not be reached ({type(e).__name__}: {_words(e)})"
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
@@ -67,9 +73,7 @@ async def check_relay_info(
             status = resp.status
             body = await resp.content.read(_MAX_DOC)
     except (TimeoutError, aiohttp.ClientError) as e:
-        return EndpointCheck(
-            NIP11, "failed", f"{NIP11}: {url} did not answer within {limit:g}s ({type(e).__name__})", url
-        )
+        return EndpointCheck(NIP11, "failed", f"{NIP11}: {_unreachable(url, limit, e)}", url)
     if not 200 <= status < 300:
         text = _words(body.decode("utf-8", "replace"))
         return EndpointCheck(NIP11, "failed", f"{NIP11}: {url} answered {status}: {text or 'no body'}", url)
@@ -113,11 +117,13 @@ async def check_relay_req(url: str | None, *, session: aiohttp.ClientSession, li
         return EndpointCheck(REQ, "skipped", f"{REQ} skipped: no endpoints.relay_ws configured")
     sub = f"funnelcake-bot-{secrets.token_hex(4)}"
     events = 0
+    opened = False
     try:
         async with asyncio.timeout(limit):
             async with session.ws_connect(
                 url, heartbeat=None, max_msg_size=_MAX_MESSAGE, timeout=aiohttp.ClientWSTimeout(ws_close=2.0)
             ) as ws:
+                opened = True
                 sent = time.perf_counter()
                 await ws.send_str(json.dumps(["REQ", sub, {"limit": 1}]))
                 while True:
@@ -146,10 +152,16 @@ async def check_relay_req(url: str | None, *, session: aiohttp.ClientSession, li
             REQ, "failed", f"{REQ}: {url} refused the websocket handshake (HTTP {e.status} {e.message})", url
         )
     except TimeoutError:
+        if not opened:
+            return EndpointCheck(
+                REQ, "failed", f"{REQ}: {url} did not open a websocket within {limit:g}s", url
+            )
         got = f" ({events} event{'s' if events != 1 else ''} came first)" if events else ""
         return EndpointCheck(REQ, "failed", f"{REQ}: no EOSE from {url} within {limit:g}s{got}", url)
     except aiohttp.ClientError as e:
-        return EndpointCheck(REQ, "failed", f"{REQ}: could not open {url} ({type(e).__name__}: {e})", url)
+        return EndpointCheck(
+            REQ, "failed", f"{REQ}: {url} could not be reached ({type(e).__name__}: {_words(e)})", url
+        )
 
 
 def _answer(data: str, sub: str) -> str | None:
@@ -185,12 +197,7 @@ async def check_api_health(url: str | None, *, session: aiohttp.ClientSession, l
             status = resp.status
             body = await resp.content.read(4096)
     except (TimeoutError, aiohttp.ClientError) as e:
-        return EndpointCheck(
-            HEALTH,
-            "failed",
-            f"{HEALTH}: {health} did not answer within {limit:g}s ({type(e).__name__})",
-            health,
-        )
+        return EndpointCheck(HEALTH, "failed", f"{HEALTH}: {_unreachable(health, limit, e)}", health)
     latency = _ms(time.perf_counter() - started)
     if 200 <= status < 300:
         return EndpointCheck(
