@@ -188,6 +188,10 @@ async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox,
             run.out,
         )
     assert f"poc/funnelcake-relay:{short} promoted from production" in run.out
+    # verify's line says what the real relay answered: its NIP-11 version and the REQ→EOSE latency
+    assert re.search(
+        rf"verify done in [0-9.]+s: poc: relay NIP-11 version {short} · relay REQ→EOSE [0-9.]+ ms", run.out
+    ), run.out
     assert "\x1b" not in run.out  # not a terminal: plain lines only
     final = run.out.strip().splitlines()[-1]
     assert re.match(rf"deploy (d-\w+) \({short} → poc\) succeeded in [0-9.]+s", final), final
