@@ -25,6 +25,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -186,6 +188,13 @@ class NostrRelay:
             return ""
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A test run that dies without stopping its sandbox must not leave relays listening behind it."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _serve(config_path: str, version_path: str) -> None:
     """The relay process: the package's own `serve`, with NIP-11's version read from VERSION_FILE."""
     # only the relay process imports the package: its cli module installs uvloop as it is imported
@@ -197,6 +206,7 @@ def _serve(config_path: str, version_path: str) -> None:
 
     advertise()
     signal.signal(signal.SIGHUP, advertise)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="orphan-watch").start()
     cli.main(["-c", config_path, "serve", "--use-uvicorn"], standalone_mode=True)
 
 
