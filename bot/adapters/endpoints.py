@@ -118,6 +118,8 @@ async def check_relay_req(url: str | None, *, session: aiohttp.ClientSession, li
     sub = f"funnelcake-bot-{secrets.token_hex(4)}"
     events = 0
     opened = False
+    # decided before the websocket's closing handshake, which must not turn an answer into a timeout
+    verdict: EndpointCheck | None = None
     try:
         async with asyncio.timeout(limit):
             async with session.ws_connect(
@@ -126,32 +128,34 @@ async def check_relay_req(url: str | None, *, session: aiohttp.ClientSession, li
                 opened = True
                 sent = time.perf_counter()
                 await ws.send_str(json.dumps(["REQ", sub, {"limit": 1}]))
-                while True:
+                while verdict is None:
                     msg = await ws.receive()
                     if msg.type is not aiohttp.WSMsgType.TEXT:
                         code = ws.close_code
                         why = f"code {code}" if code is not None else msg.type.name.lower()
-                        return EndpointCheck(
+                        verdict = EndpointCheck(
                             REQ, "failed", f"{REQ}: the relay closed the websocket ({why}) before EOSE", url
                         )
-                    verdict = _answer(msg.data, sub)
-                    if verdict == "event":
+                        break
+                    answer = _answer(msg.data, sub)
+                    if answer == "event":
                         events += 1
-                        continue
-                    if verdict == "eose":
+                    elif answer == "eose":
                         latency = _ms(time.perf_counter() - sent)
-                        await ws.send_str(json.dumps(["CLOSE", sub]))
                         before = f" after {events} stored event{'s' if events != 1 else ''}" if events else ""
-                        return EndpointCheck(
+                        verdict = EndpointCheck(
                             REQ, "ok", f"{REQ}: EOSE in {latency:g} ms{before}", url, latency_ms=latency
                         )
-                    if verdict is not None:
-                        return EndpointCheck(REQ, "failed", f"{REQ}: {verdict}", url)
+                        await ws.send_str(json.dumps(["CLOSE", sub]))
+                    elif answer is not None:
+                        verdict = EndpointCheck(REQ, "failed", f"{REQ}: {answer}", url)
     except aiohttp.WSServerHandshakeError as e:
         return EndpointCheck(
-            REQ, "failed", f"{REQ}: {url} refused the websocket handshake (HTTP {e.status} {e.message})", url
+            REQ, "failed", f"{REQ}: {url} refused the websocket handshake (HTTP {e.status})", url
         )
     except TimeoutError:
+        if verdict is not None:
+            return verdict
         if not opened:
             return EndpointCheck(
                 REQ, "failed", f"{REQ}: {url} did not open a websocket within {limit:g}s", url
@@ -159,9 +163,12 @@ async def check_relay_req(url: str | None, *, session: aiohttp.ClientSession, li
         got = f" ({events} event{'s' if events != 1 else ''} came first)" if events else ""
         return EndpointCheck(REQ, "failed", f"{REQ}: no EOSE from {url} within {limit:g}s{got}", url)
     except aiohttp.ClientError as e:
+        if verdict is not None:  # the answer came; only the closing handshake failed
+            return verdict
         return EndpointCheck(
             REQ, "failed", f"{REQ}: {url} could not be reached ({type(e).__name__}: {_words(e)})", url
         )
+    return verdict or EndpointCheck(REQ, "failed", f"{REQ}: the relay answered nothing for {sub}", url)
 
 
 def _answer(data: str, sub: str) -> str | None:
