@@ -52,6 +52,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTaken(Exception):
+    """Between choosing a free port and the relay binding it, another process took it."""
+
+
 class NostrRelay:
     """One `nostr-relay` process on 127.0.0.1; `advertise(tag)` changes its NIP-11 version in place."""
 
@@ -98,6 +102,18 @@ class NostrRelay:
         return config
 
     async def start(self, *, within: float = 60.0) -> None:
+        """Start on a free port; if another process took that port first, start again on another one."""
+        for attempt in range(3):
+            try:
+                await self._start(within)
+                return
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+                self.port = _free_port()
+
+    async def _start(self, within: float) -> None:
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.config_path.write_text(yaml.safe_dump(self._config()))
         self.version_path.write_text(self.version)
         self._log = self.log_path.open("ab")
@@ -117,6 +133,12 @@ class NostrRelay:
             async with asyncio.timeout(within):
                 while not await self._answers():
                     if self.proc.returncode is not None:
+                        await self.stop()
+                        if (
+                            "address already in use"
+                            in self.log_path.read_text(errors="replace")[logged:].lower()
+                        ):
+                            raise _PortTaken(self.port)
                         raise RuntimeError(f"relay {self.env} exited {self.proc.returncode}:\n{self.tail()}")
                     await asyncio.sleep(0.1)
         except TimeoutError:
@@ -132,7 +154,7 @@ class NostrRelay:
                 session.get(self.http_url, headers={"Accept": "application/nostr+json"}) as resp,
             ):
                 doc = await resp.json(content_type=None)
-                return resp.status == 200 and doc.get("version") == self.version
+                return resp.status == 200 and isinstance(doc, dict) and doc.get("version") == self.version
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
 
@@ -166,7 +188,7 @@ class NostrRelay:
         """Reconfigure the relay (a restart on the same port, as a config change rolls a pod)."""
         await self.stop()
         self.fault = fault
-        await self.start()
+        await self._start(60.0)
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
