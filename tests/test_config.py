@@ -61,6 +61,21 @@ def test_a_relay_endpoint_must_be_a_websocket_url() -> None:
     )
 
 
+def test_relay_http_overrides_where_nip11_is_read() -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["environments"][2]["endpoints"] = {
+        "relay_ws": "ws://relay.poc.example:7777/",
+        "relay_http": "https://info.poc.example/relay",
+    }
+    poc = parse_config(yaml.safe_dump(data)).env("poc")
+    assert poc.endpoints.relay_info_url == "https://info.poc.example/relay"
+    data["environments"][2]["endpoints"].pop("relay_http")
+    assert (
+        parse_config(yaml.safe_dump(data)).env("poc").endpoints.relay_info_url
+        == "http://relay.poc.example:7777/"
+    )
+
+
 def test_an_unknown_endpoint_is_refused() -> None:
     err = _bad(lambda d: d["environments"][2].update(endpoints={"relay": "wss://relay.poc.example/"}))
     assert err.problems == ["environments[poc].endpoints.relay: unknown field"]
