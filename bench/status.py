@@ -14,6 +14,9 @@ Measured in one run, as medians:
 Then, for the reader: each read of (a) alone (where its critical path goes), and one env's cluster snapshot
 healthy vs with crashing pods (their diagnoses, run concurrently, cost a few more round trips).
 
+The relay and API checks (a real relay per env, tests/testbed/relay.py) are read directly, without a
+latency proxy: they run alongside the site checks, and (c) runs each of them in turn as well.
+
 The last line is `status ratio_vs_slowest=<a/b> speedup_vs_sequential=<c/a>`.
 """
 
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.adapters.argocd import ArgoCD
 from bot.adapters.diagnosis import failing_reason, split_image
+from bot.adapters.endpoints import check_api_health, check_relay_info, check_relay_req
 from bot.adapters.gitops import GitOpsRepo
 from bot.adapters.registry import ImageStatus
 from bot.adapters.rollout import is_new_pod, pod_ready, template_images
@@ -170,6 +174,7 @@ class SequentialReport:
     rows: dict[tuple[str, str], Row]
     sites: dict[str, str | None]
     behind: dict[str, int]
+    endpoints: dict[str, list[tuple[str, str, str | None]]] = dataclasses.field(default_factory=dict)
 
 
 async def sequential_report(deps: Deps) -> SequentialReport:
@@ -226,6 +231,7 @@ async def sequential_report(deps: Deps) -> SequentialReport:
                 int((deploy.get("spec") or {}).get("replicas", 1)),
             )
         out.sites[env.name] = await _site(deps, env, overlay.get(Service.RELAY))
+        out.endpoints[env.name] = await _endpoints_in_turn(deps, env, overlay.get(Service.RELAY))
     out.behind = await behind_production(deps, tags)
     return out
 
@@ -260,6 +266,24 @@ async def _site(deps: Deps, env: Environment, tag: str | None) -> str | None:
     return result.message if result.status != "skipped" else None
 
 
+async def _endpoints_in_turn(
+    deps: Deps, env: Environment, tag: str | None
+) -> list[tuple[str, str, str | None]]:
+    """The relay and API checks one after another: (check, status, NIP-11 version) of each."""
+    limits = deps.config.timeouts
+    ws = str(env.endpoints.relay_ws) if env.endpoints.relay_ws else None
+    checks = [
+        await check_relay_info(
+            env.endpoints.relay_info_url, tag or "", session=deps.http, limit=limits.relay
+        ),
+        await check_relay_req(ws, session=deps.http, limit=limits.relay),
+        await check_api_health(
+            str(env.endpoints.api) if env.endpoints.api else None, session=deps.http, limit=limits.api
+        ),
+    ]
+    return [(c.check, c.status, c.version) for c in checks]
+
+
 def same_work(concurrent: DriftReport, sequential: SequentialReport) -> list[str]:
     """Where the two variants disagree; empty when they read the same things and saw the same state."""
     problems = []
@@ -283,6 +307,9 @@ def same_work(concurrent: DriftReport, sequential: SequentialReport) -> list[str
                 )
         if env.site != sequential.sites.get(env.env):
             problems.append(f"{env.env} site: {env.site!r} vs {sequential.sites.get(env.env)!r}")
+        checks = [(c.check, c.status, c.version) for c in env.checks]
+        if checks != sequential.endpoints.get(env.env):
+            problems.append(f"{env.env} endpoints: {checks} vs {sequential.endpoints.get(env.env)}")
         if len(env.behind) != sequential.behind.get(env.env, 0):
             problems.append(f"{env.env} behind: {len(env.behind)} vs {sequential.behind.get(env.env, 0)}")
     return problems

@@ -292,6 +292,8 @@ def render_status(report: DriftReport) -> list[str]:
             lines.append("  " + "  ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip())
         if env.site:
             lines.append(f"  site: {env.site}")
+        if env.endpoints:
+            lines.append(f"  endpoints: {env.endpoints}")
         if env.behind:
             lines.append(f"  {len(env.behind)} commit(s) behind production")
         lines.append("")

@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from bot.adapters.endpoints import EndpointCheck, check_endpoints, summary_line
 from bot.adapters.registry import ImageStatus
 from bot.adapters.site import SiteResult, check_site
 from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot, snapshot_all
@@ -61,6 +62,8 @@ class EnvReport:
     rows: list[ServiceRow] = field(default_factory=list)
     error: str | None = None
     site: str | None = None
+    endpoints: str | None = None  # the relay row (NIP-11 version, REQ→EOSE latency) and the API's /health
+    checks: list[EndpointCheck] = field(default_factory=list)
     lock: str | None = None
     behind: list[CommitInfo] = field(default_factory=list)
 
@@ -108,6 +111,17 @@ async def _site(deps: Deps, env: Environment, tag: str | None) -> SiteResult | s
         return e.message
 
 
+async def _endpoints(deps: Deps, env: Environment, tag: str | None) -> list[EndpointCheck]:
+    """The relay and API checks; the relay's NIP-11 version is held against the relay overlay's tag."""
+    return await check_endpoints(
+        env.endpoints,
+        tag or "",
+        session=deps.http,
+        relay_limit=deps.config.timeouts.relay,
+        api_limit=deps.config.timeouts.api,
+    )
+
+
 async def build_report(deps: Deps) -> DriftReport:
     config = deps.config
     envs = config.environments
@@ -126,9 +140,10 @@ async def build_report(deps: Deps) -> DriftReport:
         # the app repo reads need only the tags: they run alongside the registry and site checks
         behind_task = asyncio.create_task(_behind_production(deps, tags), name="status-behind-production")
         tasks.append(behind_task)
-        registries, sites = await asyncio.gather(
+        registries, sites, endpoints = await asyncio.gather(
             asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}).get(Service.API)) for e in envs)),
             asyncio.gather(*(_site(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
+            asyncio.gather(*(_endpoints(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
         )
         snaps: list[EnvSnapshot] = await snaps_task
         locks: list[ManualLock] = await locks_task
@@ -141,7 +156,7 @@ async def build_report(deps: Deps) -> DriftReport:
     if git_error:
         findings.append(Finding("*", "error", f"GitOps repo unreadable: {git_error}"))
     reports = []
-    for env, snap, reg, site in zip(envs, snaps, registries, sites, strict=True):
+    for env, snap, reg, site, checks in zip(envs, snaps, registries, sites, endpoints, strict=True):
         rep = EnvReport(env.name)
         overlay = tags.get(env.name, {})
         by_service: dict[str, ServiceSnapshot] = {s.service: s for s in snap.services}
@@ -174,6 +189,9 @@ async def build_report(deps: Deps) -> DriftReport:
         else:
             rep.site = site
             findings.append(Finding(env.name, "warn", site))
+        rep.checks = checks
+        rep.endpoints = summary_line(checks)
+        findings += [Finding(env.name, "error", c.message) for c in checks if c.status == "failed"]
         for lock in locks:
             if lock.env == env.name:
                 rep.lock = f"locked by {who(lock.user)} since {lock.since:%Y-%m-%d %H:%M} UTC: {lock.reason}"

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from bot import recovery
+from bot.adapters.endpoints import summary_line
 from bot.adapters.migrations import check_force
 from bot.drift import DriftReport, build_report
 from bot.errors import BotError, PermanentError, TransientError
@@ -873,6 +874,7 @@ def _summary(
         if ctx
         else {},
         "revision": revision,
+        "endpoints": {env: summary_line(checks) for env, checks in ctx.endpoints.items()} if ctx else {},
         "failed_step": failed.step if failed else None,
         "hint": failed.hint if failed else None,
         "failure": dict(failed.data) if failed else {},

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import (
     AnyHttpUrl,
+    AnyWebsocketUrl,
     BaseModel,
     ConfigDict,
     Field,
@@ -103,6 +104,25 @@ def _principal(value: str) -> str:
 Principal = Annotated[str, Field(min_length=1)]
 
 
+class Endpoints(_Strict):
+    """Where an env's services answer from outside. Each is optional: an unset one skips its check."""
+
+    relay_ws: AnyWebsocketUrl | None = None  # the relay's websocket (NIP-01), e.g. wss://relay.example.org/
+    # The relay information document (NIP-11) lives at the websocket's URL over http(s); set this only
+    # when the relay's HTTP side answers somewhere else.
+    relay_http: AnyHttpUrl | None = None
+    api: AnyHttpUrl | None = None  # the API's base URL: `<api>/health` must answer 2xx
+
+    @property
+    def relay_info_url(self) -> str | None:
+        if self.relay_http is not None:
+            return str(self.relay_http)
+        if self.relay_ws is None:
+            return None
+        ws = str(self.relay_ws)
+        return "https" + ws[3:] if ws.startswith("wss") else "http" + ws[2:]
+
+
 class Environment(_Strict):
     name: Name
     registry: str
@@ -112,6 +132,7 @@ class Environment(_Strict):
     overlays: dict[Service, str]
     migrations: Migrations
     site_url: AnyHttpUrl | None = None
+    endpoints: Endpoints = Field(default_factory=Endpoints)
     deployers: list[Principal] = Field(default_factory=lambda: ["*"])
     approval_required: bool = False
     approvers: list[Principal] = Field(default_factory=list)
@@ -182,6 +203,8 @@ class Timeouts(_Strict):
     build: float = Field(default=1800, gt=0)
     approval: float = Field(default=1800, gt=0)
     site: float = Field(default=10, gt=0)
+    relay: float = Field(default=10, gt=0)  # each relay check: NIP-11 answers, REQ gets EOSE
+    api: float = Field(default=10, gt=0)  # the API's /health answers
 
 
 class Watch(_Strict):

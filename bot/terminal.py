@@ -63,6 +63,14 @@ def clock_text(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _with_endpoint_lines(event: StepEvent) -> StepEvent:
+    """verify's done line carries its relay and API checks per env (NIP-11 version, REQ→EOSE latency)."""
+    lines = event.data.get("endpoint_lines") if event.kind is EventKind.DONE else None
+    if event.message or not isinstance(lines, Mapping) or not lines:
+        return event
+    return replace(event, message="; ".join(f"{env}: {text}" for env, text in lines.items()))
+
+
 class TerminalReporter:
     """A Reporter (emit(StepEvent)) for one run; use `async with` so the TTY clock is started and stopped."""
 
@@ -128,6 +136,7 @@ class TerminalReporter:
             event = self._summarise(event)
             if event.step == SUMMARY_STEP:
                 return
+        event = _with_endpoint_lines(event)
         line = self._line(event.step)
         state = _STATE_OF[event.kind]
         if event.data:

@@ -205,6 +205,13 @@ def step_line(step: str, kind: str, message: str, elapsed: float) -> str:
     return text + f" _({elapsed:.1f}s)_"
 
 
+def endpoint_lines(lines: object) -> list[str]:
+    """verify's relay and API checks, one line per env (`{env: line}` from the step's output or the summary)."""
+    if not isinstance(lines, Mapping):
+        return []
+    return [f"📡 {esc(str(env))}: {esc(str(line))}" for env, line in lines.items()]
+
+
 def diagnosis_blocks(env: str, deploy_id: str, short: str | None, data: Mapping[str, Any]) -> list[Block]:
     d = data.get("diagnosis") or {}
     blocks = [
@@ -247,6 +254,7 @@ def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
             lines.append(f"• {name} `{(digest or '')[:19]}`")
         if data.get("revision"):
             lines.append(f"Argo CD revision `{str(data['revision'])[:7]}`")
+        lines += endpoint_lines(data.get("endpoints"))
         return "\n".join(lines)
     if data.get("state") == "cancelled":
         # The service writes this text from Slack IDs (`cancelled by <@U…>`): the mention stays unescaped.
@@ -283,6 +291,8 @@ def status_blocks(report: DriftReport) -> list[Block]:
         lines += [_row(r) for r in env.rows]
         if env.site:
             lines.append(f"🌐 {esc(env.site)}")
+        if env.endpoints:
+            lines.append(f"📡 {esc(env.endpoints)}")
         if env.behind:
             lines.append(f"↪ {len(env.behind)} commit(s) behind production")
         blocks.append(section("\n".join(lines)))

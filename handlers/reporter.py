@@ -154,6 +154,8 @@ class SlackThreadReporter:
             # a hand-over or a lost lease pauses the step here; the bot that carries on runs it again
             kind = "stopped" if e.kind is EventKind.CANCELLED and not stopped_by_a_person(e) else e.kind.value
             replies.append(bk.step_line(e.step, kind, e.message, e.elapsed))
+            if e.step == "verify" and e.kind is EventKind.DONE:
+                replies += bk.endpoint_lines(e.data.get("endpoint_lines"))
             if e.step == "preflight" and e.kind is EventKind.DONE:
                 with contextlib.suppress(Exception):
                     self.record = await self.ledger.get_deploy(self.record.id)

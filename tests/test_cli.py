@@ -208,6 +208,10 @@ async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox,
             run.out,
         )
     assert f"poc/funnelcake-relay:{short} promoted from production" in run.out
+    # verify's line says what the real relay answered: its NIP-11 version and the REQ→EOSE latency
+    assert re.search(
+        rf"verify done in [0-9.]+s: poc: relay NIP-11 version {short} · relay REQ→EOSE [0-9.]+ ms", run.out
+    ), run.out
     assert "\x1b" not in run.out  # not a terminal: plain lines only
     final = run.out.strip().splitlines()[-1]
     assert re.match(rf"deploy (d-\w+) \({short} → poc\) succeeded in [0-9.]+s", final), final
@@ -314,6 +318,9 @@ async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_
     for env in ("production", "staging", "poc"):
         assert f"\n{env}" in "\n" + table.out
     assert "findings:" in table.out
+    # each env's relay row: the real relay's NIP-11 version and REQ→EOSE latency, or why it was skipped
+    assert f"  endpoints: relay NIP-11 version {sb.relays['staging'].version} · relay REQ→EOSE " in table.out
+    assert "  endpoints: relay and API checks skipped: no endpoints configured" in table.out
 
     proc = await _subprocess(cli_env, "status", "--json")
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -321,6 +328,11 @@ async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_
     report = json.loads(out)
     assert [e["env"] for e in report["envs"]] == ["production", "staging", "poc"]
     assert {r["service"] for r in report["envs"][0]["rows"]} == {"api", "relay"}
+    assert [(c["check"], c["status"]) for c in report["envs"][2]["checks"]] == [
+        ("relay NIP-11", "ok"),
+        ("relay REQ→EOSE", "ok"),
+        ("api /health", "ok"),
+    ]
     assert isinstance(report["findings"], list)
 
 

@@ -41,11 +41,44 @@ def test_shipped_config_has_the_three_real_environments() -> None:
     assert prod.approval_required and not staging.approval_required
     assert str(staging.site_url) == "https://relay.staging.dvines.org/"
     assert prod.site_url is None and poc.site_url is None
+    # the site is the relay: NIP-11 is read over https where the websocket is wss; no API URL is known
+    assert str(staging.endpoints.relay_ws) == "wss://relay.staging.dvines.org/"
+    assert staging.endpoints.relay_info_url == "https://relay.staging.dvines.org/"
+    assert staging.endpoints.api is None
+    assert prod.endpoints.relay_ws is None and prod.endpoints.relay_info_url is None
     assert poc.overlays[Service.RELAY] == "k8s/applications/funnelcake-relay/overlays/poc/kustomization.yaml"
     assert prod.argocd.applications[Service.API] == "funnelcake-api"
     assert prod.image_ref(Service.API.image, "e7e79eb") == (
         "us-central1-docker.pkg.dev/dv-platform-prod/containers-production/funnelcake-api:e7e79eb"
     )
+
+
+def test_a_relay_endpoint_must_be_a_websocket_url() -> None:
+    err = _bad(lambda d: d["environments"][2].update(endpoints={"relay_ws": "https://relay.poc.example/"}))
+    assert len(err.problems) == 1
+    assert err.problems[0].startswith(
+        "environments[poc].endpoints.relay_ws: URL scheme should be 'ws' or 'wss'"
+    )
+
+
+def test_relay_http_overrides_where_nip11_is_read() -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["environments"][2]["endpoints"] = {
+        "relay_ws": "ws://relay.poc.example:7777/",
+        "relay_http": "https://info.poc.example/relay",
+    }
+    poc = parse_config(yaml.safe_dump(data)).env("poc")
+    assert poc.endpoints.relay_info_url == "https://info.poc.example/relay"
+    data["environments"][2]["endpoints"].pop("relay_http")
+    assert (
+        parse_config(yaml.safe_dump(data)).env("poc").endpoints.relay_info_url
+        == "http://relay.poc.example:7777/"
+    )
+
+
+def test_an_unknown_endpoint_is_refused() -> None:
+    err = _bad(lambda d: d["environments"][2].update(endpoints={"relay": "wss://relay.poc.example/"}))
+    assert err.problems == ["environments[poc].endpoints.relay: unknown field"]
 
 
 def test_env_without_registry() -> None:

@@ -20,6 +20,14 @@ async def test_the_demo_tour(bot: RunningBot, sandbox: Sandbox, slack_sandbox: F
     assert "you may not approve production deploys" in text
     assert "no linux/amd64 image (found: linux/arm64)" in text
     assert "Roll back staging to" in text
+    assert sandbox.git is not None
+    head = sandbox.git.app.commits["head"][:7]
+    # the relay check in the deploy's thread: the real relay reports the new build and answers REQ
+    assert f"📡 poc: relay NIP-11 version {head} · relay REQ→EOSE " in text
+    assert "📡 production: relay and API checks skipped: no endpoints configured" in text
+    # a hand-deployed build whose pods never start: the relay still serves the old one, and status says so
+    assert "reports version" in text and "the relay answering there is not the new build" in text
     final_status = [m for m in slack_sandbox.messages(DEFAULT_CHANNEL) if m.text == "funnelcake status"][-1]
     assert "🔴" not in str(final_status.blocks)
+    assert f"📡 relay NIP-11 version {head} · relay REQ→EOSE " in str(final_status.blocks)
     assert text.count("🎉 *Done*") >= 3  # poc, production, the rollback

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from bot.adapters.apprepo import AppRepo
     from bot.adapters.argocd import SyncResult
     from bot.adapters.build import Builder
+    from bot.adapters.endpoints import EndpointCheck
     from bot.adapters.gitops import BumpResult, GitOpsRepo
     from bot.adapters.kube import KubeClients
     from bot.adapters.migrations import MigrationRun, MigrationRunner
@@ -83,6 +84,7 @@ class DeployContext:
     synced: dict[str, list[SyncResult]] = field(default_factory=dict)
     rollouts: dict[str, list[RolloutResult]] = field(default_factory=dict)
     sites: dict[str, SiteResult] = field(default_factory=dict)
+    endpoints: dict[str, list[EndpointCheck]] = field(default_factory=dict)  # env -> relay and API checks
 
     @property
     def env_names(self) -> list[str]:

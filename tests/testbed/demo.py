@@ -179,7 +179,9 @@ async def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    print("Starting the sandbox: 3 registries, 2 git remotes, 3 simulated clusters, a local Slack…")
+    print(
+        "Starting the sandbox: 3 registries, 2 git remotes, 3 simulated clusters, 2 Nostr relays, a local Slack…"
+    )
     async with Sandbox(timings=DEMO_TIMINGS) as sandbox:
         slack = FakeSlack()  # Slack's real ~1 message/s per channel
         await slack.start()

@@ -1,10 +1,12 @@
-"""verify: the live image equals the expected one for every service, pods Ready, the site answers (F3)."""
+"""verify: the live image equals the expected one for every service, pods Ready, the site answers (F3),
+the relay speaks Nostr at the new version (NIP-11, REQ→EOSE) and the API's /health answers."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from bot.adapters.endpoints import check_endpoints, summary_line
 from bot.adapters.site import check_site
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
@@ -20,6 +22,7 @@ class Verify(Step[DeployContext]):
         plan = ctx.require_plan()
         short = plan.commit.short
         problems: list[str] = []
+        endpoint_problems: list[str] = []
         live: dict[str, dict[str, str]] = {}
         for env in ctx.envs:
             client = ctx.deps.kube[env.kube_context]
@@ -52,9 +55,40 @@ class Verify(Step[DeployContext]):
             await progress(f"{env.name}: {site.message}", {"env": env.name, "site": site.status})
             if site.status == "failed":
                 problems.append(site.message)
-        if problems:
-            raise PermanentError(
-                "verification failed:\n" + "\n".join(f"• {p}" for p in problems),
-                hint="Argo CD synced, but the cluster does not run what was deployed; see the status report.",
+            checks = await check_endpoints(
+                env.endpoints,
+                short,
+                session=ctx.deps.http,
+                relay_limit=ctx.deps.config.timeouts.relay,
+                api_limit=ctx.deps.config.timeouts.api,
             )
-        return {"live": live, "sites": {e: (s.status, s.message) for e, s in ctx.sites.items()}}
+            ctx.endpoints[env.name] = checks
+            for check in checks:
+                await progress(f"{env.name}: {check.message}", {"env": env.name, check.check: check.status})
+                if check.status == "failed":
+                    endpoint_problems.append(f"{env.name}: {check.message}")
+        if problems or endpoint_problems:
+            hint = (
+                "Argo CD synced, but the cluster does not run what was deployed; see the status report."
+                if problems
+                else "The pods are up, but the service does not answer as it should: check the relay's and "
+                "the API's logs, then roll back if it does not recover."
+            )
+            raise PermanentError(
+                "verification failed:\n" + "\n".join(f"• {p}" for p in problems + endpoint_problems),
+                hint=hint,
+                data=self._json(ctx),
+            )
+        return {
+            "live": live,
+            "sites": {e: (s.status, s.message) for e, s in ctx.sites.items()},
+            **self._json(ctx),
+        }
+
+    @staticmethod
+    def _json(ctx: DeployContext) -> dict[str, Any]:
+        """The relay and API checks per env, and the one line per env a thread shows."""
+        return {
+            "endpoints": {env: [c.to_json() for c in checks] for env, checks in ctx.endpoints.items()},
+            "endpoint_lines": {env: summary_line(checks) for env, checks in ctx.endpoints.items()},
+        }
