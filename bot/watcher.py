@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bot.adapters.endpoints import EndpointCheck, check_endpoints
 from bot.adapters.gitops import OverlayCommit
 from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot, snapshot_env
 from bot.errors import BotError
@@ -51,6 +52,7 @@ class IncidentKind(StrEnum):
     DEGRADED = "degraded"
     SYNC_FAILED = "sync_failed"
     UNREACHABLE = "unreachable"
+    ENDPOINT_FAILING = "endpoint_failing"
     HAND_EDIT = "hand_edit"
 
 
@@ -179,6 +181,27 @@ def _service(env: Environment, svc: ServiceSnapshot) -> list[Observation]:
     return found
 
 
+def endpoint_failures(env: Environment, checks: Sequence[EndpointCheck]) -> list[Observation]:
+    """The relay or the API not answering as a relay and an API must (their pods may all be Ready)."""
+    return [
+        Observation(
+            env.name,
+            IncidentKind.ENDPOINT_FAILING,
+            f"{env.name}:endpoint:{c.check}",
+            f"{c.check} fails in {env.name}",
+            {
+                "cause": f"{c.check} at {c.url or '?'} does not answer as it must",
+                "evidence": c.message,
+                "fix": f"Look at the {'API' if c.check.startswith('api') else 'relay'}'s logs and storage in "
+                f"{env.name}, or roll back if a deploy brought it.",
+                "actions": ["rollback"],
+            },
+        )
+        for c in checks
+        if c.status == "failed"
+    ]
+
+
 def hand_edits(commits: Sequence[OverlayCommit], bot_author: tuple[str, str]) -> list[Observation]:
     """Overlay commits not made by the bot: one notice per commit and env."""
     found: list[Observation] = []
@@ -305,10 +328,17 @@ class Watcher:
                     f"{env.name} has no kube context {env.kube_context} configured",
                 )
             ]
-        snap = await snapshot_env(
-            deps.kube[env.kube_context], env, diagnoser=deps.diagnoser(env), limit=LOOK_LIMIT
+        snap, checks = await asyncio.gather(
+            snapshot_env(deps.kube[env.kube_context], env, diagnoser=deps.diagnoser(env), limit=LOOK_LIMIT),
+            check_endpoints(
+                env.endpoints,
+                "",  # the version is the deploy's business; here: does the relay answer a REQ, the API /health
+                session=deps.http,
+                relay_limit=min(deps.config.timeouts.relay, LOOK_LIMIT),
+                api_limit=min(deps.config.timeouts.api, LOOK_LIMIT),
+            ),
         )
-        return observe(env, snap)
+        return observe(env, snap) + endpoint_failures(env, checks)
 
     async def _hand_edits(self, envs: Sequence[Environment]) -> list[Observation]:
         gitops = self.service.deps.gitops

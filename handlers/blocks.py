@@ -360,6 +360,7 @@ _INCIDENT_ICONS = {
     "degraded": "🚨",
     "sync_failed": "🚨",
     "unreachable": "📡",
+    "endpoint_failing": "📡",
     "out_of_sync": "⚠️",
     "hand_edit": "✍️",
 }

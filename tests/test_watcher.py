@@ -74,6 +74,19 @@ async def incidents_gauge(*bots: BotProcess) -> float:
     return values[0]
 
 
+async def until_shown(slack: FakeSlack, ts: str, needle: str, *bots: BotProcess) -> Message:
+    try:
+        async with asyncio.timeout(WAIT):
+            while needle not in (msg := slack.message(DEFAULT_CHANNEL, ts)).shown:
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        logs = "\n".join(f"--- {b.name}\n{b.tail(3000)}" for b in bots)
+        raise AssertionError(
+            f"message {ts} never showed {needle!r}:\n{slack.message(DEFAULT_CHANNEL, ts).shown}\n{logs}"
+        ) from None
+    return msg
+
+
 async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_after_the_rollback(
     sandbox: Sandbox,
     slack_sandbox: FakeSlack,
@@ -149,3 +162,20 @@ async def test_out_of_sync_is_reported_then_cleared_by_a_sync(
     await by_hand(sandbox, "poc", "funnelcake-api", sync=True)
     closed = await until_text(slack, incident.ts, "Recovered after", bot)
     assert "OutOfSync" in closed.text
+
+
+async def test_a_relay_that_stops_answering_req_is_an_incident_until_it_answers_again(
+    sandbox: Sandbox, slack_sandbox: FakeSlack, bots: list[BotProcess]
+) -> None:
+    """Its pods are Ready and Argo CD is happy: only speaking Nostr to it shows the relay is broken."""
+    slack = slack_sandbox
+    watch_here(sandbox)
+    bot = await launch(bots, sandbox, slack, "solo", mode="http")
+    await sandbox.relays["poc"].set_fault("notice")  # the relay's rate limiter answers REQ with a NOTICE
+
+    incident = await one_post(slack, "relay REQ→EOSE fails in poc", bot)
+    # while the relay restarts it cannot be reached; once up, the post is updated with the relay's own words
+    await until_shown(slack, incident.ts, "answered NOTICE “rate-limited” instead of EOSE", bot)
+    await sandbox.relays["poc"].set_fault(None)
+    closed = await until_text(slack, incident.ts, "Recovered after", bot)
+    assert closed.buttons() == []
