@@ -346,6 +346,7 @@ class Session:
     stopped: str | None = None  # how Ctrl-C ended the deploy, in the same words as the Slack thread
     slack: SlackClient | None = None
     ledger: Ledger | None = None
+    following: bool = False  # reading another process's progress: Ctrl-C leaves the deploy alone
     threads: dict[str, SlackThreadReporter] = field(default_factory=dict)
 
     @property
@@ -520,6 +521,7 @@ async def _wait_cancelling_on_ctrl_c(
 
 async def _follow(session: Session, service: DeployService, record: DeployRecord) -> DeployRecord:
     """Read the deploy from the ledger until it ends, whichever bot runs it once approved."""
+    session.following = True
     seen = record.state
     while not record.state.terminal:
         await asyncio.sleep(FOLLOW_EVERY)
@@ -729,6 +731,12 @@ def _main(argv: Sequence[str] | None) -> int:
             _refuse_unconfirmable(args, cmd)
         return asyncio.run(_dispatch(session, args, cmd))
     except KeyboardInterrupt:
+        if session and session.following:
+            print(
+                f"stopped following deploy {session.deploy_id}; it goes on without this terminal",
+                file=sys.stderr,
+            )
+            return EXIT_CANCELLED
         stopped = (
             f": deploy {session.deploy_id} — {session.stopped or 'stopped'}; its locks are released"
             if session and session.deploy_id

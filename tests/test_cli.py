@@ -366,6 +366,31 @@ async def test_ctrl_c_cancels_the_deploy_and_releases_its_lease(sb: Sandbox, cli
     assert leases == []
 
 
+async def test_ctrl_c_while_following_leaves_the_deploy_waiting(sb: Sandbox, cli_env: dict[str, str]) -> None:
+    short = _short(sb, "head")
+    await _ci_built(sb, short)
+    async with FakeSlack() as slack:
+        env = {**cli_env, "SLACK_BOT_TOKEN": slack.bot_token, "SLACK_API_URL": slack.api_url}
+        proc = await _subprocess(env, "deploy", "production", short, "--yes", "--wait", "--as", "U0CAROL")
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            while line := (await proc.stdout.readline()).decode():
+                if "awaiting approval." in line:
+                    deploy_id = line.split()[1]
+                    proc.send_signal(signal.SIGINT)
+                    break
+            _, err = await proc.communicate()
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip() == f"stopped following deploy {deploy_id}; it goes on without this terminal"
+    ledger = await Ledger.open(sb.settings().database_url)
+    try:
+        record = await ledger.get_deploy(deploy_id)
+        await ledger.request_cancel(deploy_id, "U0CAROL")  # leave the module's sandbox deployable
+    finally:
+        await ledger.close()
+    assert record.state is DeployState.AWAITING_APPROVAL  # another person may still approve it
+
+
 def _converse(argv: list[str], env: dict[str, str], answer: bytes, limit: float = 60.0) -> tuple[int, str]:
     """Run the CLI on a pseudo-terminal, answer its [y/N] prompt, return (exit code, everything it drew)."""
     main_fd, tty_fd = pty.openpty()
