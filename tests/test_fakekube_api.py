@@ -793,9 +793,17 @@ async def test_discovery_and_unknown_paths(api_client: client.ApiClient, kube_ap
     version = await client.VersionApi(api_client).get_code()
     assert version.major == "1"
     groups = await client.ApisApi(api_client).get_api_versions()
-    assert {g.name for g in groups.groups} == {"apps", "batch", "argoproj.io"}
+    assert {g.name for g in groups.groups} == {"apps", "batch", "argoproj.io", "authorization.k8s.io"}
     resources = await client.AppsV1Api(api_client).get_api_resources()
-    assert {r.name for r in resources.resources} == {"deployments", "deployments/status"}
+    assert {r.name for r in resources.resources} == {
+        "deployments",
+        "deployments/status",
+        "deployments/scale",
+        "replicasets",
+        "replicasets/status",
+        "replicasets/scale",
+    }
+    assert {r.name: r.short_names for r in resources.resources}["deployments"] == ["deploy"]
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{kube_api.url}/apis/apps/v1/namespaces/x/statefulsets") as resp:
             assert resp.status == 404

@@ -53,6 +53,53 @@ SERVICES = ("api", "relay")
 NAMESPACE = "funnelcake"
 ARGOCD_NAMESPACE = "argocd"
 CLICKHOUSE_SECRET = "funnelcake-clickhouse-credentials"
+BUILDER_SERVICE_ACCOUNT = "funnelcake-builder"
+# what a GKE e2-standard-4 node offers to pods (allocatable, after system reservations)
+NODE_ALLOCATABLE = {"cpu": "3920m", "memory": "13484424Ki", "pods": "110", "ephemeral-storage": "47060071478"}
+
+
+def node_object(name: str) -> dict[str, Any]:
+    labels = {
+        "kubernetes.io/arch": "amd64",
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/hostname": name,
+        "node.kubernetes.io/instance-type": "e2-standard-4",
+        "cloud.google.com/gke-nodepool": "default-pool",
+        "topology.kubernetes.io/region": "us-central1",
+        "topology.kubernetes.io/zone": "us-central1-a",
+    }
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"providerID": f"gce://testbed/us-central1-a/{name}"},
+        "status": {
+            "capacity": {"cpu": "4", "memory": "16393220Ki", "pods": "110"},
+            "allocatable": dict(NODE_ALLOCATABLE),
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubelet is posting ready status",
+                }
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.33.0-gke.1000",
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "containerRuntimeVersion": "containerd://1.7.24",
+            },
+        },
+    }
+
+
+# Fleet project numbers, made up (Connect Gateway URLs name the project by number, not id).
+PROJECT_NUMBERS = {"production": "104729310482", "staging": "208318541107", "poc": "377215905263"}
+
+
+def gateway_path(env_name: str) -> str:
+    """The Connect Gateway path of an env's membership, which every Kubernetes API path sits under."""
+    number = PROJECT_NUMBERS.get(env_name, "999999999999")
+    return f"/v1/projects/{number}/locations/us-central1/gkeMemberships/gke-{env_name}-membership"
 
 
 class ClusterController:
@@ -208,7 +255,8 @@ class SimCluster:
         self.timings = timings or Timings.fast()
         self.context = CONTEXTS.get(env_name, env_name)
         self.store = Store()
-        self.api = FakeKubeAPI(self.store, tokens=tokens)
+        # https with the test bed's CA, under the Connect Gateway path of this env's fleet membership
+        self.api = FakeKubeAPI(self.store, tokens=tokens, tls=True, prefix=gateway_path(env_name))
         self.clickhouse = ClickHouseState(version=clickhouse_version)
         self._derive_version = clickhouse_version is None
         self._own_dir = work_dir is None
@@ -288,6 +336,7 @@ class SimCluster:
     async def _seed(self) -> None:
         """A running environment: credentials, the two Applications synced at the GitOps head, Ready pods."""
         values = _secret_values(self.env_name, self.migrations_mode)
+        self._seed_cluster_objects()
         self.store.create(
             "secrets",
             {
@@ -306,6 +355,31 @@ class SimCluster:
         if self._derive_version:
             self.clickhouse.version = await self._deployed_schema_version()
         self.clickhouse.note(f"seeded at version {self.clickhouse.version}")
+
+    def _seed_cluster_objects(self) -> None:
+        """What every GKE cluster has before anyone deploys: namespaces, nodes, service accounts."""
+        assert self.controller is not None
+        for ns in ("default", "kube-system", "kube-public", ARGOCD_NAMESPACE, NAMESPACE):
+            self.store.create(
+                "namespaces", {"metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}
+            )
+        for node in self.controller.nodes:
+            self.store.create("nodes", node_object(node))
+        for ns in ("default", ARGOCD_NAMESPACE, NAMESPACE):
+            self.store.create("serviceaccounts", {"metadata": {"name": "default", "namespace": ns}})
+        # the identity the build Jobs run as (Workload Identity bound to the registry writer)
+        self.store.create(
+            "serviceaccounts",
+            {
+                "metadata": {
+                    "name": BUILDER_SERVICE_ACCOUNT,
+                    "namespace": NAMESPACE,
+                    "annotations": {
+                        "iam.gke.io/gcp-service-account": f"funnelcake-builder@{self.env_name}.iam.gserviceaccount.com"
+                    },
+                }
+            },
+        )
 
     def application(self, service: str, *, operation: bool = False) -> dict[str, Any]:
         """The Argo CD Application for one service, as the platform team declared it."""
