@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.testbed.kube.store import Store, StoreError
+from tests.testbed.kube import openapi
+from tests.testbed.kube.store import RESOURCES, ResourceInfo, Store, StoreError
 
 __all__ = ["VALIDATED", "default", "validate_create", "validate_update"]
 
@@ -208,7 +209,23 @@ def _validate(resource: str, obj: Obj, name: str) -> _Causes:
     return errs
 
 
+def check_fields(info: ResourceInfo, obj: Obj) -> None:
+    """`fieldValidation=Strict` (kubectl's default): a field the schema lacks is a 400, as the decoder says."""
+    # status is the controllers' (never a client's), so only what a client sends is checked
+    unknown = openapi.unknown_fields(info, {k: v for k, v in obj.items() if k != "status"})
+    if not unknown:
+        return
+    what = "; ".join(f'unknown field "{u}"' for u in unknown)
+    raise StoreError(
+        400,
+        "BadRequest",
+        f'{info.kind} in version "{info.version}" cannot be handled as a {info.kind}: strict decoding error: {what}',
+    )
+
+
 def validate_create(resource: str, obj: Obj, store: Store, *, strict: bool = False) -> None:
+    if strict:
+        check_fields(RESOURCES[resource], obj)
     if resource not in VALIDATED:
         return
     name = str(
@@ -218,6 +235,8 @@ def validate_create(resource: str, obj: Obj, store: Store, *, strict: bool = Fal
 
 
 def validate_update(resource: str, new: Obj, old: Obj, *, strict: bool = False) -> None:
+    if strict:
+        check_fields(RESOURCES[resource], new)
     if resource not in VALIDATED:
         return
     name = str(old["metadata"]["name"])

@@ -254,7 +254,7 @@ class SimCluster:
         self.migrations_mode = migrations_mode
         self.timings = timings or Timings.fast()
         self.context = CONTEXTS.get(env_name, env_name)
-        self.store = Store()
+        self.store = Store(termination_seconds=self.timings.termination, gc_delay=self.timings.gc_delay)
         # https with the test bed's CA, under the Connect Gateway path of this env's fleet membership
         self.api = FakeKubeAPI(self.store, tokens=tokens, tls=True, prefix=gateway_path(env_name))
         self.clickhouse = ClickHouseState(version=clickhouse_version)
@@ -361,7 +361,12 @@ class SimCluster:
         assert self.controller is not None
         for ns in ("default", "kube-system", "kube-public", ARGOCD_NAMESPACE, NAMESPACE):
             self.store.create(
-                "namespaces", {"metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}
+                "namespaces",
+                {
+                    "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+                    "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"},
+                },
             )
         for node in self.controller.nodes:
             self.store.create("nodes", node_object(node))

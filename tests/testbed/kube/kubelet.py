@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,23 @@ def parse_image(raw: str) -> ImageRef | None:
     return ImageRef(raw=raw, host=domain, repository=path, reference=ref)
 
 
+def reference_error(raw: str) -> str:
+    """The kubelet's parse failure text (parsers.ParseImageName over distribution/reference)."""
+    name = raw.split("@", 1)[0]
+    last = name.rsplit("/", 1)
+    if ":" in last[-1]:
+        name = name[: len(name) - len(last[-1]) + last[-1].index(":")]
+    first, _, rest = name.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        remote = name if rest else f"library/{name}"
+    else:
+        remote = rest
+    detail = "invalid reference format"
+    if remote and remote.lower() != remote and _REFERENCE.match(raw.lower()):
+        detail += f": repository name ({remote}) must be lowercase"
+    return f'couldn\'t parse image name "{raw}": {detail}'
+
+
 @dataclasses.dataclass(frozen=True)
 class PullResult:
     ok: bool
@@ -99,6 +117,7 @@ class EventRecorder:
     def __init__(self, store: StoreView) -> None:
         self.store = store
         self._names: dict[tuple[str, str, str, str], str] = {}
+        self._last_stamp = 0
 
     async def record(
         self,
@@ -124,7 +143,9 @@ class EventRecorder:
 
             if await self.store.update("events", ns, existing, bump) is not None:
                 return
-        name = f"{meta['name']}.{secrets.token_hex(8)}"
+        # client-go names an event <object>.<hex UnixNano>: names sort in time order, as lists return them
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        name = f"{meta['name']}.{self._last_stamp:x}"
         involved = {
             "apiVersion": obj.get("apiVersion", "v1"),
             "kind": obj.get("kind", "Pod"),
@@ -522,10 +543,7 @@ class Kubelet:
             await asyncio.sleep(self.timings.pull_delay)
             ref = parse_image(c.image)
             if ref is None:
-                msg = (
-                    f'Failed to apply default image tag "{c.image}": couldn\'t parse image reference '
-                    f'"{c.image}": invalid reference format'
-                )
+                msg = f'Failed to apply default image tag "{c.image}": {reference_error(c.image)}'
                 c.state = {"waiting": {"reason": "InvalidImageName", "message": msg}}
                 await write()
                 await self.events.record(

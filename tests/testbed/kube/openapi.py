@@ -333,3 +333,49 @@ def known_fields(gv: str) -> dict[str, Obj]:
     """The schemas of one group-version, by name (for strict field validation)."""
     doc = document(gv) or {}
     return dict((doc.get("components") or {}).get("schemas") or {})
+
+
+def unknown_fields(info: ResourceInfo, obj: Obj) -> list[str]:
+    """The paths of fields the kind's schema does not have (what `fieldValidation=Strict` refuses)."""
+    doc = document(_gv_key(info)) or {}
+    schemas: dict[str, Obj] = (doc.get("components") or {}).get("schemas") or {}
+    root = next(
+        (
+            s
+            for s in schemas.values()
+            if any(g.get("kind") == info.kind for g in s.get("x-kubernetes-group-version-kind") or [])
+        ),
+        None,
+    )
+    out: list[str] = []
+
+    def resolve(schema: Obj) -> Obj:
+        while True:
+            ref = schema.get("$ref") or next((a.get("$ref") for a in schema.get("allOf") or []), None)
+            if not ref:
+                return schema
+            schema = schemas.get(ref.rsplit("/", 1)[-1], {})
+
+    def walk(value: Any, schema: Obj, path: str) -> None:
+        schema = resolve(schema)
+        if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+            return
+        if isinstance(value, dict):
+            if "properties" in schema:
+                props = schema["properties"]
+                for key, item in value.items():
+                    where = f"{path}.{key}" if path else key
+                    if key in props:
+                        walk(item, props[key], where)
+                    elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                        out.append(where)
+            elif isinstance(schema.get("additionalProperties"), dict):
+                for key, item in value.items():
+                    walk(item, schema["additionalProperties"], f"{path}[{key}]")
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                walk(item, schema["items"], f"{path}[{i}]")
+
+    if root is not None:
+        walk(obj, root, "")
+    return out

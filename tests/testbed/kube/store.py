@@ -901,9 +901,9 @@ class Store:
     def _spec_changed(info: ResourceInfo, old: dict[str, Any], new: dict[str, Any]) -> bool:
         if info.has_status:
             return old.get("spec") != new.get("spec")
-        # Without a status subresource, everything outside metadata/status is the desired state
-        # (Argo CD's `operation` included).
-        keys = (set(old) | set(new)) - {"metadata", "status", "apiVersion", "kind"}
+        # Without a status subresource every field but metadata counts, status and Argo CD's
+        # `operation` included (a CRD without the subresource bumps generation on a status write).
+        keys = (set(old) | set(new)) - {"metadata", "apiVersion", "kind"}
         return any(old.get(k) != new.get(k) for k in keys)
 
     # -- events ------------------------------------------------------------------------------------------
