@@ -143,7 +143,8 @@ class Builder:
         if not run.succeeded:
             name = str(job["metadata"]["name"])
             # A failed clone means kaniko never started: git's own message is in the init container's log.
-            _, clone_log = await read_log(client, env.namespace, name, "clone")
+            uid = str((run.job.get("metadata") or {}).get("uid") or "")
+            _, clone_log = await read_log(client, env.namespace, name, "clone", uid=uid)
             clone_tail = "\n".join(clone_log.rstrip().splitlines()[-5:])
             raise PermanentError(
                 f"the build of {image}:{short} for {env.name} failed (Job {name})",

@@ -29,6 +29,7 @@ from tests.testbed.kube.controller import DeploymentController, StoreView, Super
 from tests.testbed.kube.jobs import MIGRATE_IMAGE, ClickHouseState, JobController
 from tests.testbed.kube.kubeconfig import CONTEXTS, PLUGIN, plugin_env, write_kubeconfig
 from tests.testbed.kube.kubelet import EventRecorder, Kubelet, parse_image
+from tests.testbed.kube.scheduler import node_object
 from tests.testbed.kube.store import Store
 from tests.testbed.registry import Registries
 
@@ -54,44 +55,6 @@ NAMESPACE = "funnelcake"
 ARGOCD_NAMESPACE = "argocd"
 CLICKHOUSE_SECRET = "funnelcake-clickhouse-credentials"
 BUILDER_SERVICE_ACCOUNT = "funnelcake-builder"
-# what a GKE e2-standard-4 node offers to pods (allocatable, after system reservations)
-NODE_ALLOCATABLE = {"cpu": "3920m", "memory": "13484424Ki", "pods": "110", "ephemeral-storage": "47060071478"}
-
-
-def node_object(name: str) -> dict[str, Any]:
-    labels = {
-        "kubernetes.io/arch": "amd64",
-        "kubernetes.io/os": "linux",
-        "kubernetes.io/hostname": name,
-        "node.kubernetes.io/instance-type": "e2-standard-4",
-        "cloud.google.com/gke-nodepool": "default-pool",
-        "topology.kubernetes.io/region": "us-central1",
-        "topology.kubernetes.io/zone": "us-central1-a",
-    }
-    return {
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"providerID": f"gce://testbed/us-central1-a/{name}"},
-        "status": {
-            "capacity": {"cpu": "4", "memory": "16393220Ki", "pods": "110"},
-            "allocatable": dict(NODE_ALLOCATABLE),
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "KubeletReady",
-                    "message": "kubelet is posting ready status",
-                }
-            ],
-            "nodeInfo": {
-                "kubeletVersion": "v1.33.0-gke.1000",
-                "architecture": "amd64",
-                "operatingSystem": "linux",
-                "containerRuntimeVersion": "containerd://1.7.24",
-            },
-        },
-    }
-
-
 # Fleet project numbers, made up (Connect Gateway URLs name the project by number, not id).
 PROJECT_NUMBERS = {"production": "104729310482", "staging": "208318541107", "poc": "377215905263"}
 
@@ -141,6 +104,7 @@ class ClusterController:
             self.timings,
             self.nodes,
             kubelet=self.kubelet,
+            events=self.events,
             clickhouse=self.clickhouse,
             migrations_mode=migrations_mode,
             app_url=app_url,

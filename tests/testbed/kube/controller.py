@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from tests.testbed.kube.scheduler import create_scheduled
 from tests.testbed.kube.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -517,8 +518,7 @@ class DeploymentController:
         ns = dep["metadata"].get("namespace", "default")
         pod_spec = json.loads(json.dumps(template.get("spec") or {}))
         pod_spec.setdefault("restartPolicy", "Always")
-        pod_spec["nodeName"] = secrets.choice(self.nodes)
-        obj = {
+        obj: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -540,7 +540,9 @@ class DeploymentController:
             "spec": pod_spec,
             "status": {"phase": "Pending", "qosClass": "BestEffort"},
         }
-        return await self.store.create("pods", obj)
+        return await create_scheduled(
+            self.store, self.events, obj, self.nodes, pick=secrets.randbelow(1 << 16)
+        )
 
     async def _event(self, dep: dict[str, Any], reason: str, message: str) -> None:
         await self.events.record(dep, reason, message, component="deployment-controller", warning=False)

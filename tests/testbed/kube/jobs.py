@@ -34,11 +34,12 @@ import aiohttp
 from tests.testbed.kube.argocd import CommandError, GitMirror
 from tests.testbed.kube.controller import KeyedWorker, now_rfc3339, pod_is_ready, rand_suffix
 from tests.testbed.kube.kubelet import NODE_PLATFORM, ImageRef, parse_image
+from tests.testbed.kube.scheduler import admit, create_scheduled
 from tests.testbed.registry import push_image
 
 if TYPE_CHECKING:
     from tests.testbed.kube.controller import StoreView, Supervisor, Timings
-    from tests.testbed.kube.kubelet import Kubelet
+    from tests.testbed.kube.kubelet import EventRecorder, Kubelet
 
 log = logging.getLogger("testbed.kube.jobs")
 
@@ -465,6 +466,7 @@ class JobController:
         nodes: list[str],
         *,
         kubelet: Kubelet,
+        events: EventRecorder,
         clickhouse: ClickHouseState,
         migrations_mode: str,
         app_url: str,
@@ -473,6 +475,7 @@ class JobController:
         self.store = store
         self.timings = timings
         self.nodes = nodes
+        self.events = events
         self.worker = KeyedWorker(sup, "job", self.reconcile)
         self.app = GitMirror(app_url, Path(work_dir) / "app-repo.git", timeout=timings.subprocess_timeout)
         self.program = MigrateProgram(clickhouse, mode=migrations_mode, app=self.app)
@@ -569,7 +572,12 @@ class JobController:
                     )
                     return
             self._retry_at.pop(key, None)
-            active.append(await self._create_pod(job))
+            created = await self._create_pod(job)
+            if created is None:
+                # admission refused the pod: the controller retries with its back-off
+                self.worker.schedule_after(key, self.timings.job_retry_backoff * 10)
+            else:
+                active.append(created)
 
         await self._write(key, job, status, active, succeeded, failed, conditions, completion_time)
 
@@ -608,7 +616,8 @@ class JobController:
 
         await self.store.update("jobs", key[0], key[1], put, subresource="status")
 
-    async def _create_pod(self, job: dict[str, Any]) -> dict[str, Any]:
+    async def _create_pod(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The Job's next pod through admission and the scheduler; None (and FailedCreate) when refused."""
         meta = job["metadata"]
         template = (job.get("spec") or {}).get("template") or {}
         tmeta = template.get("metadata") or {}
@@ -622,8 +631,7 @@ class JobController:
         }
         pod_spec = json.loads(json.dumps(template.get("spec") or {}))
         pod_spec.setdefault("restartPolicy", "Never")
-        pod_spec["nodeName"] = self.nodes[len(name) % len(self.nodes)]
-        obj = {
+        obj: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -645,7 +653,15 @@ class JobController:
             "spec": pod_spec,
             "status": {"phase": "Pending", "qosClass": "BestEffort"},
         }
-        return await self.store.create("pods", obj)
+        ns = meta.get("namespace", "default")
+        accounts = {sa["metadata"]["name"] for sa in await self.store.list("serviceaccounts", ns)}
+        refused = admit({**obj, "metadata": {**obj["metadata"], "generateName": f"{name}-"}}, accounts)
+        if refused is not None:
+            await self.events.record(
+                job, "FailedCreate", f"Error creating: {refused}", component="job-controller", warning=True
+            )
+            return None
+        return await create_scheduled(self.store, self.events, obj, self.nodes, pick=len(name))
 
 
 def _condition(ctype: str, reason: str, message: str, now: str) -> dict[str, Any]:

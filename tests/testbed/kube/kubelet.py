@@ -239,6 +239,8 @@ class Kubelet:
             return
         if (pod.get("status") or {}).get("containerStatuses"):
             return  # already run by an earlier controller instance
+        if not (pod.get("spec") or {}).get("nodeName"):
+            return  # not scheduled: no kubelet runs it
         self._pods[uid] = self.sup.spawn(f"pod/{pod['metadata']['name']}", self._run_pod(pod))
 
     def forget(self, pod: dict[str, Any]) -> None:
