@@ -456,3 +456,55 @@ async def test_discovery_explain_history_selectors_and_patches(
         watch.kill()
         await watch.wait()
     assert json.loads(await kubectl.ok(*ctx, "get", "ns", NS, "-o", "json"))["status"]["phase"] == "Active"
+
+
+async def test_argo_cd_diffs_the_whole_render_and_a_sync_reverts_hand_changes(
+    kubectl: Kubectl, sim_clusters: SimClusters
+) -> None:
+    staging = sim_clusters["staging"]
+    ctx = ("--context", STAGING)
+
+    def sync_status(app: str) -> str:
+        obj = staging.store.get("applications", "argocd", app) or {}
+        return str(((obj.get("status") or {}).get("sync") or {}).get("status"))
+
+    await kubectl.ok(*ctx, "scale", "deploy/funnelcake-api", "--replicas=3", "-n", NS)
+    await kubectl.ok(
+        *ctx,
+        "patch",
+        "deploy",
+        "funnelcake-relay",
+        "-n",
+        NS,
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/template/spec/containers/0/envFrom/0/secretRef/name","value":"other"}]',
+    )
+    # neither change touches an image; both are drift from what git renders
+    await eventually(
+        lambda: asyncio.sleep(
+            0, sync_status("funnelcake-api") == sync_status("funnelcake-relay") == "OutOfSync"
+        ),
+        what="OutOfSync on both",
+    )
+    rows = table(await kubectl.ok(*ctx, "get", "applications", "-n", "argocd"))
+    assert {r["SYNC STATUS"] for r in rows} == {"OutOfSync"}
+    for app in ("funnelcake-api", "funnelcake-relay"):
+        await kubectl.ok(
+            *ctx,
+            "patch",
+            "application",
+            app,
+            "-n",
+            "argocd",
+            "--type=merge",
+            "-p",
+            '{"operation":{"sync":{}}}',
+        )
+    await staging.wait_for_app_state({"funnelcake-api", "funnelcake-relay"}, sync="Synced", health="Healthy")
+    api = staging.store.get("deployments", NS, "funnelcake-api") or {}
+    relay = staging.store.get("deployments", NS, "funnelcake-relay") or {}
+    assert api["spec"]["replicas"] == 2  # what git says
+    assert relay["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "funnelcake-clickhouse-credentials"}}
+    ]

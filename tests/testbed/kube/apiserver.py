@@ -19,7 +19,7 @@ from tests.testbed.kube import admission, openapi
 from tests.testbed.kube.printers import table, wants_table
 from tests.testbed.kube.protobuf import decode_self_subject_access_review
 from tests.testbed.kube.store import RESOURCES, ResourceInfo, Store, StoreError, not_found
-from tests.testbed.kube.tls import testbed_ca
+from tests.testbed.kube.tls import sandbox_ca
 
 __all__ = ["FakeKubeAPI", "TokenCheck", "mint_token"]
 
@@ -186,7 +186,7 @@ class FakeKubeAPI:
         # Without handler cancellation, a watch whose client went away would wait for its next event forever.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        ssl_context = testbed_ca().server_context() if self.tls else None
+        ssl_context = sandbox_ca().server_context() if self.tls else None
         site = web.TCPSite(self._runner, self.host, 0, ssl_context=ssl_context)
         await site.start()
         server = site._server

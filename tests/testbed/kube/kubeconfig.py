@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.testbed.kube.tls import testbed_ca
+from tests.testbed.kube.tls import sandbox_ca
 
 __all__ = ["CONTEXTS", "EXEC_API_VERSION", "PLUGIN", "plugin_env", "write_kubeconfig"]
 
@@ -34,7 +34,7 @@ def plugin_env(secret: str, *, lifetime: float = 3600, counter: Path | None = No
 def _cluster(url: str) -> dict[str, str]:
     """A kubeconfig cluster entry: https servers are the test bed's, trusted through its CA as GKE's are."""
     if url.startswith("https://"):
-        return {"server": url, "certificate-authority-data": testbed_ca().ca_data}
+        return {"server": url, "certificate-authority-data": sandbox_ca().ca_data}
     return {"server": url}
 
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TestbedCA", "testbed_ca"]
+__all__ = ["TestbedCA", "sandbox_ca"]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -65,7 +65,7 @@ class TestbedCA:
 
 
 @functools.cache
-def testbed_ca() -> TestbedCA:
+def sandbox_ca() -> TestbedCA:
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
