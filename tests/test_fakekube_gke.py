@@ -13,6 +13,8 @@ import aiohttp
 import pytest
 
 from tests.testbed.kube.apiserver import FakeKubeAPI, TokenCheck
+from tests.testbed.kube.kubelet import go_duration
+from tests.testbed.kube.printers import pod_status_text
 from tests.testbed.kube.store import Store
 from tests.testbed.kube.tls import sandbox_ca
 
@@ -198,3 +200,31 @@ async def test_quiet_watches_get_bookmarks(
         "apiVersion": "v1",
         "metadata": {"resourceVersion": store.resource_version},
     }
+
+
+def test_pod_status_column_reads_like_kubectls() -> None:
+    def pod(status: dict[str, Any], *, inits: int = 0, deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": "p"}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return {
+            "metadata": meta,
+            "spec": {"initContainers": [{}] * inits, "containers": [{}]},
+            "status": status,
+        }
+
+    failed_init = {"state": {"terminated": {"exitCode": 128, "reason": "Error"}}}
+    waiting_init = {"state": {"waiting": {"reason": "PodInitializing"}}}
+    crashing = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+    assert (
+        pod_status_text(pod({"phase": "Failed", "initContainerStatuses": [failed_init]}, inits=1))
+        == "Init:Error"
+    )
+    assert (
+        pod_status_text(pod({"phase": "Pending", "initContainerStatuses": [waiting_init]}, inits=1))
+        == "Init:0/1"
+    )
+    assert pod_status_text(pod({"phase": "Running", "containerStatuses": [crashing]})) == "CrashLoopBackOff"
+    assert pod_status_text(pod({"phase": "Running"}, deleting=True)) == "Terminating"
+    assert pod_status_text(pod({"phase": "Pending"})) == "Pending"
+    assert go_duration(80) == "1m20s" and go_duration(300) == "5m0s" and go_duration(10) == "10s"

@@ -63,14 +63,12 @@ async def test_build_whose_service_account_is_missing_fails_at_once_with_the_fix
     assert "cannot create its pod" in message
     assert 'serviceaccount "funnelcake-kaniko" not found' in message
     assert "Create the service account funnelcake-kaniko in namespace funnelcake" in (err.value.hint or "")
-    # GKE's own record of it: FailedCreate on the Job, no pod at all
-    job = sim_cluster.store.get("jobs", NS, f"funnelcake-build-api-{sha[:7]}")
-    assert job is not None
-    events, _ = sim_cluster.store.list(
-        "events", NS, field_selector=f"involvedObject.uid={job['metadata']['uid']}"
-    )
+    # GKE's own record of it: FailedCreate on the Job and no pod at all; the bot deleted the stuck Job
+    name = f"funnelcake-build-api-{sha[:7]}"
+    events, _ = sim_cluster.store.list("events", NS, field_selector=f"involvedObject.name={name}")
     assert {e["reason"] for e in events} == {"FailedCreate"}
-    assert sim_cluster.store.list("pods", NS, label_selector=f"job-name={job['metadata']['name']}")[0] == []
+    assert sim_cluster.store.list("pods", NS, label_selector=f"job-name={name}")[0] == []
+    assert sim_cluster.store.get("jobs", NS, name) is None
 
 
 async def test_build_no_node_can_take_is_reported_with_the_schedulers_reason(
@@ -129,10 +127,11 @@ async def test_migration_reads_only_its_own_log_while_the_previous_runs_pod_term
     listed = sim_cluster.store.list("pods", NS, label_selector="job-name=funnelcake-db-migrate")[0]
     terminating = [p for p in listed if p["metadata"].get("deletionTimestamp")]
     assert terminating and {p["metadata"]["name"] for p in terminating} <= first_pods  # GKE still lists them
-    assert "Dirty database" in sim_cluster.store.get_log(NS, terminating[0]["metadata"]["name"], "migrate")
+    stale = [sim_cluster.store.get_log(NS, p["metadata"]["name"], "migrate") for p in terminating]
+    assert all(text.startswith("error: ") for text in stale)  # what a careless reader would parse
     assert run.succeeded
     assert run.result.outcome is MigrateOutcome.NO_CHANGE
-    assert "Dirty" not in run.log
+    assert "error" not in run.log
     assert run.pod not in first_pods
 
 

@@ -138,6 +138,16 @@ async def run_job(
             task.cancel()
         await asyncio.gather(watcher, stuck, return_exceptions=True)
     if watcher not in done:
+        # the Job would sit there (or retry the same failure) until someone deletes it: do it now, so
+        # the next run can take the name, then say why
+        with contextlib.suppress(BotError):
+            await client.call(
+                f"delete job {ns}/{name}",
+                client.batch.delete_namespaced_job,
+                name,
+                ns,
+                propagation_policy="Background",
+            )
         stuck.result()  # raises the cause found (watch_stuck never returns)
         raise AssertionError("unreachable")  # pragma: no cover
     final = watcher.result()  # raises what the watch raised
@@ -212,6 +222,17 @@ async def watch_stuck(
 
 class JobStuck(PermanentError):
     """The Job cannot make progress by itself; the message says why and the hint what to do."""
+
+
+async def stuck_cause(client: ClusterClient, ns: str, name: str, uid: str, *, what: str) -> JobStuck | None:
+    """After a Job failed: the reason its pods could not run (refused, unplaced, init failure), if any."""
+    try:
+        await _check_stuck(client, ns, name, uid, what=what, grace=0.0, pending_since={})
+    except JobStuck as e:
+        return e
+    except BotError:
+        return None
+    return None
 
 
 async def _check_stuck(

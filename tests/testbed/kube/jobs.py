@@ -12,10 +12,9 @@ Identity grants the builder push rights there and nowhere else. Its log reads li
 
 Simplifications: one pod at a time (parallelism 1, completions 1 by default); restartPolicy OnFailure is
 run like Never (the Job controller replaces the pod); ttlSecondsAfterFinished is ignored, so a finished
-Job stays until deleted (the bot deletes it before creating the next one with the same name). The kubelet
-runs no init containers: the build program plays the clone itself, and a failed clone ends the kaniko
-container with git's exit code and message (also written as the `clone` container's log); on GKE the
-kaniko container would never start and only `kubectl logs -c clone` would show the message.
+Job stays until deleted (the bot deletes it before creating the next one with the same name). The
+kubelet runs the `clone` init container first (git clone + checkout of COMMIT): when it fails the pod is
+Init:Error, kaniko never starts, and only `kubectl logs -c clone` shows git's message.
 """
 
 from __future__ import annotations
@@ -316,6 +315,20 @@ class BuildProgram:
         except _Failed as e:
             return e.code, "".join(f"{ln}\n" for ln in log_lines) + e.text
 
+    @staticmethod
+    def is_clone(container: dict[str, Any]) -> bool:
+        return any(e.get("name") == "COMMIT" for e in container.get("env") or [])
+
+    async def clone_step(
+        self, pod: dict[str, Any], container: dict[str, Any], env: dict[str, str]
+    ) -> tuple[int, str]:
+        """The `clone` init container: git clone + checkout of COMMIT; git's exit code and message."""
+        try:
+            await self._clone(pod)
+        except _Failed as e:
+            return e.code, e.text
+        return 0, ""
+
     async def _clone(self, pod: dict[str, Any]) -> str:
         """The init container's `git clone` + `git checkout --detach $COMMIT`; the full sha checked out."""
         spec = pod.get("spec") or {}
@@ -490,6 +503,7 @@ class JobController:
             delay=timings.job_run * 3,
         )
         kubelet.programs.append((BuildProgram.matches, self.builds))
+        kubelet.init_programs.append((BuildProgram.is_clone, self.builds.clone_step))
         self._retry_at: dict[tuple[str, str], float] = {}
 
     @staticmethod
