@@ -398,10 +398,15 @@ async def test_missing_tag_image_pull_backoff_progressing_until_deadline(
     assert by_reason["BackOff"]["message"] == f'Back-off pulling image "{img}"'
 
     # the old pods keep serving; Argo says Progressing (not Degraded) until the progress deadline
+    # (1.2 s here: on a loaded machine it may have passed already, and only then is Degraded right)
     app = await get_app(kube, "funnelcake-api")
-    assert app["status"]["health"]["status"] == "Progressing"
     dep = await get_deployment(kube, "funnelcake-api")
-    assert rollout_state(dep) == "waiting: updated"
+    if asyncio.get_running_loop().time() - before_sync < 1.2:
+        assert app["status"]["health"]["status"] == "Progressing"
+        assert rollout_state(dep) == "waiting: updated"
+    else:
+        assert app["status"]["health"]["status"] in ("Progressing", "Degraded")
+        assert rollout_state(dep) in ("waiting: updated", "failed: deadline")
     assert dep["status"]["availableReplicas"] == 2
     assert dep["status"]["updatedReplicas"] == 1
     assert dep["status"]["replicas"] == 3
