@@ -228,3 +228,14 @@ def test_pod_status_column_reads_like_kubectls() -> None:
     assert pod_status_text(pod({"phase": "Running"}, deleting=True)) == "Terminating"
     assert pod_status_text(pod({"phase": "Pending"})) == "Pending"
     assert go_duration(80) == "1m20s" and go_duration(300) == "5m0s" and go_duration(10) == "10s"
+
+
+def test_orphaned_dependents_lose_the_owner_reference() -> None:
+    store = Store()
+    owner = store.create("jobs", {**job(), "metadata": {"name": "migrate", "namespace": NS}})
+    ref = {"apiVersion": "batch/v1", "kind": "Job", "name": "migrate", "uid": owner["metadata"]["uid"]}
+    store.create("pods", {"metadata": {"name": "p", "namespace": NS, "ownerReferences": [ref]}, "spec": {}})
+    store.delete("jobs", NS, "migrate", propagation_policy="Orphan")
+    pod = store.get("pods", NS, "p")
+    assert pod is not None
+    assert "ownerReferences" not in pod["metadata"]

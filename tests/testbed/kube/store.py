@@ -788,7 +788,9 @@ class Store:
         gone["metadata"]["resourceVersion"] = str(self._rv)
         self._emit("DELETED", resource, gone, None)
         policy = propagation_policy or _DEFAULT_PROPAGATION.get(resource, "Background")
-        if policy != "Orphan":
+        if policy == "Orphan":
+            self._orphan_dependents(namespace, obj["metadata"]["uid"])
+        else:
             if self.gc_delay is None:
                 self._collect_dependents(namespace, obj["metadata"]["uid"])
             else:
@@ -796,6 +798,25 @@ class Store:
                     self.gc_delay, self._collect_dependents, namespace, obj["metadata"]["uid"]
                 )
         return _copy(gone)
+
+    def _orphan_dependents(self, namespace: str, owner_uid: str) -> None:
+        """Orphan propagation: the garbage collector strips the gone owner's reference from its dependents."""
+        for resource, by_ns in self._objects.items():
+            for dep in list(by_ns.get(namespace, {}).values()):
+                refs = dep["metadata"].get("ownerReferences") or []
+                if not any(ref.get("uid") == owner_uid for ref in refs):
+                    continue
+
+                def strip(obj: dict[str, Any]) -> None:
+                    kept = [
+                        r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != owner_uid
+                    ]
+                    if kept:
+                        obj["metadata"]["ownerReferences"] = kept
+                    else:
+                        obj["metadata"].pop("ownerReferences", None)
+
+                self.update(resource, namespace, dep["metadata"]["name"], strip)
 
     def _finish_termination(self, namespace: str, name: str, uid: str) -> None:
         pod = self._objects["pods"].get(namespace, {}).get(name)
