@@ -33,7 +33,11 @@ def seed(store: Store) -> None:
                 "spec": {
                     "replicas": 3,
                     "selector": {"matchLabels": {"app": app}},
-                    "template": {"spec": {"containers": [{"name": "main", "image": f"reg/{app}:abc1234"}]}},
+                    "template": {
+                        # valid as a real server requires: the template carries the selector's labels
+                        "metadata": {"labels": {"app": app}},
+                        "spec": {"containers": [{"name": "main", "image": f"reg/{app}:abc1234"}]},
+                    },
                 },
             },
         )

@@ -52,7 +52,11 @@ FORBIDDEN = (
     "https://us-central1-docker.pkg.dev/v2/rich-compiler-479518-d2/containers-poc/funnelcake-api/manifests/e7e79eb: "
     "403 Forbidden"
 )
-INVALID = 'Failed to apply default image tag "Funnelcake:UPPER": couldn\'t parse image reference "Funnelcake:UPPER": invalid reference format'
+# the kubelet's text (1.33: parsers.ParseImageName over distribution/reference)
+INVALID = (
+    'Failed to apply default image tag "Funnelcake:UPPER": couldn\'t parse image name "Funnelcake:UPPER": '
+    "invalid reference format: repository name (library/Funnelcake) must be lowercase"
+)
 
 
 @pytest.mark.parametrize(

@@ -196,14 +196,22 @@ async def test_application_has_no_status_subresource_and_operation_bumps_generat
         _content_type="application/merge-patch+json",
     )
     assert with_status["status"]["sync"]["status"] == "Synced"  # status is written through the main resource
-    assert with_status["metadata"]["generation"] == 1
+    # without a status subresource, a status write is a change like any other: generation moves
+    assert with_status["metadata"]["generation"] == 2
+    labelled = await custom.patch_namespaced_custom_object(
+        *args,
+        "funnelcake-api",
+        {"metadata": {"labels": {"x": "y"}}},
+        _content_type="application/merge-patch+json",
+    )
+    assert labelled["metadata"]["generation"] == 2  # metadata never counts
     op = await custom.patch_namespaced_custom_object(
         *args,
         "funnelcake-api",
         {"operation": {"sync": {"revision": "HEAD"}}},
         _content_type="application/merge-patch+json",
     )
-    assert op["metadata"]["generation"] == 2
+    assert op["metadata"]["generation"] == 3
     with pytest.raises(ApiException) as err:
         await custom.patch_namespaced_custom_object_status(
             *args, "funnelcake-api", {"status": {}}, _content_type="application/merge-patch+json"
@@ -793,9 +801,17 @@ async def test_discovery_and_unknown_paths(api_client: client.ApiClient, kube_ap
     version = await client.VersionApi(api_client).get_code()
     assert version.major == "1"
     groups = await client.ApisApi(api_client).get_api_versions()
-    assert {g.name for g in groups.groups} == {"apps", "batch", "argoproj.io"}
+    assert {g.name for g in groups.groups} == {"apps", "batch", "argoproj.io", "authorization.k8s.io"}
     resources = await client.AppsV1Api(api_client).get_api_resources()
-    assert {r.name for r in resources.resources} == {"deployments", "deployments/status"}
+    assert {r.name for r in resources.resources} == {
+        "deployments",
+        "deployments/status",
+        "deployments/scale",
+        "replicasets",
+        "replicasets/status",
+        "replicasets/scale",
+    }
+    assert {r.name: r.short_names for r in resources.resources}["deployments"] == ["deploy"]
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{kube_api.url}/apis/apps/v1/namespaces/x/statefulsets") as resp:
             assert resp.status == 404

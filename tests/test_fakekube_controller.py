@@ -273,7 +273,10 @@ async def test_sync_to_a_present_amd64_tag_rolls_out(
     assert app["status"]["reconciledAt"] >= state["finishedAt"]
     dep = await get_deployment(kube, "funnelcake-api")
     assert rollout_state(dep) == "done"
-    pods = await pods_of(kube, "api")
+    listed = await pods_of(kube, "api")
+    # as on GKE, the replaced pods may still be listed, Terminating, for their containers' stop time
+    assert all(p["metadata"]["name"] in old_pods for p in listed if p["metadata"].get("deletionTimestamp"))
+    pods = [p for p in listed if not p["metadata"].get("deletionTimestamp")]
     assert len(pods) == 2
     assert not {p["metadata"]["name"] for p in pods} & old_pods
     for pod in pods:
@@ -395,14 +398,19 @@ async def test_missing_tag_image_pull_backoff_progressing_until_deadline(
     assert by_reason["BackOff"]["message"] == f'Back-off pulling image "{img}"'
 
     # the old pods keep serving; Argo says Progressing (not Degraded) until the progress deadline
+    # (1.2 s here: on a loaded machine it may have passed already, and only then is Degraded right)
     app = await get_app(kube, "funnelcake-api")
-    assert app["status"]["health"]["status"] == "Progressing"
     dep = await get_deployment(kube, "funnelcake-api")
-    assert rollout_state(dep) == "waiting: updated"
+    if asyncio.get_running_loop().time() - before_sync < 1.2:
+        assert app["status"]["health"]["status"] == "Progressing"
+        assert rollout_state(dep) == "waiting: updated"
+    else:
+        assert app["status"]["health"]["status"] in ("Progressing", "Degraded")
+        assert rollout_state(dep) in ("waiting: updated", "failed: deadline")
     assert dep["status"]["availableReplicas"] == 2
     assert dep["status"]["updatedReplicas"] == 1
     assert dep["status"]["replicas"] == 3
-    assert dep["status"]["unavailableReplicas"] == 0
+    assert dep["status"]["unavailableReplicas"] == 1  # 3 pods in the ReplicaSets, 2 available
 
     async def degraded() -> dict[str, Any] | None:
         a = await get_app(kube, "funnelcake-api")

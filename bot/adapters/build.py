@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.adapters.jobs import finished, read_log, run_job
+from bot.adapters.jobs import finished, read_log, run_job, stuck_cause
 from bot.adapters.kube import JSON, KubeClients
 from bot.errors import PermanentError
 from bot.settings import MIGRATE_IMAGE, Environment, Service
@@ -142,8 +142,13 @@ class Builder:
         )
         if not run.succeeded:
             name = str(job["metadata"]["name"])
+            uid_of_run = str((run.job.get("metadata") or {}).get("uid") or "")
+            cause = await stuck_cause(client, env.namespace, name, uid_of_run, what="build")
+            if cause is not None:
+                raise cause  # e.g. the clone init container failed: kaniko's own log is empty
             # A failed clone means kaniko never started: git's own message is in the init container's log.
-            _, clone_log = await read_log(client, env.namespace, name, "clone")
+            uid = str((run.job.get("metadata") or {}).get("uid") or "")
+            _, clone_log = await read_log(client, env.namespace, name, "clone", uid=uid)
             clone_tail = "\n".join(clone_log.rstrip().splitlines()[-5:])
             raise PermanentError(
                 f"the build of {image}:{short} for {env.name} failed (Job {name})",

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bot.adapters.kube import JSON, ClusterClient, KubeConflict, KubeNotFound
 from bot.errors import BotError, PermanentError
 from bot.logs import redact
+
+log = logging.getLogger(__name__)
 
 
 def condition(job: JSON, kind: str) -> JSON | None:
@@ -76,66 +81,245 @@ async def run_job(
     limit: float,
     on_update: Callable[[JSON], Awaitable[None]] | None = None,
     max_pods: int = 1,
+    stuck_grace: float = 5.0,
 ) -> JobRun:
     """Create `job` (replacing a finished one of the same name), watch it to Complete/Failed, read the logs
-    of its last `max_pods` pods (a retried pod can hide the first failure)."""
+    of its last `max_pods` pods (a retried pod can hide the first failure).
+
+    A Job that cannot progress (pod refused, unschedulable for `stuck_grace` s, init container failed)
+    fails at once with the cause and its fix, not at `limit`."""
     ns = str(job["metadata"]["namespace"])
     name = str(job["metadata"]["name"])
     await delete_finished(client, ns, name, what=what)
     try:
-        await client.call(f"create job {ns}/{name}", client.batch.create_namespaced_job, ns, job)
+        created = await client.call(f"create job {ns}/{name}", client.batch.create_namespaced_job, ns, job)
     except KubeConflict:
         # the fixed Job name is the cluster-wide guard: someone created it between our delete and create
         raise PermanentError(
             f"a {what} Job {name} is already running in {client.context}",
             hint="Another run holds the Job name; wait for it to finish.",
         ) from None
-    final: JSON | None = None
-    try:
-        async with (
-            asyncio.timeout(limit),
-            contextlib.aclosing(
-                client.watch(
-                    f"job {ns}/{name}",
-                    client.batch.list_namespaced_job,
-                    ns,
-                    field_selector=f"metadata.name={name}",
-                )
-            ) as events,
-        ):
+    uid = str((created.get("metadata") or {}).get("uid") or "")
+
+    async def follow() -> JSON:
+        async with contextlib.aclosing(
+            client.watch(
+                f"job {ns}/{name}",
+                client.batch.list_namespaced_job,
+                ns,
+                field_selector=f"metadata.name={name}",
+            )
+        ) as events:
             async for kind, obj in events:
                 if kind == "DELETED":
                     raise PermanentError(f"the {what} Job {name} was deleted while running")
                 if on_update is not None:
                     await on_update(obj)
                 if finished(obj):
-                    final = obj
-                    break
+                    return obj
+        raise PermanentError(f"the watch of Job {name} ended")  # pragma: no cover - watch() reconnects
+
+    watcher = asyncio.create_task(follow(), name=f"watch job {name}")
+    stuck = asyncio.create_task(
+        watch_stuck(client, ns, name, uid, what=what, grace=stuck_grace), name=f"stuck job {name}"
+    )
+    done: set[asyncio.Task[Any]] = set()
+    try:
+        async with asyncio.timeout(limit):
+            done, _ = await asyncio.wait({watcher, stuck}, return_when=asyncio.FIRST_COMPLETED)
     except TimeoutError:
-        pod, log = await read_log(client, ns, name, container, max_pods=max_pods)
+        pod, log = await read_log(client, ns, name, container, max_pods=max_pods, uid=uid)
         raise PermanentError(
             f"the {what} Job {name} did not finish within {limit:.0f}s",
             hint=f"Look at its pods (kubectl -n {ns} logs job/{name}). Last lines:\n{log[-1500:]}",
         ) from None
-    if final is None:  # pragma: no cover - watch() reconnects until cancelled
-        raise PermanentError(f"the watch of Job {name} ended")
-    pod, log = await read_log(client, ns, name, container, max_pods=max_pods)
+    finally:
+        for task in (watcher, stuck):
+            task.cancel()
+        await asyncio.gather(watcher, stuck, return_exceptions=True)
+    if watcher not in done:
+        # the Job would sit there (or retry the same failure) until someone deletes it: do it now, so
+        # the next run can take the name, then say why
+        with contextlib.suppress(BotError):
+            await client.call(
+                f"delete job {ns}/{name}",
+                client.batch.delete_namespaced_job,
+                name,
+                ns,
+                propagation_policy="Background",
+            )
+        stuck.result()  # raises the cause found (watch_stuck never returns)
+        raise AssertionError("unreachable")  # pragma: no cover
+    final = watcher.result()  # raises what the watch raised
+    pod, log = await read_log(client, ns, name, container, max_pods=max_pods, uid=uid)
     return JobRun(final, pod, log)
 
 
+def _unschedulable(pod: JSON) -> str | None:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return str(cond.get("message") or cond.get("reason") or "Unschedulable")
+    return None
+
+
+def _failed_init(pod: JSON) -> tuple[str, JSON] | None:
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        state = cs.get("state") or {}
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        term = state.get("terminated") or last
+        if term and term.get("exitCode") not in (None, 0):
+            return str(cs.get("name")), dict(term)
+    return None
+
+
+def scheduling_hint(message: str, pod: JSON) -> str:
+    spec = pod.get("spec") or {}
+    if "node affinity/selector" in message:
+        return (
+            f"No node matches the pod's nodeSelector {spec.get('nodeSelector') or {}}: add a node pool "
+            "with those labels (GKE: gcloud container node-pools create …) or fix the selector."
+        )
+    if "Insufficient" in message:
+        return (
+            "The pod requests more than any node has free: lower its resources.requests, or add "
+            "bigger nodes / enable the cluster autoscaler on the pool."
+        )
+    return "Look at the pod's events (kubectl describe pod) and fix what the scheduler names."
+
+
+def create_hint(message: str) -> str:
+    m = re.search(r"error looking up service account ([^/\s]+)/([^:\s]+)", message)
+    if m:
+        return (
+            f"Create the service account {m.group(2)} in namespace {m.group(1)} (bound to the build's "
+            "Google service account through Workload Identity), or set the serviceAccountName the cluster has."
+        )
+    if "exceeded quota" in message:
+        return "The namespace's ResourceQuota is used up: free some quota or raise it."
+    return "Fix what the message names (kubectl describe job) and retry."
+
+
+async def watch_stuck(
+    client: ClusterClient, ns: str, name: str, uid: str, *, what: str, grace: float, every: float = 0.5
+) -> None:
+    """Raise as soon as the Job cannot make progress by itself, instead of letting it sit until its timeout.
+
+    GKE leaves such a Job waiting forever: admission refusing its pod (FailedCreate on the Job), a pod
+    the scheduler cannot place for `grace` seconds (autoscaling would have acted by then), a failed init
+    container (the main container never starts).
+    """
+    pending_since: dict[str, float] = {}
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await _check_stuck(client, ns, name, uid, what=what, grace=grace, pending_since=pending_since)
+        except JobStuck:
+            raise
+        except BotError as e:
+            # a failed look is no diagnosis: the watch carries on and the next look may succeed
+            log.info("could not check Job %s for a stuck pod: %s", name, e)
+
+
+class JobStuck(PermanentError):
+    """The Job cannot make progress by itself; the message says why and the hint what to do."""
+
+
+async def stuck_cause(client: ClusterClient, ns: str, name: str, uid: str, *, what: str) -> JobStuck | None:
+    """After a Job failed: the reason its pods could not run (refused, unplaced, init failure), if any."""
+    try:
+        await _check_stuck(client, ns, name, uid, what=what, grace=0.0, pending_since={})
+    except JobStuck as e:
+        return e
+    except BotError:
+        return None
+    return None
+
+
+async def _check_stuck(
+    client: ClusterClient,
+    ns: str,
+    name: str,
+    uid: str,
+    *,
+    what: str,
+    grace: float,
+    pending_since: dict[str, float],
+) -> None:
+    loop = asyncio.get_running_loop()
+    if uid:
+        events = await client.call(
+            f"events of job {name}",
+            client.core.list_namespaced_event,
+            ns,
+            field_selector=f"involvedObject.uid={uid}",
+        )
+        for ev in events.get("items") or []:
+            if ev.get("type") == "Warning" and ev.get("reason") == "FailedCreate":
+                message = str(ev.get("message") or "")
+                raise JobStuck(
+                    f"the {what} Job {name} in {client.context} cannot create its pod: {message}",
+                    hint=create_hint(message),
+                )
+    for pod in await _job_pods(client, ns, name, uid):
+        pod_name = str(pod["metadata"]["name"])
+        why = _unschedulable(pod)
+        if why is not None:
+            since = pending_since.setdefault(pod_name, loop.time())
+            if loop.time() - since >= grace:
+                raise JobStuck(
+                    f"the {what} Job {name}'s pod {pod_name} cannot be scheduled in {client.context}: {why}",
+                    hint=scheduling_hint(why, pod),
+                )
+        failed = _failed_init(pod)
+        if failed is not None:
+            container, term = failed
+            try:
+                text = await client.text(
+                    f"log of {pod_name}",
+                    client.core.read_namespaced_pod_log,
+                    pod_name,
+                    ns,
+                    container=container,
+                )
+            except BotError:
+                text = ""
+            tail = "\n".join(redact(text).rstrip().splitlines()[-5:]) or str(term.get("message") or "")
+            raise JobStuck(
+                f"the {what} Job {name}'s init container {container} failed "
+                f"(exit code {term.get('exitCode')}, {term.get('reason') or 'Error'}), so it never started",
+                hint=f"Its log:\n{tail}" if tail else "Read it: kubectl logs -c " + container,
+            )
+
+
+async def _job_pods(client: ClusterClient, ns: str, name: str, uid: str) -> list[JSON]:
+    """This run's pods (by the Job's uid, not its reused name), without those being deleted."""
+    selector = f"batch.kubernetes.io/controller-uid={uid}" if uid else f"job-name={name}"
+    listing = await client.call(
+        f"pods of job {name}", client.core.list_namespaced_pod, ns, label_selector=selector
+    )
+    return [
+        p
+        for p in listing.get("items") or []
+        if not (p.get("metadata") or {}).get("deletionTimestamp")
+        and (
+            not uid
+            or any(ref.get("uid") == uid for ref in (p.get("metadata") or {}).get("ownerReferences") or [])
+        )
+    ]
+
+
 async def read_log(
-    client: ClusterClient, ns: str, name: str, container: str, *, max_pods: int = 1
+    client: ClusterClient, ns: str, name: str, container: str, *, max_pods: int = 1, uid: str = ""
 ) -> tuple[str | None, str]:
     """The logs of the Job's last `max_pods` pods, oldest first, and the newest pod's name.
 
+    With `uid`, only that Job's pods count: a Job of the same name run before may still have pods
+    Terminating (GKE deletes them after their grace period), and their log is not this run's.
     Redacted here, before anything parses them into messages: golang-migrate may print its DSN with
     the password (a URL parse error quotes it whole), and these lines reach Slack, the ledger and logs.
     """
-    listing = await client.call(
-        f"pods of job {name}", client.core.list_namespaced_pod, ns, label_selector=f"job-name={name}"
-    )
     pods = sorted(
-        listing.get("items") or [],
+        await _job_pods(client, ns, name, uid),
         key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""),
     )[-max_pods:]
     if not pods:

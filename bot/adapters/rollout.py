@@ -89,6 +89,11 @@ def is_new_pod(pod: JSON, deployment: JSON) -> bool:
     return bool(want) and all(have.get(n) == img for n, img in want.items())
 
 
+def being_deleted(pod: JSON) -> bool:
+    """A pod GKE is stopping (Terminating: deletionTimestamp set): no longer part of any rollout."""
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def pod_ready(pod: JSON) -> bool:
     for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
@@ -191,7 +196,8 @@ async def watch_rollout(
                 if tag == "deploy":
                     if kind != "DELETED":
                         deployment = obj
-                elif kind == "DELETED":
+                elif kind == "DELETED" or being_deleted(obj):
+                    # a Terminating pod still reports Ready for its grace period: it counts for nothing
                     pods.pop(str(obj["metadata"]["name"]), None)
                 else:
                     pods[str(obj["metadata"]["name"])] = obj

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from bot.adapters.argocd import AppNotFound, ArgoCD
 from bot.adapters.diagnosis import Diagnoser, Diagnosis, failing_reason, split_image
 from bot.adapters.kube import JSON, ClusterClient, KubeClients, KubeNotFound
-from bot.adapters.rollout import is_new_pod, pod_ready, template_images
+from bot.adapters.rollout import being_deleted, is_new_pod, pod_ready, template_images
 from bot.errors import BotError
 from bot.settings import Environment, Service
 
@@ -182,7 +182,8 @@ async def _service(
             ns,
             label_selector=",".join(f"{k}={v}" for k, v in sorted(match.items())),
         )
-        items = pods.get("items") or []
+        # pods being deleted (Terminating) are neither ready capacity nor failures to report
+        items = [p for p in pods.get("items") or [] if not being_deleted(p)]
         ready = sum(1 for p in items if is_new_pod(p, deploy) and pod_ready(p))
         failing = await _failing_pods(client, env, items, diagnoser)
     status = (app or {}).get("status") or {}

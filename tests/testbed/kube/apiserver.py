@@ -8,12 +8,18 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import yaml
 from aiohttp import web
 
+from tests.testbed.kube import admission, openapi
+from tests.testbed.kube.printers import table, wants_table
+from tests.testbed.kube.protobuf import decode_self_subject_access_review
 from tests.testbed.kube.store import RESOURCES, ResourceInfo, Store, StoreError, not_found
+from tests.testbed.kube.tls import sandbox_ca
 
 __all__ = ["FakeKubeAPI", "TokenCheck", "mint_token"]
 
@@ -85,6 +91,23 @@ def _flag(value: str | None) -> bool:
     return value is not None and value.lower() in ("true", "1")
 
 
+def _dry_run(request: web.Request) -> bool:
+    value = request.query.get("dryRun")
+    if value is None:
+        return False
+    if value != "All":
+        raise StoreError(400, "BadRequest", f"Invalid dry run value: {value!r}: supported values: All")
+    return True
+
+
+def _strict(request: web.Request) -> bool:
+    return request.query.get("fieldValidation", "") == "Strict"
+
+
+def _selector_text(selector: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items()))
+
+
 def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -105,14 +128,23 @@ class FakeKubeAPI:
         tokens: TokenCheck | None = None,
         host: str = "127.0.0.1",
         latency: float = 0.0,
+        tls: bool = False,
+        prefix: str = "",
     ) -> None:
+        """`tls` serves https with the test bed's CA; `prefix` is a path every API path sits under, as
+        GKE Connect Gateway's `/v1/projects/<number>/locations/<location>/gkeMemberships/<membership>`."""
         self.store = store
+        self.tls = tls
+        self.prefix = prefix.rstrip("/")
         self.tokens = tokens
         self.host = host
         # Seconds slept before handling each request, so a benchmark sees a remote cluster's round trip;
         # settable while running.
         self.latency = latency
         self.port = 0
+        # a watch that asked for bookmarks gets one after this many quiet seconds (the watch cache's
+        # are about a minute apart; shorter here so short watches see them)
+        self.bookmark_interval = 5.0
         self.requests = 0  # how many requests were served (tests assert on it; a counter, never a log)
         self.unauthorized = 0
         self._runner: web.AppRunner | None = None
@@ -122,26 +154,40 @@ class FakeKubeAPI:
     def url(self) -> str:
         if not self.port:
             raise RuntimeError("FakeKubeAPI.url is only known after start()")
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.prefix}"
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._middleware], client_max_size=8 * 1024 * 1024)
         r = app.router
+        p = self.prefix
         for slash in ("", "/"):  # kubernetes_asyncio's VersionApi asks for /version/
-            r.add_get("/version" + slash, self._version)
-            r.add_get("/api" + slash, self._api_versions)
-            r.add_get("/apis" + slash, self._api_groups)
-            r.add_get("/api/v1" + slash, self._core_resources)
-            r.add_get("/apis/{group}/{version}" + slash, self._group_resources)
-        for prefix in ("/api/{version:v1}", "/apis/{group}/{version}"):
-            r.add_get(prefix + "/{plural}", self._collection)
+            r.add_get(p + "/version" + slash, self._version)
+            r.add_get(p + "/api" + slash, self._api_versions)
+            r.add_get(p + "/apis" + slash, self._api_groups)
+            r.add_get(p + "/api/v1" + slash, self._core_resources)
+            r.add_get(p + "/apis/{group}/{version}" + slash, self._group_resources)
+        for probe in ("/readyz", "/livez", "/healthz"):
+            r.add_get(p + probe, self._probe)
+        r.add_post(
+            p + "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self._self_subject_access_review
+        )
+        r.add_get(p + "/openapi/v3", self._openapi_index)
+        r.add_get(p + "/openapi/v3/{gv:.+}", self._openapi_group_version)
+        r.add_get(p + "/openapi/v2", self._openapi_v2)
+        for prefix in (p + "/api/{version:v1}", p + "/apis/{group}/{version}"):
+            r.add_route("*", prefix + "/{plural}", self._collection)
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}", self._collection)
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}/{name}", self._item)
             r.add_route("*", prefix + "/namespaces/{namespace}/{plural}/{name}/{sub}", self._item)
+            # cluster-scoped objects (namespaces, nodes)
+            r.add_route("*", prefix + "/{plural}/{name}", self._item)
+            r.add_route("*", prefix + "/{plural}/{name}/{sub}", self._item)
         # Without handler cancellation, a watch whose client went away would wait for its next event forever.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
+        ssl_context = sandbox_ca().server_context() if self.tls else None
+        site = web.TCPSite(self._runner, self.host, 0, ssl_context=ssl_context)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
@@ -208,6 +254,21 @@ class FakeKubeAPI:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
+        ctype = request.headers.get("Content-Type", "")
+        if "protobuf" in ctype:
+            # as a server without the protobuf codec answers (an aggregated API, a CRD): clients
+            # (client-go >= 1.31) retry the request as JSON
+            raise StoreError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/json, application/yaml (got {ctype})",
+            )
+        if "yaml" in ctype and "apply-patch" not in ctype:
+            try:
+                return yaml.safe_load(await request.read() or b"null")
+            except yaml.YAMLError as exc:
+                raise StoreError(400, "BadRequest", f"the request body is not valid YAML: {exc}") from None
         try:
             return json.loads(await request.read() or b"null")
         except ValueError as exc:
@@ -243,6 +304,7 @@ class FakeKubeAPI:
 
     async def _api_groups(self, request: web.Request) -> web.Response:
         groups = sorted({(i.group, i.version) for i in RESOURCES.values() if i.group})
+        groups.append(("authorization.k8s.io", "v1"))
         return _json_response(
             {
                 "kind": "APIGroupList",
@@ -261,39 +323,49 @@ class FakeKubeAPI:
     @staticmethod
     def _resource_list(group: str, version: str) -> dict[str, Any]:
         resources: list[dict[str, Any]] = []
+        if (group, version) == ("authorization.k8s.io", "v1"):
+            resources.append(
+                {
+                    "name": "selfsubjectaccessreviews",
+                    "singularName": "selfsubjectaccessreview",
+                    "namespaced": False,
+                    "kind": "SelfSubjectAccessReview",
+                    "verbs": ["create"],
+                }
+            )
         for info in RESOURCES.values():
             if (info.group, info.version) != (group, version):
                 continue
-            verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
-            resources.append(
-                {
-                    "name": info.plural,
-                    "singularName": info.kind.lower(),
-                    "namespaced": True,
-                    "kind": info.kind,
+            entry: dict[str, Any] = {
+                "name": info.plural,
+                "singularName": info.kind.lower(),
+                "namespaced": info.namespaced,
+                "kind": info.kind,
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            }
+            if info.short_names:
+                entry["shortNames"] = list(info.short_names)
+            if info.categories:
+                entry["categories"] = list(info.categories)
+            resources.append(entry)
+            subresources = []
+            if info.has_status:
+                subresources.append(("status", info.kind, ["get", "patch", "update"], None))
+            if info.plural in ("deployments", "replicasets"):
+                subresources.append(("scale", "Scale", ["get", "patch", "update"], "autoscaling"))
+            if info.plural == "pods":
+                subresources.append(("log", "Pod", ["get"], None))
+            for sub, kind, verbs, sub_group in subresources:
+                item: dict[str, Any] = {
+                    "name": f"{info.plural}/{sub}",
+                    "singularName": "",
+                    "namespaced": info.namespaced,
+                    "kind": kind,
                     "verbs": verbs,
                 }
-            )
-            if info.has_status:
-                resources.append(
-                    {
-                        "name": f"{info.plural}/status",
-                        "singularName": "",
-                        "namespaced": True,
-                        "kind": info.kind,
-                        "verbs": ["get", "patch", "update"],
-                    }
-                )
-            if info.plural == "pods":
-                resources.append(
-                    {
-                        "name": "pods/log",
-                        "singularName": "",
-                        "namespaced": True,
-                        "kind": "Pod",
-                        "verbs": ["get"],
-                    }
-                )
+                if sub_group:
+                    item.update(group=sub_group, version="v1")
+                resources.append(item)
         if not resources:
             raise StoreError(
                 404, "NotFound", f"the server could not find the requested resource ({group}/{version})"
@@ -311,49 +383,115 @@ class FakeKubeAPI:
     async def _group_resources(self, request: web.Request) -> web.Response:
         return _json_response(self._resource_list(request.match_info["group"], request.match_info["version"]))
 
+    async def _probe(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok", content_type="text/plain")
+
+    async def _self_subject_access_review(self, request: web.Request) -> web.Response:
+        """`kubectl auth can-i`: the gateway's identity may do everything here (the bot's RBAC on GKE)."""
+        if "protobuf" in request.headers.get("Content-Type", ""):
+            try:
+                body: Any = decode_self_subject_access_review(await request.read())
+            except (ValueError, IndexError, KeyError) as exc:
+                raise StoreError(400, "BadRequest", f"cannot decode the protobuf body: {exc}") from None
+        else:
+            body = await self._body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+            raise StoreError(400, "BadRequest", "a SelfSubjectAccessReview needs a spec")
+        return _json_response(
+            {
+                "kind": "SelfSubjectAccessReview",
+                "apiVersion": "authorization.k8s.io/v1",
+                "metadata": {"creationTimestamp": None},
+                "spec": body["spec"],
+                "status": {"allowed": True, "reason": "the test bed grants every verb"},
+            },
+            201,
+        )
+
+    # -- OpenAPI -----------------------------------------------------------------------------------------
+
+    async def _openapi_index(self, request: web.Request) -> web.Response:
+        return _json_response(openapi.index(self.prefix))
+
+    async def _openapi_group_version(self, request: web.Request) -> web.Response:
+        doc = openapi.document(request.match_info["gv"])
+        if doc is None:
+            raise web.HTTPNotFound()
+        return _json_response(doc)
+
+    async def _openapi_v2(self, request: web.Request) -> web.Response:
+        # Clients use v3 when the server publishes it; v2 (protobuf) is not served, as on servers that disable it.
+        raise web.HTTPNotFound()
+
     # -- collections -------------------------------------------------------------------------------------
+
+    def _check_scope(self, request: web.Request, info: ResourceInfo, *, item: bool) -> str | None:
+        namespace = request.match_info.get("namespace")
+        if namespace is not None and not info.namespaced:
+            raise web.HTTPNotFound()
+        if namespace is None and info.namespaced and item:
+            raise web.HTTPNotFound()
+        return namespace if info.namespaced else ("" if item else None)
 
     async def _collection(self, request: web.Request) -> web.StreamResponse:
         info = self._resolve(request)
-        namespace = request.match_info.get("namespace")
+        namespace = self._check_scope(request, info, item=False)
         if request.method == "GET":
             if _flag(request.query.get("watch")):
                 return await self._watch(request, info, namespace)
-            items, rv = self.store.list(
+            items, rv, cont, remaining = self.store.list_page(
                 info.plural,
                 namespace,
                 label_selector=request.query.get("labelSelector"),
                 field_selector=request.query.get("fieldSelector"),
+                limit=_int_param(request, "limit"),
+                continue_token=request.query.get("continue") or None,
             )
+            if wants_table(request.headers.get("Accept")):
+                return _json_response(
+                    table(
+                        info.plural,
+                        items,
+                        resource_version=rv,
+                        include_object=request.query.get("includeObject", "Metadata"),
+                        cont=cont,
+                    )
+                )
+            meta: dict[str, Any] = {"resourceVersion": rv}
+            if cont:
+                meta.update({"continue": cont, "remainingItemCount": remaining})
             return _json_response(
-                {
-                    "kind": f"{info.kind}List",
-                    "apiVersion": info.api_version,
-                    "metadata": {"resourceVersion": rv},
-                    "items": items,
-                }
+                {"kind": f"{info.kind}List", "apiVersion": info.api_version, "metadata": meta, "items": items}
             )
-        if request.method == "POST" and namespace is not None:
+        if request.method == "POST" and (namespace is not None or not info.namespaced):
             body = await self._body(request)
             if not isinstance(body, dict):
                 raise StoreError(400, "BadRequest", "the request body must be a JSON object")
             meta = body.setdefault("metadata", {})
-            if meta.get("namespace") not in (None, "", namespace):
-                raise StoreError(
-                    400,
-                    "BadRequest",
-                    "the namespace of the provided object does not match the namespace sent on the request",
-                )
-            meta["namespace"] = namespace
+            if info.namespaced:
+                if meta.get("namespace") not in (None, "", namespace):
+                    raise StoreError(
+                        400,
+                        "BadRequest",
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    )
+                meta["namespace"] = namespace
             if info.has_status:
                 # Clients cannot create status (the real create strategies reset it); the in-process
                 # controller may, through Store.create directly.
                 body.pop("status", None)
                 if info.plural == "pods":
                     body["status"] = {"phase": "Pending"}
-            if _flag(request.query.get("dryRun")) or request.query.get("dryRun") == "All":
-                raise StoreError(400, "BadRequest", "dryRun is not supported by the fake API server")
-            return _json_response(self.store.create(info.plural, body), 201)
+                if info.plural == "namespaces":
+                    body["status"] = {"phase": "Active"}
+            uid = str(uuid.uuid4())
+            admission.default(info.plural, body)
+            if info.plural == "jobs":
+                admission.set_job_selector(body, uid)
+            admission.validate_create(info.plural, body, self.store, strict=_strict(request))
+            if _dry_run(request):
+                return _json_response(self.store.dry_run_create(info.plural, body), 201)
+            return _json_response(self.store.create(info.plural, body, uid=uid), 201)
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
 
     async def _watch(
@@ -363,6 +501,9 @@ class FakeKubeAPI:
         rv = request.query.get("resourceVersion")
         label_selector = request.query.get("labelSelector")
         field_selector = request.query.get("fieldSelector")
+        as_table = wants_table(request.headers.get("Accept"))
+        include_object = request.query.get("includeObject", "Metadata")
+        bookmarks = _flag(request.query.get("allowWatchBookmarks"))
         response = web.StreamResponse(status=200, headers={"Content-Type": _JSON})
         response.enable_chunked_encoding()
         try:
@@ -373,6 +514,7 @@ class FakeKubeAPI:
                 resource_version=rv,
                 label_selector=label_selector,
                 field_selector=field_selector,
+                bookmark_interval=self.bookmark_interval if bookmarks else None,
             )
         except StoreError as err:
             if err.code != 410:
@@ -386,10 +528,28 @@ class FakeKubeAPI:
         task = asyncio.current_task()
         assert task is not None
         self._watches.add(task)
+        first = True
+
+        async def send(event_type: str, obj: dict[str, Any]) -> None:
+            nonlocal first
+            if as_table and event_type != "BOOKMARK":
+                # a watch asked as Table carries one-row Tables; the header only on the first
+                obj = table(info.plural, [obj], include_object=include_object, headers=first)
+                first = False
+            await response.write((_dumps({"type": event_type, "object": obj}) + "\n").encode())
+
         try:
             async with asyncio.timeout(timeout):
                 async for event_type, obj in stream:
-                    await response.write((_dumps({"type": event_type, "object": obj}) + "\n").encode())
+                    if event_type == "BOOKMARK":
+                        mark = {
+                            "kind": info.kind,
+                            "apiVersion": info.api_version,
+                            "metadata": obj["metadata"],
+                        }
+                        await send(event_type, mark)
+                    else:
+                        await send(event_type, obj)
         except TimeoutError:
             pass  # timeoutSeconds elapsed: end the stream cleanly so the client sees EOF
         except ConnectionResetError:
@@ -405,11 +565,14 @@ class FakeKubeAPI:
 
     async def _item(self, request: web.Request) -> web.StreamResponse:
         info = self._resolve(request)
-        namespace = request.match_info["namespace"]
+        namespace = self._check_scope(request, info, item=True)
+        assert namespace is not None
         name = request.match_info["name"]
         sub = request.match_info.get("sub")
         if sub == "log" and info.plural == "pods" and request.method == "GET":
             return await self._log(request, namespace, name)
+        if sub == "scale" and info.plural in ("deployments", "replicasets"):
+            return await self._scale(request, info, namespace, name)
         if sub not in (None, "status") or (sub == "status" and not info.has_status):
             raise StoreError(
                 404, "NotFound", f"the server could not find the requested resource ({request.path})"
@@ -419,6 +582,15 @@ class FakeKubeAPI:
             obj = self.store.get(info.plural, namespace, name)
             if obj is None:
                 raise not_found(info, name)
+            if wants_table(request.headers.get("Accept")):
+                return _json_response(
+                    table(
+                        info.plural,
+                        [obj],
+                        resource_version=obj["metadata"].get("resourceVersion"),
+                        include_object=request.query.get("includeObject", "Metadata"),
+                    )
+                )
             return _json_response(obj)
         if method == "PUT":
             body = await self._body(request)
@@ -431,23 +603,108 @@ class FakeKubeAPI:
                     "BadRequest",
                     f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})",
                 )
-            meta.update(name=name, namespace=meta.get("namespace") or namespace)
-            if meta["namespace"] != namespace:
-                raise StoreError(
-                    400,
-                    "BadRequest",
-                    "the namespace of the provided object does not match the namespace sent on the request",
-                )
-            return _json_response(self.store.replace(info.plural, body, subresource=sub))
+            meta["name"] = name
+            if info.namespaced:
+                meta["namespace"] = meta.get("namespace") or namespace
+                if meta["namespace"] != namespace:
+                    raise StoreError(
+                        400,
+                        "BadRequest",
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    )
+            return _json_response(self._checked_write(request, info, namespace, name, sub, lambda _cur: body))
         if method == "PATCH":
             body = await self._body(request)
             content_type = request.headers.get("Content-Type", "")
+            if _dry_run(request) or _strict(request) or (sub is None and info.plural in admission.VALIDATED):
+                return _json_response(
+                    self._checked_write(
+                        request,
+                        info,
+                        namespace,
+                        name,
+                        sub,
+                        lambda cur: self.store.patched(info.plural, cur, body, content_type),
+                    )
+                )
             return _json_response(
                 self.store.patch(info.plural, namespace, name, body, content_type, subresource=sub)
             )
         if method == "DELETE" and sub is None:
             return await self._delete(request, info, namespace, name)
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "DELETE"])
+
+    def _checked_write(
+        self,
+        request: web.Request,
+        info: ResourceInfo,
+        namespace: str,
+        name: str,
+        sub: str | None,
+        build: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """An update through admission (defaulting, validation, immutability), or a dry run of one."""
+        current = self.store.get(info.plural, namespace, name)
+        if current is None:
+            raise not_found(info, name)
+        new = build(current)
+        if sub is None:
+            admission.default(info.plural, new)
+            admission.validate_update(info.plural, new, current, strict=_strict(request))
+        if _dry_run(request):
+            return self.store.dry_run_write(info.plural, namespace, name, new, sub)
+        # a patch carries the stored resourceVersion unless it named one (a precondition)
+        return self.store.replace(info.plural, new, subresource=sub)
+
+    async def _scale(
+        self, request: web.Request, info: ResourceInfo, namespace: str, name: str
+    ) -> web.Response:
+        """The autoscaling/v1 Scale of a Deployment or ReplicaSet (`kubectl scale`)."""
+
+        def scale_of(obj: dict[str, Any]) -> dict[str, Any]:
+            meta = obj["metadata"]
+            return {
+                "kind": "Scale",
+                "apiVersion": "autoscaling/v1",
+                "metadata": {
+                    k: meta[k]
+                    for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                    if k in meta
+                },
+                "spec": {"replicas": int((obj.get("spec") or {}).get("replicas", 1))},
+                "status": {
+                    "replicas": int((obj.get("status") or {}).get("replicas") or 0),
+                    "selector": _selector_text((obj.get("spec") or {}).get("selector") or {}),
+                },
+            }
+
+        current = self.store.get(info.plural, namespace, name)
+        if current is None:
+            raise not_found(info, name)
+        if request.method == "GET":
+            return _json_response(scale_of(current))
+        if request.method not in ("PUT", "PATCH"):
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "PUT", "PATCH"])
+        body = await self._body(request)
+        if request.method == "PATCH":
+            body = self.store.patched(
+                info.plural, scale_of(current), body, request.headers.get("Content-Type", "")
+            )
+        replicas = ((body or {}).get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or replicas < 0:
+            raise StoreError(
+                422,
+                "Invalid",
+                f'Scale.autoscaling "{name}" is invalid: spec.replicas: Invalid value: {replicas!r}: '
+                "must be greater than or equal to 0",
+            )
+        if _dry_run(request):
+            return _json_response(scale_of({**current, "spec": {**current["spec"], "replicas": replicas}}))
+
+        def set_replicas(obj: dict[str, Any]) -> None:
+            obj["spec"]["replicas"] = replicas
+
+        return _json_response(scale_of(self.store.update(info.plural, namespace, name, set_replicas)))
 
     async def _delete(
         self, request: web.Request, info: ResourceInfo, namespace: str, name: str
@@ -463,18 +720,27 @@ class FakeKubeAPI:
             )
         if options.get("orphanDependents") is True and policy is None:
             policy = "Orphan"
+        grace = _int_param(request, "gracePeriodSeconds")
+        if grace is None and isinstance(options.get("gracePeriodSeconds"), int):
+            grace = options["gracePeriodSeconds"]
         pre = options.get("preconditions") or {}
-        if pre:
-            current = self.store.get(info.plural, namespace, name)
-            if current is not None and any(
-                pre.get(k) not in (None, current["metadata"].get(k)) for k in ("uid", "resourceVersion")
-            ):
-                raise StoreError(
-                    409,
-                    "Conflict",
-                    f'Operation cannot be fulfilled on {info.plural} "{name}": the precondition (uid/resourceVersion) does not match',
-                )
-        gone = self.store.delete(info.plural, namespace, name, propagation_policy=policy)
+        current = self.store.get(info.plural, namespace, name)
+        if current is None:
+            raise not_found(info, name)
+        if pre and any(
+            pre.get(k) not in (None, current["metadata"].get(k)) for k in ("uid", "resourceVersion")
+        ):
+            raise StoreError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {info.plural} "{name}": the precondition (uid/resourceVersion) does not match',
+            )
+        if _dry_run(request):
+            gone = current
+        else:
+            gone = self.store.delete(
+                info.plural, namespace, name, propagation_policy=policy, grace_period=grace
+            )
         # Pods and custom resources answer with the deleted object, the other built-ins with a Status.
         if info.custom or info.plural == "pods":
             return _json_response(gone)

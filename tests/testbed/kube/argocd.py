@@ -2,8 +2,9 @@
 
 It reads the GitOps bare remote with real git, renders the env overlay with `kubectl kustomize`, and
 writes the whole Application (no status subresource): a `refresh` annotation is consumed together with
-a newer `status.reconciledAt`; an `operation` becomes `operationState` Running, the rendered images are
-applied to the live Deployment, then ONE write sets the final phase, finishedAt, syncResult.revision and
+a newer `status.reconciledAt`. Sync status is a diff of everything the render sets against the live
+Deployment (a hand-made replicas or env change is OutOfSync); an `operation` becomes `operationState`
+Running, the whole rendered Deployment is applied (reverting such changes), then ONE write sets the final phase, finishedAt, syncResult.revision and
 removes `operation` — which is also why an `operation` patched while one is Running is silently lost.
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tests.testbed.kube import admission
 from tests.testbed.kube.controller import KeyedWorker, now_rfc3339, strictly_after
 
 if TYPE_CHECKING:
@@ -140,6 +142,58 @@ class Rendered:
 
     def images(self) -> dict[str, str]:
         return _images(self.deployment)
+
+
+def _keyed(items: list[Any]) -> dict[str, Any] | None:
+    """A list of named objects (containers, env, ports by name) as a dict, else None."""
+    if items and all(isinstance(i, dict) and "name" in i for i in items):
+        return {str(i["name"]): i for i in items}
+    return None
+
+
+def drift(desired: Any, live: Any, path: str = "") -> list[str]:
+    """Where `live` differs from `desired`, field by field over everything the render sets.
+
+    Fields only the live object has (defaults, status, controller annotations) are not drift, as in
+    Argo CD's normalised diff; a rendered field with another live value, or missing, is.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return [path or "."]
+        out: list[str] = []
+        for key, want in desired.items():
+            out += drift(want, live.get(key), f"{path}.{key}")
+        return out
+    if isinstance(desired, list):
+        if not isinstance(live, list):
+            return [path]
+        want_by, have_by = _keyed(desired), _keyed(live)
+        if want_by is not None and have_by is not None:
+            # merged by name, like a strategic merge: an entry someone else added is theirs, not drift
+            return [
+                d
+                for k, v in want_by.items()
+                for d in (drift(v, have_by[k], f"{path}[{k}]") if k in have_by else [f"{path}[{k}]"])
+            ]
+        if len(live) != len(desired):
+            return [path]
+        return [
+            d for i, (w, h) in enumerate(zip(desired, live, strict=True)) for d in drift(w, h, f"{path}[{i}]")
+        ]
+    return [] if desired == live or str(desired) == str(live) else [path]
+
+
+def merge_desired(live: Any, desired: Any) -> Any:
+    """`live` with every rendered field set back to its rendered value; live-only fields kept."""
+    if isinstance(desired, dict) and isinstance(live, dict):
+        return {**live, **{k: merge_desired(live.get(k), v) for k, v in desired.items()}}
+    if isinstance(desired, list) and isinstance(live, list):
+        want_by, have_by = _keyed(desired), _keyed(live)
+        if want_by is not None and have_by is not None:
+            merged = [merge_desired(have_by.get(k), v) for k, v in want_by.items()]
+            return merged + [v for k, v in have_by.items() if k not in want_by]
+        return [merge_desired(h, w) for w, h in zip(desired, live, strict=False)] + desired[len(live) :]
+    return desired
 
 
 def _images(deployment: dict[str, Any] | None) -> dict[str, str]:
@@ -294,7 +348,8 @@ class ArgoCD:
         self._rendered[key] = rendered
         self._targets.setdefault(target, set()).add(key)
         live = await self.store.get("deployments", *target)
-        sync_status = "Synced" if live is not None and _images(live) == rendered.images() else "OutOfSync"
+        desired = self._desired(app, rendered)
+        sync_status = "Synced" if live is not None and not drift(desired, live) else "OutOfSync"
         health, message = deployment_health(live)
         source = (app.get("spec") or {}).get("source") or {}
         destination = (app.get("spec") or {}).get("destination") or {}
@@ -413,27 +468,38 @@ class ArgoCD:
             # an operation set after ours finished must still be picked up
             self.worker.schedule(key)
 
+    def _desired(self, app: dict[str, Any], rendered: Rendered) -> dict[str, Any]:
+        """The manifest Argo CD applies: the render, in the destination namespace, with its tracking label."""
+        ns, _ = self._target_key(app, rendered)
+        manifest: dict[str, Any] = yaml.safe_load(yaml.safe_dump(rendered.deployment))
+        manifest["metadata"]["namespace"] = ns
+        manifest["metadata"].setdefault("labels", {})[TRACKING_LABEL] = app["metadata"]["name"]
+        manifest.pop("status", None)
+        return manifest
+
     async def _apply(self, app: dict[str, Any], rendered: Rendered) -> dict[str, Any]:
-        """Apply the rendered Deployment: create it, or set its container images (a spec change)."""
+        """Apply the whole rendered Deployment: create it, or put every rendered field back (spec and the
+        rendered labels/annotations), which reverts a hand-made change to any of them."""
         ns, name = self._target_key(app, rendered)
-        images = rendered.images()
+        desired = self._desired(app, rendered)
+        admission.default("deployments", desired)
         live = await self.store.get("deployments", ns, name)
         if live is None:
-            manifest = yaml.safe_load(yaml.safe_dump(rendered.deployment))
-            manifest["metadata"]["namespace"] = ns
-            manifest["metadata"].setdefault("labels", {})[TRACKING_LABEL] = app["metadata"]["name"]
-            manifest.pop("status", None)
-            await self.store.create("deployments", manifest)
+            await self.store.create("deployments", desired)
             verb = "created"
         else:
 
-            def set_images(obj: dict[str, Any]) -> None:
-                for c in obj["spec"]["template"]["spec"].get("containers") or []:
-                    if c.get("name") in images:
-                        c["image"] = images[c["name"]]
+            def put_back(obj: dict[str, Any]) -> None:
+                obj["spec"] = merge_desired(obj.get("spec") or {}, desired.get("spec") or {})
+                for field in ("labels", "annotations"):
+                    if desired["metadata"].get(field):
+                        obj["metadata"][field] = {
+                            **(obj["metadata"].get(field) or {}),
+                            **desired["metadata"][field],
+                        }
 
             before = live["metadata"].get("generation")
-            after = await self.store.update("deployments", ns, name, set_images)
+            after = await self.store.update("deployments", ns, name, put_back)
             verb = "configured" if after and after["metadata"].get("generation") != before else "unchanged"
         return {
             "group": "apps",

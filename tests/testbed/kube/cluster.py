@@ -29,6 +29,7 @@ from tests.testbed.kube.controller import DeploymentController, StoreView, Super
 from tests.testbed.kube.jobs import MIGRATE_IMAGE, ClickHouseState, JobController
 from tests.testbed.kube.kubeconfig import CONTEXTS, PLUGIN, plugin_env, write_kubeconfig
 from tests.testbed.kube.kubelet import EventRecorder, Kubelet, parse_image
+from tests.testbed.kube.scheduler import node_object
 from tests.testbed.kube.store import Store
 from tests.testbed.registry import Registries
 
@@ -53,6 +54,15 @@ SERVICES = ("api", "relay")
 NAMESPACE = "funnelcake"
 ARGOCD_NAMESPACE = "argocd"
 CLICKHOUSE_SECRET = "funnelcake-clickhouse-credentials"
+BUILDER_SERVICE_ACCOUNT = "funnelcake-builder"
+# Fleet project numbers, made up (Connect Gateway URLs name the project by number, not id).
+PROJECT_NUMBERS = {"production": "104729310482", "staging": "208318541107", "poc": "377215905263"}
+
+
+def gateway_path(env_name: str) -> str:
+    """The Connect Gateway path of an env's membership, which every Kubernetes API path sits under."""
+    number = PROJECT_NUMBERS.get(env_name, "999999999999")
+    return f"/v1/projects/{number}/locations/us-central1/gkeMemberships/gke-{env_name}-membership"
 
 
 class ClusterController:
@@ -94,6 +104,7 @@ class ClusterController:
             self.timings,
             self.nodes,
             kubelet=self.kubelet,
+            events=self.events,
             clickhouse=self.clickhouse,
             migrations_mode=migrations_mode,
             app_url=app_url,
@@ -207,8 +218,9 @@ class SimCluster:
         self.migrations_mode = migrations_mode
         self.timings = timings or Timings.fast()
         self.context = CONTEXTS.get(env_name, env_name)
-        self.store = Store()
-        self.api = FakeKubeAPI(self.store, tokens=tokens)
+        self.store = Store(termination_seconds=self.timings.termination, gc_delay=self.timings.gc_delay)
+        # https with the test bed's CA, under the Connect Gateway path of this env's fleet membership
+        self.api = FakeKubeAPI(self.store, tokens=tokens, tls=True, prefix=gateway_path(env_name))
         self.clickhouse = ClickHouseState(version=clickhouse_version)
         self._derive_version = clickhouse_version is None
         self._own_dir = work_dir is None
@@ -288,6 +300,7 @@ class SimCluster:
     async def _seed(self) -> None:
         """A running environment: credentials, the two Applications synced at the GitOps head, Ready pods."""
         values = _secret_values(self.env_name, self.migrations_mode)
+        self._seed_cluster_objects()
         self.store.create(
             "secrets",
             {
@@ -306,6 +319,36 @@ class SimCluster:
         if self._derive_version:
             self.clickhouse.version = await self._deployed_schema_version()
         self.clickhouse.note(f"seeded at version {self.clickhouse.version}")
+
+    def _seed_cluster_objects(self) -> None:
+        """What every GKE cluster has before anyone deploys: namespaces, nodes, service accounts."""
+        assert self.controller is not None
+        for ns in ("default", "kube-system", "kube-public", ARGOCD_NAMESPACE, NAMESPACE):
+            self.store.create(
+                "namespaces",
+                {
+                    "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+                    "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"},
+                },
+            )
+        for node in self.controller.nodes:
+            self.store.create("nodes", node_object(node))
+        for ns in ("default", ARGOCD_NAMESPACE, NAMESPACE):
+            self.store.create("serviceaccounts", {"metadata": {"name": "default", "namespace": ns}})
+        # the identity the build Jobs run as (Workload Identity bound to the registry writer)
+        self.store.create(
+            "serviceaccounts",
+            {
+                "metadata": {
+                    "name": BUILDER_SERVICE_ACCOUNT,
+                    "namespace": NAMESPACE,
+                    "annotations": {
+                        "iam.gke.io/gcp-service-account": f"funnelcake-builder@{self.env_name}.iam.gserviceaccount.com"
+                    },
+                }
+            },
+        )
 
     def application(self, service: str, *, operation: bool = False) -> dict[str, Any]:
         """The Argo CD Application for one service, as the platform team declared it."""

@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from tests.testbed.kube.scheduler import create_scheduled
 from tests.testbed.kube.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class Timings:
     argo_reconcile: float = 0.02  # Argo CD: annotation/operation seen → work starts
     argo_sync: float = 0.03  # Argo CD: operation Running → manifests applied
     deadline_scale: float = 0.002  # multiplies spec.progressDeadlineSeconds (600 s → 1.2 s)
+    termination: float = 0.05  # a deleted pod stays Terminating this long (its containers stopping)
+    gc_delay: float = 0.02  # garbage collector: owner deleted → its dependents deleted
     http_timeout: float = 5.0  # kubelet → registry requests
     subprocess_timeout: float = 30.0  # git / kubectl kustomize
 
@@ -73,6 +76,8 @@ class Timings:
             argo_reconcile=1.0,
             argo_sync=1.5,
             deadline_scale=0.1,
+            termination=2.0,
+            gc_delay=0.5,
         )
 
 
@@ -121,6 +126,15 @@ def pod_is_ready(pod: dict[str, Any]) -> bool:
         if cond.get("type") == "Ready":
             return bool(cond.get("status") == "True")
     return False
+
+
+REVISION = "deployment.kubernetes.io/revision"
+
+
+def replicaset_uid(dep: dict[str, Any], template_hash: str) -> str:
+    """The uid of a Deployment's ReplicaSet for one template, known before the object is written."""
+    d = hashlib.sha256(f"{dep['metadata'].get('uid')}/{template_hash}".encode()).hexdigest()
+    return f"{d[:8]}-{d[8:12]}-{d[12:16]}-{d[16:20]}-{d[20:32]}"
 
 
 def selector_string(match_labels: dict[str, str]) -> str:
@@ -281,9 +295,10 @@ class DeploymentController:
     """Rolls pod templates out like the real controller (RollingUpdate/Recreate) and writes the status
     `kubectl rollout status` reads: observedGeneration, replica counts, Available/Progressing.
 
-    ReplicaSets are implicit: pods carry `pod-template-hash` and an ownerReference to
-    `<deployment>-<hash>`, as real ones do, but no ReplicaSet object exists. Deleted pods go at once
-    (no graceful termination); minReadySeconds is 0, so Ready means available.
+    Pods carry `pod-template-hash` and an ownerReference to the ReplicaSet `<deployment>-<hash>`; the
+    ReplicaSet objects are kept in step with the pods (revisions, replicas, status) rather than run by a
+    controller of their own. Pods being deleted (Terminating) no longer count; minReadySeconds is 0, so
+    Ready means available.
     """
 
     def __init__(
@@ -385,7 +400,114 @@ class DeploymentController:
                 dep, "ScalingReplicaSet", f"Scaled down replica set {old_rs} to {left} from {left + count}"
             )
 
+        await self._sync_replicasets(dep, template, h, match, new, old, replicas, surge)
         await self._write_status(key, dep, new, old, replicas, min_available, rs_name)
+
+    async def _sync_replicasets(
+        self,
+        dep: dict[str, Any],
+        template: dict[str, Any],
+        h: str,
+        match: dict[str, str],
+        new: list[dict[str, Any]],
+        old: list[dict[str, Any]],
+        replicas: int,
+        surge: int,
+    ) -> None:
+        """The ReplicaSet objects behind the pods: one per template, numbered by revision, scaled to their pods.
+
+        `kubectl rollout history/undo` read them; the Deployment carries its current revision.
+        """
+        meta = dep["metadata"]
+        ns, name = meta.get("namespace", "default"), meta["name"]
+        owned = [
+            rs
+            for rs in await self.store.list("replicasets", ns)
+            if any(ref.get("uid") == meta.get("uid") for ref in rs["metadata"].get("ownerReferences") or [])
+        ]
+        revisions = [int((rs["metadata"].get("annotations") or {}).get(REVISION, "0")) for rs in owned]
+        top = max(revisions, default=0)
+        current = next((rs for rs in owned if rs["metadata"]["name"] == f"{name}-{h}"), None)
+        counts: dict[str, list[dict[str, Any]]] = {}
+        for p in new + old:
+            counts.setdefault(str(p["metadata"].get("labels", {}).get(POD_TEMPLATE_HASH, "")), []).append(p)
+        annotations = {
+            "deployment.kubernetes.io/desired-replicas": str(replicas),
+            "deployment.kubernetes.io/max-replicas": str(replicas + surge),
+        }
+        if current is None:
+            labels = {**((template.get("metadata") or {}).get("labels") or {}), POD_TEMPLATE_HASH: h}
+            tmpl = json.loads(json.dumps(template))
+            tmpl.setdefault("metadata", {})["labels"] = labels
+            rs_obj = {
+                "metadata": {
+                    "name": f"{name}-{h}",
+                    "namespace": ns,
+                    "labels": labels,
+                    "annotations": {**annotations, REVISION: str(top + 1)},
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "Deployment",
+                            "name": name,
+                            "uid": meta.get("uid"),
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": {
+                    "replicas": len(new),
+                    "selector": {"matchLabels": {**match, POD_TEMPLATE_HASH: h}},
+                    "template": tmpl,
+                },
+            }
+            try:
+                current = self.store.raw.create("replicasets", rs_obj, uid=replicaset_uid(dep, h))
+            except StoreError as e:
+                if e.code != 409:
+                    raise
+            owned.append(current or rs_obj)
+        elif int((current["metadata"].get("annotations") or {}).get(REVISION, "0")) < top:
+            # rolling back to an older template makes its ReplicaSet the newest revision again
+
+            def bump(rs: dict[str, Any]) -> None:
+                rs["metadata"].setdefault("annotations", {})[REVISION] = str(top + 1)
+
+            current = await self.store.update("replicasets", ns, f"{name}-{h}", bump)
+        for rs in owned:
+            rs_hash = rs["metadata"]["name"][len(name) + 1 :]
+            pods = counts.get(rs_hash, [])
+            ready = sum(pod_is_ready(p) for p in pods)
+            want = len(pods)
+            status = {
+                "replicas": want,
+                "fullyLabeledReplicas": want,
+                "readyReplicas": ready,
+                "availableReplicas": ready,
+                "observedGeneration": int(rs["metadata"].get("generation", 1)),
+            }
+            if not ready:
+                del status["readyReplicas"], status["availableReplicas"]
+            if (rs.get("spec") or {}).get("replicas") != want:
+
+                def scale(obj: dict[str, Any], want: int = want) -> None:
+                    obj["spec"]["replicas"] = want
+
+                rs = await self.store.update("replicasets", ns, rs["metadata"]["name"], scale) or rs  # noqa: PLW2901
+            if rs.get("status") != status:
+
+                def put(obj: dict[str, Any], status: dict[str, Any] = status) -> None:
+                    obj["status"] = status
+
+                await self.store.update("replicasets", ns, rs["metadata"]["name"], put, subresource="status")
+        revision = ((current or {}).get("metadata") or {}).get("annotations", {}).get(REVISION)
+        if revision and (meta.get("annotations") or {}).get(REVISION) != revision:
+
+            def note(obj: dict[str, Any]) -> None:
+                obj["metadata"].setdefault("annotations", {})[REVISION] = revision
+
+            await self.store.update("deployments", ns, name, note)
 
     async def _create_pod(
         self, dep: dict[str, Any], template: dict[str, Any], h: str, rs_name: str
@@ -396,9 +518,7 @@ class DeploymentController:
         ns = dep["metadata"].get("namespace", "default")
         pod_spec = json.loads(json.dumps(template.get("spec") or {}))
         pod_spec.setdefault("restartPolicy", "Always")
-        pod_spec["nodeName"] = secrets.choice(self.nodes)
-        rs_uid = hashlib.sha256(f"{dep['metadata'].get('uid')}/{h}".encode()).hexdigest()
-        obj = {
+        obj: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -411,7 +531,7 @@ class DeploymentController:
                         "apiVersion": "apps/v1",
                         "kind": "ReplicaSet",
                         "name": rs_name,
-                        "uid": f"{rs_uid[:8]}-{rs_uid[8:12]}-{rs_uid[12:16]}-{rs_uid[16:20]}-{rs_uid[20:32]}",
+                        "uid": replicaset_uid(dep, h),
                         "controller": True,
                         "blockOwnerDeletion": True,
                     }
@@ -420,7 +540,9 @@ class DeploymentController:
             "spec": pod_spec,
             "status": {"phase": "Pending", "qosClass": "BestEffort"},
         }
-        return await self.store.create("pods", obj)
+        return await create_scheduled(
+            self.store, self.events, obj, self.nodes, pick=secrets.randbelow(1 << 16)
+        )
 
     async def _event(self, dep: dict[str, Any], reason: str, message: str) -> None:
         await self.events.record(dep, reason, message, component="deployment-controller", warning=False)
@@ -445,7 +567,9 @@ class DeploymentController:
             "updatedReplicas": len(new),
             "readyReplicas": ready,
             "availableReplicas": ready,
-            "unavailableReplicas": max(replicas - ready, 0),
+            # the controller's totalReplicas - availableReplicas, where the total sums the ReplicaSets'
+            # spec.replicas: during a surge that is more than the Deployment's own replicas
+            "unavailableReplicas": max(len(new) + len(old) - ready, 0),
         }
         progressed = any(prev.get(k, 0) != v for k, v in counts.items()) or key not in self._last_progress
         complete = len(new) == replicas and not old and ready >= replicas

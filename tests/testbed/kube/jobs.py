@@ -12,10 +12,9 @@ Identity grants the builder push rights there and nowhere else. Its log reads li
 
 Simplifications: one pod at a time (parallelism 1, completions 1 by default); restartPolicy OnFailure is
 run like Never (the Job controller replaces the pod); ttlSecondsAfterFinished is ignored, so a finished
-Job stays until deleted (the bot deletes it before creating the next one with the same name). The kubelet
-runs no init containers: the build program plays the clone itself, and a failed clone ends the kaniko
-container with git's exit code and message (also written as the `clone` container's log); on GKE the
-kaniko container would never start and only `kubectl logs -c clone` would show the message.
+Job stays until deleted (the bot deletes it before creating the next one with the same name). The
+kubelet runs the `clone` init container first (git clone + checkout of COMMIT): when it fails the pod is
+Init:Error, kaniko never starts, and only `kubectl logs -c clone` shows git's message.
 """
 
 from __future__ import annotations
@@ -34,11 +33,12 @@ import aiohttp
 from tests.testbed.kube.argocd import CommandError, GitMirror
 from tests.testbed.kube.controller import KeyedWorker, now_rfc3339, pod_is_ready, rand_suffix
 from tests.testbed.kube.kubelet import NODE_PLATFORM, ImageRef, parse_image
+from tests.testbed.kube.scheduler import admit, create_scheduled
 from tests.testbed.registry import push_image
 
 if TYPE_CHECKING:
     from tests.testbed.kube.controller import StoreView, Supervisor, Timings
-    from tests.testbed.kube.kubelet import Kubelet
+    from tests.testbed.kube.kubelet import EventRecorder, Kubelet
 
 log = logging.getLogger("testbed.kube.jobs")
 
@@ -315,6 +315,20 @@ class BuildProgram:
         except _Failed as e:
             return e.code, "".join(f"{ln}\n" for ln in log_lines) + e.text
 
+    @staticmethod
+    def is_clone(container: dict[str, Any]) -> bool:
+        return any(e.get("name") == "COMMIT" for e in container.get("env") or [])
+
+    async def clone_step(
+        self, pod: dict[str, Any], container: dict[str, Any], env: dict[str, str]
+    ) -> tuple[int, str]:
+        """The `clone` init container: git clone + checkout of COMMIT; git's exit code and message."""
+        try:
+            await self._clone(pod)
+        except _Failed as e:
+            return e.code, e.text
+        return 0, ""
+
     async def _clone(self, pod: dict[str, Any]) -> str:
         """The init container's `git clone` + `git checkout --detach $COMMIT`; the full sha checked out."""
         spec = pod.get("spec") or {}
@@ -465,6 +479,7 @@ class JobController:
         nodes: list[str],
         *,
         kubelet: Kubelet,
+        events: EventRecorder,
         clickhouse: ClickHouseState,
         migrations_mode: str,
         app_url: str,
@@ -473,6 +488,7 @@ class JobController:
         self.store = store
         self.timings = timings
         self.nodes = nodes
+        self.events = events
         self.worker = KeyedWorker(sup, "job", self.reconcile)
         self.app = GitMirror(app_url, Path(work_dir) / "app-repo.git", timeout=timings.subprocess_timeout)
         self.program = MigrateProgram(clickhouse, mode=migrations_mode, app=self.app)
@@ -487,6 +503,7 @@ class JobController:
             delay=timings.job_run * 3,
         )
         kubelet.programs.append((BuildProgram.matches, self.builds))
+        kubelet.init_programs.append((BuildProgram.is_clone, self.builds.clone_step))
         self._retry_at: dict[tuple[str, str], float] = {}
 
     @staticmethod
@@ -569,7 +586,12 @@ class JobController:
                     )
                     return
             self._retry_at.pop(key, None)
-            active.append(await self._create_pod(job))
+            created = await self._create_pod(job)
+            if created is None:
+                # admission refused the pod: the controller retries with its back-off
+                self.worker.schedule_after(key, self.timings.job_retry_backoff * 10)
+            else:
+                active.append(created)
 
         await self._write(key, job, status, active, succeeded, failed, conditions, completion_time)
 
@@ -608,7 +630,8 @@ class JobController:
 
         await self.store.update("jobs", key[0], key[1], put, subresource="status")
 
-    async def _create_pod(self, job: dict[str, Any]) -> dict[str, Any]:
+    async def _create_pod(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The Job's next pod through admission and the scheduler; None (and FailedCreate) when refused."""
         meta = job["metadata"]
         template = (job.get("spec") or {}).get("template") or {}
         tmeta = template.get("metadata") or {}
@@ -622,8 +645,7 @@ class JobController:
         }
         pod_spec = json.loads(json.dumps(template.get("spec") or {}))
         pod_spec.setdefault("restartPolicy", "Never")
-        pod_spec["nodeName"] = self.nodes[len(name) % len(self.nodes)]
-        obj = {
+        obj: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -645,7 +667,15 @@ class JobController:
             "spec": pod_spec,
             "status": {"phase": "Pending", "qosClass": "BestEffort"},
         }
-        return await self.store.create("pods", obj)
+        ns = meta.get("namespace", "default")
+        accounts = {sa["metadata"]["name"] for sa in await self.store.list("serviceaccounts", ns)}
+        refused = admit({**obj, "metadata": {**obj["metadata"], "generateName": f"{name}-"}}, accounts)
+        if refused is not None:
+            await self.events.record(
+                job, "FailedCreate", f"Error creating: {refused}", component="job-controller", warning=True
+            )
+            return None
+        return await create_scheduled(self.store, self.events, obj, self.nodes, pick=len(name))
 
 
 def _condition(ctype: str, reason: str, message: str, now: str) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from tests.testbed.kube.tls import sandbox_ca
+
 __all__ = ["CONTEXTS", "EXEC_API_VERSION", "PLUGIN", "plugin_env", "write_kubeconfig"]
 
 # The context names `gcloud container fleet memberships get-credentials` writes for each environment.
@@ -27,6 +29,13 @@ def plugin_env(secret: str, *, lifetime: float = 3600, counter: Path | None = No
     if counter is not None:
         env["FAKE_GKE_AUTH_COUNTER"] = str(counter)
     return env
+
+
+def _cluster(url: str) -> dict[str, str]:
+    """A kubeconfig cluster entry: https servers are the test bed's, trusted through its CA as GKE's are."""
+    if url.startswith("https://"):
+        return {"server": url, "certificate-authority-data": sandbox_ca().ca_data}
+    return {"server": url}
 
 
 def write_kubeconfig(
@@ -65,7 +74,7 @@ def write_kubeconfig(
         "kind": "Config",
         "preferences": {},
         "current-context": current_context or next(iter(clusters)),
-        "clusters": [{"name": name, "cluster": {"server": url}} for name, url in clusters.items()],
+        "clusters": [{"name": name, "cluster": _cluster(url)} for name, url in clusters.items()],
         "users": [{"name": name, "user": dict(user)} for name in clusters],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}} for name in clusters],
     }

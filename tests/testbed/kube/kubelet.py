@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,29 @@ def parse_image(raw: str) -> ImageRef | None:
     return ImageRef(raw=raw, host=domain, repository=path, reference=ref)
 
 
+def go_duration(seconds: int) -> str:
+    """time.Duration.String() for whole seconds: 10s, 1m20s, 5m0s."""
+    minutes, secs = divmod(seconds, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def reference_error(raw: str) -> str:
+    """The kubelet's parse failure text (parsers.ParseImageName over distribution/reference)."""
+    name = raw.split("@", 1)[0]
+    last = name.rsplit("/", 1)
+    if ":" in last[-1]:
+        name = name[: len(name) - len(last[-1]) + last[-1].index(":")]
+    first, _, rest = name.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        remote = name if rest else f"library/{name}"
+    else:
+        remote = rest
+    detail = "invalid reference format"
+    if remote and remote.lower() != remote and _REFERENCE.match(raw.lower()):
+        detail += f": repository name ({remote}) must be lowercase"
+    return f'couldn\'t parse image name "{raw}": {detail}'
+
+
 @dataclasses.dataclass(frozen=True)
 class PullResult:
     ok: bool
@@ -99,6 +123,7 @@ class EventRecorder:
     def __init__(self, store: StoreView) -> None:
         self.store = store
         self._names: dict[tuple[str, str, str, str], str] = {}
+        self._last_stamp = 0
 
     async def record(
         self,
@@ -124,7 +149,9 @@ class EventRecorder:
 
             if await self.store.update("events", ns, existing, bump) is not None:
                 return
-        name = f"{meta['name']}.{secrets.token_hex(8)}"
+        # client-go names an event <object>.<hex UnixNano>: names sort in time order, as lists return them
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        name = f"{meta['name']}.{self._last_stamp:x}"
         involved = {
             "apiVersion": obj.get("apiVersion", "v1"),
             "kind": obj.get("kind", "Pod"),
@@ -206,6 +233,8 @@ class Kubelet:
         self.crash_tags: set[str] = set()  # containers with these tags exit 1 and crash-loop
         self.exec_format_tags: set[str] = set()  # … with `exec format error` (a wrong-arch binary)
         self.programs: list[tuple[Callable[[ImageRef], bool], Program]] = []
+        # what init containers run, by their spec (an init container no entry matches exits 0)
+        self.init_programs: list[tuple[Callable[[dict[str, Any]], bool], Program]] = []
         self._pods: dict[str, asyncio.Task[Any]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -218,6 +247,8 @@ class Kubelet:
             return
         if (pod.get("status") or {}).get("containerStatuses"):
             return  # already run by an earlier controller instance
+        if not (pod.get("spec") or {}).get("nodeName"):
+            return  # not scheduled: no kubelet runs it
         self._pods[uid] = self.sup.spawn(f"pod/{pod['metadata']['name']}", self._run_pod(pod))
 
     def forget(self, pod: dict[str, Any]) -> None:
@@ -262,11 +293,17 @@ class Kubelet:
         node = spec.get("nodeName") or "gke-node"
         restart_always = spec.get("restartPolicy", "Always") == "Always"
         ctrs = [_Container(c["name"], c.get("image", "")) for c in spec.get("containers") or []]
+        inits = [_Container(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []]
+        if inits:
+            for c in ctrs:
+                c.state = {"waiting": {"reason": "PodInitializing"}}
+            for c in inits:
+                c.state = {"waiting": {"reason": "PodInitializing"}}
         pod_ip = f"10.8.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 2}"
         started_at = now_rfc3339()
 
         async def write() -> None:
-            await self._write_status(ns, name, ctrs, restart_always, pod_ip, started_at)
+            await self._write_status(ns, name, ctrs, restart_always, pod_ip, started_at, inits)
 
         try:
             await self.events.record(
@@ -277,6 +314,11 @@ class Kubelet:
                 warning=False,
             )
             await write()
+            if inits and not await self._run_inits(pod, spec, inits, node, write):
+                return  # an init container failed: the app containers never start
+            for c in ctrs:
+                if c.state.get("waiting", {}).get("reason") == "PodInitializing":
+                    c.state = {"waiting": {"reason": "ContainerCreating"}}
             env_by_ctr: dict[str, dict[str, str]] = {}
             for spec_c, c in zip(spec.get("containers") or [], ctrs, strict=True):
                 env = await self._wait_config(pod, spec_c, c, node, write)
@@ -312,6 +354,54 @@ class Kubelet:
                 await self._run_to_completion(pod, spec, ctrs, env_by_ctr, write)
         finally:
             self._pods.pop(meta.get("uid", ""), None)
+
+    async def _run_inits(
+        self,
+        pod: dict[str, Any],
+        spec: dict[str, Any],
+        inits: list[_Container],
+        node: str,
+        write: Callable[[], Awaitable[None]],
+    ) -> bool:
+        """Init containers one after the other, each to its end; False when one failed (Init:Error)."""
+        ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        for spec_c, c in zip(spec.get("initContainers") or [], inits, strict=True):
+            field = f"spec.initContainers{{{c.name}}}"
+            for reason, message in (
+                ("Pulled", f'Container image "{c.image}" already present on machine'),
+                ("Created", f"Created container {c.name}"),
+                ("Started", f"Started container {c.name}"),
+            ):
+                await self.events.record(
+                    pod, reason, message, component="kubelet", warning=False, field_path=field, host=node
+                )
+            c.container_id = f"containerd://{secrets.token_hex(32)}"
+            started = now_rfc3339()
+            c.state = {"running": {"startedAt": started}}
+            c.started = True
+            await write()
+            await asyncio.sleep(self.timings.container_start)
+            code, text = 0, ""
+            for matches, program in self.init_programs:
+                if matches(spec_c):
+                    code, text = await program(pod, spec_c, {})
+                    break
+            await self.store.set_log(ns, name, c.name, text)
+            c.state = {
+                "terminated": {
+                    "exitCode": code,
+                    "reason": "Completed" if code == 0 else "Error",
+                    "startedAt": started,
+                    "finishedAt": now_rfc3339(),
+                    "containerID": c.container_id,
+                }
+            }
+            c.started = False
+            c.ready = code == 0
+            await write()
+            if code != 0:
+                return False
+        return True
 
     async def _serve(
         self,
@@ -349,11 +439,12 @@ class Kubelet:
                 c.restart_count += 1
                 c.started = False
                 c.ready = False
-                secs = round(backoff / self.timings.crash_backoff * 10)
+                # the kubelet's back-off: 10s doubling to a 5m0s cap (this bed's timings scaled to it)
+                secs = min(round(backoff / self.timings.crash_backoff * 10), 300)
                 c.state = {
                     "waiting": {
                         "reason": "CrashLoopBackOff",
-                        "message": f"back-off {secs}s restarting failed container={c.name} "
+                        "message": f"back-off {go_duration(secs)} restarting failed container={c.name} "
                         f"pod={name}_{ns}({pod['metadata'].get('uid', '')})",
                     }
                 }
@@ -376,6 +467,15 @@ class Kubelet:
                 c.container_id = f"containerd://{secrets.token_hex(32)}"
                 c.state = {"running": {"startedAt": now_rfc3339()}}
                 c.started = True
+                await self.events.record(
+                    pod,
+                    "Created",
+                    f"Created container {c.name}",
+                    component="kubelet",
+                    warning=False,
+                    field_path=f"spec.containers{{{c.name}}}",
+                    host=node,
+                )
                 await self.events.record(
                     pod,
                     "Started",
@@ -522,10 +622,7 @@ class Kubelet:
             await asyncio.sleep(self.timings.pull_delay)
             ref = parse_image(c.image)
             if ref is None:
-                msg = (
-                    f'Failed to apply default image tag "{c.image}": couldn\'t parse image reference '
-                    f'"{c.image}": invalid reference format'
-                )
+                msg = f'Failed to apply default image tag "{c.image}": {reference_error(c.image)}'
                 c.state = {"waiting": {"reason": "InvalidImageName", "message": msg}}
                 await write()
                 await self.events.record(
@@ -738,9 +835,17 @@ class Kubelet:
         restart_always: bool,
         pod_ip: str,
         started_at: str,
+        inits: list[_Container] | None = None,
     ) -> None:
+        inits = inits or []
         terminated = [c.state["terminated"] for c in ctrs if "terminated" in c.state]
-        if not restart_always and ctrs and len(terminated) == len(ctrs):
+        init_failed = any(c.state.get("terminated", {}).get("exitCode") not in (None, 0) for c in inits)
+        initialized = all(c.state.get("terminated", {}).get("exitCode") == 0 for c in inits)
+        if init_failed and not restart_always:
+            phase = "Failed"
+        elif not initialized:
+            phase = "Pending"
+        elif not restart_always and ctrs and len(terminated) == len(ctrs):
             phase = "Succeeded" if all(t["exitCode"] == 0 for t in terminated) else "Failed"
         elif any(c.started or c.restart_count for c in ctrs):
             phase = "Running"
@@ -769,12 +874,20 @@ class Kubelet:
                     out["message"] = f"containers with unready status: [{' '.join(not_ready)}]"
                 return out
 
+            def initialized_cond() -> dict[str, Any]:
+                out = cond("Initialized", initialized)
+                if not initialized:
+                    waiting = [c.name for c in inits if c.state.get("terminated", {}).get("exitCode") != 0]
+                    out["reason"] = "ContainersNotInitialized"
+                    out["message"] = f"containers with incomplete status: [{' '.join(waiting)}]"
+                return out
+
             done = phase in ("Succeeded", "Failed")
             pod["status"] = {
                 "phase": phase,
                 "conditions": [
                     cond("PodReadyToStartContainers", True),
-                    cond("Initialized", True),
+                    initialized_cond(),
                     cond("Ready", all_ready, "PodCompleted" if done else "ContainersNotReady"),
                     cond("ContainersReady", all_ready, "PodCompleted" if done else "ContainersNotReady"),
                     cond("PodScheduled", True),
@@ -786,6 +899,8 @@ class Kubelet:
                 "containerStatuses": [c.status() for c in ctrs],
                 "qosClass": "BestEffort",
             }
+            if inits:
+                pod["status"]["initContainerStatuses"] = [c.status() for c in inits]
 
         await self.store.update("pods", ns, name, put, subresource="status")
 

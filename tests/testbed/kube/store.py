@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import itertools
+import json
 import re
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 __all__ = [
@@ -44,19 +46,33 @@ class ResourceInfo:
     kind: str
     has_status: bool  # a /status subresource exists (built-ins only here)
     custom: bool  # a CRD: strategic merge patch is refused with 415
+    namespaced: bool = True
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
+_ALL = ("all",)
 RESOURCES: dict[str, ResourceInfo] = {
-    "deployments": ResourceInfo("deployments", "apps", "v1", "Deployment", True, False),
-    "pods": ResourceInfo("pods", "", "v1", "Pod", True, False),
-    "events": ResourceInfo("events", "", "v1", "Event", False, False),
+    "deployments": ResourceInfo(
+        "deployments", "apps", "v1", "Deployment", True, False, True, ("deploy",), _ALL
+    ),
+    "replicasets": ResourceInfo("replicasets", "apps", "v1", "ReplicaSet", True, False, True, ("rs",), _ALL),
+    "pods": ResourceInfo("pods", "", "v1", "Pod", True, False, True, ("po",), _ALL),
+    "events": ResourceInfo("events", "", "v1", "Event", False, False, True, ("ev",)),
     "secrets": ResourceInfo("secrets", "", "v1", "Secret", False, False),
-    "jobs": ResourceInfo("jobs", "batch", "v1", "Job", True, False),
-    "applications": ResourceInfo("applications", "argoproj.io", "v1alpha1", "Application", False, True),
+    "serviceaccounts": ResourceInfo(
+        "serviceaccounts", "", "v1", "ServiceAccount", False, False, True, ("sa",)
+    ),
+    "namespaces": ResourceInfo("namespaces", "", "v1", "Namespace", True, False, False, ("ns",)),
+    "nodes": ResourceInfo("nodes", "", "v1", "Node", True, False, False, ("no",)),
+    "jobs": ResourceInfo("jobs", "batch", "v1", "Job", True, False, True, (), _ALL),
+    "applications": ResourceInfo(
+        "applications", "argoproj.io", "v1alpha1", "Application", False, True, True, ("app", "apps")
+    ),
 }
 
 # The real API server orphans a Job's pods when a client deletes it without a propagationPolicy
@@ -460,16 +476,29 @@ class Store:
     awaits, so a caller on the event loop sees atomic operations.
     """
 
-    def __init__(self, *, history: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        history: int = 1000,
+        termination_seconds: float | None = None,
+        gc_delay: float | None = None,
+    ) -> None:
+        """`termination_seconds`/`gc_delay`: see `delete`; None keeps deletion instant and synchronous."""
+        self.termination_seconds = termination_seconds
+        self.gc_delay = gc_delay
         if history < 1:
             raise ValueError(f"the watch history must keep at least one event, got {history}")
         # resource -> namespace -> name -> object; the namespace level keeps namespaced lists
         # proportional to that namespace, not to the cluster.
         self._objects: dict[str, dict[str, dict[str, dict[str, Any]]]] = {r: {} for r in RESOURCES}
         self._rv = 0
-        self._history: collections.deque[_Event] = collections.deque(maxlen=history)
-        # Every event with rv <= _floor has been evicted from the history; a watch from below it is a 410.
-        self._floor = 0
+        # One window per kind, as the real watch cache keeps: a burst of pod events does not expire
+        # a Deployment watch.
+        self._history: dict[str, collections.deque[_Event]] = {
+            r: collections.deque(maxlen=history) for r in RESOURCES
+        }
+        # Every event of a kind with rv <= its floor has been evicted; a watch from below it is a 410.
+        self._floor: dict[str, int] = dict.fromkeys(RESOURCES, 0)
         self._watchers: dict[str, set[_Watcher]] = {r: set() for r in RESOURCES}
         self._subscribers: list[asyncio.Queue[tuple[str, str, dict[str, Any]]]] = []
         self._logs: dict[tuple[str, str, str, bool], str] = {}
@@ -494,9 +523,9 @@ class Store:
         label_selector: str | None = None,
         field_selector: str | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
-        _info(resource)
+        info = _info(resource)
         labels = parse_label_selector(label_selector)
-        fields = parse_field_selector(field_selector)
+        fields = _supported_fields(info, label_selector, field_selector)
         items = [
             _copy(obj)
             for obj in self._iter(resource, namespace)
@@ -504,19 +533,71 @@ class Store:
         ]
         return items, str(self._rv)
 
+    def list_page(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str, str | None, int | None]:
+        """One page of a list, as `limit`/`continue` give it: items, resourceVersion, next token, remaining."""
+        start = ""
+        rv = str(self._rv)
+        if continue_token:
+            try:
+                decoded = json.loads(base64.urlsafe_b64decode(continue_token.encode()))
+                start, rv = str(decoded["start"]), str(decoded["rv"])
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(
+                    400, "BadRequest", "continue key is not valid: illegal base64 data or json"
+                ) from None
+        items, _ = self.list(
+            resource, namespace, label_selector=label_selector, field_selector=field_selector
+        )
+        if start:
+            items = [o for o in items if _list_key(o) > start]
+        if not limit or limit <= 0 or len(items) <= limit:
+            return items, rv, None, None
+        page = items[:limit]
+        token = base64.urlsafe_b64encode(
+            json.dumps({"v": "meta.k8s.io/v1", "rv": int(rv), "start": _list_key(page[-1])}).encode()
+        ).decode()
+        return page, rv, token, len(items) - limit
+
     def _iter(self, resource: str, namespace: str | None) -> Iterable[dict[str, Any]]:
+        """Objects in the order the real server lists them: by namespace, then name (etcd's key order)."""
         by_ns = self._objects[resource]
         if namespace is not None:
-            return list(by_ns.get(namespace, {}).values())
-        return [obj for ns in sorted(by_ns) for obj in by_ns[ns].values()]
+            objs = by_ns.get(namespace, {})
+            return [objs[n] for n in sorted(objs)]
+        return [by_ns[ns][n] for ns in sorted(by_ns) for n in sorted(by_ns[ns])]
 
     # -- writes ------------------------------------------------------------------------------------------
 
-    def create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def create(self, resource: str, obj: dict[str, Any], *, uid: str | None = None) -> dict[str, Any]:
+        """Store a new object; `uid` is one the API server generated already (a Job's selector names it)."""
+        new = self._prepare_create(resource, obj, uid)
+        self._rv += 1
+        meta = new["metadata"]
+        meta["resourceVersion"] = str(self._rv)
+        self._objects[resource].setdefault(meta.get("namespace", ""), {})[meta["name"]] = new
+        self._emit("ADDED", resource, new, None)
+        return _copy(new)
+
+    def dry_run_create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """What `create` would store, persisting nothing (`dryRun=All`)."""
+        new = self._prepare_create(resource, obj, None)
+        new["metadata"].pop("resourceVersion", None)
+        return new
+
+    def _prepare_create(self, resource: str, obj: dict[str, Any], uid: str | None) -> dict[str, Any]:
         info = _info(resource)
         new = _copy(obj)
         meta = new.setdefault("metadata", {})
-        namespace = meta.get("namespace") or "default"
+        namespace = (meta.get("namespace") or "default") if info.namespaced else ""
         name = meta.get("name")
         if not name:
             prefix = meta.get("generateName")
@@ -539,25 +620,50 @@ class Store:
             )
         new["apiVersion"] = info.api_version
         new["kind"] = info.kind
+        if info.namespaced:
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
         meta.update(
             name=name,
-            namespace=namespace,
-            uid=str(uuid.uuid4()),
+            uid=uid or str(uuid.uuid4()),
             creationTimestamp=_now(),
             generation=1,
         )
         meta.pop("deletionTimestamp", None)
-        self._rv += 1
-        meta["resourceVersion"] = str(self._rv)
-        self._objects[resource].setdefault(namespace, {})[name] = new
-        self._emit("ADDED", resource, new, None)
-        return _copy(new)
+        meta.pop("deletionGracePeriodSeconds", None)
+        return new
+
+    def patched(self, resource: str, current: dict[str, Any], body: Any, content_type: str) -> dict[str, Any]:
+        """`current` with a patch applied, stored nowhere (for admission and dry runs)."""
+        return self._apply_patch(_info(resource), current, body, content_type)
+
+    def dry_run_write(
+        self, resource: str, namespace: str, name: str, new: dict[str, Any], subresource: str | None
+    ) -> dict[str, Any]:
+        """What a write would store, persisting nothing (`dryRun=All`)."""
+        saved_rv, objects = self._rv, self._objects[resource].get(namespace, {})
+        before = objects.get(name)
+        watchers, subscribers, history = self._watchers[resource], self._subscribers, self._history[resource]
+        self._watchers[resource], self._subscribers = set(), []
+        self._history[resource] = collections.deque(maxlen=history.maxlen)
+        try:
+            return self._write(resource, namespace, name, _copy(new), subresource, check_rv=True)
+        finally:
+            self._rv = saved_rv
+            if before is not None:
+                objects[name] = before
+            self._watchers[resource], self._subscribers, self._history[resource] = (
+                watchers,
+                subscribers,
+                history,
+            )
 
     def replace(
         self, resource: str, obj: dict[str, Any], *, subresource: str | None = None
     ) -> dict[str, Any]:
         meta = obj.get("metadata") or {}
-        namespace = meta.get("namespace") or "default"
+        namespace = (meta.get("namespace") or "default") if _info(resource).namespaced else ""
         name = meta.get("name") or ""
         return self._write(resource, namespace, name, _copy(obj), subresource, check_rv=True)
 
@@ -569,12 +675,16 @@ class Store:
         fn: Callable[[dict[str, Any]], None],
         *,
         subresource: str | None = None,
+        system: bool = False,
     ) -> dict[str, Any]:
-        """Read-modify-write in one step (no conflict possible): `fn` mutates a copy in place."""
+        """Read-modify-write in one step (no conflict possible): `fn` mutates a copy in place.
+
+        `system` lets the write set what only the server sets (deletionTimestamp).
+        """
         current = self._current(resource, namespace, name)
         draft = _copy(current)
         fn(draft)
-        return self._write(resource, namespace, name, draft, subresource, check_rv=True)
+        return self._write(resource, namespace, name, draft, subresource, check_rv=True, system=system)
 
     def patch(
         self,
@@ -588,6 +698,14 @@ class Store:
     ) -> dict[str, Any]:
         info = _info(resource)
         current = self._current(resource, namespace, name)
+        patched = self._apply_patch(info, current, body, content_type)
+        # A patch that names a resourceVersion is an optimistic-concurrency precondition.
+        return self._write(resource, namespace, name, patched, subresource, check_rv=True)
+
+    @staticmethod
+    def _apply_patch(
+        info: ResourceInfo, current: dict[str, Any], body: Any, content_type: str
+    ) -> dict[str, Any]:
         ctype = content_type.split(";", maxsplit=1)[0].strip().lower()
         if ctype == MERGE_PATCH:
             if not isinstance(body, dict):
@@ -623,25 +741,87 @@ class Store:
             )
         if not isinstance(patched, dict):
             raise StoreError(422, "Invalid", "the patched object is not a JSON object")
-        # A patch that names a resourceVersion is an optimistic-concurrency precondition.
-        return self._write(resource, namespace, name, patched, subresource, check_rv=True)
+        return patched
 
     def delete(
-        self, resource: str, namespace: str, name: str, *, propagation_policy: str | None = None
+        self,
+        resource: str,
+        namespace: str,
+        name: str,
+        *,
+        propagation_policy: str | None = None,
+        grace_period: int | None = None,
     ) -> dict[str, Any]:
+        """Delete an object; a scheduled pod first goes Terminating (deletionTimestamp) for its grace period.
+
+        With `termination_seconds` set, a Terminating pod is removed after that long (its containers
+        took that long to stop), never later than its grace period; a grace period of 0 removes it now.
+        Dependents are removed by the garbage collector: after `gc_delay` seconds when it is set, at once
+        (inside this call) when it is None.
+        """
         info = _info(resource)
         obj = self._objects[resource].get(namespace, {}).get(name)
         if obj is None:
             raise not_found(info, name)
+        if resource == "pods" and self.termination_seconds is not None and grace_period != 0:
+            meta = obj["metadata"]
+            if meta.get("deletionTimestamp"):
+                return _copy(obj)  # already Terminating: the first deletion's grace period runs
+            if (obj.get("spec") or {}).get("nodeName"):
+                grace = grace_period
+                if grace is None:
+                    grace = int((obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+                stamp = datetime.now(UTC) + timedelta(seconds=grace)
+
+                def terminating(pod: dict[str, Any]) -> None:
+                    pod["metadata"]["deletionTimestamp"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+                    pod["metadata"]["deletionGracePeriodSeconds"] = grace
+
+                out = self.update(resource, namespace, name, terminating, system=True)
+                uid = meta["uid"]
+                delay = min(float(grace), self.termination_seconds)
+                asyncio.get_running_loop().call_later(delay, self._finish_termination, namespace, name, uid)
+                return out
         del self._objects[resource][namespace][name]
         self._rv += 1
         gone = _copy(obj)
         gone["metadata"]["resourceVersion"] = str(self._rv)
         self._emit("DELETED", resource, gone, None)
         policy = propagation_policy or _DEFAULT_PROPAGATION.get(resource, "Background")
-        if policy != "Orphan":
-            self._collect_dependents(namespace, obj["metadata"]["uid"])
+        if policy == "Orphan":
+            self._orphan_dependents(namespace, obj["metadata"]["uid"])
+        else:
+            if self.gc_delay is None:
+                self._collect_dependents(namespace, obj["metadata"]["uid"])
+            else:
+                asyncio.get_running_loop().call_later(
+                    self.gc_delay, self._collect_dependents, namespace, obj["metadata"]["uid"]
+                )
         return _copy(gone)
+
+    def _orphan_dependents(self, namespace: str, owner_uid: str) -> None:
+        """Orphan propagation: the garbage collector strips the gone owner's reference from its dependents."""
+        for resource, by_ns in self._objects.items():
+            for dep in list(by_ns.get(namespace, {}).values()):
+                refs = dep["metadata"].get("ownerReferences") or []
+                if not any(ref.get("uid") == owner_uid for ref in refs):
+                    continue
+
+                def strip(obj: dict[str, Any]) -> None:
+                    kept = [
+                        r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != owner_uid
+                    ]
+                    if kept:
+                        obj["metadata"]["ownerReferences"] = kept
+                    else:
+                        obj["metadata"].pop("ownerReferences", None)
+
+                self.update(resource, namespace, dep["metadata"]["name"], strip)
+
+    def _finish_termination(self, namespace: str, name: str, uid: str) -> None:
+        pod = self._objects["pods"].get(namespace, {}).get(name)
+        if pod is not None and pod["metadata"]["uid"] == uid:
+            self.delete("pods", namespace, name, grace_period=0)
 
     def _collect_dependents(self, namespace: str, owner_uid: str) -> None:
         for resource, by_ns in self._objects.items():
@@ -666,6 +846,7 @@ class Store:
         subresource: str | None,
         *,
         check_rv: bool,
+        system: bool = False,
     ) -> dict[str, Any]:
         info = _info(resource)
         if subresource not in (None, "status") or (subresource == "status" and not info.has_status):
@@ -685,7 +866,7 @@ class Store:
                 "BadRequest",
                 f"the name of the object ({new_meta.get('name')}) does not match the name on the URL ({name})",
             )
-        if new_meta.get("namespace", namespace) != namespace:
+        if info.namespaced and new_meta.get("namespace", namespace) != namespace:
             raise StoreError(
                 400, "BadRequest", "the namespace of the object does not match the namespace on the URL"
             )
@@ -710,13 +891,17 @@ class Store:
                     result.pop("status", None)
             # System-owned metadata cannot be changed by clients.
             meta = dict(new_meta)
-            for key in ("uid", "creationTimestamp", "generation", "deletionTimestamp"):
+            owned = ("uid", "creationTimestamp", "generation")
+            if not system:
+                owned += ("deletionTimestamp", "deletionGracePeriodSeconds")
+            for key in owned:
                 if key in cur_meta:
                     meta[key] = cur_meta[key]
                 else:
                     meta.pop(key, None)
             meta["name"] = name
-            meta["namespace"] = namespace
+            if info.namespaced:
+                meta["namespace"] = namespace
             result["metadata"] = meta
             if self._spec_changed(info, current, result):
                 meta["generation"] = int(cur_meta.get("generation", 1)) + 1
@@ -737,9 +922,9 @@ class Store:
     def _spec_changed(info: ResourceInfo, old: dict[str, Any], new: dict[str, Any]) -> bool:
         if info.has_status:
             return old.get("spec") != new.get("spec")
-        # Without a status subresource, everything outside metadata/status is the desired state
-        # (Argo CD's `operation` included).
-        keys = (set(old) | set(new)) - {"metadata", "status", "apiVersion", "kind"}
+        # Without a status subresource every field but metadata counts, status and Argo CD's
+        # `operation` included (a CRD without the subresource bumps generation on a status write).
+        keys = (set(old) | set(new)) - {"metadata", "apiVersion", "kind"}
         return any(old.get(k) != new.get(k) for k in keys)
 
     # -- events ------------------------------------------------------------------------------------------
@@ -747,9 +932,10 @@ class Store:
     def _emit(self, event_type: str, resource: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         # Stored objects are replaced, never mutated in place, so the history can share them.
         event = _Event(self._rv, event_type, resource, obj, old)
-        if len(self._history) == self._history.maxlen:
-            self._floor = self._history[0].rv
-        self._history.append(event)
+        history = self._history[resource]
+        if len(history) == history.maxlen:
+            self._floor[resource] = history[0].rv
+        history.append(event)
         for watcher in self._watchers[resource]:
             watcher.queue.put_nowait(event)
         for queue in self._subscribers:
@@ -761,7 +947,7 @@ class Store:
         return sum(len(g) for g in groups)
 
     def history_size(self) -> int:
-        return len(self._history)
+        return sum(len(h) for h in self._history.values())
 
     def subscribe(self) -> asyncio.Queue[tuple[str, str, dict[str, Any]]]:
         """A queue of (event_type, resource, object) for every change, for an in-process informer."""
@@ -777,11 +963,12 @@ class Store:
         """Raise StoreError(410) now if a watch from this resourceVersion cannot be served."""
         _info(resource)
         rv = _parse_rv(resource_version)
-        if rv is not None and rv != 0 and rv < self._floor:
+        floor = self._floor[resource]
+        if rv is not None and rv != 0 and rv < floor:
             raise StoreError(
                 410,
                 "Expired",
-                f"too old resource version: {rv} ({self._floor + 1})",
+                f"too old resource version: {rv} ({floor + 1})",
             )
 
     async def watch(
@@ -792,13 +979,17 @@ class Store:
         resource_version: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        bookmark_interval: float | None = None,
     ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """Changes after `resource_version`; without one (or "0"), synthetic ADDED for what exists, then changes.
+
+        With `bookmark_interval`, a quiet watch yields ("BOOKMARK", {"metadata": {"resourceVersion"}}) that
+        often, as the watch cache does for clients that allow bookmarks.
 
         Objects that stop (start) matching the selectors arrive as DELETED (ADDED), like the real server.
         """
         labels = parse_label_selector(label_selector)
-        fields = parse_field_selector(field_selector)
+        fields = _supported_fields(_info(resource), label_selector, field_selector)
         self.check_watch_start(resource, resource_version)
         rv = _parse_rv(resource_version)
 
@@ -818,7 +1009,7 @@ class Store:
                 if matches(obj)
             ]
         else:
-            backlog = [e for e in self._history if e.rv > rv and e.resource == resource]
+            backlog = [e for e in self._history[resource] if e.rv > rv]
         self._watchers[resource].add(watcher)
         try:
             for event in backlog:
@@ -826,7 +1017,15 @@ class Store:
                 if out is not None:
                     yield out
             while True:
-                event = await watcher.queue.get()
+                if bookmark_interval is None:
+                    event = await watcher.queue.get()
+                else:
+                    try:
+                        async with asyncio.timeout(bookmark_interval):
+                            event = await watcher.queue.get()
+                    except TimeoutError:
+                        yield "BOOKMARK", {"metadata": {"resourceVersion": str(self._rv)}}
+                        continue
                 out = self._filter(event, matches)
                 if out is not None:
                     yield out
@@ -925,6 +1124,68 @@ class Store:
     def new_name(self, prefix: str) -> str:
         """A unique name for controller-made objects (events, pods)."""
         return f"{prefix}{next(self._names):05x}"
+
+
+def _list_key(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta.get('namespace', '')}/{meta['name']}"
+
+
+# The field labels each kind's registry converts (pkg/registry/*/strategy.go); everything else is a 400.
+_FIELD_LABELS: dict[str, frozenset[str]] = {
+    "pods": frozenset(
+        {
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.podIPs",
+            "status.nominatedNodeName",
+        }
+    ),
+    "events": frozenset(
+        {
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        }
+    ),
+    "secrets": frozenset({"type"}),
+    "namespaces": frozenset({"status.phase"}),
+    "nodes": frozenset({"spec.unschedulable"}),
+    "replicasets": frozenset({"status.replicas"}),
+    "jobs": frozenset({"status.successful"}),
+}
+
+
+def _supported_fields(
+    info: ResourceInfo, label_selector: str | None, field_selector: str | None
+) -> list[FieldRequirement]:
+    fields = parse_field_selector(field_selector)
+    allowed = _FIELD_LABELS.get(info.plural, frozenset())
+    for path, _, _ in fields:
+        label = ".".join(path)
+        if label in ("metadata.name", "metadata.namespace") or label in allowed:
+            continue
+        gv = f"{info.group}/{info.version}" if info.group else f"/{info.version}"
+        raise StoreError(
+            400,
+            "BadRequest",
+            f'Unable to find "{gv}, Resource={info.plural}" that match label selector '
+            f'"{label_selector or ""}", field selector "{field_selector}": field label not supported: {label}',
+        )
+    return fields
 
 
 def _parse_rv(resource_version: str | None) -> int | None:
