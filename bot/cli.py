@@ -22,7 +22,7 @@ from bot import commands
 from bot.drift import DriftReport
 from bot.errors import BotError, ConfigError
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
-from bot.models import Plan
+from bot.models import Plan, plural
 from bot.pipeline.engine import PipelineResult, Reporter
 from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
 from bot.settings import FunnelcakeConfig, Settings
@@ -230,8 +230,7 @@ def render_status(report: DriftReport) -> list[str]:
     header = ("service", "overlay", "live", "registry", "argo cd", "pods")
     for env in report.envs:
         lines.append(env.env + (f"  [{env.lock}]" if env.lock else ""))
-        if env.error:
-            lines.append(f"  cluster: {env.error}")
+        lines += [f"  {part}: {why}" for part, why in env.unavailable()]
         rows = [
             (
                 r.service,
@@ -249,7 +248,7 @@ def render_status(report: DriftReport) -> list[str]:
         if env.site:
             lines.append(f"  site: {env.site}")
         if env.behind:
-            lines.append(f"  {len(env.behind)} commit(s) behind production")
+            lines.append(f"  {plural(len(env.behind), 'commit')} behind production")
         lines.append("")
     mark = {"ok": "ok", "info": "info", "warn": "WARN", "error": "ERROR"}
     if report.findings:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from bot.ledger.models import DeployKind
 from bot.settings import MIGRATE_IMAGE, Service
 
-__all__ = ["AMD64", "CommitInfo", "DeployKind", "EnvPlan", "ImagePlan", "Plan", "deployed_images"]
+__all__ = ["AMD64", "CommitInfo", "DeployKind", "EnvPlan", "ImagePlan", "Plan", "deployed_images", "plural"]
 
 AMD64 = "linux/amd64"
 
@@ -98,6 +98,11 @@ class Plan:
             problems=list(data["problems"]),
             rebuild=bool(data.get("rebuild", False)),
         )
+
+
+def plural(n: int, word: str) -> str:
+    """English count: `1 commit`, `2 commits`, `0 commits`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def deployed_images(migrate: bool) -> list[str]:

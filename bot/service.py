@@ -339,7 +339,7 @@ class DeployService:
 
     async def overlays_at(self, record: DeployRecord) -> bool:
         """Did this deploy's push land although its gitops step was never recorded as done?"""
-        tags = await self.deps.gitops.read_tags(self.config)
+        tags = await self.deps.gitops.read_tags(self.config, record.envs)
         return bool(record.short) and all(
             set(tags.get(env, {}).values()) == {record.short} for env in record.envs
         )
@@ -369,7 +369,9 @@ class DeployService:
     async def rollback_target(self, env_name: str) -> str:
         """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
         since (a failed deploy, or a hand edit of the overlay); else the tag before the newest deploy."""
-        current = (await self.deps.gitops.read_tags(self.config)).get(env_name, {}).get(Service.API)
+        current = (
+            (await self.deps.gitops.read_tags(self.config, [env_name])).get(env_name, {}).get(Service.API)
+        )
         last = await self.deps.ledger.last_succeeded(env_name)
         if last is not None and last.tags.get(env_name) and last.tags[env_name] != current:
             return last.tags[env_name]

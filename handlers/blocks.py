@@ -7,7 +7,7 @@ from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployKind, DeployRecord
-from bot.models import Plan
+from bot.models import Plan, plural
 
 Block = dict[str, Any]
 
@@ -219,13 +219,12 @@ def status_blocks(report: DriftReport) -> list[Block]:
     blocks: list[Block] = [header("funnelcake status")]
     for env in report.envs:
         lines = [f"*{env.env}*" + (f" — 🔒 {esc(env.lock)}" if env.lock else "")]
-        if env.error:
-            lines.append(f"🔴 {esc(env.error)}")
+        lines += [f"🔴 {part} {esc(why)}" for part, why in env.unavailable()]
         lines += [_row(r) for r in env.rows]
         if env.site:
             lines.append(f"🌐 {esc(env.site)}")
         if env.behind:
-            lines.append(f"↪ {len(env.behind)} commit(s) behind production")
+            lines.append(f"↪ {plural(len(env.behind), 'commit')} behind production")
         blocks.append(section("\n".join(lines)))
     findings = [f for f in report.findings if f.severity != "ok"]
     if findings:

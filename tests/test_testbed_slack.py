@@ -461,7 +461,9 @@ async def test_socket_mode_client_reconnects_when_slack_asks(slack: FakeSlack) -
             await slack.request_reconnect()
             # The client reconnects in its own time; on a loaded machine that can take seconds.
             async with asyncio.timeout(15):
-                while not (len(slack.calls_to("apps.connections.open")) == 2 and slack.socket_connections == 1):
+                while not (
+                    len(slack.calls_to("apps.connections.open")) == 2 and slack.socket_connections == 1
+                ):
                     await asyncio.sleep(0.02)
             ack = await slack.send_envelope("interactive", {"type": "block_actions"})
         finally:

@@ -32,7 +32,7 @@ from bot.adapters.gitutil import (
     reject_inline_password,
     run_blocking,
 )
-from bot.errors import PermanentError, TransientError
+from bot.errors import BotError, PermanentError, TransientError
 from bot.logs import redact
 from bot.settings import Environment, FunnelcakeConfig, Service
 
@@ -195,11 +195,27 @@ class GitOpsRepo:
 
     # -- public API ------------------------------------------------------------------------------
 
-    async def read_tags(self, config: FunnelcakeConfig) -> dict[str, dict[Service, str]]:
-        """env -> service -> newTag on the remote branch, after a fetch."""
+    async def read_tags(
+        self, config: FunnelcakeConfig, envs: Iterable[str] | None = None
+    ) -> dict[str, dict[Service, str]]:
+        """env -> service -> newTag on the remote branch, after a fetch: of `envs` only (default: all).
+
+        Raises for a broken overlay of one of those envs only: a deploy, plan or rollback of poc reads
+        poc's overlays and nothing else, so a hand-broken production overlay cannot stop it."""
+        chosen = [config.env(n) for n in envs] if envs is not None else config.environments
+        out: dict[str, dict[Service, str]] = {}
+        for name, tags in (await self.read_tags_each(chosen)).items():
+            if isinstance(tags, BotError):
+                raise tags
+            out[name] = tags
+        return out
+
+    async def read_tags_each(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str] | BotError]:
+        """Like read_tags, but each env's overlays stand alone: a broken one is that env's error only.
+        A fetch that fails is every env's failure (they share the repo), and raises."""
         async with self._lock:
             await run_blocking(self._sync)
-            return await run_blocking(self._read_all, config.environments)
+            return await run_blocking(self._read_each, list(envs))
 
     async def tag_history(self, env: Environment, service: Service, *, limit: int = 20) -> list[str]:
         """The distinct tags the env's overlay held on the remote branch, newest first (after a fetch).
@@ -323,14 +339,21 @@ class GitOpsRepo:
             raise PermanentError(f"{rel} is not UTF-8 text.") from None
         return rel, path, text
 
-    def _read_all(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str]]:
-        out: dict[str, dict[Service, str]] = {}
+    def _read_each(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str] | BotError]:
+        out: dict[str, dict[Service, str] | BotError] = {}
         for env in envs:
-            out[env.name] = {}
-            for service in Service:
-                rel, _, text = self._read(env, service)
-                out[env.name][service] = read_image_tag(text, service.image, source=rel)
+            try:
+                out[env.name] = self._read_env(env)
+            except BotError as e:
+                out[env.name] = e
         return out
+
+    def _read_env(self, env: Environment) -> dict[Service, str]:
+        tags: dict[Service, str] = {}
+        for service in Service:
+            rel, _, text = self._read(env, service)
+            tags[service] = read_image_tag(text, service.image, source=rel)
+        return tags
 
     def _edit(self, envs: list[Environment], short: str) -> tuple[dict[str, dict[Service, str]], list[str]]:
         previous: dict[str, dict[Service, str]] = {}

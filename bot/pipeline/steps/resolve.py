@@ -20,7 +20,7 @@ class Resolve(Step[DeployContext]):
         deps = ctx.deps
         commit = await deps.app_repo.resolve(ctx.ref)
         ctx.commit = CommitInfo(commit.sha, commit.short, commit.subject, commit.author)
-        tags = await deps.gitops.read_tags(deps.config)
+        tags = await deps.gitops.read_tags(deps.config, ctx.env_names)  # only these envs' overlays
         plan = Plan(ctx.deploy_id, ctx.kind, ctx.env_names, ctx.commit, rebuild=ctx.rebuild)
         migrations: set[str] = set()
         unknown_previous = False
