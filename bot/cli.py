@@ -102,10 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("commit", metavar="COMMIT", help="commit hash (7-40 hex) or branch/tag name")
     deploy.add_argument("--dry-run", action="store_true", help="only show the plan (same as `plan`)")
     deploy.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    downgrade = "confirm moving an environment back to an older commit"
+    deploy.add_argument("--allow-downgrade", action="store_true", help=downgrade)
 
     plan = add("plan", "show what a deploy would do, touching nothing")
     plan.add_argument("envs", metavar="ENV[,ENV…]")
     plan.add_argument("commit", metavar="COMMIT")
+    plan.add_argument("--allow-downgrade", action="store_true", help=downgrade)
 
     status = add("status", "compare every environment: git, live, registry, Argo CD, pods, drift")
     status.add_argument("--json", action="store_true", help="print the drift report as JSON")
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollback = add("rollback", "deploy the environment's previous commit again")
     rollback.add_argument("env", metavar="ENV")
+    rollback.add_argument(
+        "--allow-downgrade", action="store_true", help="confirm rolling back across a migration boundary"
+    )
 
     history = add("history", "list recent deploys, newest first")
     history.add_argument("env", metavar="ENV", nargs="?")
@@ -144,10 +150,12 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
     if name in ("deploy", "plan"):
         words += [args.envs, args.commit]
         words += ["--dry-run"] if getattr(args, "dry_run", False) else []
+        words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
     elif name == "migrate":
         words += [args.env, args.commit]
     elif name in ("rollback", "unlock"):
         words += [args.env]
+        words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
     elif name == "history":
         words += [args.env] if args.env else []
         words += ["--limit", args.limit] if args.limit is not None else []
@@ -198,7 +206,7 @@ def render_plan(plan: Plan) -> list[str]:
     lines = [f"Plan: {plan.kind.value} {c.short}{subject}{author} → {', '.join(plan.envs)}"]
     if plan.commits:
         n = len(plan.commits)
-        lines.append(f"  {n} commit{'s' if n != 1 else ''} since the deployed tag:")
+        lines.append(f"  {plural(n, 'commit')} since the deployed tag:")
         lines += [
             f"    {ci.short} {ci.subject}" + (f" ({ci.author})" if ci.author else "")
             for ci in plan.commits[:10]
@@ -206,8 +214,10 @@ def render_plan(plan: Plan) -> list[str]:
         if n > 10:
             lines.append(f"    … and {n - 10} more")
     for name, ep in plan.env_plans.items():
-        moves = ", ".join(f"{svc} {tag} → {c.short}" for svc, tag in sorted(ep.previous.items()))
-        lines.append(f"  {name}: {moves or 'no tag deployed yet'}")
+        lines.append(f"  {name}:" + ("" if ep.moves else " no tag deployed yet"))
+        for move in ep.moves:
+            lines.append(f"    {move.describe(c.short)}")
+            lines += [f"      - {ci.short} {ci.subject}" for ci in move.behind[:10]]
         width = max((len(f"{i.image}:{i.tag}") for i in ep.images), default=0)
         for img in ep.images:
             action = {"present": "present", "promote": f"promote from {img.source_env}", "build": "build"}[
@@ -220,6 +230,8 @@ def render_plan(plan: Plan) -> list[str]:
             lines.append(f"    locked: {ep.locked_by}")
     if plan.migrations:
         lines.append("  migrations changed: " + ", ".join(plan.migrations))
+    for warning in plan.warnings:
+        lines.append(f"  WARNING: {warning}")
     for problem in plan.problems:
         lines.append(f"  problem: {problem}")
     return lines
@@ -349,8 +361,10 @@ async def _ask(session: Session, question: str) -> bool:
     return text.strip().casefold() in ("y", "yes")
 
 
-async def _show_plan(session: Session, service: DeployService, envs: Sequence[str], ref: str) -> int:
-    plan, result = await service.plan(envs, ref, session.user)
+async def _show_plan(
+    session: Session, service: DeployService, envs: Sequence[str], ref: str, *, allow_downgrade: bool = False
+) -> int:
+    plan, result = await service.plan(envs, ref, session.user, allow_downgrade=allow_downgrade)
     if plan is not None:
         session.say(*render_plan(plan))
     return _plan_verdict(session, result)
@@ -369,6 +383,8 @@ async def _run_deploy(
     kind: DeployKind,
     envs: Sequence[str],
     ref: str | None,
+    *,
+    allow_downgrade: bool = False,
 ) -> int:
     target = ", ".join(envs)
     reporter = TerminalReporter(
@@ -377,9 +393,9 @@ async def _run_deploy(
     session.reporter = reporter
     async with reporter:
         if ref is None:
-            started = await service.start_rollback(envs[0], session.user)
+            started = await service.start_rollback(envs[0], session.user, allow_downgrade=allow_downgrade)
         else:
-            started = await service.start(kind, envs, ref, session.user)
+            started = await service.start(kind, envs, ref, session.user, allow_downgrade=allow_downgrade)
         reporter.title = f"{kind.value} {started.record.ref} → {target} ({started.record.id})"
         session.deploy_id = started.record.id
         try:
@@ -430,19 +446,24 @@ def _outcome(session: Session, record: DeployRecord) -> int:
 async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command) -> int:
     async with session.service() as service:
         if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
-            return await _show_plan(session, service, cmd.envs, cmd.ref)
+            return await _show_plan(session, service, cmd.envs, cmd.ref, allow_downgrade=cmd.allow_downgrade)
         if isinstance(cmd, commands.Deploy):
+            allow = cmd.allow_downgrade
             if not args.yes:
-                code = await _show_plan(session, service, cmd.envs, cmd.ref)
+                code = await _show_plan(session, service, cmd.envs, cmd.ref, allow_downgrade=allow)
                 if code != EXIT_OK:
                     return code
                 if not await _ask(session, f"Deploy {cmd.ref} to {', '.join(cmd.envs)}? [y/N] "):
                     return session.fail("not confirmed; nothing was deployed")
-            return await _run_deploy(session, service, DeployKind.DEPLOY, cmd.envs, cmd.ref)
+            return await _run_deploy(
+                session, service, DeployKind.DEPLOY, cmd.envs, cmd.ref, allow_downgrade=allow
+            )
         if isinstance(cmd, commands.Migrate):
             return await _run_deploy(session, service, DeployKind.MIGRATE, [cmd.env], cmd.ref)
         if isinstance(cmd, commands.Rollback):
-            return await _run_deploy(session, service, DeployKind.ROLLBACK, [cmd.env], None)
+            return await _run_deploy(
+                session, service, DeployKind.ROLLBACK, [cmd.env], None, allow_downgrade=cmd.allow_downgrade
+            )
         if isinstance(cmd, commands.Status):
             report = await service.status()
             if args.json:

@@ -172,10 +172,11 @@ class DeployService:
     # ---- public operations ------------------------------------------------------------------
 
     async def plan(
-        self, env_names: Sequence[str], ref: str, requester: str
+        self, env_names: Sequence[str], ref: str, requester: str, *, allow_downgrade: bool = False
     ) -> tuple[Plan | None, PipelineResult]:
         """The dry run: resolve + preflight, touching nothing and recording nothing."""
         ctx = self._context("plan-" + secrets.token_hex(3), DeployKind.DEPLOY, env_names, ref, requester)
+        ctx.allow_downgrade = allow_downgrade
         result = await Pipeline(ctx.deploy_id, [Resolve(), Preflight()], []).run(ctx)
         return ctx.plan, result
 
@@ -189,11 +190,13 @@ class DeployService:
         channel: str | None = None,
         thread_ts: str | None = None,
         rebuild: bool = False,
+        allow_downgrade: bool = False,
     ) -> Started:
         """Record the deploy and run it in a named background task; returns at once.
 
         `rebuild` builds every image from source for linux/amd64 even where a registry has the tag: the
         fix for an image whose manifest says amd64 but whose binaries are not (`exec format error`).
+        `allow_downgrade` is the requester's confirmation that an env may move back (kept in the plan).
         """
         envs = [self.config.env(n) for n in env_names]
         record = await self.deps.ledger.create_deploy(
@@ -206,7 +209,7 @@ class DeployService:
             thread_ts=thread_ts,
             owner=self.instance_id,
         )
-        task = self._spawn(record.id, self._run_new(record, rebuild=rebuild))
+        task = self._spawn(record.id, self._run_new(record, rebuild=rebuild, allow_downgrade=allow_downgrade))
         return Started(record, task)
 
     async def decide(self, deploy_id: str, user: str, *, approve: bool) -> DeployRecord:
@@ -277,12 +280,25 @@ class DeployService:
         return await self.deps.ledger.unlock(env_name, user)
 
     async def start_rollback(
-        self, env_name: str, requester: str, *, channel: str | None = None, thread_ts: str | None = None
+        self,
+        env_name: str,
+        requester: str,
+        *,
+        channel: str | None = None,
+        thread_ts: str | None = None,
+        allow_downgrade: bool = False,
     ) -> Started:
-        """Deploy the env's previous tag through the same pipeline; its images exist, so nothing is built."""
+        """Deploy the env's previous tag through the same pipeline; its images exist, so nothing is built.
+        Back across a migration boundary it needs `allow_downgrade`: those migrations stay applied."""
         target = await self.rollback_target(env_name)
         return await self.start(
-            DeployKind.ROLLBACK, [env_name], target, requester, channel=channel, thread_ts=thread_ts
+            DeployKind.ROLLBACK,
+            [env_name],
+            target,
+            requester,
+            channel=channel,
+            thread_ts=thread_ts,
+            allow_downgrade=allow_downgrade,
         )
 
     async def start_force(
@@ -470,6 +486,8 @@ class DeployService:
         voided) ends the deploy with that message; a stop (cancel, hand-over, lost lease) ends it as
         `_stopped` says; leases are always released."""
         ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
+        # a resumed or approved run keeps the confirmation its requester gave (recorded with the plan)
+        ctx.allow_downgrade = bool(record.plan and record.plan.get("allow_downgrade"))
         run = Run(record, ctx, task=self._tasks.get(record.id))
         self._runs[record.id] = run
         try:
@@ -532,12 +550,15 @@ class DeployService:
         """Become the deploy's owner at a new epoch: whoever wrote as its owner before is fenced out."""
         return await self.deps.ledger.claim_deploy(record.id, owner=self.instance_id, expect=record.fence)
 
-    async def _run_new(self, record: DeployRecord, *, rebuild: bool = False) -> DeployRecord:
+    async def _run_new(
+        self, record: DeployRecord, *, rebuild: bool = False, allow_downgrade: bool = False
+    ) -> DeployRecord:
         record = await self._own(record)
         approval = self._needs_approval(record)
 
         async def work(run: Run) -> DeployRecord:
             run.ctx.rebuild = rebuild
+            run.ctx.allow_downgrade = allow_downgrade
             if not approval:
                 await self.take_leases(run)
             planned = await self._pipeline(run, [Resolve(), Preflight()]).run(run.ctx)
@@ -780,6 +801,7 @@ def _summary(
 ) -> dict[str, Any]:
     """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
     failed = result.failed if result else None
+    forced = next((r for r in result.results if r.step == "force-migrate"), None) if result else None
     revision = next((r.revision for rs in ctx.synced.values() for r in rs), None) if ctx else None
     return {
         "state": record.state.value,
@@ -794,6 +816,10 @@ def _summary(
         "failed_step": failed.step if failed else None,
         "hint": failed.hint if failed else None,
         "failure": dict(failed.data) if failed else {},
+        # a force-migrate says which version it marked clean and what `up` applied after it
+        "force": {"version": forced.data.get("forced"), "applied": list(forced.data.get("applied", []))}
+        if forced is not None and forced.outcome is StepOutcome.OK
+        else None,
         "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
         if ctx and ctx.plan
         else {},

@@ -159,15 +159,20 @@ class SlackFront:
     async def _run(self, cmd: commands.Command, user: str, channel: str) -> None:
         svc = self.service
         match cmd:
-            case commands.Deploy(envs=envs, ref=ref, dry_run=False):
+            case commands.Deploy(envs=envs, ref=ref, dry_run=False, allow_downgrade=allow):
                 for env in envs:
                     if await self._refuse(
                         await self.policy.can_deploy(self.config.env(env), user), channel, user
                     ):
                         return
-                await svc.start(DeployKind.DEPLOY, list(envs), ref, user, channel=channel)
-            case commands.Deploy(envs=envs, ref=ref) | commands.Plan(envs=envs, ref=ref):
-                plan, result = await svc.plan(list(envs), ref, user)
+                await svc.start(
+                    DeployKind.DEPLOY, list(envs), ref, user, channel=channel, allow_downgrade=allow
+                )
+            case (
+                commands.Deploy(envs=envs, ref=ref, allow_downgrade=allow)
+                | commands.Plan(envs=envs, ref=ref, allow_downgrade=allow)
+            ):
+                plan, result = await svc.plan(list(envs), ref, user, allow_downgrade=allow)
                 failed = result.failed
                 text = f"📝 Plan for {', '.join(envs)} @ `{plan.commit.short if plan else ref}` (nothing was changed)"
                 blocks = [bk.section(text), *(bk.plan_blocks(plan) if plan else [])]
@@ -187,8 +192,8 @@ class SlackFront:
                 await svc.start(DeployKind.MIGRATE, [env], ref or "", user, channel=channel)
             case commands.Migrate(env=env, force_version=int(version)):
                 await self._force(env, version, user, channel)
-            case commands.Rollback(env=env):
-                await self._rollback(env, user, channel)
+            case commands.Rollback(env=env, allow_downgrade=allow):
+                await self._rollback(env, user, channel, allow_downgrade=allow)
             case commands.History(env=env, limit=limit):
                 records = await svc.history(env, limit)
                 await self._tell(channel, user, "History", bk.history_blocks(records))
@@ -204,10 +209,12 @@ class SlackFront:
             case commands.Unlock(env=env):
                 await self._unlock(env, user, channel)
 
-    async def _rollback(self, env: str, user: str, channel: str) -> Started | None:
+    async def _rollback(
+        self, env: str, user: str, channel: str, *, allow_downgrade: bool = False
+    ) -> Started | None:
         if await self._refuse(await self.policy.can_deploy(self.config.env(env), user), channel, user):
             return None
-        return await self.service.start_rollback(env, user, channel=channel)
+        return await self.service.start_rollback(env, user, channel=channel, allow_downgrade=allow_downgrade)
 
     async def _force(self, env: str, version: int, user: str, channel: str) -> None:
         if await self._refuse(await self.policy.can_admin(self.config.env(env), user), channel, user):

@@ -196,7 +196,7 @@ def test_other_usage_errors() -> None:
 
 def test_usage_shows_the_syntax_and_an_example() -> None:
     msg = usage("deploy prod e7e79eb")
-    assert "Usage: `/funnelcake deploy <env>[,<env>…] <commit> [--dry-run]`" in msg
+    assert "Usage: `/funnelcake deploy <env>[,<env>…] <commit> [--dry-run] [--allow-downgrade]`" in msg
     assert "`/funnelcake deploy poc e7e79eb`" in msg
 
 

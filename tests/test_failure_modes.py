@@ -700,7 +700,8 @@ async def test_concurrent_deploys_and_rollback(
 
     # Roll poc back: the previous tag, in git and on the cluster; staging stays where it is.
     assert await svc.rollback_target("poc") == before
-    rollback = await svc.start_rollback("poc", ALICE)
+    # back across 000003_add_index, which stays applied: the requester confirms it
+    rollback = await svc.start_rollback("poc", ALICE, allow_downgrade=True)
     record = await svc.wait(rollback.record.id)
     assert record.state is DeployState.SUCCEEDED, record.message
     assert record.kind is DeployKind.ROLLBACK

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-
-import pytest
 
 from bot.drift import STATUS_DEADLINE, DriftReport, EnvReport
 from bot.ledger.models import DeployKind, DeployState
 from bot.service import DeployService
-from bot.wiring import build_service
 from handlers.blocks import status_blocks
 from tests.test_crash_failover import frozen
 from tests.test_failure_modes import ALICE, live_image, overlay_tag, parts, publish, set_relay_tag
@@ -23,13 +19,6 @@ from tests.testbed.gitrepos import overlay_path, push_from_second_clone
 from tests.testbed.sandbox import Sandbox
 
 SERVICES = ("funnelcake-api", "funnelcake-relay")
-
-
-@pytest.fixture
-async def svc(sandbox: Sandbox) -> AsyncIterator[DeployService]:
-    assert sandbox.config is not None
-    async with build_service(sandbox.settings(), sandbox.config) as service:
-        yield service
 
 
 def drop_relay_images_entry(text: str) -> str:
@@ -71,7 +60,7 @@ async def assert_poc_works(sandbox: Sandbox, svc: DeployService) -> None:
     assert all(r.overlay_tag == r.live_tag == short and r.healthy for r in poc.rows), poc.rows
 
     assert await svc.rollback_target("poc") == before
-    rollback = await svc.start_rollback("poc", ALICE)
+    rollback = await svc.start_rollback("poc", ALICE, allow_downgrade=True)  # back across a migration
     record = await svc.wait(rollback.record.id)
     assert record.state is DeployState.SUCCEEDED, record.message
     assert overlay_tag(sandbox, "poc", "api") == before

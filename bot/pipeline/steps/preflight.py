@@ -12,6 +12,7 @@ from bot.ledger.models import who
 from bot.models import AMD64, ImagePlan, Plan, deployed_images
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
+from bot.pipeline.steps.resolve import downgrade_problems
 from bot.settings import Environment
 
 
@@ -37,6 +38,7 @@ class Preflight(Step[DeployContext]):
                 problems.append(
                     f"{img.image}:{img.tag} is in no environment's registry and this bot has no builder configured"
                 )
+        problems += downgrade_problems(plan)
         plan.problems = problems
         await progress(_summary(plan), {})
         if problems:
