@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     downgrade = "confirm moving an environment back to an older commit"
     deploy.add_argument("--allow-downgrade", action="store_true", help=downgrade)
+    deploy.add_argument("--override", metavar="REASON", help="go past a promotion gate (admins), saying why")
 
     plan = add("plan", "show what a deploy would do, touching nothing")
     plan.add_argument("envs", metavar="ENV[,ENV…]")
@@ -151,6 +152,8 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
         words += [args.envs, args.commit]
         words += ["--dry-run"] if getattr(args, "dry_run", False) else []
         words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
+        # last: the grammar reads the rest of the line as the reason
+        words += ["--override", *args.override.split()] if getattr(args, "override", None) else []
     elif name == "migrate":
         words += [args.env, args.commit]
     elif name in ("rollback", "unlock"):
@@ -163,6 +166,8 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
         words += [args.env, *args.reason]
     # The grammar reads space-separated words: a quoted argument with a space would be read as two.
     spaced = [w for w in words[1:] if not w or any(c.isspace() for c in w)]
+    if getattr(args, "override", None) is not None and not args.override.split():
+        raise UsageError("--override needs the reason for going past the promotion gate.")
     if spaced and name != "lock":
         raise UsageError(f"{spaced[0]!r} is not a single word; environments and commits have no spaces.")
     if name == "migrate" and args.commit.casefold() == "force":
@@ -232,6 +237,8 @@ def render_plan(plan: Plan) -> list[str]:
         lines.append("  migrations changed: " + ", ".join(plan.migrations))
     for warning in plan.warnings:
         lines.append(f"  WARNING: {warning}")
+    for gate in plan.overridden:
+        lines.append(f"  OVERRIDDEN ({plan.override_reason}): {gate}")
     for problem in plan.problems:
         lines.append(f"  problem: {problem}")
     return lines
@@ -261,6 +268,8 @@ def render_status(report: DriftReport) -> list[str]:
             lines.append(f"  site: {env.site}")
         if env.behind:
             lines.append(f"  {plural(len(env.behind), 'commit')} behind production")
+        if env.eligible is not None:
+            lines.append("  eligible: " + (", ".join(env.eligible) or "nothing has passed the gate yet"))
         lines.append("")
     mark = {"ok": "ok", "info": "info", "warn": "WARN", "error": "ERROR"}
     if report.findings:
@@ -362,9 +371,17 @@ async def _ask(session: Session, question: str) -> bool:
 
 
 async def _show_plan(
-    session: Session, service: DeployService, envs: Sequence[str], ref: str, *, allow_downgrade: bool = False
+    session: Session,
+    service: DeployService,
+    envs: Sequence[str],
+    ref: str,
+    *,
+    allow_downgrade: bool = False,
+    override: str | None = None,
 ) -> int:
-    plan, result = await service.plan(envs, ref, session.user, allow_downgrade=allow_downgrade)
+    plan, result = await service.plan(
+        envs, ref, session.user, allow_downgrade=allow_downgrade, override_reason=override
+    )
     if plan is not None:
         session.say(*render_plan(plan))
     return _plan_verdict(session, result)
@@ -385,6 +402,7 @@ async def _run_deploy(
     ref: str | None,
     *,
     allow_downgrade: bool = False,
+    override: str | None = None,
 ) -> int:
     target = ", ".join(envs)
     reporter = TerminalReporter(
@@ -395,7 +413,9 @@ async def _run_deploy(
         if ref is None:
             started = await service.start_rollback(envs[0], session.user, allow_downgrade=allow_downgrade)
         else:
-            started = await service.start(kind, envs, ref, session.user, allow_downgrade=allow_downgrade)
+            started = await service.start(
+                kind, envs, ref, session.user, allow_downgrade=allow_downgrade, override_reason=override
+            )
         reporter.title = f"{kind.value} {started.record.ref} → {target} ({started.record.id})"
         session.deploy_id = started.record.id
         try:
@@ -446,17 +466,32 @@ def _outcome(session: Session, record: DeployRecord) -> int:
 async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command) -> int:
     async with session.service() as service:
         if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
-            return await _show_plan(session, service, cmd.envs, cmd.ref, allow_downgrade=cmd.allow_downgrade)
+            return await _show_plan(
+                session,
+                service,
+                cmd.envs,
+                cmd.ref,
+                allow_downgrade=cmd.allow_downgrade,
+                override=cmd.override,
+            )
         if isinstance(cmd, commands.Deploy):
-            allow = cmd.allow_downgrade
+            allow, override = cmd.allow_downgrade, cmd.override
             if not args.yes:
-                code = await _show_plan(session, service, cmd.envs, cmd.ref, allow_downgrade=allow)
+                code = await _show_plan(
+                    session, service, cmd.envs, cmd.ref, allow_downgrade=allow, override=override
+                )
                 if code != EXIT_OK:
                     return code
                 if not await _ask(session, f"Deploy {cmd.ref} to {', '.join(cmd.envs)}? [y/N] "):
                     return session.fail("not confirmed; nothing was deployed")
             return await _run_deploy(
-                session, service, DeployKind.DEPLOY, cmd.envs, cmd.ref, allow_downgrade=allow
+                session,
+                service,
+                DeployKind.DEPLOY,
+                cmd.envs,
+                cmd.ref,
+                allow_downgrade=allow,
+                override=override,
             )
         if isinstance(cmd, commands.Migrate):
             return await _run_deploy(session, service, DeployKind.MIGRATE, [cmd.env], cmd.ref)

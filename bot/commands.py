@@ -28,6 +28,7 @@ class Deploy:
     ref: str
     dry_run: bool = False
     allow_downgrade: bool = False  # the requester confirms moving an env back
+    override: str | None = None  # an admin's reason for going past a promotion gate (plain text)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Plan:
     envs: tuple[str, ...]
     ref: str
     allow_downgrade: bool = False
+    override: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,12 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {
     "deploy": _Spec(
-        "deploy <env>[,<env>…] <commit> [--dry-run] [--allow-downgrade]",
+        "deploy <env>[,<env>…] <commit> [--dry-run] [--allow-downgrade] [--override <reason…>]",
         "Deploy a commit of funnelcake (api, relay, and migrations when they changed) to one or more "
         "environments. Production runs only after a second person approves. With --dry-run, only "
-        "shows the plan. Moving an environment back to an older commit needs --allow-downgrade.",
+        "shows the plan. Moving an environment back to an older commit needs --allow-downgrade. An "
+        "admin can go past a promotion gate (e.g. production takes what succeeded in staging) with "
+        "--override and the reason, which ends the command.",
         ("deploy {env} e7e79eb", "deploy {envs} e7e79eb --dry-run"),
     ),
     "plan": _Spec(
@@ -381,6 +385,20 @@ class _Reader:
 
 
 def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
+    # `--override <reason…>` takes the rest of the line: the reason is free text, like a lock's.
+    override: str | None = None
+    at = next((i for i, w in enumerate(r.words) if _is_flag(w) and _flag_name(w)[0] == "override"), None)
+    if at is not None:
+        override = " ".join(
+            "".join(c if c.isprintable() else " " for c in " ".join(r.words[at + 1 :])).split()
+        )
+        r.words = r.words[:at]
+        if not override:
+            return r.usage("`--override` needs the reason, e.g. `--override staging is down, hotfix`.")
+        if len(override) > MAX_REASON_LENGTH:
+            return r.usage(
+                f"The reason is {len(override)} characters long; keep it under {MAX_REASON_LENGTH}."
+            )
     opts = r.options({"allowdowngrade": False} if plan else {"dryrun": False, "allowdowngrade": False})
     if isinstance(opts, Usage):
         return opts
@@ -399,8 +417,8 @@ def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
     if extra is not None:
         return extra
     if plan:
-        return Plan(env_tuple, ref, allow_downgrade=allow)
-    return Deploy(env_tuple, ref, dry_run="dryrun" in found, allow_downgrade=allow)
+        return Plan(env_tuple, ref, allow_downgrade=allow, override=override)
+    return Deploy(env_tuple, ref, dry_run="dryrun" in found, allow_downgrade=allow, override=override)
 
 
 def _single_env(r: _Reader, positionals: list[str]) -> tuple[str, list[str]] | Usage:

@@ -18,6 +18,7 @@ from bot.errors import BotError
 from bot.ledger.models import ManualLock, who
 from bot.models import AMD64, CommitInfo, plural
 from bot.pipeline.context import Deps
+from bot.pipeline.steps.gates import eligible
 from bot.settings import Environment, Service
 
 Severity = Literal["ok", "info", "warn", "error"]
@@ -67,6 +68,7 @@ class EnvReport:
     site: str | None = None
     lock: str | None = None
     behind: list[CommitInfo] = field(default_factory=list)
+    eligible: list[str] | None = None  # for an env with a promotion gate: the commits it lets through
 
     def unavailable(self) -> list[tuple[str, str]]:
         """(part, why) for each part of the env that could not be read: overlays, registry, cluster."""
@@ -179,7 +181,8 @@ async def build_report(deps: Deps, *, deadline: float = STATUS_DEADLINE) -> Drif
         name="status-clusters",
     )
     locks_task = asyncio.create_task(deps.ledger.locks(), name="status-locks")
-    tasks: list[asyncio.Task[Any]] = [snaps_task, locks_task]
+    eligible_task = asyncio.create_task(_eligible(deps), name="status-eligible")
+    tasks: list[asyncio.Task[Any]] = [snaps_task, locks_task, eligible_task]
     try:
         overlays = await _read_overlays(deps, envs, min(GIT_LIMIT, left()))
         tags = {name: t for name, t in overlays.items() if isinstance(t, dict)}
@@ -202,6 +205,7 @@ async def build_report(deps: Deps, *, deadline: float = STATUS_DEADLINE) -> Drif
         except BotError as e:
             locks, lock_error = [], e.message
         behind: dict[str, Behind] = await _within(behind_task, left()) or {}
+        gates: dict[str, list[str]] = await _within(eligible_task, left()) or {}
     finally:
         # on error or cancellation, nothing keeps reading after the report is gone
         for task in tasks:
@@ -254,6 +258,7 @@ async def build_report(deps: Deps, *, deadline: float = STATUS_DEADLINE) -> Drif
             if lock.env == env.name:
                 rep.lock = f"locked by {who(lock.user)} since {lock.since:%Y-%m-%d %H:%M} UTC: {lock.reason}"
                 findings.append(Finding(env.name, "warn", rep.lock, f"unlock:{env.name}"))
+        rep.eligible = gates.get(env.name)
         reports.append(rep)
     for rep in reports:
         lag = behind.get(rep.env)
@@ -303,6 +308,20 @@ def _service_findings(
             findings.append(Finding(env.name, "error", text, f"rollback:{env.name}"))
         for problem in snap.problems:
             findings.append(Finding(env.name, "warn", f"{name}: {problem}"))
+
+
+async def _eligible(deps: Deps) -> dict[str, list[str]]:
+    """env -> the commits its promotion gate lets through, e.g. `aaaf1b8 (staging d-abc123)`."""
+    out: dict[str, list[str]] = {}
+    for env in deps.config.environments:
+        if env.promotion is None:
+            continue
+        try:
+            found = await eligible(deps.ledger, env)
+        except BotError:
+            continue
+        out[env.name] = [f"{e.short} ({env.promotion.after} {e.deploy_id})" for e in found]
+    return out
 
 
 async def _behind_production(deps: Deps, tags: dict[str, dict[Service, str]]) -> dict[str, Behind]:

@@ -131,6 +131,8 @@ class Plan:
     rebuild: bool = False  # every image is built from source, present or not
     warnings: list[str] = field(default_factory=list)  # e.g. this commit failed in another env
     allow_downgrade: bool = False  # the requester confirmed moving an env back (kept in the ledger's plan)
+    override_reason: str | None = None  # an admin's reason for going past a promotion gate
+    overridden: list[str] = field(default_factory=list)  # the gates that reason went past
 
     def images(self) -> list[ImagePlan]:
         return [img for ep in self.env_plans.values() for img in ep.images]
@@ -169,6 +171,8 @@ class Plan:
             rebuild=bool(data.get("rebuild", False)),
             warnings=list(data.get("warnings", [])),
             allow_downgrade=bool(data.get("allow_downgrade", False)),
+            override_reason=data.get("override_reason"),
+            overridden=list(data.get("overridden", [])),
         )
 
 

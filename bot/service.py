@@ -172,11 +172,18 @@ class DeployService:
     # ---- public operations ------------------------------------------------------------------
 
     async def plan(
-        self, env_names: Sequence[str], ref: str, requester: str, *, allow_downgrade: bool = False
+        self,
+        env_names: Sequence[str],
+        ref: str,
+        requester: str,
+        *,
+        allow_downgrade: bool = False,
+        override_reason: str | None = None,
     ) -> tuple[Plan | None, PipelineResult]:
         """The dry run: resolve + preflight, touching nothing and recording nothing."""
         ctx = self._context("plan-" + secrets.token_hex(3), DeployKind.DEPLOY, env_names, ref, requester)
         ctx.allow_downgrade = allow_downgrade
+        ctx.override_reason = override_reason
         result = await Pipeline(ctx.deploy_id, [Resolve(), Preflight()], []).run(ctx)
         return ctx.plan, result
 
@@ -191,12 +198,14 @@ class DeployService:
         thread_ts: str | None = None,
         rebuild: bool = False,
         allow_downgrade: bool = False,
+        override_reason: str | None = None,
     ) -> Started:
         """Record the deploy and run it in a named background task; returns at once.
 
         `rebuild` builds every image from source for linux/amd64 even where a registry has the tag: the
         fix for an image whose manifest says amd64 but whose binaries are not (`exec format error`).
-        `allow_downgrade` is the requester's confirmation that an env may move back (kept in the plan).
+        `allow_downgrade` is the requester's confirmation that an env may move back (kept in the plan);
+        `override_reason` takes it past a promotion gate (the caller checked the requester is an admin).
         """
         envs = [self.config.env(n) for n in env_names]
         record = await self.deps.ledger.create_deploy(
@@ -209,7 +218,12 @@ class DeployService:
             thread_ts=thread_ts,
             owner=self.instance_id,
         )
-        task = self._spawn(record.id, self._run_new(record, rebuild=rebuild, allow_downgrade=allow_downgrade))
+        task = self._spawn(
+            record.id,
+            self._run_new(
+                record, rebuild=rebuild, allow_downgrade=allow_downgrade, override_reason=override_reason
+            ),
+        )
         return Started(record, task)
 
     async def decide(self, deploy_id: str, user: str, *, approve: bool) -> DeployRecord:
@@ -488,6 +502,8 @@ class DeployService:
         ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
         # a resumed or approved run keeps the confirmation its requester gave (recorded with the plan)
         ctx.allow_downgrade = bool(record.plan and record.plan.get("allow_downgrade"))
+        ctx.override_reason = record.plan.get("override_reason") if record.plan else None
+        ctx.approver = record.approver
         run = Run(record, ctx, task=self._tasks.get(record.id))
         self._runs[record.id] = run
         try:
@@ -551,7 +567,12 @@ class DeployService:
         return await self.deps.ledger.claim_deploy(record.id, owner=self.instance_id, expect=record.fence)
 
     async def _run_new(
-        self, record: DeployRecord, *, rebuild: bool = False, allow_downgrade: bool = False
+        self,
+        record: DeployRecord,
+        *,
+        rebuild: bool = False,
+        allow_downgrade: bool = False,
+        override_reason: str | None = None,
     ) -> DeployRecord:
         record = await self._own(record)
         approval = self._needs_approval(record)
@@ -559,6 +580,7 @@ class DeployService:
         async def work(run: Run) -> DeployRecord:
             run.ctx.rebuild = rebuild
             run.ctx.allow_downgrade = allow_downgrade
+            run.ctx.override_reason = override_reason
             if not approval:
                 await self.take_leases(run)
             planned = await self._pipeline(run, [Resolve(), Preflight()]).run(run.ctx)

@@ -159,20 +159,33 @@ class SlackFront:
     async def _run(self, cmd: commands.Command, user: str, channel: str) -> None:
         svc = self.service
         match cmd:
-            case commands.Deploy(envs=envs, ref=ref, dry_run=False, allow_downgrade=allow):
+            case commands.Deploy(envs=envs, ref=ref, dry_run=False, allow_downgrade=allow, override=override):
                 for env in envs:
                     if await self._refuse(
                         await self.policy.can_deploy(self.config.env(env), user), channel, user
                     ):
                         return
+                    # going past a promotion gate is an admin's decision
+                    if override and await self._refuse(
+                        await self.policy.can_admin(self.config.env(env), user), channel, user
+                    ):
+                        return
                 await svc.start(
-                    DeployKind.DEPLOY, list(envs), ref, user, channel=channel, allow_downgrade=allow
+                    DeployKind.DEPLOY,
+                    list(envs),
+                    ref,
+                    user,
+                    channel=channel,
+                    allow_downgrade=allow,
+                    override_reason=override,
                 )
             case (
-                commands.Deploy(envs=envs, ref=ref, allow_downgrade=allow)
-                | commands.Plan(envs=envs, ref=ref, allow_downgrade=allow)
+                commands.Deploy(envs=envs, ref=ref, allow_downgrade=allow, override=override)
+                | commands.Plan(envs=envs, ref=ref, allow_downgrade=allow, override=override)
             ):
-                plan, result = await svc.plan(list(envs), ref, user, allow_downgrade=allow)
+                plan, result = await svc.plan(
+                    list(envs), ref, user, allow_downgrade=allow, override_reason=override
+                )
                 failed = result.failed
                 text = f"📝 Plan for {', '.join(envs)} @ `{plan.commit.short if plan else ref}` (nothing was changed)"
                 blocks = [bk.section(text), *(bk.plan_blocks(plan) if plan else [])]

@@ -162,6 +162,9 @@ def plan_blocks(plan: Plan, *, max_commits: int = 15) -> list[Block]:
     blocks.append(section("*Migrations that will run*\n" + migrations))
     if plan.warnings:
         blocks.append(section("*Warnings*\n" + "\n".join(f"⚠️ {esc(w)}" for w in plan.warnings)))
+    if plan.overridden:
+        gates = "\n".join(f"• {esc(g)}" for g in plan.overridden)
+        blocks.append(section(f"*Promotion gate overridden*: {esc(plan.override_reason or '')}\n{gates}"))
     if plan.problems:
         blocks.append(section("*Blocking problems*\n" + "\n".join(f"• {esc(p)}" for p in plan.problems)))
     return blocks
@@ -264,6 +267,10 @@ def status_blocks(report: DriftReport) -> list[Block]:
             lines.append(f"🌐 {esc(env.site)}")
         if env.behind:
             lines.append(f"↪ {plural(len(env.behind), 'commit')} behind production")
+        if env.eligible is not None:
+            lines.append(
+                "🚦 eligible: " + (esc(", ".join(env.eligible)) or "nothing has passed the gate yet")
+            )
         blocks.append(section("\n".join(lines)))
     findings = [f for f in report.findings if f.severity != "ok"]
     if findings:

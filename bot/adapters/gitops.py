@@ -172,6 +172,7 @@ class GitOpsRepo:
         branch: str = "main",
         credentials: GitCredentials | None = None,
         author: tuple[str, str] = DEFAULT_AUTHOR,
+        signing_key: Path | None = None,
         kubectl: str = "kubectl",
         network_timeout: float = NETWORK_TIMEOUT,
         render_timeout: float = RENDER_TIMEOUT,
@@ -185,6 +186,7 @@ class GitOpsRepo:
         self.network_timeout = network_timeout
         self.render_timeout = render_timeout
         self.retry_delay = retry_delay
+        self.signing_key = signing_key  # an SSH key: commits are signed with it (gpg.format=ssh)
         self._git = GitRunner(clone_dir, remote_url=url, credentials=credentials, identity=author)
         self._lock = asyncio.Lock()
         self.name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or url
@@ -258,6 +260,8 @@ class GitOpsRepo:
         *,
         requester: str,
         deploy_id: str,
+        approver: str | None = None,
+        override_reason: str | None = None,
         max_attempts: int = 5,
     ) -> BumpResult:
         """Set newTag to `short` in every overlay of `envs`, commit once, and push (see module doc)."""
@@ -267,7 +271,8 @@ class GitOpsRepo:
         envs = list({e.name: e for e in envs}.values())
         async with self._lock:
             try:
-                return await self._bump(envs, short, requester, deploy_id, max_attempts)
+                trailers = Trailers(requester, deploy_id, approver, override_reason)
+                return await self._bump(envs, short, trailers, max_attempts)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await run_blocking(self._reset_clean)
@@ -276,14 +281,23 @@ class GitOpsRepo:
     # -- the bump, with the lock held -------------------------------------------------------------
 
     async def _bump(
-        self, envs: list[Environment], short: str, requester: str, deploy_id: str, max_attempts: int
+        self, envs: list[Environment], short: str, trailers: Trailers, max_attempts: int
     ) -> BumpResult:
+        deploy_id = trailers.deploy_id
         await run_blocking(self._sync)
         previous, files = await run_blocking(self._edit, envs, short)
         if not files:
             return BumpResult(commit=None, noop=True, previous=previous, attempts=0)
         await self._validate(envs, short)
-        message = commit_message(envs, short, requester=requester, deploy_id=deploy_id, previous=previous)
+        message = commit_message(
+            envs,
+            short,
+            requester=trailers.requester,
+            deploy_id=deploy_id,
+            previous=previous,
+            approver=trailers.approver,
+            override_reason=trailers.override_reason,
+        )
         await run_blocking(self._commit, files, message)
         for attempt in range(1, max_attempts + 1):
             if await run_blocking(self._push):
@@ -478,9 +492,26 @@ class GitOpsRepo:
     def _rev(self, rev: str) -> str:
         return self._git.run("rev-parse", "--verify", rev).stdout.strip()
 
+    def _signing(self) -> list[str]:
+        """`-c` options: sign with the configured SSH key, or explicitly not at all (a global
+        commit.gpgsign=true without a key would fail every deploy)."""
+        if self.signing_key is None:
+            return ["-c", "commit.gpgsign=false"]
+        return [
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            f"user.signingkey={self.signing_key}",
+            "-c",
+            "commit.gpgsign=true",
+        ]
+
     def _commit(self, files: list[str], message: str) -> None:
         self._git.run("add", "--", *files)
-        self._git.run("-c", "commit.gpgsign=false", "commit", "--quiet", "--no-verify", "-m", message)
+        # --no-verify: this clone is the bot's own and `git clone` copies no hooks, so a hook here could only
+        # come from the machine's global core.hooksPath, which is not the GitOps repo's policy (that runs on
+        # the remote and in its CI). The overlays were already validated by rendering them with kustomize.
+        self._git.run(*self._signing(), "commit", "--quiet", "--no-verify", "-m", message)
 
     def _push(self) -> bool:
         """True when pushed; False when the remote moved on (a race to rebase and retry)."""
@@ -501,7 +532,7 @@ class GitOpsRepo:
     def _rebase(self, files: list[str]) -> bool:
         """pull --rebase: fetch and replay our commit; False when it became empty (already upstream)."""
         self._fetch()
-        res = self._git.run("-c", "commit.gpgsign=false", "rebase", "--quiet", self._origin, check=False)
+        res = self._git.run(*self._signing(), "rebase", "--quiet", self._origin, check=False)
         if not res.ok:
             conflicted = self._git.run("diff", "--name-only", "--diff-filter=U", check=False).stdout.split()
             self._reset_clean()
@@ -518,6 +549,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
+@dataclass(frozen=True)
+class Trailers:
+    """Who and what a deploy commit is for: written as git trailers at the end of its message."""
+
+    requester: str
+    deploy_id: str
+    approver: str | None = None
+    override_reason: str | None = None
+
+
 def commit_message(
     envs: list[Environment],
     short: str,
@@ -525,18 +566,21 @@ def commit_message(
     requester: str,
     deploy_id: str,
     previous: dict[str, dict[Service, str]],
+    approver: str | None = None,
+    override_reason: str | None = None,
 ) -> str:
-    """`deploy(<env>[, <env>]): funnelcake @ <short>` and a body saying who, which deploy, and from what."""
+    """`deploy(<env>[, <env>]): funnelcake @ <short>`, a paragraph with the previous tags, and real git
+    trailers as the last paragraph (`git interpret-trailers --parse` reads them back): Deploy-Id,
+    Requested-by, Approved-by when approved, Override-Reason when a promotion gate was overridden."""
     names = [e.name for e in envs]
-    lines = [
-        f"deploy({', '.join(names)}): funnelcake @ {short}",
-        "",
-        f"Requested-by: {_one_line(requester)}",
-        f"Deploy-Id: {_one_line(deploy_id)}",
-        "Previous tags:",
-    ]
+    lines = [f"deploy({', '.join(names)}): funnelcake @ {short}", "", "Previous tags:"]
     for name in names:
         tags = previous.get(name, {})
         lines.append(f"  {name}: " + ", ".join(f"{s.value} {tags[s]}" for s in Service if s in tags))
+    lines += ["", f"Deploy-Id: {_one_line(deploy_id)}", f"Requested-by: {_one_line(requester)}"]
+    if approver:
+        lines.append(f"Approved-by: {_one_line(approver)}")
+    if override_reason:
+        lines.append(f"Override-Reason: {_one_line(override_reason)}")
     # A requester or deploy id is text from outside; a push is forever, so scrub it like a log line.
     return redact("\n".join(lines) + "\n")

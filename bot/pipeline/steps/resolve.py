@@ -42,6 +42,7 @@ class Resolve(Step[DeployContext]):
             ctx.commit,
             rebuild=ctx.rebuild,
             allow_downgrade=ctx.allow_downgrade,
+            override_reason=ctx.override_reason,
         )
         migrations: set[str] = set()
         unknown_previous = False
