@@ -30,7 +30,7 @@ import functools
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -161,6 +161,11 @@ class DelayedGitOps:
     async def read_tags(self, config: FunnelcakeConfig) -> dict[str, dict[Service, str]]:
         await asyncio.sleep(self.latency)
         return await self._inner.read_tags(config)
+
+    async def read_tags_each(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str] | BotError]:
+        """What build_report reads: every env's overlays, each standing alone."""
+        await asyncio.sleep(self.latency)
+        return await self._inner.read_tags_each(envs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -25,7 +25,7 @@ from bot.drift import DriftReport
 from bot.errors import BotError, ConfigError
 from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
-from bot.models import Plan
+from bot.models import Plan, plural
 from bot.pipeline.engine import PipelineResult, Reporter
 from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
@@ -121,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, verb in (("approve", "approve"), ("deny", "deny")):
         decide = add(name, f"{verb} a deploy waiting for approval (the same rules as the Slack button)")
         decide.add_argument("deploy_id", metavar="DEPLOY_ID", help="the id the deploy's requester was given")
+    downgrade = "confirm moving an environment back to an older commit"
+    deploy.add_argument("--allow-downgrade", action="store_true", help=downgrade)
+    deploy.add_argument("--override", metavar="REASON", help="go past a promotion gate (admins), saying why")
 
     plan = add("plan", "show what a deploy would do, touching nothing")
     plan.add_argument("envs", metavar="ENV[,ENV…]")
     plan.add_argument("commit", metavar="COMMIT")
+    plan.add_argument("--allow-downgrade", action="store_true", help=downgrade)
 
     status = add("status", "compare every environment: git, live, registry, Argo CD, pods, drift")
     status.add_argument("--json", action="store_true", help="print the drift report as JSON")
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollback = add("rollback", "deploy the environment's previous commit again")
     rollback.add_argument("env", metavar="ENV")
+    rollback.add_argument(
+        "--allow-downgrade", action="store_true", help="confirm rolling back across a migration boundary"
+    )
 
     history = add("history", "list recent deploys, newest first")
     history.add_argument("env", metavar="ENV", nargs="?")
@@ -163,10 +170,14 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
     if name in ("deploy", "plan"):
         words += [args.envs, args.commit]
         words += ["--dry-run"] if getattr(args, "dry_run", False) else []
+        words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
+        # last: the grammar reads the rest of the line as the reason
+        words += ["--override", *args.override.split()] if getattr(args, "override", None) else []
     elif name == "migrate":
         words += [args.env, args.commit]
     elif name in ("rollback", "unlock"):
         words += [args.env]
+        words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
     elif name == "history":
         words += [args.env] if args.env else []
         words += ["--limit", args.limit] if args.limit is not None else []
@@ -174,6 +185,8 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
         words += [args.env, *args.reason]
     # The grammar reads space-separated words: a quoted argument with a space would be read as two.
     spaced = [w for w in words[1:] if not w or any(c.isspace() for c in w)]
+    if getattr(args, "override", None) is not None and not args.override.split():
+        raise UsageError("--override needs the reason for going past the promotion gate.")
     if spaced and name != "lock":
         raise UsageError(f"{spaced[0]!r} is not a single word; environments and commits have no spaces.")
     if name == "migrate" and args.commit.casefold() == "force":
@@ -242,7 +255,7 @@ def render_plan(plan: Plan) -> list[str]:
     lines = [f"Plan: {plan.kind.value} {c.short}{subject}{author} → {', '.join(plan.envs)}"]
     if plan.commits:
         n = len(plan.commits)
-        lines.append(f"  {n} commit{'s' if n != 1 else ''} since the deployed tag:")
+        lines.append(f"  {plural(n, 'commit')} since the deployed tag:")
         lines += [
             f"    {ci.short} {ci.subject}" + (f" ({ci.author})" if ci.author else "")
             for ci in plan.commits[:10]
@@ -250,8 +263,10 @@ def render_plan(plan: Plan) -> list[str]:
         if n > 10:
             lines.append(f"    … and {n - 10} more")
     for name, ep in plan.env_plans.items():
-        moves = ", ".join(f"{svc} {tag} → {c.short}" for svc, tag in sorted(ep.previous.items()))
-        lines.append(f"  {name}: {moves or 'no tag deployed yet'}")
+        lines.append(f"  {name}:" + ("" if ep.moves else " no tag deployed yet"))
+        for move in ep.moves:
+            lines.append(f"    {move.describe(c.short)}")
+            lines += [f"      - {ci.short} {ci.subject}" for ci in move.behind[:10]]
         width = max((len(f"{i.image}:{i.tag}") for i in ep.images), default=0)
         for img in ep.images:
             action = {"present": "present", "promote": f"promote from {img.source_env}", "build": "build"}[
@@ -264,6 +279,10 @@ def render_plan(plan: Plan) -> list[str]:
             lines.append(f"    locked: {ep.locked_by}")
     if plan.migrations:
         lines.append("  migrations changed: " + ", ".join(plan.migrations))
+    for warning in plan.warnings:
+        lines.append(f"  WARNING: {warning}")
+    for gate in plan.overridden:
+        lines.append(f"  OVERRIDDEN ({plan.override_reason}): {gate}")
     for problem in plan.problems:
         lines.append(f"  problem: {problem}")
     return lines
@@ -274,8 +293,7 @@ def render_status(report: DriftReport) -> list[str]:
     header = ("service", "overlay", "live", "registry", "argo cd", "pods")
     for env in report.envs:
         lines.append(env.env + (f"  [{env.lock}]" if env.lock else ""))
-        if env.error:
-            lines.append(f"  cluster: {env.error}")
+        lines += [f"  {part}: {why}" for part, why in env.unavailable()]
         rows = [
             (
                 r.service,
@@ -295,7 +313,9 @@ def render_status(report: DriftReport) -> list[str]:
         if env.endpoints:
             lines.append(f"  endpoints: {env.endpoints}")
         if env.behind:
-            lines.append(f"  {len(env.behind)} commit(s) behind production")
+            lines.append(f"  {plural(len(env.behind), 'commit')} behind production")
+        if env.eligible is not None:
+            lines.append("  eligible: " + (", ".join(env.eligible) or "nothing has passed the gate yet"))
         lines.append("")
     mark = {"ok": "ok", "info": "info", "warn": "WARN", "error": "ERROR"}
     if report.findings:
@@ -458,8 +478,18 @@ async def _ask(session: Session, question: str) -> bool:
     return text.strip().casefold() in ("y", "yes")
 
 
-async def _show_plan(session: Session, service: DeployService, envs: Sequence[str], ref: str) -> int:
-    plan, result = await service.plan(envs, ref, session.user)
+async def _show_plan(
+    session: Session,
+    service: DeployService,
+    envs: Sequence[str],
+    ref: str,
+    *,
+    allow_downgrade: bool = False,
+    override: str | None = None,
+) -> int:
+    plan, result = await service.plan(
+        envs, ref, session.user, allow_downgrade=allow_downgrade, override_reason=override
+    )
     if plan is not None:
         session.say(*render_plan(plan))
     return _plan_verdict(session, result)
@@ -480,6 +510,8 @@ async def _run_deploy(
     ref: str | None,
     *,
     wait: bool = False,
+    allow_downgrade: bool = False,
+    override: str | None = None,
 ) -> int:
     target = ", ".join(envs)
     await service.admit(kind, envs, ref)
@@ -491,9 +523,20 @@ async def _run_deploy(
     origin = session.principal.origin
     async with reporter:
         if ref is None:
-            started = await service.start_rollback(envs[0], session.user, channel=channel, origin=origin)
+            started = await service.start_rollback(
+                envs[0], session.user, channel=channel, origin=origin, allow_downgrade=allow_downgrade
+            )
         else:
-            started = await service.start(kind, envs, ref, session.user, channel=channel, origin=origin)
+            started = await service.start(
+                kind,
+                envs,
+                ref,
+                session.user,
+                channel=channel,
+                origin=origin,
+                allow_downgrade=allow_downgrade,
+                override_reason=override,
+            )
         reporter.title = f"{kind.value} {started.record.ref} → {target} ({started.record.id})"
         session.deploy_id = started.record.id
         await _wait_cancelling_on_ctrl_c(session, service, started.record.id, started.task)
@@ -621,22 +664,45 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
             return await _decide(session, service, args.deploy_id, approve=args.command == "approve")
         if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
             await session.allow(Action.PLAN, cmd.envs)
-            return await _show_plan(session, service, cmd.envs, cmd.ref)
+            return await _show_plan(
+                session,
+                service,
+                cmd.envs,
+                cmd.ref,
+                allow_downgrade=cmd.allow_downgrade,
+                override=cmd.override,
+            )
         if isinstance(cmd, commands.Deploy):
             await session.allow(Action.DEPLOY, cmd.envs)
+            allow, override = cmd.allow_downgrade, cmd.override
+            if override:  # going past a promotion gate is an admin's decision, as forcing a migration is
+                await session.allow(Action.FORCE, cmd.envs)
             if not args.yes:
-                code = await _show_plan(session, service, cmd.envs, cmd.ref)
+                code = await _show_plan(
+                    session, service, cmd.envs, cmd.ref, allow_downgrade=allow, override=override
+                )
                 if code != EXIT_OK:
                     return code
                 if not await _ask(session, f"Deploy {cmd.ref} to {', '.join(cmd.envs)}? [y/N] "):
                     return session.fail("not confirmed; nothing was deployed")
-            return await _run_deploy(session, service, DeployKind.DEPLOY, cmd.envs, cmd.ref, wait=args.wait)
+            return await _run_deploy(
+                session,
+                service,
+                DeployKind.DEPLOY,
+                cmd.envs,
+                cmd.ref,
+                wait=args.wait,
+                allow_downgrade=allow,
+                override=override,
+            )
         if isinstance(cmd, commands.Migrate):
             await session.allow(Action.MIGRATE, [cmd.env])
             return await _run_deploy(session, service, DeployKind.MIGRATE, [cmd.env], cmd.ref)
         if isinstance(cmd, commands.Rollback):
             await session.allow(Action.ROLLBACK, [cmd.env])
-            return await _run_deploy(session, service, DeployKind.ROLLBACK, [cmd.env], None)
+            return await _run_deploy(
+                session, service, DeployKind.ROLLBACK, [cmd.env], None, allow_downgrade=cmd.allow_downgrade
+            )
         if isinstance(cmd, commands.Status):
             await session.allow(Action.STATUS, [])
             report = await service.status()

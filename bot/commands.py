@@ -27,12 +27,16 @@ class Deploy:
     envs: tuple[str, ...]
     ref: str
     dry_run: bool = False
+    allow_downgrade: bool = False  # the requester confirms moving an env back
+    override: str | None = None  # an admin's reason for going past a promotion gate (plain text)
 
 
 @dataclass(frozen=True)
 class Plan:
     envs: tuple[str, ...]
     ref: str
+    allow_downgrade: bool = False
+    override: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Migrate:
 @dataclass(frozen=True)
 class Rollback:
     env: str
+    allow_downgrade: bool = False  # confirms rolling back across a migration boundary
 
 
 @dataclass(frozen=True)
@@ -99,14 +104,16 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {
     "deploy": _Spec(
-        "deploy <env>[,<env>…] <commit> [--dry-run]",
+        "deploy <env>[,<env>…] <commit> [--dry-run] [--allow-downgrade] [--override <reason…>]",
         "Deploy a commit of funnelcake (api, relay, and migrations when they changed) to one or more "
         "environments. Production runs only after a second person approves. With --dry-run, only "
-        "shows the plan.",
+        "shows the plan. Moving an environment back to an older commit needs --allow-downgrade. An "
+        "admin can go past a promotion gate (e.g. production takes what succeeded in staging) with "
+        "--override and the reason, which ends the command.",
         ("deploy {env} e7e79eb", "deploy {envs} e7e79eb --dry-run"),
     ),
     "plan": _Spec(
-        "plan <env>[,<env>…] <commit>",
+        "plan <env>[,<env>…] <commit> [--allow-downgrade]",
         "Show what a deploy would do (images to promote or build, migrations, overlay changes) "
         "without touching anything; the same as deploy --dry-run.",
         ("plan {env} e7e79eb",),
@@ -125,8 +132,9 @@ _SPECS: dict[str, _Spec] = {
         ("migrate {env} e7e79eb", "migrate {env} force 3"),
     ),
     "rollback": _Spec(
-        "rollback <env>",
-        "Deploy the previously deployed commit of an environment again.",
+        "rollback <env> [--allow-downgrade]",
+        "Deploy the previously deployed commit of an environment again. Back across a migration "
+        "(which stays applied) it needs --allow-downgrade.",
         ("rollback {env}",),
     ),
     "history": _Spec(
@@ -168,7 +176,7 @@ _INVISIBLE_SEPARATORS = str.maketrans(
     {"\u200b": " ", "\u200c": " ", "\u200d": " ", "\u2060": " ", "\ufeff": " "}
 )
 _SOFT_HYPHEN = "\u00ad"
-_OPTION_DISPLAY = {"dryrun": "--dry-run", "limit": "--limit N"}
+_OPTION_DISPLAY = {"dryrun": "--dry-run", "limit": "--limit N", "allowdowngrade": "--allow-downgrade"}
 
 
 def ref_problem(ref: str) -> str | None:
@@ -377,12 +385,27 @@ class _Reader:
 
 
 def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
-    opts = r.options({"dryrun": False})
+    # `--override <reason…>` takes the rest of the line: the reason is free text, like a lock's.
+    override: str | None = None
+    at = next((i for i, w in enumerate(r.words) if _is_flag(w) and _flag_name(w)[0] == "override"), None)
+    if at is not None:
+        override = " ".join(
+            "".join(c if c.isprintable() else " " for c in " ".join(r.words[at + 1 :])).split()
+        )
+        r.words = r.words[:at]
+        if not override:
+            return r.usage("`--override` needs the reason, e.g. `--override staging is down, hotfix`.")
+        if len(override) > MAX_REASON_LENGTH:
+            return r.usage(
+                f"The reason is {len(override)} characters long; keep it under {MAX_REASON_LENGTH}."
+            )
+    opts = r.options({"allowdowngrade": False} if plan else {"dryrun": False, "allowdowngrade": False})
     if isinstance(opts, Usage):
         return opts
     positionals, found = opts
     if "help" in found:
         return Help(r.name)
+    allow = "allowdowngrade" in found
     envs = r.env_list(positionals)
     if isinstance(envs, Usage):
         return envs
@@ -394,8 +417,8 @@ def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
     if extra is not None:
         return extra
     if plan:
-        return Plan(env_tuple, ref)
-    return Deploy(env_tuple, ref, dry_run="dryrun" in found)
+        return Plan(env_tuple, ref, allow_downgrade=allow, override=override)
+    return Deploy(env_tuple, ref, dry_run="dryrun" in found, allow_downgrade=allow, override=override)
 
 
 def _single_env(r: _Reader, positionals: list[str]) -> tuple[str, list[str]] | Usage:
@@ -441,9 +464,9 @@ def _migrate(r: _Reader) -> Command | Usage:
     return Migrate(env, ref, None)
 
 
-def _env_only(r: _Reader) -> str | Help | Usage:
-    """The single environment of `rollback` / `unlock`, or Help when `--help` was asked for."""
-    opts = r.options({})
+def _env_only(r: _Reader, allowed: dict[str, bool] | None = None) -> tuple[str, set[str]] | Help | Usage:
+    """The single environment of `rollback` / `unlock` and the flags given, or Help for `--help`."""
+    opts = r.options(allowed or {})
     if isinstance(opts, Usage):
         return opts
     positionals, found = opts
@@ -456,7 +479,7 @@ def _env_only(r: _Reader) -> str | Help | Usage:
     extra = r.no_more(rest)
     if extra is not None:
         return extra
-    return env
+    return env, set(found)
 
 
 def _history(r: _Reader) -> Command | Usage:
@@ -550,10 +573,11 @@ def parse(text: str, env_names: Sequence[str], *, prog: str = "/funnelcake") -> 
     if name == "migrate":
         return _migrate(r)
     if name in ("rollback", "unlock"):
-        got = _env_only(r)
-        if not isinstance(got, str):
+        got = _env_only(r, {"allowdowngrade": False} if name == "rollback" else None)
+        if not isinstance(got, tuple):
             return got
-        return Rollback(got) if name == "rollback" else Unlock(got)
+        env, flags = got
+        return Rollback(env, allow_downgrade="allowdowngrade" in flags) if name == "rollback" else Unlock(env)
     if name == "history":
         return _history(r)
     if name == "lock":

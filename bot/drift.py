@@ -7,8 +7,9 @@ cluster or registry is a finding, never a reason to hide the other envs.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from bot.adapters.endpoints import EndpointCheck, check_endpoints, summary_line
 from bot.adapters.registry import ImageStatus
@@ -16,11 +17,13 @@ from bot.adapters.site import SiteResult, check_site
 from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot, snapshot_all
 from bot.errors import BotError
 from bot.ledger.models import ManualLock, who
-from bot.models import AMD64, CommitInfo
+from bot.models import AMD64, CommitInfo, plural
 from bot.pipeline.context import Deps
+from bot.pipeline.steps.gates import eligible
 from bot.settings import Environment, Service
 
 Severity = Literal["ok", "info", "warn", "error"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,20 @@ class ServiceRow:
 class EnvReport:
     env: str
     rows: list[ServiceRow] = field(default_factory=list)
-    error: str | None = None
+    error: str | None = None  # the cluster: "unreachable: …"
+    overlay_error: str | None = None  # the env's overlays in the GitOps repo: "unreadable: …"
+    registry_error: str | None = None  # the env's registry: "unreachable: …"
     site: str | None = None
     endpoints: str | None = None  # the relay row (NIP-11 version, REQ→EOSE latency) and the API's /health
     checks: list[EndpointCheck] = field(default_factory=list)
     lock: str | None = None
     behind: list[CommitInfo] = field(default_factory=list)
+    eligible: list[str] | None = None  # for an env with a promotion gate: the commits it lets through
+
+    def unavailable(self) -> list[tuple[str, str]]:
+        """(part, why) for each part of the env that could not be read: overlays, registry, cluster."""
+        parts = (("overlays", self.overlay_error), ("registry", self.registry_error), ("cluster", self.error))
+        return [(part, why) for part, why in parts if why]
 
 
 @dataclass
@@ -86,8 +97,28 @@ class Behind:
     commits: list[CommitInfo]
 
 
-async def _registry(deps: Deps, env: Environment, tag: str | None) -> dict[Service, ImageStatus | str]:
+STATUS_DEADLINE = 20.0  # `status` answers within this, whatever hangs
+GIT_LIMIT = 10.0  # the GitOps fetch and overlay reads; the registry and app-repo parts get what is left
+
+
+async def _within(task: asyncio.Task[T], limit: float) -> T | None:
+    """The task's result, or None when it is not done within `limit` seconds (it is then cancelled, and
+    not waited for: a git thread that cannot be interrupted must not hold the report)."""
+    done, _ = await asyncio.wait({task}, timeout=max(limit, 0.0))
+    if not done:
+        task.cancel()
+        return None
+    return task.result()
+
+
+async def _registry(
+    deps: Deps, env: Environment, tags: dict[Service, str], limit: float
+) -> tuple[dict[Service, ImageStatus | str], str | None]:
+    """Each service's image, checked against its OWN overlay tag; the second value says the env's registry
+    did not answer in time (then every service is unknown)."""
+
     async def one(service: Service) -> ImageStatus | str:
+        tag = tags.get(service)
         if tag is None:
             return "unknown: no overlay tag"
         try:
@@ -95,6 +126,17 @@ async def _registry(deps: Deps, env: Environment, tag: str | None) -> dict[Servi
         except BotError as e:
             return f"unknown: {e.message}"
 
+    task = asyncio.create_task(_gather_services(one), name=f"status-registry-{env.name}")
+    results = await _within(task, limit)
+    if results is None:
+        why = f"unreachable: {env.registry} did not answer within {limit:.0f} s"
+        return {s: f"unknown: {why}" for s in Service}, why
+    return results, None
+
+
+async def _gather_services(
+    one: Callable[[Service], Awaitable[ImageStatus | str]],
+) -> dict[Service, ImageStatus | str]:
     results = await asyncio.gather(*(one(s) for s in Service))
     return dict(zip(Service, results, strict=True))
 
@@ -122,43 +164,83 @@ async def _endpoints(deps: Deps, env: Environment, tag: str | None) -> list[Endp
     )
 
 
-async def build_report(deps: Deps) -> DriftReport:
+async def _read_overlays(
+    deps: Deps, envs: Sequence[Environment], limit: float
+) -> dict[str, dict[Service, str] | str]:
+    """env -> its overlay tags, or why they could not be read (that env's overlay, or the whole repo)."""
+    task = asyncio.create_task(deps.gitops.read_tags_each(envs), name="status-gitops")
+    try:
+        each = await _within(task, limit)
+    except BotError as e:
+        return {env.name: f"unreadable: {e.message}" for env in envs}
+    if each is None:
+        why = f"unreadable: the GitOps repo did not answer within {limit:.0f} s"
+        return {env.name: why for env in envs}
+    return {name: (f"unreadable: {t.message}" if isinstance(t, BotError) else t) for name, t in each.items()}
+
+
+async def build_report(deps: Deps, *, deadline: float = STATUS_DEADLINE) -> DriftReport:
+    """Every env's row, within `deadline` seconds: a part that does not answer in time (a hung registry,
+    GitOps remote or cluster) is reported as unreachable/unreadable for its env, and the rest is complete."""
     config = deps.config
     envs = config.environments
-    tags_task = asyncio.create_task(deps.gitops.read_tags(config), name="status-gitops")
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + deadline - 1.0  # a second to spare for assembling the report
+
+    def left() -> float:
+        return ends - loop.time()
+
     snaps_task = asyncio.create_task(
-        snapshot_all(deps.kube, envs, diagnoser_for=deps.diagnoser, limit=20.0), name="status-clusters"
+        snapshot_all(deps.kube, envs, diagnoser_for=deps.diagnoser, limit=min(20.0, deadline - 3.0)),
+        name="status-clusters",
     )
     locks_task = asyncio.create_task(deps.ledger.locks(), name="status-locks")
-    tasks: list[asyncio.Task[Any]] = [tags_task, snaps_task, locks_task]
+    eligible_task = asyncio.create_task(_eligible(deps), name="status-eligible")
+    tasks: list[asyncio.Task[Any]] = [snaps_task, locks_task, eligible_task]
     try:
-        try:
-            tags: dict[str, dict[Service, str]] = await tags_task
-            git_error = None
-        except BotError as e:
-            tags, git_error = {}, e.message
+        overlays = await _read_overlays(deps, envs, min(GIT_LIMIT, left()))
+        tags = {name: t for name, t in overlays.items() if isinstance(t, dict)}
         # the app repo reads need only the tags: they run alongside the registry and site checks
         behind_task = asyncio.create_task(_behind_production(deps, tags), name="status-behind-production")
         tasks.append(behind_task)
         registries, sites, endpoints = await asyncio.gather(
-            asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}).get(Service.API)) for e in envs)),
+            asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}), left()) for e in envs)),
             asyncio.gather(*(_site(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
             asyncio.gather(*(_endpoints(deps, e, tags.get(e.name, {}).get(Service.RELAY)) for e in envs)),
         )
-        snaps: list[EnvSnapshot] = await snaps_task
-        locks: list[ManualLock] = await locks_task
-        behind: dict[str, Behind] = await behind_task
+        snaps: list[EnvSnapshot] | None = await _within(snaps_task, left())
+        if snaps is None:
+            snaps = [
+                EnvSnapshot(e.name, error=f"unreachable: the cluster did not answer within {deadline:.0f} s")
+                for e in envs
+            ]
+        try:
+            locks: list[ManualLock] = await _within(locks_task, left()) or []
+            lock_error = None
+        except BotError as e:
+            locks, lock_error = [], e.message
+        behind: dict[str, Behind] = await _within(behind_task, left()) or {}
+        gates: dict[str, list[str]] = await _within(eligible_task, left()) or {}
     finally:
         # on error or cancellation, nothing keeps reading after the report is gone
         for task in tasks:
             task.cancel()
     findings: list[Finding] = []
-    if git_error:
-        findings.append(Finding("*", "error", f"GitOps repo unreadable: {git_error}"))
+    if lock_error:
+        findings.append(Finding("*", "warn", f"locks unknown: the ledger did not answer ({lock_error})"))
     reports = []
-    for env, snap, reg, site, checks in zip(envs, snaps, registries, sites, endpoints, strict=True):
+    for env, snap, (reg, reg_error), site, checks in zip(
+        envs, snaps, registries, sites, endpoints, strict=True
+    ):
         rep = EnvReport(env.name)
-        overlay = tags.get(env.name, {})
+        read = overlays.get(env.name, {})
+        overlay = read if isinstance(read, dict) else {}
+        if isinstance(read, str):
+            rep.overlay_error = read
+            findings.append(Finding(env.name, "error", f"{env.name} overlays {read}"))
+        if reg_error:
+            rep.registry_error = reg_error
+            findings.append(Finding(env.name, "error", f"{env.name} registry {reg_error}"))
         by_service: dict[str, ServiceSnapshot] = {s.service: s for s in snap.services}
         if not snap.reachable:
             rep.error = snap.error
@@ -196,18 +278,19 @@ async def build_report(deps: Deps) -> DriftReport:
             if lock.env == env.name:
                 rep.lock = f"locked by {who(lock.user)} since {lock.since:%Y-%m-%d %H:%M} UTC: {lock.reason}"
                 findings.append(Finding(env.name, "warn", rep.lock, f"unlock:{env.name}"))
+        rep.eligible = gates.get(env.name)
         reports.append(rep)
     for rep in reports:
         lag = behind.get(rep.env)
         if lag is None:
             continue
         rep.behind = lag.commits
-        n = len(lag.commits)
         findings.append(
             Finding(
                 rep.env,
                 "warn",
-                f"{rep.env} is {n} commit{'s' if n != 1 else ''} behind production ({lag.tag} → {lag.production})",
+                f"{rep.env} is {plural(len(lag.commits), 'commit')} behind production "
+                f"({lag.tag} → {lag.production})",
                 f"catchup:{rep.env}:{lag.production}",
             )
         )
@@ -245,6 +328,20 @@ def _service_findings(
             findings.append(Finding(env.name, "error", text, f"rollback:{env.name}"))
         for problem in snap.problems:
             findings.append(Finding(env.name, "warn", f"{name}: {problem}"))
+
+
+async def _eligible(deps: Deps) -> dict[str, list[str]]:
+    """env -> the commits its promotion gate lets through, e.g. `aaaf1b8 (staging d-abc123)`."""
+    out: dict[str, list[str]] = {}
+    for env in deps.config.environments:
+        if env.promotion is None:
+            continue
+        try:
+            found = await eligible(deps.ledger, env)
+        except BotError:
+            continue
+        out[env.name] = [f"{e.short} ({env.promotion.after} {e.deploy_id})" for e in found]
+    return out
 
 
 async def _behind_production(deps: Deps, tags: dict[str, dict[Service, str]]) -> dict[str, Behind]:

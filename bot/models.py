@@ -10,7 +10,17 @@ from typing import Any, Literal
 from bot.ledger.models import DeployKind
 from bot.settings import MIGRATE_IMAGE, Service
 
-__all__ = ["AMD64", "CommitInfo", "DeployKind", "EnvPlan", "ImagePlan", "Plan", "deployed_images"]
+__all__ = [
+    "AMD64",
+    "CommitInfo",
+    "DeployKind",
+    "EnvPlan",
+    "ImagePlan",
+    "Plan",
+    "ServiceMove",
+    "deployed_images",
+    "plural",
+]
 
 AMD64 = "linux/amd64"
 
@@ -40,6 +50,57 @@ class ImagePlan:
     note: str = ""
 
 
+MoveKind = Literal["forward", "unchanged", "downgrade", "diverged", "unknown"]
+
+
+@dataclass
+class ServiceMove:
+    """What one service of one env does: from the overlay's tag to the deploy's commit.
+
+    forward: the commit adds `ahead`; downgrade: it drops `behind` (and `kept_migrations`, migrations of
+    those commits that stay applied: nothing reverts them); diverged: both; unknown: the app repo does not
+    know the overlay's tag; unchanged: the service already runs the commit."""
+
+    service: str
+    previous: str
+    kind: MoveKind
+    ahead: list[CommitInfo] = field(default_factory=list)
+    behind: list[CommitInfo] = field(default_factory=list)
+    kept_migrations: list[str] = field(default_factory=list)
+
+    @property
+    def goes_back(self) -> bool:
+        return self.kind in ("downgrade", "diverged")
+
+    def describe(self, target: str) -> str:
+        """One plain line: `api 0ce255e → aaaf1b8: 2 commits ahead`, `relay aaaf1b8: unchanged`, …"""
+        if self.kind == "unchanged":
+            return f"{self.service} {self.previous}: unchanged"
+        head = f"{self.service} {self.previous or '(none)'} → {target}"
+        if self.kind == "unknown":
+            return f"{head}: the deployed tag is not a commit of the app repo"
+        if self.kind == "forward":
+            return f"{head}: {plural(len(self.ahead), 'commit')} ahead"
+        text = f"{head}: DOWNGRADE, moves back {plural(len(self.behind), 'commit')}"
+        if self.kind == "diverged":
+            text += f" and adds {plural(len(self.ahead), 'other commit')}"
+        if self.kept_migrations:
+            names = ", ".join(m.rsplit("/", 1)[-1] for m in self.kept_migrations)
+            text += f"; migrations NOT reverted (they stay applied): {names}"
+        return text
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServiceMove:
+        return cls(
+            service=data["service"],
+            previous=data["previous"],
+            kind=data["kind"],
+            ahead=[CommitInfo(**c) for c in data.get("ahead", [])],
+            behind=[CommitInfo(**c) for c in data.get("behind", [])],
+            kept_migrations=list(data.get("kept_migrations", [])),
+        )
+
+
 @dataclass
 class EnvPlan:
     env: str
@@ -47,6 +108,10 @@ class EnvPlan:
     images: list[ImagePlan] = field(default_factory=list)
     run_migrations: bool = False
     locked_by: str | None = None
+    moves: list[ServiceMove] = field(default_factory=list)
+
+    def going_back(self) -> list[ServiceMove]:
+        return [m for m in self.moves if m.goes_back]
 
 
 @dataclass
@@ -59,9 +124,15 @@ class Plan:
     commit: CommitInfo
     env_plans: dict[str, EnvPlan] = field(default_factory=dict)
     commits: list[CommitInfo] = field(default_factory=list)  # commits included, newest first
-    migrations: list[str] = field(default_factory=list)  # migration files changed since the previous tag
+    migrations: list[str] = field(
+        default_factory=list
+    )  # up-migrations added or changed since the previous tag
     problems: list[str] = field(default_factory=list)  # preflight findings that block the deploy
     rebuild: bool = False  # every image is built from source, present or not
+    warnings: list[str] = field(default_factory=list)  # e.g. this commit failed in another env
+    allow_downgrade: bool = False  # the requester confirmed moving an env back (kept in the ledger's plan)
+    override_reason: str | None = None  # an admin's reason for going past a promotion gate
+    overridden: list[str] = field(default_factory=list)  # the gates that reason went past
 
     def images(self) -> list[ImagePlan]:
         return [img for ep in self.env_plans.values() for img in ep.images]
@@ -84,6 +155,7 @@ class Plan:
                 images=[ImagePlan(**{**i, "platforms": tuple(i["platforms"])}) for i in ep["images"]],
                 run_migrations=ep["run_migrations"],
                 locked_by=ep.get("locked_by"),
+                moves=[ServiceMove.from_json(m) for m in ep.get("moves", [])],
             )
             for name, ep in data["env_plans"].items()
         }
@@ -97,7 +169,16 @@ class Plan:
             migrations=list(data["migrations"]),
             problems=list(data["problems"]),
             rebuild=bool(data.get("rebuild", False)),
+            warnings=list(data.get("warnings", [])),
+            allow_downgrade=bool(data.get("allow_downgrade", False)),
+            override_reason=data.get("override_reason"),
+            overridden=list(data.get("overridden", [])),
         )
+
+
+def plural(n: int, word: str) -> str:
+    """English count: `1 commit`, `2 commits`, `0 commits`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def deployed_images(migrate: bool) -> list[str]:

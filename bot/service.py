@@ -175,10 +175,18 @@ class DeployService:
     # ---- public operations ------------------------------------------------------------------
 
     async def plan(
-        self, env_names: Sequence[str], ref: str, requester: str
+        self,
+        env_names: Sequence[str],
+        ref: str,
+        requester: str,
+        *,
+        allow_downgrade: bool = False,
+        override_reason: str | None = None,
     ) -> tuple[Plan | None, PipelineResult]:
         """The dry run: resolve + preflight, touching nothing and recording nothing."""
         ctx = self._context("plan-" + secrets.token_hex(3), DeployKind.DEPLOY, env_names, ref, requester)
+        ctx.allow_downgrade = allow_downgrade
+        ctx.override_reason = override_reason
         result = await Pipeline(ctx.deploy_id, [Resolve(), Preflight()], []).run(ctx)
         return ctx.plan, result
 
@@ -193,11 +201,15 @@ class DeployService:
         thread_ts: str | None = None,
         rebuild: bool = False,
         origin: str | None = None,
+        allow_downgrade: bool = False,
+        override_reason: str | None = None,
     ) -> Started:
         """Record the deploy and run it in a named background task; returns at once.
 
         `rebuild` builds every image from source for linux/amd64 even where a registry has the tag: the
         fix for an image whose manifest says amd64 but whose binaries are not (`exec format error`).
+        `allow_downgrade` is the requester's confirmation that an env may move back (kept in the plan);
+        `override_reason` takes it past a promotion gate (the caller checked the requester is an admin).
         """
         envs = [self.config.env(n) for n in env_names]
         record = await self.deps.ledger.create_deploy(
@@ -211,7 +223,12 @@ class DeployService:
             owner=self.instance_id,
             origin=origin,
         )
-        task = self._spawn(record.id, self._run_new(record, rebuild=rebuild))
+        task = self._spawn(
+            record.id,
+            self._run_new(
+                record, rebuild=rebuild, allow_downgrade=allow_downgrade, override_reason=override_reason
+            ),
+        )
         return Started(record, task)
 
     async def admit(self, kind: DeployKind, env_names: Sequence[str], ref: str | None) -> None:
@@ -334,8 +351,10 @@ class DeployService:
         channel: str | None = None,
         thread_ts: str | None = None,
         origin: str | None = None,
+        allow_downgrade: bool = False,
     ) -> Started:
-        """Deploy the env's previous tag through the same pipeline; its images exist, so nothing is built."""
+        """Deploy the env's previous tag through the same pipeline; its images exist, so nothing is built.
+        Back across a migration boundary it needs `allow_downgrade`: those migrations stay applied."""
         target = await self.rollback_target(env_name)
         return await self.start(
             DeployKind.ROLLBACK,
@@ -345,6 +364,7 @@ class DeployService:
             channel=channel,
             thread_ts=thread_ts,
             origin=origin,
+            allow_downgrade=allow_downgrade,
         )
 
     async def start_force(
@@ -408,7 +428,7 @@ class DeployService:
 
     async def overlays_at(self, record: DeployRecord) -> bool:
         """Did this deploy's push land although its gitops step was never recorded as done?"""
-        tags = await self.deps.gitops.read_tags(self.config)
+        tags = await self.deps.gitops.read_tags(self.config, record.envs)
         return bool(record.short) and all(
             set(tags.get(env, {}).values()) == {record.short} for env in record.envs
         )
@@ -437,14 +457,14 @@ class DeployService:
 
     async def current_tag(self, env_name: str) -> str | None:
         """The api tag the env's overlay holds now."""
-        return (await self.deps.gitops.read_tags(self.config)).get(env_name, {}).get(Service.API)
+        return (await self.deps.gitops.read_tags(self.config, [env_name])).get(env_name, {}).get(Service.API)
 
     async def rollback_target(self, env_name: str) -> str:
         """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
         since (a failed deploy, or a hand edit of any service's overlay); else the tag before the newest
         deploy; else the newest earlier tag in the overlays' own git history. A tag is a way back only if
         some service does not run it now."""
-        current = set((await self.deps.gitops.read_tags(self.config)).get(env_name, {}).values())
+        current = set((await self.deps.gitops.read_tags(self.config, [env_name])).get(env_name, {}).values())
 
         def moved_off(tag: str | None) -> bool:
             return bool(tag) and current != {tag}
@@ -553,6 +573,10 @@ class DeployService:
         voided) ends the deploy with that message; a stop (cancel, hand-over, lost lease) ends it as
         `_stopped` says; leases are always released."""
         ctx = self._context(record.id, record.kind, record.envs, record.short or record.ref, record.requester)
+        # a resumed or approved run keeps the confirmation its requester gave (recorded with the plan)
+        ctx.allow_downgrade = bool(record.plan and record.plan.get("allow_downgrade"))
+        ctx.override_reason = record.plan.get("override_reason") if record.plan else None
+        ctx.approver = record.approver
         run = Run(record, ctx, task=self._tasks.get(record.id))
         self._runs[record.id] = run
         try:
@@ -615,12 +639,21 @@ class DeployService:
         """Become the deploy's owner at a new epoch: whoever wrote as its owner before is fenced out."""
         return await self.deps.ledger.claim_deploy(record.id, owner=self.instance_id, expect=record.fence)
 
-    async def _run_new(self, record: DeployRecord, *, rebuild: bool = False) -> DeployRecord:
+    async def _run_new(
+        self,
+        record: DeployRecord,
+        *,
+        rebuild: bool = False,
+        allow_downgrade: bool = False,
+        override_reason: str | None = None,
+    ) -> DeployRecord:
         record = await self._own(record)
         approval = self._needs_approval(record)
 
         async def work(run: Run) -> DeployRecord:
             run.ctx.rebuild = rebuild
+            run.ctx.allow_downgrade = allow_downgrade
+            run.ctx.override_reason = override_reason
             if not approval:
                 await self.take_leases(run)
             planned = await self._pipeline(run, [Resolve(), Preflight()]).run(run.ctx)
@@ -863,6 +896,7 @@ def _summary(
 ) -> dict[str, Any]:
     """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
     failed = result.failed if result else None
+    forced = next((r for r in result.results if r.step == "force-migrate"), None) if result else None
     revision = next((r.revision for rs in ctx.synced.values() for r in rs), None) if ctx else None
     return {
         "state": record.state.value,
@@ -878,6 +912,10 @@ def _summary(
         "failed_step": failed.step if failed else None,
         "hint": failed.hint if failed else None,
         "failure": dict(failed.data) if failed else {},
+        # a force-migrate says which version it marked clean and what `up` applied after it
+        "force": {"version": forced.data.get("forced"), "applied": list(forced.data.get("applied", []))}
+        if forced is not None and forced.outcome is StepOutcome.OK
+        else None,
         "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
         if ctx and ctx.plan
         else {},

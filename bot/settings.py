@@ -123,6 +123,14 @@ class Endpoints(_Strict):
         return "https" + ws[3:] if ws.startswith("wss") else "http" + ws[2:]
 
 
+class Promotion(_Strict):
+    """The gate in front of an env: a commit goes here only after it succeeded in `after`, with the same
+    image digests, at least `soak_minutes` ago. An admin may override it, with a reason."""
+
+    after: str = Field(min_length=1)
+    soak_minutes: float = Field(default=0, ge=0)
+
+
 class Environment(_Strict):
     name: Name
     registry: str
@@ -140,6 +148,7 @@ class Environment(_Strict):
     alerts_channel: str | None = None  # the watcher's incidents for this env (default: watch.channel)
     # the Slack channel (C…) where requests from outside Slack (the CLI) post their approval request
     channel: str | None = Field(default=None, pattern=r"^[CG][A-Z0-9]{2,}$")
+    promotion: Promotion | None = None  # None: no gate (e.g. poc)
 
     @field_validator("registry")
     @classmethod
@@ -255,6 +264,13 @@ class FunnelcakeConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate environment name(s): {', '.join(dupes)}")
+        for e in envs:
+            if e.promotion is not None and e.promotion.after not in names:
+                raise ValueError(
+                    f"{e.name}'s promotion.after names {e.promotion.after!r}, which is not an environment"
+                )
+            if e.promotion is not None and e.promotion.after == e.name:
+                raise ValueError(f"{e.name}'s promotion.after names itself")
         return envs
 
     def env(self, name: str) -> Environment:
@@ -350,6 +366,10 @@ class Settings(BaseSettings):
 
     git_ssh_key_path: Path | None = None
     git_https_token: SecretStr | None = None
+    # who the GitOps commits are by, and the SSH key that signs them (unsigned when None)
+    gitops_author_name: str = Field(default="funnelcake-deploy-bot", min_length=1)
+    gitops_author_email: str = Field(default="funnelcake-deploy-bot@divine.video", min_length=3)
+    gitops_signing_key: Path | None = None
 
     lease_ttl: float = Field(default=60.0, gt=0)  # a crashed bot's env lease frees itself after this
     recovery_every: float = Field(default=30.0, gt=0)  # how often a bot looks for deploys whose bot died

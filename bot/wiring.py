@@ -46,7 +46,12 @@ async def build_deps(settings: Settings, config: FunnelcakeConfig) -> AsyncItera
                 config.repos.app.url, work / "app.git", branch=config.repos.app.branch, credentials=creds
             ),
             gitops=GitOpsRepo(
-                config.repos.gitops.url, work / "gitops", branch=config.repos.gitops.branch, credentials=creds
+                config.repos.gitops.url,
+                work / "gitops",
+                branch=config.repos.gitops.branch,
+                credentials=creds,
+                author=(settings.gitops_author_name, settings.gitops_author_email),
+                signing_key=settings.gitops_signing_key,
             ),
             registry=registry,
             kube=kube,

@@ -188,23 +188,34 @@ class SlackFront:
     async def _run(self, cmd: commands.Command, asker: Asker, *, rebuild: bool = False) -> None:
         svc, user, channel = self.service, asker.user, asker.channel
         match cmd:
-            case commands.Deploy(envs=envs, ref=ref, dry_run=False):
+            case commands.Deploy(envs=envs, ref=ref, dry_run=False, allow_downgrade=allow, override=override):
                 action = Action.REBUILD if rebuild else Action.DEPLOY
-                if await self._allow(action, asker, envs):
-                    await svc.admit(DeployKind.DEPLOY, envs, ref)
-                    await svc.start(
-                        DeployKind.DEPLOY,
-                        list(envs),
-                        ref,
-                        user,
-                        channel=channel,
-                        rebuild=rebuild,
-                        origin=ORIGIN,
-                    )
-            case commands.Deploy(envs=envs, ref=ref) | commands.Plan(envs=envs, ref=ref):
+                if not await self._allow(action, asker, envs):
+                    return
+                # going past a promotion gate is an admin's decision, as forcing a migration version is
+                if override and not await self._allow(Action.FORCE, asker, envs):
+                    return
+                await svc.admit(DeployKind.DEPLOY, envs, ref)
+                await svc.start(
+                    DeployKind.DEPLOY,
+                    list(envs),
+                    ref,
+                    user,
+                    channel=channel,
+                    rebuild=rebuild,
+                    origin=ORIGIN,
+                    allow_downgrade=allow,
+                    override_reason=override,
+                )
+            case (
+                commands.Deploy(envs=envs, ref=ref, allow_downgrade=allow, override=override)
+                | commands.Plan(envs=envs, ref=ref, allow_downgrade=allow, override=override)
+            ):
                 if not await self._allow(Action.PLAN, asker, envs):
                     return
-                plan, result = await svc.plan(list(envs), ref, user)
+                plan, result = await svc.plan(
+                    list(envs), ref, user, allow_downgrade=allow, override_reason=override
+                )
                 failed = result.failed
                 text = f"📝 Plan for {', '.join(envs)} @ `{plan.commit.short if plan else ref}` (nothing was changed)"
                 blocks = [bk.section(text), *(bk.plan_blocks(plan) if plan else [])]
@@ -229,10 +240,10 @@ class SlackFront:
                 if await self._allow(Action.FORCE, asker, [env]):
                     await svc.admit(DeployKind.FORCE_MIGRATE, [env], None)
                     await svc.start_force(env, version, user, channel=channel, origin=ORIGIN)
-            case commands.Rollback(env=env):
+            case commands.Rollback(env=env, allow_downgrade=allow):
                 if await self._allow(Action.ROLLBACK, asker, [env]):
                     await svc.admit(DeployKind.ROLLBACK, [env], None)
-                    await svc.start_rollback(env, user, channel=channel, origin=ORIGIN)
+                    await svc.start_rollback(env, user, channel=channel, origin=ORIGIN, allow_downgrade=allow)
             case commands.History(env=env, limit=limit):
                 if await self._allow(Action.HISTORY, asker, [env] if env else []):
                     await self._tell(asker, "History", bk.history_blocks(await svc.history(env, limit)))

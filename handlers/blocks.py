@@ -9,7 +9,8 @@ from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployKind, DeployRecord, IncidentRecord
-from bot.models import Plan
+from bot.models import CommitInfo, Plan, plural
+from bot.service import MIGRATE_STEPS, PLAN_STEPS
 from handlers import buttons as drawn
 
 Block = dict[str, Any]
@@ -120,7 +121,9 @@ def title(record: DeployRecord) -> str:
     ref = record.short or record.ref
     if record.kind is DeployKind.ROLLBACK:
         return f"↩️ Roll back {envs} to {ref}"
-    if record.kind in (DeployKind.MIGRATE, DeployKind.FORCE_MIGRATE):
+    if record.kind is DeployKind.FORCE_MIGRATE:
+        return f"🗄️ Force migration version {record.ref} in {envs}, then migrate up"
+    if record.kind is DeployKind.MIGRATE:
         return f"🗄️ Migrate {envs} @ {ref}"
     return f"🚀 Deploy funnelcake @ {ref} → {envs}"
 
@@ -135,10 +138,15 @@ def root_blocks(
     buttons: Sequence[Block] = (),
     outcome: str | None = None,
 ) -> list[Block]:
-    commit = f"`{record.short or esc(record.ref)}`" + (f" “{esc(subject)}”" if subject else "")
+    if record.kind is DeployKind.FORCE_MIGRATE:
+        what = f"*Version* `{esc(record.ref)}` (marked clean with `force`, then `migrate up` runs)"
+    else:
+        what = (
+            "*Commit* " + f"`{record.short or esc(record.ref)}`" + (f" “{esc(subject)}”" if subject else "")
+        )
     blocks = [
         header(title(record)),
-        section(f"*Requested by* {mention(record.requester)} · deploy `{record.id}`\n*Commit* {commit}"),
+        section(f"*Requested by* {mention(record.requester)} · deploy `{record.id}`\n{what}"),
     ]
     if plan is not None:
         blocks += plan_blocks(plan)
@@ -164,14 +172,18 @@ def plan_blocks(plan: Plan, *, max_commits: int = 15) -> list[Block]:
             what = "*build* for linux/amd64"
         images.append(f"• {img.env}/{img.image}:{img.tag} — {what}{digest}")
     overlays = []
+    dropped: list[CommitInfo] = []
     for env, ep in plan.env_plans.items():
-        changes = ", ".join(
-            f"{svc} `{old}` → `{plan.commit.short}`" for svc, old in sorted(ep.previous.items())
-        )
-        overlays.append(f"• {env}: {changes or 'no overlay found'}")
+        for move in ep.moves:
+            line = esc(move.describe(plan.commit.short))
+            overlays.append(f"• {env}/{line.replace('DOWNGRADE', '*downgrade*')}")
+            dropped += [c for c in move.behind if c not in dropped]
+        if not ep.moves:
+            overlays.append(f"• {env}: no overlay found")
     commits = [f"• `{c.short}` {esc(c.subject)} — {esc(c.author)}" for c in plan.commits[:max_commits]]
     if len(plan.commits) > max_commits:
         commits.append(f"… and {len(plan.commits) - max_commits} more")
+    unchanged = all(m.kind == "unchanged" for ep in plan.env_plans.values() for m in ep.moves)
     runs = any(ep.run_migrations for ep in plan.env_plans.values())
     if plan.migrations:
         migrations = "\n".join(f"• `{esc(m)}`" for m in plan.migrations)
@@ -180,19 +192,42 @@ def plan_blocks(plan: Plan, *, max_commits: int = 15) -> list[Block]:
     blocks = [
         section("*Images*\n" + ("\n".join(images) or "none")),
         section("*Overlays*\n" + "\n".join(overlays)),
-        section(f"*Commits included* ({len(plan.commits)})\n" + ("\n".join(commits) or "none (same commit)")),
-        section("*Migrations that will run*\n" + migrations),
+        section(
+            f"*Commits included* ({len(plan.commits)})\n"
+            + ("\n".join(commits) or ("none (same commit)" if unchanged else "none"))
+        ),
     ]
+    if dropped:
+        lines = [f"• `{c.short}` {esc(c.subject)} — {esc(c.author)}" for c in dropped[:max_commits]]
+        if len(dropped) > max_commits:
+            lines.append(f"… and {len(dropped) - max_commits} more")
+        blocks.append(section(f"*Commits removed* ({len(dropped)}): a downgrade\n" + "\n".join(lines)))
+    blocks.append(section("*Migrations that will run*\n" + migrations))
+    if plan.warnings:
+        blocks.append(section("*Warnings*\n" + "\n".join(f"⚠️ {esc(w)}" for w in plan.warnings)))
+    if plan.overridden:
+        gates = "\n".join(f"• {esc(g)}" for g in plan.overridden)
+        blocks.append(section(f"*Promotion gate overridden*: {esc(plan.override_reason or '')}\n{gates}"))
     if plan.problems:
         blocks.append(section("*Blocking problems*\n" + "\n".join(f"• {esc(p)}" for p in plan.problems)))
     return blocks
 
 
+def run_steps(kind: DeployKind) -> tuple[str, ...]:
+    """The steps a run of this kind goes through: what its progress bar counts."""
+    if kind is DeployKind.FORCE_MIGRATE:
+        return ("force-migrate",)
+    if kind is DeployKind.MIGRATE:
+        return (*PLAN_STEPS, *MIGRATE_STEPS)
+    return STEPS
+
+
 def state_line(record: DeployRecord, steps: Mapping[str, str], current: str | None, seconds: float) -> str:
-    done = sum(1 for s in STEPS if steps.get(s) in ("done", "skipped"))
-    failed = next((s for s in STEPS if steps.get(s) in ("failed", "errored")), None)
+    names = run_steps(record.kind)
+    done = sum(1 for s in names if steps.get(s) in ("done", "skipped"))
+    failed = next((s for s in names if steps.get(s) in ("failed", "errored")), None)
     where = f"✗ {failed}" if failed else (current or "starting")
-    return f"{progress_bar(done, len(STEPS))} {done}/{len(STEPS)} {where} · {seconds:.0f}s"
+    return f"{progress_bar(done, len(names))} {done}/{len(names)} {where} · {seconds:.0f}s"
 
 
 def step_line(step: str, kind: str, message: str, elapsed: float) -> str:
@@ -245,6 +280,13 @@ def _overlay_api(report: DriftReport, env: str) -> str | None:
 def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
     seconds = data.get("seconds", 0)
     envs = ", ".join(data.get("envs", []))
+    force = data.get("force")
+    if ok and isinstance(force, Mapping):
+        applied = ", ".join(f"`{esc(str(m))}`" for m in force.get("applied") or []) or "no change"
+        return (
+            f"🎉 *Done* in {seconds}s: version {force.get('version')} forced clean in {envs}, "
+            f"then `migrate up` ran: {applied}"
+        )
     if ok:
         lines = [
             f"🎉 *Done*: {data.get('deploy_kind', 'deploy')} of `{data.get('short')}` to {envs} in {seconds}s"
@@ -286,15 +328,18 @@ def status_blocks(report: DriftReport) -> list[Block]:
     blocks: list[Block] = [header("funnelcake status")]
     for env in report.envs:
         lines = [f"*{env.env}*" + (f" — 🔒 {esc_keep_mentions(env.lock)}" if env.lock else "")]
-        if env.error:
-            lines.append(f"🔴 {esc(env.error)}")
+        lines += [f"🔴 {part} {esc(why)}" for part, why in env.unavailable()]
         lines += [_row(r) for r in env.rows]
         if env.site:
             lines.append(f"🌐 {esc(env.site)}")
         if env.endpoints:
             lines.append(f"📡 {esc(env.endpoints)}")
         if env.behind:
-            lines.append(f"↪ {len(env.behind)} commit(s) behind production")
+            lines.append(f"↪ {plural(len(env.behind), 'commit')} behind production")
+        if env.eligible is not None:
+            lines.append(
+                "🚦 eligible: " + (esc(", ".join(env.eligible)) or "nothing has passed the gate yet")
+            )
         blocks.append(section("\n".join(lines)))
     findings = [f for f in report.findings if f.severity != "ok"]
     if findings:

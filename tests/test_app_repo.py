@@ -59,9 +59,15 @@ async def test_unknown_sha_suggests_the_near_miss(repo: AppRepo, app_remote: App
 
 
 async def test_too_short_sha_is_explained(repo: AppRepo, app_remote: AppRemote) -> None:
-    with pytest.raises(PermanentError) as e:
-        await repo.resolve(app_remote.commits["head"][:5])
-    assert "at least 7 characters" in str(e.value)
+    head = app_remote.commits["head"]
+    for prefix in (head[:5], head[:6]):
+        with pytest.raises(PermanentError) as e:
+            await repo.resolve(prefix)
+        assert "at least 7 characters" in str(e.value)
+        # the suggestion is the commit, not the prefix typed echoed back ("Did you mean 967385?")
+        assert e.value.hint is not None
+        assert e.value.hint.startswith(f"Did you mean {head[:7]} (api: add /healthz for the load balancer)")
+        assert f"{prefix}?" not in e.value.hint and f"{prefix}," not in e.value.hint
 
 
 async def test_ambiguous_short_sha_lists_candidates(repo: AppRepo, app_remote: AppRemote) -> None:

@@ -151,7 +151,10 @@ async def test_plan_prints_the_plan_and_touches_nothing(sb: Sandbox, cli) -> Non
     assert run.code == 0, run.err
     assert f"Plan: deploy {short}" in run.out
     previous = _short(sb, "api-paginate")
-    assert f"poc: api {previous} → {short}, relay {previous} → {short}" in run.out
+    assert (
+        f"  poc:\n    api {previous} → {short}: 3 commits ahead\n    relay {previous} → {short}: 3 commits ahead\n"
+        in (run.out)
+    )
     assert re.search(rf"funnelcake-relay:{short}\s+promote from production", run.out), run.out
     assert "migrations changed:" in run.out
     assert remote_head(sb.git.gitops.path) == gitops_before
@@ -226,7 +229,7 @@ async def test_deploy_poc_shows_the_steps_then_history_and_rollback(sb: Sandbox,
     assert row[0] == deploy_id
     assert row[3:9] == ["deploy", "poc", short, "succeeded", "U0ALICE", "deployed"]
 
-    back = await cli("rollback", "poc")
+    back = await cli("rollback", "poc", "--allow-downgrade")  # back across 000003_add_index
     assert back.code == 0, back.out + back.err
     assert re.search(rf"^rollback d-\w+ \({previous} → poc\) succeeded in", back.out, re.M), back.out
     assert _live_tag(sb, "poc") == previous
@@ -339,7 +342,8 @@ async def test_status_table_and_json_through_a_subprocess(sb: Sandbox, cli, cli_
 async def test_ctrl_c_cancels_the_deploy_and_releases_its_lease(sb: Sandbox, cli_env: dict[str, str]) -> None:
     # production's commit: its images exist in the production registry, so poc promotes them
     short = _short(sb, "relay-tune")
-    proc = await _subprocess(cli_env, "deploy", "poc", short, "--yes")
+    # poc already runs a newer commit (earlier tests): this is a confirmed downgrade
+    proc = await _subprocess(cli_env, "deploy", "poc", short, "--yes", "--allow-downgrade")
     assert proc.stdout is not None
     assert proc.stderr is not None
     seen: list[str] = []
@@ -435,7 +439,7 @@ async def test_on_a_terminal_deploy_asks_first_then_redraws_the_steps_in_place(
     sb: Sandbox, cli_env: dict[str, str]
 ) -> None:
     short = _short(sb, "add-index")  # staging runs it: poc gets its images from staging's registry
-    argv = ["deploy", "poc", short]
+    argv = ["deploy", "poc", short, "--allow-downgrade"]  # poc runs a newer commit by now
 
     declined, shown = await asyncio.to_thread(_converse, argv, cli_env, b"n\n")
     assert declined == 1

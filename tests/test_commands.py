@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bot import commands
 from bot.commands import (
     COMMAND_NAMES,
     DEFAULT_HISTORY_LIMIT,
@@ -196,7 +197,10 @@ def test_other_usage_errors() -> None:
 
 def test_usage_shows_the_syntax_and_an_example() -> None:
     msg = usage("deploy prod e7e79eb")
-    assert "Usage: `/funnelcake deploy <env>[,<env>…] <commit> [--dry-run]`" in msg
+    assert (
+        "Usage: `/funnelcake deploy <env>[,<env>…] <commit> [--dry-run] [--allow-downgrade] [--override <reason…>]`"
+        in msg
+    )
     assert "`/funnelcake deploy poc e7e79eb`" in msg
 
 
@@ -400,3 +404,16 @@ def test_fuzz_well_formed_deploys_round_trip(envs: list[str], ref: str, dry_run:
         ["deploy", ",".join(e.upper() for e in envs), ref] + (["\u2014dry-run"] if dry_run else [])
     )
     assert parse(text, ENVS) == Deploy(tuple(envs), ref, dry_run=dry_run)
+
+
+def test_override_takes_the_rest_of_the_line_as_its_reason() -> None:
+    envs = ["production", "staging", "poc"]
+    parsed = commands.parse(
+        "deploy production e7e79eb --allow-downgrade --override staging is down, hotfix", envs
+    )
+    assert parsed == commands.Deploy(
+        ("production",), "e7e79eb", allow_downgrade=True, override="staging is down, hotfix"
+    )
+    missing = commands.parse("deploy production e7e79eb --override", envs)
+    assert isinstance(missing, commands.Usage)
+    assert "`--override` needs the reason" in missing.message

@@ -173,7 +173,8 @@ async def test_failover_between_two_replicas_on_postgres(
         # ---- killed the moment its push lands, before the ledger hears of it: the overlays tell the truth
         older = sandbox.git.app.short("relay-tune")  # production runs it: its images are there to promote
         mid = remote_head(sandbox.git.gitops.path)
-        await slack.send_slash(f"deploy poc {older}")  # the standby is the only connection left
+        # the standby is the only connection left; poc runs head, so going back to it is a confirmed downgrade
+        await slack.send_slash(f"deploy poc {older} --allow-downgrade")
         await wait_push(sandbox, mid, standby)
         await standby.kill()
         doomed = await newest(ledger)

@@ -394,3 +394,51 @@ async def test_failed_rollout_shows_its_diagnosis_and_rolls_back(
     back = slack_sandbox.message(CHANNEL, str(rollback.thread_ts))
     assert f"Roll back staging to {previous}" in back.text
     assert "🎉 *Done*" in "\n".join(r.text for r in slack_sandbox.thread(CHANNEL, back.ts))
+
+
+# ---- migration copy -------------------------------------------------------------------------------
+
+
+async def test_migrate_and_force_migrate_say_what_they_did(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox
+) -> None:
+    assert sandbox.git is not None
+    assert bot.service is not None
+    ledger = bot.service.deps.ledger
+    # a successful migrate: its bar counts its own 4 steps, not a deploy's 8
+    head = sandbox.git.app.short("head")
+    await push_head(sandbox)
+    assert "Working on it" in await ack_of(bot, slack_sandbox, f"migrate staging {head}")
+    await bot.settle()
+    [ok] = await bot.service.history("staging", 1)
+    assert ok.state is DeployState.SUCCEEDED, ok.message
+    root = slack_sandbox.message(CHANNEL, str(ok.thread_ts))
+    shown = json.dumps(root.blocks, ensure_ascii=False)
+    assert "4/4" in shown and "/8" not in shown, shown
+
+    # a migration that fails half-way, then the guarded force from the thread's button
+    broken = sandbox.git.app.short("broken")
+    for image in IMAGES:
+        await sandbox.registries.push("staging", image, broken, "amd64", seed=f"{image}:{broken}")
+    await ack_of(bot, slack_sandbox, f"migrate staging {broken}")
+    await bot.settle()
+    [dirty] = await bot.service.history("staging", 1)
+    assert dirty.state is DeployState.FAILED
+    [offer] = [m for m in slack_sandbox.thread(CHANNEL, str(dirty.thread_ts)) if m.buttons()]
+    await bot.click(offer.ts, "force_migrate", user="U0BOB")
+    await bot.settle()
+    [forced] = await bot.service.history("staging", 1)
+    assert forced.kind is DeployKind.FORCE_MIGRATE
+    assert forced.state is DeployState.SUCCEEDED, forced.message
+    root = slack_sandbox.message(CHANNEL, str(forced.thread_ts))
+    shown = json.dumps(root.blocks, ensure_ascii=False)
+    assert "Force migration version 4 in staging, then migrate up" in shown
+    assert "*Version* `4` (marked clean with `force`, then `migrate up` runs)" in shown
+    assert "*Commit* `4`" not in shown
+    assert "of `None`" not in shown
+    assert "version 4 forced clean in staging, then `migrate up` ran: " in shown
+    assert "1/1" in shown
+    applied = next(s for s in await ledger.steps(forced.id) if s.step == "force-migrate")
+    assert applied.detail is not None
+    for name in applied.detail["applied"] or ["no change"]:
+        assert name in shown

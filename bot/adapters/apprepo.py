@@ -223,7 +223,8 @@ class AppRepo:
         if is_hex_ref(ref) or re.fullmatch(r"[0-9a-fA-F]{4,}", ref):
             shas = self._git.run("rev-list", "--all", "--max-count=2000", check=False).stdout.split()
             for s in shas:
-                pool.setdefault(s[: len(ref)], s)
+                # at least 7 characters: a suggestion as short as the ref typed would only echo it back
+                pool.setdefault(s[: max(len(ref), 7)], s)
         close = difflib.get_close_matches(
             ref.lower() if is_hex_ref(ref) else ref, list(pool), n=5, cutoff=0.6
         )

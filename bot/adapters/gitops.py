@@ -32,7 +32,7 @@ from bot.adapters.gitutil import (
     reject_inline_password,
     run_blocking,
 )
-from bot.errors import PermanentError, TransientError
+from bot.errors import BotError, PermanentError, TransientError
 from bot.logs import redact
 from bot.settings import Environment, FunnelcakeConfig, Service
 
@@ -187,6 +187,7 @@ class GitOpsRepo:
         branch: str = "main",
         credentials: GitCredentials | None = None,
         author: tuple[str, str] = DEFAULT_AUTHOR,
+        signing_key: Path | None = None,
         kubectl: str = "kubectl",
         network_timeout: float = NETWORK_TIMEOUT,
         render_timeout: float = RENDER_TIMEOUT,
@@ -201,6 +202,7 @@ class GitOpsRepo:
         self.render_timeout = render_timeout
         self.retry_delay = retry_delay
         self.author = author
+        self.signing_key = signing_key  # an SSH key: commits are signed with it (gpg.format=ssh)
         self._git = GitRunner(clone_dir, remote_url=url, credentials=credentials, identity=author)
         self._lock = asyncio.Lock()
         self.name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or url
@@ -211,11 +213,27 @@ class GitOpsRepo:
 
     # -- public API ------------------------------------------------------------------------------
 
-    async def read_tags(self, config: FunnelcakeConfig) -> dict[str, dict[Service, str]]:
-        """env -> service -> newTag on the remote branch, after a fetch."""
+    async def read_tags(
+        self, config: FunnelcakeConfig, envs: Iterable[str] | None = None
+    ) -> dict[str, dict[Service, str]]:
+        """env -> service -> newTag on the remote branch, after a fetch: of `envs` only (default: all).
+
+        Raises for a broken overlay of one of those envs only: a deploy, plan or rollback of poc reads
+        poc's overlays and nothing else, so a hand-broken production overlay cannot stop it."""
+        chosen = [config.env(n) for n in envs] if envs is not None else config.environments
+        out: dict[str, dict[Service, str]] = {}
+        for name, tags in (await self.read_tags_each(chosen)).items():
+            if isinstance(tags, BotError):
+                raise tags
+            out[name] = tags
+        return out
+
+    async def read_tags_each(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str] | BotError]:
+        """Like read_tags, but each env's overlays stand alone: a broken one is that env's error only.
+        A fetch that fails is every env's failure (they share the repo), and raises."""
         async with self._lock:
             await run_blocking(self._sync)
-            return await run_blocking(self._read_all, config.environments)
+            return await run_blocking(self._read_each, list(envs))
 
     async def tag_history(self, env: Environment, service: Service, *, limit: int = 20) -> list[str]:
         """The distinct tags the env's overlay held on the remote branch, newest first (after a fetch).
@@ -303,6 +321,8 @@ class GitOpsRepo:
         *,
         requester: str,
         deploy_id: str,
+        approver: str | None = None,
+        override_reason: str | None = None,
         max_attempts: int = 5,
     ) -> BumpResult:
         """Set newTag to `short` in every overlay of `envs`, commit once, and push (see module doc)."""
@@ -312,7 +332,8 @@ class GitOpsRepo:
         envs = list({e.name: e for e in envs}.values())
         async with self._lock:
             try:
-                return await self._bump(envs, short, requester, deploy_id, max_attempts)
+                trailers = Trailers(requester, deploy_id, approver, override_reason)
+                return await self._bump(envs, short, trailers, max_attempts)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await run_blocking(self._reset_clean)
@@ -321,14 +342,23 @@ class GitOpsRepo:
     # -- the bump, with the lock held -------------------------------------------------------------
 
     async def _bump(
-        self, envs: list[Environment], short: str, requester: str, deploy_id: str, max_attempts: int
+        self, envs: list[Environment], short: str, trailers: Trailers, max_attempts: int
     ) -> BumpResult:
+        deploy_id = trailers.deploy_id
         await run_blocking(self._sync)
         previous, files = await run_blocking(self._edit, envs, short)
         if not files:
             return BumpResult(commit=None, noop=True, previous=previous, attempts=0)
         await self._validate(envs, short)
-        message = commit_message(envs, short, requester=requester, deploy_id=deploy_id, previous=previous)
+        message = commit_message(
+            envs,
+            short,
+            requester=trailers.requester,
+            deploy_id=deploy_id,
+            previous=previous,
+            approver=trailers.approver,
+            override_reason=trailers.override_reason,
+        )
         await run_blocking(self._commit, files, message)
         for attempt in range(1, max_attempts + 1):
             if await run_blocking(self._push):
@@ -384,14 +414,21 @@ class GitOpsRepo:
             raise PermanentError(f"{rel} is not UTF-8 text.") from None
         return rel, path, text
 
-    def _read_all(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str]]:
-        out: dict[str, dict[Service, str]] = {}
+    def _read_each(self, envs: Iterable[Environment]) -> dict[str, dict[Service, str] | BotError]:
+        out: dict[str, dict[Service, str] | BotError] = {}
         for env in envs:
-            out[env.name] = {}
-            for service in Service:
-                rel, _, text = self._read(env, service)
-                out[env.name][service] = read_image_tag(text, service.image, source=rel)
+            try:
+                out[env.name] = self._read_env(env)
+            except BotError as e:
+                out[env.name] = e
         return out
+
+    def _read_env(self, env: Environment) -> dict[Service, str]:
+        tags: dict[Service, str] = {}
+        for service in Service:
+            rel, _, text = self._read(env, service)
+            tags[service] = read_image_tag(text, service.image, source=rel)
+        return tags
 
     def _edit(self, envs: list[Environment], short: str) -> tuple[dict[str, dict[Service, str]], list[str]]:
         previous: dict[str, dict[Service, str]] = {}
@@ -516,9 +553,26 @@ class GitOpsRepo:
     def _rev(self, rev: str) -> str:
         return self._git.run("rev-parse", "--verify", rev).stdout.strip()
 
+    def _signing(self) -> list[str]:
+        """`-c` options: sign with the configured SSH key, or explicitly not at all (a global
+        commit.gpgsign=true without a key would fail every deploy)."""
+        if self.signing_key is None:
+            return ["-c", "commit.gpgsign=false"]
+        return [
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            f"user.signingkey={self.signing_key}",
+            "-c",
+            "commit.gpgsign=true",
+        ]
+
     def _commit(self, files: list[str], message: str) -> None:
         self._git.run("add", "--", *files)
-        self._git.run("-c", "commit.gpgsign=false", "commit", "--quiet", "--no-verify", "-m", message)
+        # --no-verify: this clone is the bot's own and `git clone` copies no hooks, so a hook here could only
+        # come from the machine's global core.hooksPath, which is not the GitOps repo's policy (that runs on
+        # the remote and in its CI). The overlays were already validated by rendering them with kustomize.
+        self._git.run(*self._signing(), "commit", "--quiet", "--no-verify", "-m", message)
 
     def _push(self) -> bool:
         """True when pushed; False when the remote moved on (a race to rebase and retry)."""
@@ -539,7 +593,7 @@ class GitOpsRepo:
     def _rebase(self, files: list[str]) -> bool:
         """pull --rebase: fetch and replay our commit; False when it became empty (already upstream)."""
         self._fetch()
-        res = self._git.run("-c", "commit.gpgsign=false", "rebase", "--quiet", self._origin, check=False)
+        res = self._git.run(*self._signing(), "rebase", "--quiet", self._origin, check=False)
         if not res.ok:
             conflicted = self._git.run("diff", "--name-only", "--diff-filter=U", check=False).stdout.split()
             self._reset_clean()
@@ -556,6 +610,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
+@dataclass(frozen=True)
+class Trailers:
+    """Who and what a deploy commit is for: written as git trailers at the end of its message."""
+
+    requester: str
+    deploy_id: str
+    approver: str | None = None
+    override_reason: str | None = None
+
+
 def commit_message(
     envs: list[Environment],
     short: str,
@@ -563,18 +627,21 @@ def commit_message(
     requester: str,
     deploy_id: str,
     previous: dict[str, dict[Service, str]],
+    approver: str | None = None,
+    override_reason: str | None = None,
 ) -> str:
-    """`deploy(<env>[, <env>]): funnelcake @ <short>` and a body saying who, which deploy, and from what."""
+    """`deploy(<env>[, <env>]): funnelcake @ <short>`, a paragraph with the previous tags, and real git
+    trailers as the last paragraph (`git interpret-trailers --parse` reads them back): Deploy-Id,
+    Requested-by, Approved-by when approved, Override-Reason when a promotion gate was overridden."""
     names = [e.name for e in envs]
-    lines = [
-        f"deploy({', '.join(names)}): funnelcake @ {short}",
-        "",
-        f"Requested-by: {_one_line(requester)}",
-        f"Deploy-Id: {_one_line(deploy_id)}",
-        "Previous tags:",
-    ]
+    lines = [f"deploy({', '.join(names)}): funnelcake @ {short}", "", "Previous tags:"]
     for name in names:
         tags = previous.get(name, {})
         lines.append(f"  {name}: " + ", ".join(f"{s.value} {tags[s]}" for s in Service if s in tags))
+    lines += ["", f"Deploy-Id: {_one_line(deploy_id)}", f"Requested-by: {_one_line(requester)}"]
+    if approver:
+        lines.append(f"Approved-by: {_one_line(approver)}")
+    if override_reason:
+        lines.append(f"Override-Reason: {_one_line(override_reason)}")
     # A requester or deploy id is text from outside; a push is forever, so scrub it like a log line.
     return redact("\n".join(lines) + "\n")

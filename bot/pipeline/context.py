@@ -72,6 +72,9 @@ class DeployContext:
     requester: str
     force_migrations: bool = False
     rebuild: bool = False  # build every image from source even where a registry has the tag
+    allow_downgrade: bool = False  # the requester confirmed moving an env back (a downgrade)
+    override_reason: str | None = None  # an admin goes past a promotion gate, saying why
+    approver: str | None = None  # who approved it, when the env needs approval
     # Called right before each world-changing action (a push, a Job, a sync request) with what it is
     # about to do: it proves the run still owns its deploy and leases, or raises Fenced. Plans have none.
     guard: Guard = field(default=lambda action: _nothing_to_prove())

@@ -25,7 +25,9 @@ import pytest
 import yaml
 from aiohttp import web
 
+from bot.service import DeployService
 from bot.settings import DEFAULT_CONFIG_PATH, FunnelcakeConfig, Settings, parse_config
+from bot.wiring import build_service
 from tests.testbed.gitrepos import ENVS, GitRemotes
 from tests.testbed.kube.cluster import SimClusters, Timings, push_deployed_images
 from tests.testbed.kube.store import Store
@@ -277,3 +279,11 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
         yield sb
     finally:
         await sb.stop()
+
+
+@pytest.fixture
+async def svc(sandbox: Sandbox) -> AsyncIterator[DeployService]:
+    """The real deploy service (bot.wiring.build_service) on the sandbox, reporting nowhere."""
+    assert sandbox.config is not None
+    async with build_service(sandbox.settings(), sandbox.config) as service:
+        yield service

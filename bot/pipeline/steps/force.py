@@ -24,9 +24,10 @@ class ForceMigrate(Step[DeployContext]):
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         env = ctx.envs[0]
         # The image of the run that failed knows the dirty version; the overlay's (older) one may not.
-        tag = self.image_tag or (await ctx.deps.gitops.read_tags(ctx.deps.config)).get(env.name, {}).get(
-            Service.API
-        )
+        tag = self.image_tag
+        if not tag:
+            tags = await ctx.deps.gitops.read_tags(ctx.deps.config, [env.name])
+            tag = tags.get(env.name, {}).get(Service.API)
         if not tag:
             raise PermanentError(f"no overlay tag for {env.name}: cannot pick the migrate image to run")
         client = ctx.deps.kube[env.kube_context]

@@ -23,7 +23,12 @@ class GitOps(Step[DeployContext]):
         await verify_images(ctx)
         await ctx.guard("the GitOps push")
         result = await ctx.deps.gitops.bump(
-            ctx.envs, plan.commit.short, requester=ctx.requester, deploy_id=ctx.deploy_id
+            ctx.envs,
+            plan.commit.short,
+            requester=ctx.requester,
+            deploy_id=ctx.deploy_id,
+            approver=ctx.approver,
+            override_reason=plan.override_reason if plan.overridden else None,
         )
         ctx.bump = result
         if result.noop:

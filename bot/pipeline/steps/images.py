@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from bot.errors import PermanentError
+from bot.errors import BotError, PermanentError, TransientError
+from bot.ledger.models import LedgerError
 from bot.models import AMD64, ImagePlan
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
@@ -25,6 +26,12 @@ class Images(Step[DeployContext]):
         done: list[str] = []
 
         async def prepare(img: ImagePlan) -> None:
+            try:
+                await prepare_one(img)
+            except BotError as e:
+                raise with_reason(e, img) from e
+
+        async def prepare_one(img: ImagePlan) -> None:
             env = config.env(img.env)
             async with bound:
                 if img.action == "promote" and img.source_env is not None:
@@ -55,6 +62,18 @@ class Images(Step[DeployContext]):
             "prepared": done,
             "digests": {f"{env}/{image}": s.digest for (env, image), s in ctx.verified.items()},
         }
+
+
+def with_reason(error: BotError, img: ImagePlan) -> BotError:
+    """The same error, saying why preflight chose to promote or build (the registry had it for arm64 only,
+    or not at all): that reason is in the plan, and a failure far from it must still tell it."""
+    if not img.note or img.note in error.message or isinstance(error, LedgerError):
+        return error  # a fencing or ledger refusal is about this bot, not the image: it passes unchanged
+    verb = f"promoting from {img.source_env}" if img.action == "promote" else "building"
+    message = f"{img.env}/{img.image}:{img.tag}: {img.note}, so {verb}: {error.message}"
+    if isinstance(error, TransientError):
+        return TransientError(message, hint=error.hint, delay=error.delay, data=error.data)
+    return PermanentError(message, hint=error.hint, data=error.data)
 
 
 async def verify_images(ctx: DeployContext) -> None:

@@ -11,6 +11,8 @@ from bot.errors import BotError, PermanentError
 from bot.models import AMD64, ImagePlan, Plan, deployed_images
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
+from bot.pipeline.steps.gates import gate_problem
+from bot.pipeline.steps.resolve import downgrade_problems
 from bot.policy import locks
 from bot.settings import Environment
 
@@ -37,6 +39,16 @@ class Preflight(Step[DeployContext]):
                 problems.append(
                     f"{img.image}:{img.tag} is in no environment's registry and this bot has no builder configured"
                 )
+        problems += downgrade_problems(plan)
+        plan.overridden = []
+        for env in ctx.envs:
+            gate = await gate_problem(ctx.deps.ledger, plan, env)
+            if gate is None:
+                continue
+            if plan.override_reason:
+                plan.overridden.append(gate)  # an admin's decision, kept with the plan and in the commit
+            else:
+                problems.append(f"{gate}. An admin can go past the gate: `--override <reason>`")
         plan.problems = problems
         await progress(_summary(plan), {})
         if problems:
