@@ -91,6 +91,12 @@ class SlackFront:
                 record,
                 interval=self.reporter_interval,
                 on_close=self._reporter_closed,
+                approvers=[
+                    p
+                    for env in record.envs
+                    if self.config.env(env).approval_required
+                    for p in self.config.env(env).approvers
+                ],
             )
             self.reporters[record.id] = reporter
         return [reporter]

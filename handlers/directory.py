@@ -33,6 +33,25 @@ async def group_members(client: AsyncWebClient, group: str) -> frozenset[str]:
     return frozenset(resp.get("users", []))
 
 
+async def mention(client: AsyncWebClient, principal: str) -> str | None:
+    """How to ping a principal of the environments file in a message: a user `<@U…>`, a group
+    `<!subteam^S…>` (a handle is looked up); None for `*` (everyone: nobody to ping) or an unknown group."""
+    if principal == "*":
+        return None
+    if principal[:1] in ("U", "W"):
+        return f"<@{principal}>"
+    group_id = principal
+    if principal.startswith("@"):
+        listing = await client.usergroups_list()
+        groups: list[dict[str, Any]] = listing.get("usergroups", [])
+        found = [str(g["id"]) for g in groups if g.get("handle") == principal[1:]]
+        if not found:
+            log.warning("user group %s does not exist in this workspace: nobody to ping", principal)
+            return None
+        group_id = found[0]
+    return f"<!subteam^{group_id}>"
+
+
 async def user_by_email(client: AsyncWebClient, email: str) -> str | None:
     """The Slack user ID with this e-mail address, or None when the workspace has nobody with it."""
     try:

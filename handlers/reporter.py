@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from bot.models import Plan
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 from handlers import blocks as bk
 from handlers import buttons as drawn
+from handlers.directory import mention
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class SlackThreadReporter:
         *,
         interval: float = BATCH_INTERVAL,
         on_close: Callable[[str], None] | None = None,
+        approvers: Sequence[str] = (),
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -50,6 +52,9 @@ class SlackThreadReporter:
         self.root_ts = record.thread_ts
         self.interval = interval
         self.on_close = on_close
+        self.approvers = list(
+            approvers
+        )  # principals who may approve this deploy's envs: pinged when it waits
         self.steps: dict[str, str] = {}
         self.current: str | None = None
         self.subject = ""
@@ -104,6 +109,7 @@ class SlackThreadReporter:
         replies: list[str] = []
         extra: list[bk.Block] = []
         final: tuple[str, bool] | None = None  # the outcome reply, and whether the channel must see it
+        ask: str | None = None  # the approvers' ping: its own message
         for e in batch:
             if e.step == SUMMARY_STEP:
                 ok = e.kind is EventKind.DONE
@@ -132,6 +138,8 @@ class SlackThreadReporter:
                 continue
             if e.step == "approval":
                 self._approval(e)
+                if e.kind is EventKind.STARTED:
+                    ask = await self._ask_approvers()
                 continue
             if e.step == "lock":
                 replies.append(f"🔒 {bk.esc_keep_mentions(e.message)}")
@@ -189,6 +197,8 @@ class SlackThreadReporter:
             await self._post(
                 "\n".join(replies) or "diagnosis", blocks=bk.fit(reply_blocks + extra), thread_ts=self.root_ts
             )
+        if ask is not None:
+            await self._post(ask, blocks=[bk.section(ask)], thread_ts=self.root_ts)
         if final is not None:
             text, broadcast = final
             await self._post(
@@ -220,6 +230,23 @@ class SlackThreadReporter:
         else:
             self.approval = f"⛔ {_sentence(e.message)} {bk.when(datetime.now(UTC))}"
             self.buttons = []
+
+    async def _ask_approvers(self) -> str:
+        """A new message (an edit pings nobody) that mentions whoever may approve."""
+        mentions: list[str] = []
+        for principal in self.approvers:
+            try:
+                found = await mention(self.client, principal)
+            except SlackApiError as err:
+                log.warning("could not look %s up to ping: %s", principal, err.response.get("error"))
+                found = None
+            if found and found not in mentions:
+                mentions.append(found)
+        who = " ".join(mentions) or "Approvers"
+        return (
+            f"🙋 {who}: <@{self.record.requester}>'s request for {', '.join(self.record.envs)} waits for one of "
+            "you (not the requester): Approve or Deny on the message above."
+        )
 
     async def _ensure_root(self) -> None:
         if self.root_ts:

@@ -65,6 +65,12 @@ async def test_production_deploy_needs_another_approver(bot: RunningBot, slack_s
         str(root.blocks),
     )
     assert root.text.endswith(": waiting for approval")
+    # the approvers are pinged in a new message (an edit notifies nobody), the requester is not asked
+    ask = [r for r in slack_sandbox.thread(CHANNEL, root.ts) if r.text.startswith("🙋")]
+    assert len(ask) == 1, [r.text for r in slack_sandbox.thread(CHANNEL, root.ts)]
+    assert ask[0].text.startswith("🙋 <!subteam^S0APPROVERS>: <@U0ALICE>'s request for production waits"), (
+        ask[0].text
+    )
 
     # Alice is not an approver: refused
     await bot.click(root.ts, "approve", user="U0ALICE")
