@@ -62,6 +62,7 @@ class _Strict(BaseModel):
 
 
 class ArgoCD(_Strict):
+    url: AnyHttpUrl | None = None  # the Argo CD UI (e.g. https://argocd.example.org): messages link its apps
     namespace: str = "argocd"
     applications: dict[Service, str] = Field(
         default_factory=lambda: {s: f"funnelcake-{s.value}" for s in Service}
@@ -196,6 +197,8 @@ class Environment(_Strict):
 class Repo(_Strict):
     url: str = Field(min_length=1)
     branch: str = "main"
+    # the repo's web page (e.g. https://github.com/org/repo): messages link commits and compare views
+    web_url: AnyHttpUrl | None = None
 
 
 class Repos(_Strict):

@@ -91,6 +91,7 @@ class SlackFront:
                 record,
                 interval=self.reporter_interval,
                 on_close=self._reporter_closed,
+                links=bk.Links.of(self.config),
                 approvers=[
                     p
                     for env in record.envs

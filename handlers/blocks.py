@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployKind, DeployRecord, IncidentRecord
 from bot.models import CommitInfo, Plan, plural
 from bot.service import MIGRATE_STEPS, PLAN_STEPS
+from bot.settings import FunnelcakeConfig
 from handlers import buttons as drawn
 
 Block = dict[str, Any]
@@ -128,9 +130,55 @@ def title(record: DeployRecord) -> str:
     return f"🚀 Deploy funnelcake @ {ref} → {envs}"
 
 
+@dataclass(frozen=True)
+class Links:
+    """Where a reader can look further: the app repo's and GitOps repo's web pages, each env's Argo CD apps.
+    Everything is optional; an unset one just leaves its link out."""
+
+    app: str | None = None
+    gitops: str | None = None
+    argocd: Mapping[str, Sequence[tuple[str, str]]] = field(default_factory=dict)  # env -> (label, url)
+
+    @classmethod
+    def of(cls, config: FunnelcakeConfig) -> Links:
+        def web(url: object) -> str | None:
+            return str(url).rstrip("/") if url else None
+
+        apps: dict[str, list[tuple[str, str]]] = {}
+        for env in config.environments:
+            base = web(env.argocd.url)
+            if base:
+                apps[env.name] = [
+                    (service.value, f"{base}/applications/{env.argocd.namespace}/{app}")
+                    for service, app in env.argocd.applications.items()
+                ]
+        return cls(web(config.repos.app.web_url), web(config.repos.gitops.web_url), apps)
+
+    def commit(self, sha: str, label: str) -> str:
+        return f"<{self.app}/commit/{sha}|{label}>" if self.app and sha else f"`{label}`"
+
+    def compare(self, old: str, new: str) -> str | None:
+        return f"<{self.app}/compare/{old}...{new}|{old} → {new}>" if self.app and old and new else None
+
+    def gitops_commit(self, sha: str) -> str:
+        return f"<{self.gitops}/commit/{sha}|{sha[:7]}>" if self.gitops else f"`{sha[:7]}`"
+
+    def line(self, record: DeployRecord) -> str | None:
+        """The root message's links: what changed (compare views) and where it runs (Argo CD apps)."""
+        parts: list[str] = []
+        for env in record.envs:
+            compare = self.compare(record.previous_tags.get(env, ""), record.short or "")
+            if compare:
+                parts.append(f"{esc(env)}: {compare}")
+            for label, url in self.argocd.get(env, ()):
+                parts.append(f"<{url}|Argo CD {esc(env)}/{esc(label)}>")
+        return " · ".join(parts) or None
+
+
 def root_blocks(
     record: DeployRecord,
     *,
+    links: Links | None = None,
     state: str,
     subject: str = "",
     plan: Plan | None = None,
@@ -141,15 +189,18 @@ def root_blocks(
     if record.kind is DeployKind.FORCE_MIGRATE:
         what = f"*Version* `{esc(record.ref)}` (marked clean with `force`, then `migrate up` runs)"
     else:
-        what = (
-            "*Commit* " + f"`{record.short or esc(record.ref)}`" + (f" “{esc(subject)}”" if subject else "")
-        )
+        short = record.short or esc(record.ref)
+        commit = links.commit(record.sha or "", short) if links and record.sha else f"`{short}`"
+        what = "*Commit* " + commit + (f" “{esc(subject)}”" if subject else "")
     blocks = [
         header(title(record)),
         section(f"*Requested by* {mention(record.requester)} · deploy `{record.id}`\n{what}"),
     ]
     if plan is not None:
         blocks += plan_blocks(plan)
+    where = links.line(record) if links else None
+    if where:
+        blocks.append(context(where))
     blocks.append(context(state))
     if approval:
         blocks.append(context(approval))
@@ -277,7 +328,7 @@ def _overlay_api(report: DriftReport, env: str) -> str | None:
     return None
 
 
-def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
+def summary_text(data: Mapping[str, Any], ok: bool, message: str, links: Links | None = None) -> str:
     seconds = data.get("seconds", 0)
     envs = ", ".join(data.get("envs", []))
     force = data.get("force")
@@ -295,7 +346,10 @@ def summary_text(data: Mapping[str, Any], ok: bool, message: str) -> str:
         for name, digest in images.items():
             lines.append(f"• {name} `{(digest or '')[:19]}`")
         if data.get("revision"):
-            lines.append(f"Argo CD revision `{str(data['revision'])[:7]}`")
+            revision = str(data["revision"])
+            lines.append(
+                f"Argo CD revision {links.gitops_commit(revision) if links else f'`{revision[:7]}`'}"
+            )
         lines += endpoint_lines(data.get("endpoints"))
         return "\n".join(lines)
     if data.get("state") == "cancelled":

@@ -44,6 +44,7 @@ class SlackThreadReporter:
         interval: float = BATCH_INTERVAL,
         on_close: Callable[[str], None] | None = None,
         approvers: Sequence[str] = (),
+        links: bk.Links | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -52,9 +53,9 @@ class SlackThreadReporter:
         self.root_ts = record.thread_ts
         self.interval = interval
         self.on_close = on_close
-        self.approvers = list(
-            approvers
-        )  # principals who may approve this deploy's envs: pinged when it waits
+        # principals who may approve this deploy's envs: pinged when it waits
+        self.approvers = list(approvers)
+        self.links = links
         self.steps: dict[str, str] = {}
         self.current: str | None = None
         self.subject = ""
@@ -113,7 +114,7 @@ class SlackThreadReporter:
         for e in batch:
             if e.step == SUMMARY_STEP:
                 ok = e.kind is EventKind.DONE
-                self.outcome = bk.summary_text(e.data, ok, e.message)
+                self.outcome = bk.summary_text(e.data, ok, e.message, self.links)
                 # Roll back only what this run changed: after a deny, an expiry or a failed preflight the env
                 # still runs its good tag, and a rollback from there would move it to an older one.
                 pushed = bool(e.data.get("pushed")) or (
@@ -261,6 +262,7 @@ class SlackThreadReporter:
         state = bk.state_line(self.record, self.steps, self.current, time.monotonic() - self.started)
         return bk.root_blocks(
             self.record,
+            links=self.links,
             state=state,
             subject=self.subject,
             plan=self.plan if self.approval else None,
