@@ -28,6 +28,7 @@ from bot.service import DeployService
 from handlers import blocks as bk
 from handlers import buttons as drawn
 from handlers.directory import group_members
+from handlers.home import home_view
 from handlers.reporter import SlackThreadReporter
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class SlackFront:
         )
         service.reporters = self.reporters_for
         self.app.command("/funnelcake")(self._on_command)
+        self.app.event("app_home_opened")(self._on_home_opened)
+        self.home_viewers: set[str] = set()  # who opened the Home tab: their board is redrawn as deploys end
         # Buttons repeated in one message carry a suffix (`catchup-staging`): action_ids must be unique there.
         self.app.action(
             re.compile(r"^(approve|deny|cancel|rollback|rebuild|catchup|force_migrate)(-[a-z0-9-]+)?$")
@@ -104,6 +107,24 @@ class SlackFront:
 
     def _reporter_closed(self, deploy_id: str) -> None:
         self.reporters.pop(deploy_id, None)
+        if self.home_viewers:
+            self.spawn(self._publish_home(*self.home_viewers), name=f"home-after-{deploy_id}")
+
+    async def _on_home_opened(self, event: dict[str, Any]) -> None:
+        user = str(event.get("user") or "")
+        if event.get("tab", "home") != "home" or not user.startswith(("U", "W")):
+            return
+        self.home_viewers.add(user)
+        self.spawn(self._publish_home(user), name=f"home-{user}")
+
+    async def _publish_home(self, *users: str) -> None:
+        view = redact_json(await home_view(self.service))
+        for user in users:
+            try:
+                async with asyncio.timeout(10):
+                    await self.client.views_publish(user_id=user, view=view)
+            except (SlackApiError, TimeoutError, aiohttp.ClientError) as e:
+                log.warning("could not publish the Home tab of %s: %s", user, type(e).__name__)
 
     async def flush(self) -> None:
         """Wait until every deploy's queued Slack writes are done (tests, shutdown)."""

@@ -63,6 +63,10 @@ def context(text: str) -> Block:
     return {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(text, 2900)}]}
 
 
+def divider() -> Block:
+    return {"type": "divider"}
+
+
 def header(text: str) -> Block:
     return {"type": "header", "text": {"type": "plain_text", "text": text[:150], "emoji": True}}
 

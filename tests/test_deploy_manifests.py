@@ -419,6 +419,8 @@ def test_slack_manifest() -> None:
         "usergroups:read",
     }
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
+    assert manifest["features"]["app_home"]["home_tab_enabled"] is True
+    assert manifest["settings"]["event_subscriptions"]["bot_events"] == ["app_home_opened"]
     assert manifest["settings"]["socket_mode_enabled"] is True
     text = (ROOT / "manifest.yml").read_text(encoding="utf-8")
     assert "# request_url: https://" in text and "/slack/events" in text

@@ -518,7 +518,9 @@ class FakeSlack:
             "users.lookupByEmail": self._users_lookup_by_email,
             "usergroups.list": self._usergroups_list,
             "usergroups.users.list": self._usergroups_users_list,
+            "views.publish": self._views_publish,
         }
+        self.home_views: dict[str, dict[str, Any]] = {}  # user -> the Home tab the app last published
 
     # ---- lifecycle
 
@@ -836,6 +838,20 @@ class FakeSlack:
         finally:
             self._pending_acks.pop(envelope_id, None)
 
+    async def send_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        """An Events API event (e.g. `{"type": "app_home_opened", "user": …, "tab": "home"}`) over Socket Mode."""
+        return await self.send_envelope(
+            "events_api",
+            {
+                "type": "event_callback",
+                "team_id": TEAM_ID,
+                "api_app_id": APP_ID,
+                "event": dict(event),
+                "event_id": f"Ev{secrets.token_hex(5).upper()}",
+                "event_time": int(time.time()),
+            },
+        )
+
     async def send_slash(self, text: str, **kw: Any) -> dict[str, Any]:
         return await self.send_envelope("slash_commands", self.slash_payload(text, **kw))
 
@@ -1063,6 +1079,29 @@ class FakeSlack:
         )
         self._messages.setdefault(channel, []).append(m)
         return {"channel": channel, "ts": m.ts, "message": self._wire(m)}
+
+    def _views_publish(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        user = params.get("user_id")
+        if not isinstance(user, str) or user not in self.users:
+            raise SlackApiFailure("user_not_found")
+        view = params.get("view")
+        if isinstance(view, str):
+            try:
+                view = json.loads(view)
+            except ValueError:
+                raise SlackApiFailure("invalid_arguments") from None
+        if not isinstance(view, dict) or view.get("type") != "home":
+            raise SlackApiFailure("invalid_arguments")
+        blocks = view.get("blocks") or []
+        problems = (
+            validate_blocks(blocks)
+            if len(blocks) <= 100
+            else ["no more than 100 items allowed [json-pointer:/view/blocks]"]
+        )
+        if problems:
+            raise SlackApiFailure("invalid_arguments", response_metadata={"messages": problems})
+        self.home_views[user] = view
+        return {"view": {"id": f"V{secrets.token_hex(5).upper()}", **view}}
 
     def _chat_update(self, params: Mapping[str, Any]) -> dict[str, Any]:
         channel = self._channel(params)
