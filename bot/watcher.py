@@ -245,7 +245,8 @@ class Watcher:
         self.service = service
         self.notifier = notifier
         self.settings = service.config.watch
-        self.lease_ttl = max(lease_ttl, self.settings.every * 3)
+        # long enough for a whole look (each env within LOOK_LIMIT) with room to spare
+        self.lease_ttl = max(lease_ttl, self.settings.every * 3, LOOK_LIMIT * 2)
         self.leading = False
         self._seen: dict[str, _Seen] = {}
         self._gitops_head: str | None = None
@@ -261,11 +262,15 @@ class Watcher:
         while True:
             try:
                 if await self._lead():
-                    await self.look()
+                    # a look ends well inside the lease, so no other replica can start leading mid-look
+                    async with asyncio.timeout(self.lease_ttl * 0.8):
+                        await self.look()
             except asyncio.CancelledError:
                 raise
             except BotError as e:  # the ledger or git is away: weather, told once per look
                 log.warning("watcher: this look was skipped: %s", e.message)
+            except TimeoutError:
+                log.warning("watcher: a look took longer than %.0f s and was cut short", self.lease_ttl * 0.8)
             except Exception:
                 log.exception("watcher: a look failed; the next one tries again")
             await asyncio.sleep(self.settings.every)
@@ -298,6 +303,7 @@ class Watcher:
         if not self.leading:
             log.info("watcher: this bot watches the envs now")
             self._seen.clear()  # what the last leader saw is in the ledger; counting starts afresh
+            self._gitops_head = None  # commits before now were the last leader's to tell
         self.leading = True
         return True
 
