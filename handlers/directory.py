@@ -20,15 +20,9 @@ SlackClient = AsyncWebClient  # for code outside the Slack edge that holds one (
 
 async def group_members(client: AsyncWebClient, group: str) -> frozenset[str]:
     """The user IDs in a group named by handle (`@name`) or ID (`S…`); empty when it does not exist."""
-    group_id = group
-    if group.startswith("@"):
-        listing = await client.usergroups_list()
-        groups: list[dict[str, Any]] = listing.get("usergroups", [])
-        found = [str(g["id"]) for g in groups if g.get("handle") == group[1:]]
-        if not found:
-            log.warning("user group %s does not exist in this workspace", group)
-            return frozenset()
-        group_id = found[0]
+    group_id = await _group_id(client, group)
+    if group_id is None:
+        return frozenset()
     resp = await client.usergroups_users_list(usergroup=group_id)
     return frozenset(resp.get("users", []))
 
@@ -40,16 +34,21 @@ async def mention(client: AsyncWebClient, principal: str) -> str | None:
         return None
     if principal[:1] in ("U", "W"):
         return f"<@{principal}>"
-    group_id = principal
-    if principal.startswith("@"):
-        listing = await client.usergroups_list()
-        groups: list[dict[str, Any]] = listing.get("usergroups", [])
-        found = [str(g["id"]) for g in groups if g.get("handle") == principal[1:]]
-        if not found:
-            log.warning("user group %s does not exist in this workspace: nobody to ping", principal)
-            return None
-        group_id = found[0]
-    return f"<!subteam^{group_id}>"
+    group_id = await _group_id(client, principal)
+    return f"<!subteam^{group_id}>" if group_id else None
+
+
+async def _group_id(client: AsyncWebClient, group: str) -> str | None:
+    """A group's ID from its handle (`@name`) or as given (`S…`); None when no group has that handle."""
+    if not group.startswith("@"):
+        return group
+    listing = await client.usergroups_list()
+    groups: list[dict[str, Any]] = listing.get("usergroups", [])
+    found = [str(g["id"]) for g in groups if g.get("handle") == group[1:]]
+    if not found:
+        log.warning("user group %s does not exist in this workspace", group)
+        return None
+    return found[0]
 
 
 async def user_by_email(client: AsyncWebClient, email: str) -> str | None:

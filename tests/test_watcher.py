@@ -44,15 +44,15 @@ async def one_post(slack: FakeSlack, needle: str, *bots: BotProcess) -> Message:
 
 
 async def until_text(slack: FakeSlack, ts: str, needle: str, *bots: BotProcess) -> Message:
+    """The message once what a reader sees of it (its blocks) says `needle`."""
     try:
         async with asyncio.timeout(WAIT):
-            while needle not in (msg := slack.message(DEFAULT_CHANNEL, ts)).text:
+            while needle not in (msg := slack.message(DEFAULT_CHANNEL, ts)).shown:
                 await asyncio.sleep(0.1)
     except TimeoutError:
         logs = "\n".join(f"--- {b.name}\n{b.tail(3000)}" for b in bots)
-        raise AssertionError(
-            f"message {ts} never said {needle!r}:\n{slack.message(DEFAULT_CHANNEL, ts).text}\n{logs}"
-        ) from None
+        shown = slack.message(DEFAULT_CHANNEL, ts).shown
+        raise AssertionError(f"message {ts} never showed {needle!r}:\n{shown}\n{logs}") from None
     return msg
 
 
@@ -72,19 +72,6 @@ async def incidents_gauge(*bots: BotProcess) -> float:
                 ]
     assert len(values) == 1, values  # one watcher, whichever it is
     return values[0]
-
-
-async def until_shown(slack: FakeSlack, ts: str, needle: str, *bots: BotProcess) -> Message:
-    try:
-        async with asyncio.timeout(WAIT):
-            while needle not in (msg := slack.message(DEFAULT_CHANNEL, ts)).shown:
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        logs = "\n".join(f"--- {b.name}\n{b.tail(3000)}" for b in bots)
-        raise AssertionError(
-            f"message {ts} never showed {needle!r}:\n{slack.message(DEFAULT_CHANNEL, ts).shown}\n{logs}"
-        ) from None
-    return msg
 
 
 async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_after_the_rollback(
@@ -128,7 +115,7 @@ async def test_hand_made_breakage_is_posted_once_with_two_replicas_and_closed_af
         *slack.signed_click(DEFAULT_CHANNEL, incident.ts, "rollback", user_id="U0ALICE")
     )
     assert status == 200
-    closed = await until_text(slack, incident.ts, "Recovered after", one, two)
+    closed = await until_text(slack, incident.ts, "*Recovered* after", one, two)
     assert closed.buttons() == []
     assert "funnelcake-relay pods failing in staging" in closed.text
     assert await incidents_gauge(one, two) == 0.0
@@ -160,7 +147,7 @@ async def test_out_of_sync_is_reported_then_cleared_by_a_sync(
     incident = await one_post(slack, "funnelcake-api is OutOfSync in poc", bot)
     assert "git and the cluster differ" in incident.shown
     await by_hand(sandbox, "poc", "funnelcake-api", sync=True)
-    closed = await until_text(slack, incident.ts, "Recovered after", bot)
+    closed = await until_text(slack, incident.ts, "*Recovered* after", bot)
     assert "OutOfSync" in closed.text
 
 
@@ -175,7 +162,7 @@ async def test_a_relay_that_stops_answering_req_is_an_incident_until_it_answers_
 
     incident = await one_post(slack, "relay REQ→EOSE fails in poc", bot)
     # while the relay restarts it cannot be reached; once up, the post is updated with the relay's own words
-    await until_shown(slack, incident.ts, "answered NOTICE “rate-limited” instead of EOSE", bot)
+    await until_text(slack, incident.ts, "answered NOTICE “rate-limited” instead of EOSE", bot)
     await sandbox.relays["poc"].set_fault(None)
-    closed = await until_text(slack, incident.ts, "Recovered after", bot)
+    closed = await until_text(slack, incident.ts, "*Recovered* after", bot)
     assert closed.buttons() == []
