@@ -417,6 +417,7 @@ def test_slack_manifest() -> None:
         "chat:write",
         "users:read",
         "usergroups:read",
+        "users:read.email",
     }
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
     assert manifest["features"]["app_home"]["home_tab_enabled"] is True
