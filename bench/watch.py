@@ -63,7 +63,7 @@ async def recovered(slack: FakeSlack, ts: str) -> None:
 
 async def main(runs: int, idle: float) -> None:
     async with FakeSlack(post_interval=0.05, post_burst=5) as slack:
-        sandbox = Sandbox(root=Path(f"/tmp/bench-watch-{os.getpid()}"))
+        sandbox = Sandbox()  # its own temporary root, removed at stop
         await sandbox.start()
         try:
             await run(sandbox, slack, runs, idle)
