@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -1170,7 +1172,7 @@ async def _sqlite_engine(url: URL, query_timeout: float) -> AsyncEngine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _enter_wal(dbapi_conn, cur, busy_ms / 1000)
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
@@ -1182,6 +1184,32 @@ async def _sqlite_engine(url: URL, query_timeout: float) -> AsyncEngine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enter_wal(dbapi_conn: Any, cur: Any, budget: float) -> None:
+    """Switch a new file to write-ahead logging, waiting out other processes doing the same.
+
+    The switch needs an exclusive lock, and two connections that each hold the shared lock and both
+    want it deadlock: SQLite answers "database is locked" at once, without calling the busy handler.
+    So processes opening a fresh ledger together each retry with a short back-off, within the same
+    budget a busy lock gets; a file already in WAL mode (every open after the first) costs one read.
+    """
+    deadline = time.monotonic() + budget
+    delay = 0.005
+    while True:
+        cur.execute("PRAGMA journal_mode")
+        if str(cur.fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+        except dbapi_conn.dbapi.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+        else:
+            return
+        # The hook runs inside SQLAlchemy's greenlet on the event loop: sleep there, not in the thread.
+        dbapi_conn.run_async(lambda _raw, d=delay: asyncio.sleep(d))
+        delay = min(delay * 2, 0.2) * random.uniform(0.5, 1.0) + 0.005  # noqa: S311 - jitter, not a secret
 
 
 def _postgres_engine(url: URL, timeout: float) -> AsyncEngine:
