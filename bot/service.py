@@ -56,7 +56,7 @@ from bot.pipeline.steps.gitops import GitOps
 from bot.pipeline.steps.images import Images
 from bot.pipeline.steps.migrate import Migrate
 from bot.pipeline.steps.preflight import Preflight
-from bot.pipeline.steps.resolve import Resolve
+from bot.pipeline.steps.resolve import Resolve, downgrade_problems
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
@@ -919,4 +919,8 @@ def _summary(
         "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
         if ctx and ctx.plan
         else {},
+        # refused only for want of the requester's yes to moving back: the thread offers that second yes
+        "move_back": downgrade_problems(ctx.plan)
+        if ctx and ctx.plan and failed and failed.step == "preflight"
+        else [],
     }

@@ -63,9 +63,7 @@ class SlackFront:
         self.app.event("app_home_opened")(self._on_home_opened)
         self.home_viewers: set[str] = set()  # who opened the Home tab: their board is redrawn as deploys end
         # Buttons repeated in one message carry a suffix (`catchup-staging`): action_ids must be unique there.
-        self.app.action(
-            re.compile(r"^(approve|deny|cancel|rollback|rebuild|catchup|force_migrate)(-[a-z0-9-]+)?$")
-        )(self._on_action)
+        self.app.action(re.compile(rf"^({'|'.join(BUTTON_ACTIONS)})(-[a-z0-9-]+)?$"))(self._on_action)
         # Anything else a signed request can carry gets a clear answer, not Bolt's "unhandled request".
         self.app.action(re.compile(".*"))(self._on_unknown_action)
         self.app.command(re.compile(".*"))(self._on_unknown_command)
@@ -382,6 +380,8 @@ class SlackFront:
 
 
 ORIGIN = "slack"
+# The buttons the bot draws; Approve, Deny and Cancel carry a deploy id, the others a command (`_button_command`).
+BUTTON_ACTIONS = ("approve", "deny", "cancel", "rollback", "rebuild", "catchup", "force_migrate", "downgrade")
 STALE_BUTTON = (
     "⚠️ This button's value is not one the bot drew, so nothing was done. "
     "Run `/funnelcake status` (or open the deploy's thread) for current buttons."
@@ -410,6 +410,9 @@ def _button_command(
         return parsed
     if action_id in ("catchup", "rebuild") and isinstance(parsed, commands.Deploy):
         return parsed if not parsed.dry_run and len(parsed.envs) == 1 else None
+    if action_id == "downgrade" and isinstance(parsed, commands.Deploy | commands.Rollback):
+        # the second yes to a move back: only ever the request it was drawn for, confirmed
+        return parsed if parsed.allow_downgrade and not getattr(parsed, "dry_run", False) else None
     if action_id == "force_migrate" and isinstance(parsed, commands.Migrate):
         return parsed if parsed.force_version is not None else None
     return None

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +20,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.ledger import Ledger
-from bot.ledger.models import DeployRecord
+from bot.ledger.models import DeployKind, DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import Plan
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
@@ -133,6 +133,8 @@ class SlackThreadReporter:
                     if not ok and pushed
                     else []
                 )
+                if not ok and not pushed and e.data.get("move_back"):
+                    self.buttons = [self._move_back_button(e.data)]
                 # Its own reply, mentioning the requester; a failure is also shown in the channel, where
                 # people look (a thread nobody follows is where failures used to go unseen).
                 final = (f"<@{self.record.requester}> {self.outcome}", not ok)
@@ -206,6 +208,25 @@ class SlackThreadReporter:
                 text, blocks=[bk.section(text)], thread_ts=self.root_ts, reply_broadcast=broadcast
             )
         await self._update_root()
+
+    def _move_back_button(self, summary: Mapping[str, Any]) -> bk.Block:
+        """The second yes a move back needs: the same request again, confirmed, for the state it was refused in."""
+        envs = [str(e) for e in summary.get("envs") or self.record.envs]
+        env, short = envs[0], str(summary.get("short") or self.record.short)
+        if self.record.kind is DeployKind.ROLLBACK:
+            label, text = "Roll back anyway", f"rollback {env} --allow-downgrade"
+        else:
+            label, text = "Move back anyway", f"deploy {','.join(envs)} {short} --allow-downgrade"
+        problems = [str(p).removesuffix(": confirm with --allow-downgrade") for p in summary["move_back"]]
+        what = "\n".join(f"• {bk.esc(p)}" for p in problems)
+        ran = (summary.get("rollback_to") or {}).get(env)  # what the env ran when it was refused
+        return bk.button(
+            label,
+            "downgrade",
+            drawn.command(text, ran=str(ran) if ran else None),
+            "danger",
+            confirm=f"{what}\nMigrations are never reverted by a move back. Go ahead?",
+        )
 
     def _approval(self, e: StepEvent) -> None:
         if e.kind is EventKind.STARTED:

@@ -18,9 +18,12 @@ from bot.models import Plan
 from bot.service import DeployService
 from handlers.blocks import plan_blocks, summary_text
 from tests.test_failure_modes import ALICE, overlay_tag, parts, publish, set_relay_tag
+from tests.test_slack_front import CHANNEL
+from tests.testbed.botrun import RunningBot
 from tests.testbed.gitrepos import overlay_path, push_from_second_clone
 from tests.testbed.kube.jobs import MIGRATE_IMAGE
 from tests.testbed.sandbox import Sandbox
+from tests.testbed.slack import FakeSlack
 
 
 def slack_text(plan: Plan) -> str:
@@ -66,6 +69,49 @@ async def test_a_downgrade_is_shown_as_one_and_needs_confirmation(
     assert record.state is DeployState.SUCCEEDED, record.message
     assert record.plan is not None and record.plan["allow_downgrade"] is True
     assert overlay_tag(sandbox, "staging", "api") == older
+
+
+async def test_slack_asks_for_the_second_yes_with_a_button_drawn_for_that_state(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox
+) -> None:
+    assert bot.service is not None
+    git, _ = parts(sandbox)
+    older, current = git.app.short("api-paginate"), git.app.short("add-index")  # staging runs add-index
+    await bot.command(f"deploy staging {older}", user="U0ALICE")
+    await bot.settle()
+    [refused] = await bot.service.history("staging", 1)
+    assert refused.state is DeployState.FAILED and refused.thread_ts
+    assert overlay_tag(sandbox, "staging", "api") == current
+
+    root = slack_sandbox.message(CHANNEL, refused.thread_ts)
+    [button] = [b for b in root.buttons() if b["action_id"] == "downgrade"]
+    assert button["text"]["text"] == "Move back anyway"
+    assert button["style"] == "danger"
+    confirm = button["confirm"]["text"]["text"]
+    assert (
+        f"staging/api would move back 1 commit ({current} → {older}); migrations 000003_add_index.up.sql"
+        in confirm
+    )
+    assert "Migrations are never reverted by a move back" in confirm
+    assert "Roll back" not in [b["text"]["text"] for b in root.buttons()]  # nothing was pushed to roll back
+
+    await bot.click(refused.thread_ts, "downgrade", user="U0BOB")
+    await bot.settle()
+    [done] = await bot.service.history("staging", 1)
+    assert done.id != refused.id
+    assert done.state is DeployState.SUCCEEDED, done.message
+    assert done.requester == "U0BOB"  # who said the second yes
+    assert done.plan is not None and done.plan["allow_downgrade"] is True
+    assert overlay_tag(sandbox, "staging", "api") == older
+
+    # the same button again acts on nothing: it was drawn for staging at `current`
+    await bot.click(refused.thread_ts, "downgrade", user="U0BOB")
+    await bot.settle()
+    assert any(
+        f"staging moved from `{current}` to `{older}` since this message" in t
+        for t in slack_sandbox.told("U0BOB")
+    )
+    assert [r.id for r in await bot.service.history("staging", 1)] == [done.id]
 
 
 async def test_a_rollback_across_a_migration_needs_confirmation(sandbox: Sandbox, svc: DeployService) -> None:
