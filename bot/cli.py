@@ -31,7 +31,7 @@ from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
 from bot.settings import FunnelcakeConfig, Settings
 from bot.terminal import TerminalReporter
-from handlers.directory import SlackClient, connect, group_members, user_by_email
+from handlers.directory import SlackClient, SlackPeople, connect, group_members, user_by_email
 from handlers.reporter import SlackThreadReporter
 
 log = logging.getLogger("bot.cli")
@@ -410,6 +410,8 @@ class Session:
                 build_service(self.settings, self.config, reporters=self.reporters)
             )
             self.ledger = service.deps.ledger
+            if self.slack is not None:
+                service.deps.people = SlackPeople(self.slack)
             try:
                 yield service
             finally:

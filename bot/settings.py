@@ -201,9 +201,15 @@ class Repo(_Strict):
     web_url: AnyHttpUrl | None = None
 
 
+class OverlayRepo(Repo):
+    # write kustomize `digest:` next to each newTag: the cluster runs the exact image the deploy checked,
+    # even if someone pushes the same tag again
+    pin_digests: bool = False
+
+
 class Repos(_Strict):
     app: Repo
-    gitops: Repo
+    gitops: OverlayRepo
 
 
 class Timeouts(_Strict):

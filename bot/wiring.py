@@ -52,6 +52,7 @@ async def build_deps(settings: Settings, config: FunnelcakeConfig) -> AsyncItera
                 credentials=creds,
                 author=(settings.gitops_author_name, settings.gitops_author_email),
                 signing_key=settings.gitops_signing_key,
+                pin_digests=config.repos.gitops.pin_digests,
             ),
             registry=registry,
             kube=kube,

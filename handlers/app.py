@@ -27,7 +27,7 @@ from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.service import DeployService
 from handlers import blocks as bk
 from handlers import buttons as drawn
-from handlers.directory import group_members
+from handlers.directory import SlackPeople, group_members
 from handlers.home import home_view
 from handlers.reporter import SlackThreadReporter
 
@@ -59,6 +59,7 @@ class SlackFront:
             process_before_response=False,
         )
         service.reporters = self.reporters_for
+        service.deps.people = SlackPeople(client)
         self.app.command("/funnelcake")(self._on_command)
         self.app.event("app_home_opened")(self._on_home_opened)
         self.home_viewers: set[str] = set()  # who opened the Home tab: their board is redrawn as deploys end

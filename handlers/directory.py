@@ -51,6 +51,41 @@ async def _group_id(client: AsyncWebClient, group: str) -> str | None:
     return found[0]
 
 
+class SlackPeople:
+    """`Name <email>` of workspace members from users.info (scope users:read.email), remembered per process:
+    a person's name in a deploy commit does not need to be fresher than the process."""
+
+    def __init__(self, client: AsyncWebClient) -> None:
+        self._client = client
+        self._known: dict[str, str | None] = {}
+
+    async def identity(self, user: str) -> str | None:
+        if user in self._known:
+            return self._known[user]
+        if user[:1] not in ("U", "W"):
+            return None
+        try:
+            resp = await self._client.users_info(user=user)
+        except SlackApiError as e:
+            if e.response.get("error") != "user_not_found":
+                raise
+            found = None
+        else:
+            found = _signature(resp.get("user") or {})
+        self._known[user] = found
+        return found
+
+
+def _signature(user: dict[str, Any]) -> str | None:
+    profile = user.get("profile") or {}
+    name = str(profile.get("real_name") or user.get("real_name") or user.get("name") or "")
+    email = str(profile.get("email") or "")
+    name = " ".join(name.replace("<", " ").replace(">", " ").split())
+    if not name or not email or any(c in email for c in "<> \n"):
+        return None
+    return f"{name} <{email}>"
+
+
 async def user_by_email(client: AsyncWebClient, email: str) -> str | None:
     """The Slack user ID with this e-mail address, or None when the workspace has nobody with it."""
     try:

@@ -12,17 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from bot.adapters.gitops import GitOpsRepo
+from bot.adapters.gitops import GitOpsRepo, set_image_digest
 from bot.cli import render_status
+from bot.errors import PermanentError
 from bot.ledger.models import DeployKind, DeployState
 from bot.models import Plan
 from bot.service import DeployService
 from bot.settings import FunnelcakeConfig, Promotion
 from bot.wiring import build_service
 from handlers.blocks import plan_blocks
-from tests.test_failure_modes import ALICE, BOB, overlay_tag, parts, publish
-from tests.testbed.gitrepos import GitOpsRemote, git_out, remote_head
+from tests.test_failure_modes import ALICE, BOB, live_image, overlay_tag, parts, publish
+from tests.test_slack_front import push_head
+from tests.testbed.botrun import RunningBot
+from tests.testbed.gitrepos import GitOpsRemote, git_out, overlay_path, remote_file, remote_head
 from tests.testbed.sandbox import Sandbox
+from tests.testbed.slack import FakeSlack
 
 CAROL = "U0CAROL"
 
@@ -149,3 +153,79 @@ async def test_deploy_commits_are_signed_with_the_configured_ssh_key(
     await plain.bump([git_config.env("staging")], "e7e79eb", requester="U0ALICE", deploy_id="d-8")
     unsigned = await asyncio.to_thread(run, *verify, cwd=gitops_remote.path)
     assert unsigned.returncode != 0
+
+
+async def test_slack_deploys_name_the_people_in_the_trailers(
+    bot: RunningBot, slack_sandbox: FakeSlack, sandbox: Sandbox
+) -> None:
+    """An auditor reading the GitOps history needs no Slack: the requester and the approver are named
+    `Name <email>` from the workspace directory."""
+    assert bot.service is not None and sandbox.git is not None
+    short = await push_head(sandbox)
+    await publish(sandbox, "production", short)
+    await bot.command(f"deploy production {short}", user="U0ALICE")
+    await bot.settle()
+    [waiting] = await bot.service.history("production", 1)
+    assert waiting.state is DeployState.AWAITING_APPROVAL, waiting.message
+    await bot.click(str(waiting.thread_ts), "approve", user="U0BOB")
+    await bot.settle()
+    done = await bot.service.deps.ledger.get_deploy(waiting.id)
+    assert done.state is DeployState.SUCCEEDED, done.message
+    assert trailers(sandbox.git.gitops.path) == {
+        "Deploy-Id": done.id,
+        "Requested-by": "Alice Archer <alice@funnelcake.test>",
+        "Approved-by": "Bob Baker <bob@funnelcake.test>",
+    }
+
+
+def pinned(config: FunnelcakeConfig) -> FunnelcakeConfig:
+    """The environments file with `repos.gitops.pin_digests: true`."""
+    gitops = config.repos.gitops.model_copy(update={"pin_digests": True})
+    return config.model_copy(update={"repos": config.repos.model_copy(update={"gitops": gitops})})
+
+
+async def test_a_digest_pinned_deploy_runs_exactly_the_image_it_checked(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    assert sandbox.config is not None
+    git, clusters = parts(sandbox)
+    short = git.app.short("head")
+    digests = await publish(sandbox, "poc", short)
+    async with build_service(sandbox.settings(), pinned(sandbox.config)) as svc:
+        record = await svc.wait((await svc.start(DeployKind.DEPLOY, ["poc"], short, ALICE)).record.id)
+        assert record.state is DeployState.SUCCEEDED, record.message
+    env = sandbox.config.env("poc")
+    for service in ("api", "relay"):
+        image = f"funnelcake-{service}"
+        text = remote_file(git.gitops.path, overlay_path(service, "poc")).decode()
+        assert f"newTag: {short}" in text or f'newTag: "{short}"' in text
+        assert f"digest: {digests[image]}" in text, text
+        # the GitOps repo renders it with real kustomize, and the cluster runs that very reference
+        want = f"{env.image_ref(image, short)}@{digests[image]}"
+        clone = tmp_path / "gitops"
+        if not clone.exists():
+            run("git", "clone", "-q", str(git.gitops.path), str(clone))
+        rendered = run("kubectl", "kustomize", str((clone / overlay_path(service, "poc")).parent))
+        assert rendered.returncode == 0, rendered.stderr
+        assert f"image: {want}" in rendered.stdout
+        assert live_image(sandbox, "poc", image) == want
+        pods = [
+            p
+            for p in clusters["poc"].store.list("pods", "funnelcake")[0]
+            if p["spec"]["containers"][0]["image"] == want and not p["metadata"].get("deletionTimestamp")
+        ]
+        assert pods and all(p["status"]["phase"] == "Running" for p in pods)
+
+
+def test_the_digest_line_sits_next_to_new_tag_and_a_stale_one_is_dropped() -> None:
+    digest = "sha256:" + "a" * 64
+    block = 'images:\n  - name: relay\n    newName: reg/relay\n    newTag: "abc1234"  # pinned by the bot\n'
+    pinned_text = set_image_digest(block, "relay", digest, source="k.yaml")
+    assert pinned_text == block + f"    digest: {digest}\n"
+    assert set_image_digest(pinned_text, "relay", None, source="k.yaml") == block  # pinning switched off
+    flow = "images: [{name: relay, newTag: abc1234}]\n"
+    assert set_image_digest(flow, "relay", digest, source="k.yaml") == (
+        f"images: [{{name: relay, newTag: abc1234, digest: {digest}}}]\n"
+    )
+    with pytest.raises(PermanentError, match="is not an image digest"):
+        set_image_digest(block, "relay", "sha256:nothex", source="k.yaml")

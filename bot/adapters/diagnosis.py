@@ -97,11 +97,13 @@ def classify_pull_error(message: str) -> PullFailure:
 
 
 def split_image(ref: str) -> tuple[str, str, str]:
-    """`host/path/name:tag` -> (registry prefix, image name, tag); a digest reference keeps `@sha256:…` as tag."""
+    """`host/path/name:tag` -> (registry prefix, image name, tag). `name:tag@sha256:…` (kustomize's digest pin)
+    gives the tag; a reference by digest alone keeps `@sha256:…` as tag."""
     if "@" in ref:
         repo, digest = ref.split("@", 1)
-        prefix, _, name = repo.rpartition("/")
-        return prefix, name, f"@{digest}"
+        prefix, _, last = repo.rpartition("/")
+        name, sep, tag = last.partition(":")
+        return prefix, name, tag if sep else f"@{digest}"
     prefix, _, last = ref.rpartition("/")
     name, sep, tag = last.partition(":")
     return prefix, name, tag if sep else "latest"

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -43,6 +43,7 @@ RENDER_TIMEOUT = 30.0
 
 # Docker's tag grammar; anything else would need escaping in YAML and would not pull anyway.
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Plain scalars YAML 1.1 or 1.2 would read as something other than a string (kustomize uses 1.2).
 _NOT_A_PLAIN_STRING = re.compile(
     r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
@@ -77,6 +78,11 @@ class TagSpan:
 
 def find_image_tag(text: str, image: str, *, source: str) -> TagSpan:
     """Locate the `newTag` of the images[] entry named `image` (block or flow style)."""
+    return _scalar_span(_image_entry(text, image, source=source), "newTag", image, source=source)
+
+
+def _image_entry(text: str, image: str, *, source: str) -> yaml.MappingNode:
+    """The images[] entry named `image`, as a YAML node that knows where each of its keys sits in the text."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -103,18 +109,22 @@ def find_image_tag(text: str, image: str, *, source: str) -> TagSpan:
         )
     if len(matches) > 1:
         raise PermanentError(f"{source} lists the image {image!r} {len(matches)} times; keep one entry.")
-    tag = _mapping_get(matches[0], "newTag")
-    if not isinstance(tag, yaml.ScalarNode):
+    return matches[0]
+
+
+def _scalar_span(entry: yaml.MappingNode, key: str, image: str, *, source: str) -> TagSpan:
+    node = _mapping_get(entry, key)
+    if not isinstance(node, yaml.ScalarNode):
         raise PermanentError(
-            f"{source}: the images entry {image!r} has no newTag.",
+            f"{source}: the images entry {image!r} has no {key}.",
             hint="Add a newTag line to the entry so the deployed commit is pinned.",
         )
-    if tag.style not in (None, '"', "'"):
-        raise PermanentError(f"{source}: newTag of {image!r} is a block scalar; write it on one line.")
-    start, end = tag.start_mark.index, tag.end_mark.index
-    if tag.start_mark.line != tag.end_mark.line:
-        raise PermanentError(f"{source}: newTag of {image!r} spans several lines; write it on one line.")
-    return TagSpan(start, end, str(tag.value), tag.style, tag.start_mark.line + 1)
+    if node.style not in (None, '"', "'"):
+        raise PermanentError(f"{source}: {key} of {image!r} is a block scalar; write it on one line.")
+    start, end = node.start_mark.index, node.end_mark.index
+    if node.start_mark.line != node.end_mark.line:
+        raise PermanentError(f"{source}: {key} of {image!r} spans several lines; write it on one line.")
+    return TagSpan(start, end, str(node.value), node.style, node.start_mark.line + 1)
 
 
 def _mapping_get(node: yaml.MappingNode, key: str) -> yaml.Node | None:
@@ -149,7 +159,54 @@ def set_image_tag(text: str, image: str, tag: str, *, source: str) -> tuple[str,
     return new, span.value
 
 
+def set_image_digest(text: str, image: str, digest: str | None, *, source: str) -> str:
+    """Pin the entry's image by digest (kustomize `digest:` next to `newTag`: the image renders as
+    `name:tag@sha256:…`), or with None drop a digest left from before, which would otherwise keep the old
+    image running under the new tag. Only that key's characters (or its line) change."""
+    if digest is not None and not _DIGEST_RE.match(digest):
+        raise PermanentError(f"{digest!r} is not an image digest (sha256:<64 hex>).")
+    entry = _image_entry(text, image, source=source)
+    existing = _mapping_get(entry, "digest")
+    if existing is not None:
+        span = _scalar_span(entry, "digest", image, source=source)
+        if digest is not None:
+            new = text[: span.start] + digest + text[span.end :]
+        else:
+            new = _without_key(text, entry, "digest")
+    elif digest is None:
+        return text
+    else:
+        tag = _scalar_span(entry, "newTag", image, source=source)
+        key = next(k for k, _ in entry.value if isinstance(k, yaml.ScalarNode) and k.value == "newTag")
+        if entry.flow_style:
+            new = text[: tag.end] + f", digest: {digest}" + text[tag.end :]
+        else:
+            indent = " " * key.start_mark.column
+            line_end = text.find("\n", tag.end)
+            line_end = len(text) if line_end < 0 else line_end
+            new = text[:line_end] + f"\n{indent}digest: {digest}" + text[line_end:]
+    check = _mapping_get(_image_entry(new, image, source=source), "digest")
+    got = check.value if isinstance(check, yaml.ScalarNode) else None
+    if got != digest:  # pragma: no cover - a guard on the span arithmetic above
+        raise PermanentError(f"{source}: editing the digest of {image!r} produced {got!r}, not {digest!r}.")
+    return new
+
+
+def _without_key(text: str, entry: yaml.MappingNode, key: str) -> str:
+    for k, v in entry.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key:
+            if entry.flow_style:
+                start = text.rfind(",", 0, k.start_mark.index)
+                return text[: max(start, 0)] + text[v.end_mark.index :]
+            line_start = text.rfind("\n", 0, k.start_mark.index) + 1
+            line_end = text.find("\n", v.end_mark.index)
+            return text[:line_start] + (text[line_end + 1 :] if line_end >= 0 else "")
+    return text
+
+
 # -- the repo ----------------------------------------------------------------------------------------
+
+Pins = dict[tuple[str, Service], str]  # (env, service) -> the digest its entry is pinned to
 
 
 @dataclass(frozen=True)
@@ -192,6 +249,7 @@ class GitOpsRepo:
         network_timeout: float = NETWORK_TIMEOUT,
         render_timeout: float = RENDER_TIMEOUT,
         retry_delay: float = 0.25,
+        pin_digests: bool = False,
     ) -> None:
         reject_inline_password(url)
         self.url = url
@@ -203,6 +261,9 @@ class GitOpsRepo:
         self.retry_delay = retry_delay
         self.author = author
         self.signing_key = signing_key  # an SSH key: commits are signed with it (gpg.format=ssh)
+        self.pin_digests = (
+            pin_digests  # write `digest:` next to newTag: the cluster runs exactly what was checked
+        )
         self._git = GitRunner(clone_dir, remote_url=url, credentials=credentials, identity=author)
         self._lock = asyncio.Lock()
         self.name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or url
@@ -323,17 +384,23 @@ class GitOpsRepo:
         deploy_id: str,
         approver: str | None = None,
         override_reason: str | None = None,
+        digests: Mapping[tuple[str, str], str] | None = None,
         max_attempts: int = 5,
     ) -> BumpResult:
-        """Set newTag to `short` in every overlay of `envs`, commit once, and push (see module doc)."""
+        """Set newTag to `short` in every overlay of `envs`, commit once, and push (see module doc).
+
+        With `pin_digests`, each entry also gets `digest:` from `digests` ((env, image) -> sha256:…, the
+        digests the images step checked); without it a `digest:` left in an entry is removed, since it
+        would keep the old image running under the new tag."""
         if not envs:
             raise PermanentError("No environment to bump.")
         format_tag(short, '"')  # validates before touching anything
         envs = list({e.name: e for e in envs}.values())
+        pins = self._pins(envs, digests or {})
         async with self._lock:
             try:
                 trailers = Trailers(requester, deploy_id, approver, override_reason)
-                return await self._bump(envs, short, trailers, max_attempts)
+                return await self._bump(envs, short, trailers, max_attempts, pins)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await run_blocking(self._reset_clean)
@@ -341,15 +408,26 @@ class GitOpsRepo:
 
     # -- the bump, with the lock held -------------------------------------------------------------
 
+    def _pins(self, envs: list[Environment], digests: Mapping[tuple[str, str], str]) -> Pins:
+        if not self.pin_digests:
+            return {}
+        missing = [f"{e.name}/{s.image}" for e in envs for s in Service if (e.name, s.image) not in digests]
+        if missing:
+            raise PermanentError(
+                f"Cannot pin {', '.join(missing)} by digest: no checked digest for it. Nothing was committed.",
+                hint="The images step checks each image's digest; retry the deploy.",
+            )
+        return {(e.name, s): digests[(e.name, s.image)] for e in envs for s in Service}
+
     async def _bump(
-        self, envs: list[Environment], short: str, trailers: Trailers, max_attempts: int
+        self, envs: list[Environment], short: str, trailers: Trailers, max_attempts: int, pins: Pins
     ) -> BumpResult:
         deploy_id = trailers.deploy_id
         await run_blocking(self._sync)
-        previous, files = await run_blocking(self._edit, envs, short)
+        previous, files = await run_blocking(self._edit, envs, short, pins)
         if not files:
             return BumpResult(commit=None, noop=True, previous=previous, attempts=0)
-        await self._validate(envs, short)
+        await self._validate(envs, short, pins)
         message = commit_message(
             envs,
             short,
@@ -385,7 +463,7 @@ class GitOpsRepo:
             if not await run_blocking(self._rebase, files):
                 # Someone else pushed the same tags: the remote already says what we wanted.
                 return BumpResult(commit=None, noop=True, previous=previous, attempts=attempt, files=files)
-            await self._validate(envs, short)
+            await self._validate(envs, short, pins)
         raise TransientError(
             f"Pushing to {self.name} {self.branch} was rejected {max_attempts} times: other commits kept landing.",
             hint="Nothing was pushed; the deploy can be retried.",
@@ -430,7 +508,9 @@ class GitOpsRepo:
             tags[service] = read_image_tag(text, service.image, source=rel)
         return tags
 
-    def _edit(self, envs: list[Environment], short: str) -> tuple[dict[str, dict[Service, str]], list[str]]:
+    def _edit(
+        self, envs: list[Environment], short: str, pins: Pins
+    ) -> tuple[dict[str, dict[Service, str]], list[str]]:
         previous: dict[str, dict[Service, str]] = {}
         files: list[str] = []
         for env in envs:
@@ -438,18 +518,22 @@ class GitOpsRepo:
             for service in Service:
                 rel, path, text = self._read(env, service)
                 new, old = set_image_tag(text, service.image, short, source=rel)
+                new = set_image_digest(new, service.image, pins.get((env.name, service)), source=rel)
                 previous[env.name][service] = old
                 if new != text:
                     path.write_bytes(new.encode("utf-8"))
                     files.append(rel)
         return previous, files
 
-    async def _validate(self, envs: list[Environment], short: str) -> None:
+    async def _validate(self, envs: list[Environment], short: str, pins: Pins) -> None:
         checks = []
         for env in envs:
             for service in Service:
                 rel, path = self._path(env, service)
-                checks.append(self._render_check(rel, path.parent, env.image_ref(service.image, short)))
+                expected = env.image_ref(service.image, short)
+                if (env.name, service) in pins:
+                    expected += f"@{pins[(env.name, service)]}"
+                checks.append(self._render_check(rel, path.parent, expected))
         await asyncio.gather(*checks)
 
     async def _render_check(self, rel: str, overlay_dir: Path, expected: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from bot.adapters.argocd import ArgoCD
 from bot.adapters.diagnosis import Diagnoser
@@ -34,6 +34,14 @@ async def _nothing_to_prove() -> None:
     return None
 
 
+class People(Protocol):
+    """Who a chat user ID is, for records people outside the chat read (git trailers)."""
+
+    async def identity(self, user: str) -> str | None:
+        """`Name <email>` for a user ID, or None when the directory does not say."""
+        ...
+
+
 @dataclass
 class Deps:
     """The adapters a deploy needs; each talks to one external system."""
@@ -47,6 +55,7 @@ class Deps:
     http: aiohttp.ClientSession
     ledger: Ledger
     builder: Builder | None = None
+    people: People | None = None  # set by a front that knows the chat's directory (Slack)
 
     def argocd(self, env: Environment) -> ArgoCD:
         return ArgoCD(

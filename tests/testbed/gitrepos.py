@@ -22,7 +22,7 @@ from types import TracebackType
 
 import pytest
 
-from bot.settings import DEFAULT_CONFIG_PATH, FunnelcakeConfig, Repo, Repos, load_config
+from bot.settings import DEFAULT_CONFIG_PATH, FunnelcakeConfig, OverlayRepo, Repo, Repos, load_config
 
 GIT_TIMEOUT = 30.0
 BRANCH = "main"
@@ -706,7 +706,7 @@ def funnelcake_config(
     cfg = load_config(base or DEFAULT_CONFIG_PATH)
     repos = Repos(
         app=Repo(url=app.url if app is not None else cfg.repos.app.url, branch=BRANCH),
-        gitops=Repo(url=gitops.url, branch=gitops.branch),
+        gitops=OverlayRepo(url=gitops.url, branch=gitops.branch),
     )
     envs = [
         e.model_copy(update={"registry": gitops.registries[e.name]}) if e.name in gitops.registries else e

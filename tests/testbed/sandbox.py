@@ -46,7 +46,13 @@ def _image_tag(obj: dict[str, Any]) -> str | None:
         "spec", {}
     ).get("containers")
     image = str(containers[0].get("image", "")) if containers else ""
-    return image.rsplit(":", 1)[-1] if ":" in image else None
+    return image_tag(image)
+
+
+def image_tag(image: str) -> str | None:
+    """The tag of `host/path/name:tag`, also when kustomize pinned it as `name:tag@sha256:…`."""
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return last.rsplit(":", 1)[-1] if ":" in last else None
 
 
 def serving_tag(store: Store, deployment: str) -> str | None:
@@ -111,7 +117,7 @@ class LiveSite(_LiveHttp):
         store = self.clusters[self.env].store
         dep = store.get("deployments", "funnelcake", "funnelcake-relay") or {}
         image = dep["spec"]["template"]["spec"]["containers"][0]["image"] if dep else ""
-        version = image.rsplit(":", 1)[-1] if ":" in image else "unknown"
+        version = image_tag(image) or "unknown"
         return web.Response(
             text=f"<html><body><h1>funnelcake relay</h1><p>version: {version}</p></body></html>",
             content_type="text/html",

@@ -6,12 +6,18 @@ so a tag deleted after the images step (or a skipped images step) can never reac
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
 from bot.pipeline.steps.images import verify_images
+
+log = logging.getLogger(__name__)
+
+IDENTITY_TIMEOUT = 5.0  # a directory lookup never holds a push: past it, the trailer keeps the chat ID
 
 
 class GitOps(Step[DeployContext]):
@@ -25,10 +31,11 @@ class GitOps(Step[DeployContext]):
         result = await ctx.deps.gitops.bump(
             ctx.envs,
             plan.commit.short,
-            requester=ctx.requester,
+            requester=await signature(ctx, ctx.requester),
             deploy_id=ctx.deploy_id,
-            approver=ctx.approver,
+            approver=await signature(ctx, ctx.approver) if ctx.approver else None,
             override_reason=plan.override_reason if plan.overridden else None,
+            digests={key: s.digest for key, s in ctx.verified.items() if s.digest},
         )
         ctx.bump = result
         if result.noop:
@@ -39,3 +46,18 @@ class GitOps(Step[DeployContext]):
             "attempts": result.attempts,
             "previous": {e: {s.value: t for s, t in tags.items()} for e, tags in result.previous.items()},
         }
+
+
+async def signature(ctx: DeployContext, user: str) -> str:
+    """How a person is named in a deploy commit: `Name <email>` when the chat's directory knows them (an
+    auditor reading git needs no Slack), else their chat ID. A lookup that fails only costs the name."""
+    people = ctx.deps.people
+    if people is None:
+        return user
+    try:
+        async with asyncio.timeout(IDENTITY_TIMEOUT):
+            found = await people.identity(user)
+    except Exception as e:  # noqa: BLE001 - any directory failure keeps the ID; the push goes on
+        log.warning("could not look up %s for the commit trailers: %s", user, type(e).__name__)
+        return user
+    return found or user

@@ -39,6 +39,11 @@ class Verify(Step[DeployContext]):
                 image = str(containers[0].get("image", "")) if containers else ""
                 live[env.name][service.value] = image
                 want = env.image_ref(service.image, short)
+                checked = ctx.verified.get((env.name, service.image))
+                if ctx.deps.gitops.pin_digests and checked is not None and checked.digest:
+                    want += f"@{checked.digest}"  # the overlay pins the digest the images step checked
+                elif image.startswith(f"{want}@"):
+                    image = want  # pinned by an earlier bot of this deploy: the tag is what is verified here
                 if image != want:
                     problems.append(f"{env.name}/{name} runs {image or 'no image'}, expected {want}")
                 status = dep.get("status", {})
