@@ -26,6 +26,8 @@ from urllib.parse import urlencode
 
 import pytest
 from aiohttp import WSMsgType, web
+from slack_sdk.errors import SlackObjectFormationError
+from slack_sdk.models.blocks import Block as SdkBlock
 
 BOT_TOKEN = "xoxb-0000000001-0000000002-testbedbottoken"
 APP_TOKEN = "xapp-1-A0FUNNEL-0000000003-testbedapptoken"
@@ -457,6 +459,18 @@ def validate_blocks(blocks: Any) -> list[str]:
                 problems.append(
                     f"no more than {MAX_CONTEXT_ELEMENTS} items allowed [json-pointer:{ptr}/elements]"
                 )
+    # The SDK's own Block Kit models judge too: what slack_sdk.models refuses, Slack refuses.
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            continue
+        parsed = SdkBlock.parse(block)
+        if parsed is None or type(parsed) is SdkBlock:
+            problems.append(f"unknown block type {block.get('type')!r} [json-pointer:/blocks/{i}]")
+            continue
+        try:
+            parsed.to_dict()  # validates the block and, recursively, every element and text object in it
+        except SlackObjectFormationError as e:
+            problems.append(f"{e} [json-pointer:/blocks/{i}]")
     return problems
 
 
