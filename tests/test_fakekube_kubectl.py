@@ -567,3 +567,23 @@ async def test_argo_cd_diffs_three_ways_like_kubectl_apply(
     assert env["HAND_ADDED"] == "1"
     applied = json.loads(after["metadata"]["annotations"][LAST_APPLIED])
     assert "app.kubernetes.io/part-of" not in applied["metadata"]["labels"]
+
+
+async def test_kubectl_delete_cascade_foreground_returns_once_the_dependents_are_gone(
+    kubectl: Kubectl, sim_clusters: SimClusters
+) -> None:
+    staging = sim_clusters["staging"]
+    ctx = ("--context", STAGING)
+    selector = "app.kubernetes.io/name=funnelcake-relay"
+    assert staging.store.list("pods", NS, label_selector=selector)[0]
+    # kubectl waits (--wait is the default) until the Deployment itself is gone, which in the foreground
+    # is only after its ReplicaSets, and their pods, are
+    out = await kubectl.ok(*ctx, "delete", "deploy", "funnelcake-relay", "-n", NS, "--cascade=foreground")
+    assert out.strip() == 'deployment.apps "funnelcake-relay" deleted'
+    assert staging.store.get("deployments", NS, "funnelcake-relay") is None
+    assert staging.store.list("pods", NS, label_selector=selector)[0] == []
+    assert [
+        rs
+        for rs in staging.store.list("replicasets", NS)[0]
+        if rs["metadata"]["name"].startswith("funnelcake-relay-")
+    ] == []

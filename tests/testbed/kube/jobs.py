@@ -524,6 +524,8 @@ class JobController:
         if job is None:
             self._retry_at.pop(key, None)
             return
+        if job["metadata"].get("deletionTimestamp"):
+            return  # being deleted (foreground): the controller starts nothing new for it
         status = job.get("status") or {}
         if any(
             c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
