@@ -153,6 +153,56 @@ async def test_pod_deletion_is_graceful_and_garbage_collection_asynchronous(
     assert store.list("pods", NS)[0] == []
 
 
+async def test_foreground_deletion_keeps_the_owner_until_its_dependents_are_gone(
+    gke: tuple[FakeKubeAPI, Store], http: aiohttp.ClientSession
+) -> None:
+    api, store = gke
+    owner = store.create("jobs", {**job(), "metadata": {"name": "migrate", "namespace": NS}})
+    uid = owner["metadata"]["uid"]
+    ref = {"apiVersion": "batch/v1", "kind": "Job", "name": "migrate", "uid": uid, "controller": True}
+    # one pod blocks its owner's deletion (as the Job controller sets it), one does not
+    for i, block in enumerate((True, False)):
+        store.create(
+            "pods",
+            {
+                "metadata": {
+                    "name": f"migrate-{i}",
+                    "namespace": NS,
+                    "ownerReferences": [{**ref, "blockOwnerDeletion": block}],
+                },
+                "spec": {"nodeName": "gke-node-1", "containers": [{"name": "migrate", "image": "reg/m:1"}]},
+                "status": {"phase": "Running"},
+            },
+        )
+    url = f"{api.url}/apis/batch/v1/namespaces/{NS}/jobs/migrate"
+    events = f"{api.url}/apis/batch/v1/namespaces/{NS}/jobs"
+    async with http.get(events, params={"watch": "1", "fieldSelector": "metadata.name=migrate"}) as watch:
+        async with http.delete(
+            url, json={"kind": "DeleteOptions", "propagationPolicy": "Foreground"}
+        ) as resp:
+            assert resp.status == 200
+            answered = await resp.json()
+        # the owner is still there, marked: deletionTimestamp and the foregroundDeletion finalizer
+        assert answered["metadata"]["finalizers"] == ["foregroundDeletion"]
+        assert answered["metadata"]["deletionTimestamp"]
+        async with http.get(url) as resp:
+            assert resp.status == 200
+        # its pods go Terminating once the collector gets to them, and only then does the Job go
+        seen: list[tuple[str, bool]] = []
+        async with asyncio.timeout(10):
+            async for line in watch.content:
+                event = json.loads(line)
+                meta = event["object"]["metadata"]
+                pods_left = [p["metadata"]["name"] for p in store.list("pods", NS)[0]]
+                seen.append((event["type"], bool(pods_left)))
+                if event["type"] == "DELETED":
+                    assert meta["uid"] == uid
+                    break
+    assert seen[-1] == ("DELETED", False)  # nothing of it was left when the owner went
+    assert ("MODIFIED", True) in seen  # the marking, while the pods were still there
+    assert store.get("jobs", NS, "migrate") is None
+
+
 async def test_lists_page_in_name_order_and_field_selectors_are_checked(
     gke: tuple[FakeKubeAPI, Store], http: aiohttp.ClientSession
 ) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.testbed.gitrepos import GitOpsRemote, push_from_second_clone
+from tests.testbed.kube.argocd import LAST_APPLIED, REFRESH
 from tests.testbed.kube.cluster import SimCluster, SimClusters
 from tests.testbed.kube.kubeconfig import CONTEXTS
 
@@ -508,3 +510,80 @@ async def test_argo_cd_diffs_the_whole_render_and_a_sync_reverts_hand_changes(
     assert relay["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
         {"secretRef": {"name": "funnelcake-clickhouse-credentials"}}
     ]
+
+
+async def test_argo_cd_diffs_three_ways_like_kubectl_apply(
+    kubectl: Kubectl, sim_clusters: SimClusters, sim_gitops: GitOpsRemote
+) -> None:
+    """Argo CD's client-side diff (argoproj/argo-cd#19548, #4661): a field only someone else ever set is not
+    drift and survives a sync; a field the last sync applied and git has since dropped is drift, and the
+    next sync deletes it."""
+    staging = sim_clusters["staging"]
+    ctx = ("--context", STAGING)
+    app = "funnelcake-api"
+
+    async def hard_refresh() -> str:
+        await kubectl.ok(
+            *ctx, "annotate", "application", app, "-n", "argocd", "--overwrite", f"{REFRESH}=hard"
+        )
+
+        async def consumed() -> bool:
+            obj = staging.store.get("applications", "argocd", app) or {}
+            return REFRESH not in (obj["metadata"].get("annotations") or {})
+
+        await eventually(consumed, what="the refresh consumed")
+        obj = staging.store.get("applications", "argocd", app) or {}
+        return str(obj["status"]["sync"]["status"])
+
+    live = json.loads(await kubectl.ok(*ctx, "get", "deploy", app, "-n", NS, "-o", "json"))
+    last = json.loads(live["metadata"]["annotations"][LAST_APPLIED])  # what the sync applied, as sent
+    assert last["metadata"]["labels"]["app.kubernetes.io/part-of"] == "funnelcake"
+    assert "strategy" not in last["spec"]  # the server's defaults are not in it
+
+    # by hand: an env var and a label git never had — not drift, Synced stays
+    await kubectl.ok(*ctx, "set", "env", f"deploy/{app}", "-n", NS, "HAND_ADDED=1")
+    await kubectl.ok(*ctx, "label", "deploy", app, "-n", NS, "owner=alice")
+    assert await hard_refresh() == "Synced"
+
+    # git drops a label the last sync applied: now it is drift
+    base = f"k8s/applications/{app}/base/deployment.yaml"
+    await asyncio.to_thread(
+        push_from_second_clone,
+        sim_gitops.url,
+        base,
+        lambda text: text.replace("    app.kubernetes.io/part-of: funnelcake\n", "", 1),
+        "api: drop the part-of label",
+    )
+    assert await hard_refresh() == "OutOfSync"
+    await kubectl.ok(
+        *ctx, "patch", "application", app, "-n", "argocd", "--type=merge", "-p", '{"operation":{"sync":{}}}'
+    )
+    await staging.wait_for_app_state({app}, sync="Synced", health="Healthy")
+    after = json.loads(await kubectl.ok(*ctx, "get", "deploy", app, "-n", NS, "-o", "json"))
+    labels = after["metadata"]["labels"]
+    assert "app.kubernetes.io/part-of" not in labels  # deleted by the three-way merge
+    assert labels["owner"] == "alice"  # kept: never applied by Argo CD
+    env = {e["name"]: e.get("value") for e in after["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HAND_ADDED"] == "1"
+    applied = json.loads(after["metadata"]["annotations"][LAST_APPLIED])
+    assert "app.kubernetes.io/part-of" not in applied["metadata"]["labels"]
+
+
+async def test_kubectl_delete_cascade_foreground_returns_once_the_dependents_are_gone(
+    kubectl: Kubectl, sim_clusters: SimClusters
+) -> None:
+    staging = sim_clusters["staging"]
+    ctx = ("--context", STAGING)
+    selector = "app.kubernetes.io/name=funnelcake-relay"
+    assert staging.store.list("pods", NS, label_selector=selector)[0]
+    # kubectl waits (--wait is the default) until the Deployment itself is gone, which in the foreground
+    # is only after its ReplicaSets, and their pods, are
+    out = await kubectl.ok(*ctx, "delete", "deploy", "funnelcake-relay", "-n", NS, "--cascade=foreground")
+    assert out.strip() == 'deployment.apps "funnelcake-relay" deleted'
+    assert staging.store.get("deployments", NS, "funnelcake-relay") is None
+    assert staging.store.list("pods", NS, label_selector=selector)[0] == []
+    assert [
+        rs
+        for rs in staging.store.list("replicasets", NS)[0]
+        if rs["metadata"]["name"].startswith("funnelcake-relay-")
+    ] == []

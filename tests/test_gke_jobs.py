@@ -56,7 +56,7 @@ async def test_build_whose_service_account_is_missing_fails_at_once_with_the_fix
     builder = Builder(
         staging_clients, repo_url=app_remote.url, service_account="funnelcake-kaniko", limit=LONG
     )
-    async with asyncio.timeout(30):  # far below the build timeout: the cause is reported, not waited out
+    async with asyncio.timeout(10):  # far below the build timeout: the cause is reported, not waited out
         with pytest.raises(PermanentError) as err:
             await builder.build(staging, "funnelcake-api", sha, sha[:7], _progress)
     message = str(err.value)
@@ -83,7 +83,7 @@ async def test_build_no_node_can_take_is_reported_with_the_schedulers_reason(
         sim_cluster.store.update("nodes", "", node["metadata"]["name"], arm)
     sha = app_remote.commits["head"]
     builder = Builder(staging_clients, repo_url=app_remote.url, limit=LONG)
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(10):  # a bound on the wait: the scheduler names the cause, not the timeout
         with pytest.raises(PermanentError) as err:
             await builder.build(staging, MIGRATE_IMAGE, sha, sha[:7], _progress)
     message = str(err.value)

@@ -19,6 +19,9 @@ PULL_FAILURE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidIm
 FAIL_FAST_REASONS = PULL_FAILURE_REASONS | {"CrashLoopBackOff"}
 FAILING_REASONS = FAIL_FAST_REASONS | {"CreateContainerConfigError", "RunContainerError"}
 _LOG_LINES = 20
+# how long a pod may stay unschedulable before a watch reports it: the scheduler places it by itself as
+# soon as a node frees up or joins, which on a healthy cluster takes seconds, not the Job or rollout timeout
+UNSCHEDULABLE_GRACE = 4.0
 
 
 class ImageStatusLike(Protocol):
@@ -137,6 +140,34 @@ def failing_reason(pod: JSON) -> tuple[str, JSON] | None:
     return None
 
 
+def unschedulable(pod: JSON) -> str | None:
+    """The scheduler's reason when it could not place the pod (PodScheduled False), else None."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return str(cond.get("message") or cond.get("reason") or "Unschedulable")
+    return None
+
+
+def scheduling_hint(message: str, pod: JSON) -> str:
+    """What to do about the scheduler's FailedScheduling message."""
+    spec = pod.get("spec") or {}
+    if "node affinity/selector" in message:
+        return (
+            f"No node matches the pod's nodeSelector {spec.get('nodeSelector') or {}}: add a node pool "
+            "with those labels (GKE: gcloud container node-pools create …) or fix the selector."
+        )
+    if "Insufficient" in message:
+        return (
+            "The pod requests more than any node has free: lower its resources.requests, or add "
+            "bigger nodes / enable the cluster autoscaler on the pool."
+        )
+    if "untolerated taint" in message:
+        return (
+            "The nodes are tainted: add the matching toleration or remove the taint (kubectl taint nodes …)."
+        )
+    return "Look at the pod's events (kubectl describe pod) and fix what the scheduler names."
+
+
 def _event_time(ev: JSON) -> str:
     return str(
         ev.get("lastTimestamp")
@@ -210,7 +241,7 @@ class Diagnoser:
             if reason in PULL_FAILURE_REASONS:
                 return await self._pull(client, ns, name, reason=reason, cs=cs, pod=pod)
             if reason == "CrashLoopBackOff":
-                return await self._crash(client, ns, name, cs)
+                return await self._crash(client, ns, name, cs, pod)
             waiting = (cs.get("state") or {}).get("waiting") or {}
             return Diagnosis(
                 cause=f"container {cs.get('name')} cannot start ({reason})",
@@ -352,8 +383,13 @@ class Diagnoser:
             pod=name,
         )
 
-    async def _crash(self, client: ClusterClient, ns: str, name: str, cs: JSON) -> Diagnosis:
+    async def _crash(self, client: ClusterClient, ns: str, name: str, cs: JSON, pod: JSON) -> Diagnosis:
         container = str(cs.get("name") or "")
+        init = any(
+            c.get("name") == container for c in (pod.get("spec") or {}).get("initContainers") or []
+        ) or any(
+            c.get("name") == container for c in (pod.get("status") or {}).get("initContainerStatuses") or []
+        )
         terminated = (cs.get("lastState") or {}).get("terminated") or {}
         exit_code = terminated.get("exitCode")
         log_text = await _last_log(client, ns, name, container)
@@ -374,6 +410,22 @@ class Diagnoser:
                 kind=Cause.EXEC_FORMAT,
                 pod=name,
             )
+        if init:
+            details["init container"] = "yes"
+            return Diagnosis(
+                cause=(
+                    f"init container {container} keeps failing (exit code {details['exit code']}, "
+                    f"{details['restarts']} restarts), so the pod's containers never start (Init:CrashLoopBackOff)"
+                ),
+                evidence=last,
+                fix=(
+                    f"Read its log above (kubectl logs {name} -c {container} --previous) and fix what it "
+                    "checks or fetches, or roll back to the previous tag."
+                ),
+                details=details,
+                kind=Cause.CRASH_LOOP,
+                pod=name,
+            )
         return Diagnosis(
             cause=f"{container} keeps crashing (exit code {details['exit code']}, {details['restarts']} restarts)",
             evidence=last,
@@ -390,17 +442,18 @@ class Diagnoser:
                 return Diagnosis(
                     cause="the pod cannot be scheduled",
                     evidence=msg,
-                    fix="Free or add capacity (node pool size, requests) or fix the node selector/tolerations.",
+                    fix=scheduling_hint(msg, pod),
                     details={"reason": str(cond.get("reason") or "")},
                     kind=Cause.PENDING,
                     pod=name,
                 )
         for ev in reversed(await pod_events(client, ns, name)):
             if ev.get("reason") == "FailedScheduling":
+                msg = str(ev.get("message") or "")
                 return Diagnosis(
                     cause="the pod cannot be scheduled",
-                    evidence=str(ev.get("message") or ""),
-                    fix="Free or add capacity (node pool size, requests) or fix the node selector/tolerations.",
+                    evidence=msg,
+                    fix=scheduling_hint(msg, pod),
                     kind=Cause.PENDING,
                     pod=name,
                 )

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bot.adapters.diagnosis import UNSCHEDULABLE_GRACE, scheduling_hint, unschedulable
 from bot.adapters.kube import JSON, ClusterClient, KubeConflict, KubeNotFound
 from bot.errors import BotError, PermanentError
 from bot.logs import redact
@@ -81,7 +82,7 @@ async def run_job(
     limit: float,
     on_update: Callable[[JSON], Awaitable[None]] | None = None,
     max_pods: int = 1,
-    stuck_grace: float = 5.0,
+    stuck_grace: float = UNSCHEDULABLE_GRACE,
 ) -> JobRun:
     """Create `job` (replacing a finished one of the same name), watch it to Complete/Failed, read the logs
     of its last `max_pods` pods (a retried pod can hide the first failure).
@@ -155,36 +156,19 @@ async def run_job(
     return JobRun(final, pod, log)
 
 
-def _unschedulable(pod: JSON) -> str | None:
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return str(cond.get("message") or cond.get("reason") or "Unschedulable")
-    return None
+def _failed_init(pod: JSON) -> tuple[str, JSON, bool] | None:
+    """(init container, its failed run, whether that run is the previous one) when one failed.
 
-
-def _failed_init(pod: JSON) -> tuple[str, JSON] | None:
+    Under restartPolicy OnFailure the kubelet runs a failed init container again after a back-off
+    (Init:CrashLoopBackOff): the failure is then its lastState, and its log the `previous` one.
+    """
     for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
         state = cs.get("state") or {}
         last = (cs.get("lastState") or {}).get("terminated") or {}
         term = state.get("terminated") or last
         if term and term.get("exitCode") not in (None, 0):
-            return str(cs.get("name")), dict(term)
+            return str(cs.get("name")), dict(term), "terminated" not in state
     return None
-
-
-def scheduling_hint(message: str, pod: JSON) -> str:
-    spec = pod.get("spec") or {}
-    if "node affinity/selector" in message:
-        return (
-            f"No node matches the pod's nodeSelector {spec.get('nodeSelector') or {}}: add a node pool "
-            "with those labels (GKE: gcloud container node-pools create …) or fix the selector."
-        )
-    if "Insufficient" in message:
-        return (
-            "The pod requests more than any node has free: lower its resources.requests, or add "
-            "bigger nodes / enable the cluster autoscaler on the pool."
-        )
-    return "Look at the pod's events (kubectl describe pod) and fix what the scheduler names."
 
 
 def create_hint(message: str) -> str:
@@ -262,7 +246,7 @@ async def _check_stuck(
                 )
     for pod in await _job_pods(client, ns, name, uid):
         pod_name = str(pod["metadata"]["name"])
-        why = _unschedulable(pod)
+        why = unschedulable(pod)
         if why is not None:
             since = pending_since.setdefault(pod_name, loop.time())
             if loop.time() - since >= grace:
@@ -272,17 +256,23 @@ async def _check_stuck(
                 )
         failed = _failed_init(pod)
         if failed is not None:
-            container, term = failed
-            try:
-                text = await client.text(
-                    f"log of {pod_name}",
-                    client.core.read_namespaced_pod_log,
-                    pod_name,
-                    ns,
-                    container=container,
-                )
-            except BotError:
-                text = ""
+            container, term, previous = failed
+            text = ""
+            # the failed run's log; a restarted one's is `previous`, unless the kubelet rotated it not yet
+            for prev in (True, False) if previous else (False,):
+                try:
+                    text = await client.text(
+                        f"log of {pod_name}",
+                        client.core.read_namespaced_pod_log,
+                        pod_name,
+                        ns,
+                        container=container,
+                        previous=prev,
+                    )
+                except BotError:
+                    continue
+                if text.strip():
+                    break
             tail = "\n".join(redact(text).rstrip().splitlines()[-5:]) or str(term.get("message") or "")
             raise JobStuck(
                 f"the {what} Job {name}'s init container {container} failed "

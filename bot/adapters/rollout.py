@@ -9,7 +9,14 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from bot.adapters.diagnosis import FAIL_FAST_REASONS, Diagnoser, Diagnosis, failing_reason
+from bot.adapters.diagnosis import (
+    FAIL_FAST_REASONS,
+    UNSCHEDULABLE_GRACE,
+    Diagnoser,
+    Diagnosis,
+    failing_reason,
+    unschedulable,
+)
 from bot.adapters.kube import JSON, ClusterClient
 from bot.errors import PermanentError
 
@@ -149,11 +156,15 @@ async def watch_rollout(
     give_up_after: float,
     progress: ProgressCallback | None = None,
     fail_fast: bool = True,
+    unschedulable_grace: float = UNSCHEDULABLE_GRACE,
 ) -> RolloutResult:
     """Wait until Deployment `name` is rolled out; raise RolloutFailed with a diagnosis as soon as it cannot be.
 
     The first ErrImagePull / ImagePullBackOff / InvalidImageName / CrashLoopBackOff on a pod of the NEW template
     ends the wait (`fail_fast`): Argo CD keeps such an app Progressing for the whole progress deadline.
+    So does a new pod the scheduler has left Pending (FailedScheduling) for `unschedulable_grace` seconds:
+    the scheduler places it by itself if a node frees up or joins in that time, otherwise it would sit
+    there until the progress deadline.
     `give_up_after` is the configurable overall limit; it lives here rather than in the engine because, when
     it expires, the pods that are not Ready are still diagnosed for the report.
     """
@@ -181,12 +192,29 @@ async def watch_rollout(
     ]
     pods: dict[str, JSON] = {}
     last_progress: tuple[int, int] | None = None
+    # new pods the scheduler could not place, and since when (the loop's clock)
+    unplaced: dict[str, float] = {}
     status = rollout_status(deployment)
     try:
         async with asyncio.timeout(give_up_after):
             while True:
+                if fail_fast and unplaced:
+                    stuck = min(unplaced, key=unplaced.__getitem__)
+                    wait: float | None = max(unplaced[stuck] + unschedulable_grace - loop.time(), 0.0)
+                else:
+                    stuck, wait = "", None
                 get = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait([get, *tasks], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    get.cancel()
+                    # still Pending after the grace: nothing will place it before the progress deadline
+                    pod = pods[stuck]
+                    raise RolloutFailed(
+                        f"rollout of {name} in {client.context} failed: pod {stuck} cannot be scheduled: "
+                        f"{unschedulable(pod)}",
+                        deployment=name,
+                        diagnosis=await diagnoser.diagnose(client, pod),
+                    )
                 if get not in done:
                     get.cancel()
                     for t in done:
@@ -199,8 +227,14 @@ async def watch_rollout(
                 elif kind == "DELETED" or being_deleted(obj):
                     # a Terminating pod still reports Ready for its grace period: it counts for nothing
                     pods.pop(str(obj["metadata"]["name"]), None)
+                    unplaced.pop(str(obj["metadata"]["name"]), None)
                 else:
-                    pods[str(obj["metadata"]["name"])] = obj
+                    pod_name = str(obj["metadata"]["name"])
+                    pods[pod_name] = obj
+                    if unschedulable(obj) is not None and is_new_pod(obj, deployment):
+                        unplaced.setdefault(pod_name, loop.time())
+                    else:
+                        unplaced.pop(pod_name, None)  # placed (a node joined or freed up), or an old pod
                     reason = failing_reason(obj)
                     if (
                         fail_fast

@@ -741,8 +741,10 @@ class FakeKubeAPI:
             gone = self.store.delete(
                 info.plural, namespace, name, propagation_policy=policy, grace_period=grace
             )
-        # Pods and custom resources answer with the deleted object, the other built-ins with a Status.
-        if info.custom or info.plural == "pods":
+        # Pods and custom resources answer with the deleted object, the other built-ins with a Status;
+        # an object whose deletion waits on finalizers (foreground) answers with the object as it now is.
+        pending = not _dry_run(request) and self.store.get(info.plural, namespace, name) is not None
+        if info.custom or info.plural == "pods" or pending:
             return _json_response(gone)
         return _json_response(
             {

@@ -6,6 +6,12 @@ a newer `status.reconciledAt`. Sync status is a diff of everything the render se
 Deployment (a hand-made replicas or env change is OutOfSync); an `operation` becomes `operationState`
 Running, the whole rendered Deployment is applied (reverting such changes), then ONE write sets the final phase, finishedAt, syncResult.revision and
 removes `operation` — which is also why an `operation` patched while one is Running is silently lost.
+
+The diff is Argo CD's client-side three-way diff, as `kubectl apply` does it: a field set by hand that
+the render does not have (an extra env var, a label) is neither drift nor removed by a sync
+(argoproj/argo-cd#19548, #4661: "expected behaviour"); a field the last applied manifest had (the
+`kubectl.kubernetes.io/last-applied-configuration` annotation a sync writes) and the render no longer
+has is drift, and a sync deletes it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -32,6 +39,7 @@ log = logging.getLogger("testbed.kube.argocd")
 
 REFRESH = "argocd.argoproj.io/refresh"
 TRACKING_LABEL = "app.kubernetes.io/instance"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 class CommandError(Exception):
@@ -181,6 +189,60 @@ def drift(desired: Any, live: Any, path: str = "") -> list[str]:
             d for i, (w, h) in enumerate(zip(desired, live, strict=True)) for d in drift(w, h, f"{path}[{i}]")
         ]
     return [] if desired == live or str(desired) == str(live) else [path]
+
+
+def removed(last: Any, desired: Any, live: Any, path: str = "") -> tuple[list[str], Any]:
+    """The three-way part of the diff: fields the last applied manifest set, the render no longer sets,
+    and the live object still has; with `live` without them (what `kubectl apply` makes of it)."""
+    if isinstance(last, dict) and isinstance(live, dict):
+        want = desired if isinstance(desired, dict) else {}
+        paths: list[str] = []
+        out = dict(live)
+        for key, was in last.items():
+            if key not in live:
+                continue
+            if key not in want:
+                paths.append(f"{path}.{key}")
+                del out[key]
+            else:
+                sub, out[key] = removed(was, want[key], live[key], f"{path}.{key}")
+                paths += sub
+        return paths, out
+    if isinstance(last, list) and isinstance(live, list):
+        last_by, have_by = _keyed(last), _keyed(live)
+        if last_by is None or have_by is None:
+            return [], live  # a plain list is replaced whole by the apply: the two-way diff covers it
+        want_by = (_keyed(desired) if isinstance(desired, list) else None) or {}
+        paths, gone, kept = [], set(), {}
+        for k, was in last_by.items():
+            if k not in have_by:
+                continue
+            if k not in want_by:
+                paths.append(f"{path}[{k}]")
+                gone.add(k)
+            else:
+                sub, kept[k] = removed(was, want_by[k], have_by[k], f"{path}[{k}]")
+                paths += sub
+        return paths, [kept.get(str(i["name"]), i) for i in live if str(i["name"]) not in gone]
+    return [], live
+
+
+def last_applied(live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest the last sync applied, from the live object's annotation."""
+    text = (((live or {}).get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+    if not text:
+        return None
+    with contextlib.suppress(ValueError):
+        value = json.loads(text)
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def out_of_sync(desired: dict[str, Any], live: dict[str, Any]) -> list[str]:
+    """Every difference Argo CD's diff shows: rendered fields changed or missing, and fields the last
+    sync applied that the render dropped; never fields only someone else ever set."""
+    gone, _ = removed(last_applied(live), desired, live)
+    return drift(desired, live) + gone
 
 
 def merge_desired(live: Any, desired: Any) -> Any:
@@ -349,7 +411,7 @@ class ArgoCD:
         self._targets.setdefault(target, set()).add(key)
         live = await self.store.get("deployments", *target)
         desired = self._desired(app, rendered)
-        sync_status = "Synced" if live is not None and not drift(desired, live) else "OutOfSync"
+        sync_status = "Synced" if live is not None and not out_of_sync(desired, live) else "OutOfSync"
         health, message = deployment_health(live)
         source = (app.get("spec") or {}).get("source") or {}
         destination = (app.get("spec") or {}).get("destination") or {}
@@ -482,14 +544,21 @@ class ArgoCD:
         rendered labels/annotations), which reverts a hand-made change to any of them."""
         ns, name = self._target_key(app, rendered)
         desired = self._desired(app, rendered)
+        # what client-side apply records: the manifest as sent, before the server's defaults
+        applied = json.dumps(desired, separators=(",", ":"), sort_keys=True)
         admission.default("deployments", desired)
         live = await self.store.get("deployments", ns, name)
         if live is None:
+            desired["metadata"].setdefault("annotations", {})[LAST_APPLIED] = applied
             await self.store.create("deployments", desired)
             verb = "created"
         else:
 
             def put_back(obj: dict[str, Any]) -> None:
+                # the three-way merge: what the last apply set and the render dropped goes first
+                _, pruned = removed(last_applied(obj), json.loads(applied), obj)
+                obj.clear()
+                obj.update(pruned)
                 obj["spec"] = merge_desired(obj.get("spec") or {}, desired.get("spec") or {})
                 for field in ("labels", "annotations"):
                     if desired["metadata"].get(field):
@@ -497,6 +566,7 @@ class ArgoCD:
                             **(obj["metadata"].get(field) or {}),
                             **desired["metadata"][field],
                         }
+                obj["metadata"].setdefault("annotations", {})[LAST_APPLIED] = applied
 
             before = live["metadata"].get("generation")
             after = await self.store.update("deployments", ns, name, put_back)

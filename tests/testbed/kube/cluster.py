@@ -25,11 +25,18 @@ import pytest
 from tests.testbed.gitrepos import DEFAULT_DEPLOYED, ENVS, AppRemote, GitOpsRemote, seed_gitops_repo
 from tests.testbed.kube.apiserver import FakeKubeAPI, TokenCheck
 from tests.testbed.kube.argocd import REFRESH, ArgoCD, CommandError
-from tests.testbed.kube.controller import DeploymentController, StoreView, Supervisor, Timings, rand_suffix
+from tests.testbed.kube.controller import (
+    DeploymentController,
+    KeyedWorker,
+    StoreView,
+    Supervisor,
+    Timings,
+    rand_suffix,
+)
 from tests.testbed.kube.jobs import MIGRATE_IMAGE, ClickHouseState, JobController
 from tests.testbed.kube.kubeconfig import CONTEXTS, PLUGIN, plugin_env, write_kubeconfig
 from tests.testbed.kube.kubelet import EventRecorder, Kubelet, parse_image
-from tests.testbed.kube.scheduler import node_object
+from tests.testbed.kube.scheduler import node_object, schedule_pending
 from tests.testbed.kube.store import Store
 from tests.testbed.registry import Registries
 
@@ -45,6 +52,9 @@ __all__ = [
     "sim_gitops",
     "sim_timings",
 ]
+
+# the scheduler's two passes: pods never tried, and every Pending pod again after a cluster change
+_NEW, _RETRY = ("", "new pods"), ("", "retry")
 
 log = logging.getLogger("testbed.kube.cluster")
 
@@ -111,6 +121,8 @@ class ClusterController:
             work_dir=work_dir,
         )
         self.argocd = ArgoCD(self.store, self.sup, self.timings, gitops_url=gitops_url, work_dir=work_dir)
+        # kube-scheduler's retry of Pending pods; one key, so a burst of cluster events is one pass
+        self.scheduler = KeyedWorker(self.sup, "scheduler", self._schedule)
         self._queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] | None = None
         self._main: asyncio.Task[None] | None = None
 
@@ -151,6 +163,9 @@ class ClusterController:
             except Exception:
                 log.exception("routing %s %s failed", event_type, resource)
 
+    async def _schedule(self, key: tuple[str, str]) -> None:
+        await schedule_pending(self.store, self.events, self.nodes, retry=key == _RETRY)
+
     def _route(self, event_type: str, resource: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         key = (str(meta.get("namespace", "default")), str(meta.get("name", "")))
@@ -159,10 +174,20 @@ class ClusterController:
                 self.kubelet.collect_orphans(obj, self.sup)
             self.deployments.worker.schedule(key)
             self.argocd.deployment_changed(key)
+        elif resource == "nodes":
+            self.scheduler.schedule(_RETRY)  # a node added or relabelled may take a Pending pod
         elif resource == "pods":
             if event_type == "DELETED":
                 self.kubelet.forget(obj)
+                if (obj.get("spec") or {}).get("nodeName"):
+                    self.scheduler.schedule(_RETRY)  # its node has room again
             else:
+                if not (obj.get("spec") or {}).get("nodeName") and not (obj.get("status") or {}).get(
+                    "conditions"
+                ):
+                    self.scheduler.schedule(_NEW)  # a pod created without a controller here
+                elif (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    self.scheduler.schedule(_RETRY)  # its requests no longer count on its node
                 self.kubelet.observe(obj)
             owner = self.deployments.owner_of(obj)
             if owner is not None:

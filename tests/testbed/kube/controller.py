@@ -325,6 +325,8 @@ class DeploymentController:
         if dep is None:
             self._last_progress.pop(key, None)
             return
+        if dep["metadata"].get("deletionTimestamp"):
+            return  # being deleted (foreground): no new ReplicaSet or pod for it
         spec = dep.get("spec") or {}
         template = spec.get("template") or {}
         replicas = int(spec.get("replicas", 1))

@@ -11,7 +11,8 @@ container's COMMIT, reads the Dockerfile and its stages at that commit, and push
 Identity grants the builder push rights there and nowhere else. Its log reads like kaniko's.
 
 Simplifications: one pod at a time (parallelism 1, completions 1 by default); restartPolicy OnFailure is
-run like Never (the Job controller replaces the pod); ttlSecondsAfterFinished is ignored, so a finished
+run like Never for the main container (the Job controller replaces the pod; a failed init container is
+restarted in place by the kubelet, Init:CrashLoopBackOff, as on GKE); ttlSecondsAfterFinished is ignored, so a finished
 Job stays until deleted (the bot deletes it before creating the next one with the same name). The
 kubelet runs the `clone` init container first (git clone + checkout of COMMIT): when it fails the pod is
 Init:Error, kaniko never starts, and only `kubectl logs -c clone` shows git's message.
@@ -523,6 +524,8 @@ class JobController:
         if job is None:
             self._retry_at.pop(key, None)
             return
+        if job["metadata"].get("deletionTimestamp"):
+            return  # being deleted (foreground): the controller starts nothing new for it
         status = job.get("status") or {}
         if any(
             c.get("type") in ("Complete", "Failed") and c.get("status") == "True"

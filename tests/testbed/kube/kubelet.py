@@ -292,6 +292,7 @@ class Kubelet:
         spec = pod.get("spec") or {}
         node = spec.get("nodeName") or "gke-node"
         restart_always = spec.get("restartPolicy", "Always") == "Always"
+        restart_init = spec.get("restartPolicy", "Always") != "Never"
         ctrs = [_Container(c["name"], c.get("image", "")) for c in spec.get("containers") or []]
         inits = [_Container(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []]
         if inits:
@@ -303,7 +304,9 @@ class Kubelet:
         started_at = now_rfc3339()
 
         async def write() -> None:
-            await self._write_status(ns, name, ctrs, restart_always, pod_ip, started_at, inits)
+            await self._write_status(
+                ns, name, ctrs, restart_always, pod_ip, started_at, inits, restart_init=restart_init
+            )
 
         try:
             await self.events.record(
@@ -363,44 +366,87 @@ class Kubelet:
         node: str,
         write: Callable[[], Awaitable[None]],
     ) -> bool:
-        """Init containers one after the other, each to its end; False when one failed (Init:Error)."""
+        """Init containers one after the other, each to its end; False when one failed for good.
+
+        With restartPolicy Never a failed init container fails the pod (Init:Error). With Always or
+        OnFailure the kubelet runs it again after its crash back-off (10s doubling to a 5m0s cap, this
+        bed's timings scaled to it), the pod Pending in Init:CrashLoopBackOff meanwhile, until it succeeds.
+        """
         ns, name = pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
+        restarts = spec.get("restartPolicy", "Always") != "Never"
+        uid = pod["metadata"].get("uid", "")
         for spec_c, c in zip(spec.get("initContainers") or [], inits, strict=True):
             field = f"spec.initContainers{{{c.name}}}"
-            for reason, message in (
-                ("Pulled", f'Container image "{c.image}" already present on machine'),
-                ("Created", f"Created container {c.name}"),
-                ("Started", f"Started container {c.name}"),
-            ):
-                await self.events.record(
-                    pod, reason, message, component="kubelet", warning=False, field_path=field, host=node
-                )
-            c.container_id = f"containerd://{secrets.token_hex(32)}"
-            started = now_rfc3339()
-            c.state = {"running": {"startedAt": started}}
-            c.started = True
-            await write()
-            await asyncio.sleep(self.timings.container_start)
-            code, text = 0, ""
-            for matches, program in self.init_programs:
-                if matches(spec_c):
-                    code, text = await program(pod, spec_c, {})
-                    break
-            await self.store.set_log(ns, name, c.name, text)
-            c.state = {
-                "terminated": {
+            backoff = self.timings.crash_backoff
+            await self.events.record(
+                pod,
+                "Pulled",
+                f'Container image "{c.image}" already present on machine',
+                component="kubelet",
+                warning=False,
+                field_path=field,
+                host=node,
+            )
+            while True:
+                for reason, message in (
+                    ("Created", f"Created container {c.name}"),
+                    ("Started", f"Started container {c.name}"),
+                ):
+                    await self.events.record(
+                        pod, reason, message, component="kubelet", warning=False, field_path=field, host=node
+                    )
+                c.container_id = f"containerd://{secrets.token_hex(32)}"
+                started = now_rfc3339()
+                c.state = {"running": {"startedAt": started}}
+                c.started = True
+                await write()
+                await asyncio.sleep(self.timings.container_start)
+                code, text = 0, ""
+                for matches, program in self.init_programs:
+                    if matches(spec_c):
+                        code, text = await program(pod, spec_c, {})
+                        break
+                await self.store.set_log(ns, name, c.name, text)
+                terminated = {
                     "exitCode": code,
                     "reason": "Completed" if code == 0 else "Error",
                     "startedAt": started,
                     "finishedAt": now_rfc3339(),
                     "containerID": c.container_id,
                 }
-            }
-            c.started = False
-            c.ready = code == 0
-            await write()
-            if code != 0:
-                return False
+                c.state = {"terminated": terminated}
+                c.started = False
+                c.ready = code == 0
+                await write()
+                if code == 0:
+                    break
+                if not restarts:
+                    return False
+                # the kubelet restarts it after its back-off; meanwhile it waits in CrashLoopBackOff
+                await asyncio.sleep(self.timings.crash_after)
+                secs = min(round(backoff / self.timings.crash_backoff * 10), 300)
+                c.last_state = {"terminated": terminated}
+                c.restart_count += 1
+                c.state = {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": f"back-off {go_duration(secs)} restarting failed container={c.name} "
+                        f"pod={name}_{ns}({uid})",
+                    }
+                }
+                await self.events.record(
+                    pod,
+                    "BackOff",
+                    f"Back-off restarting failed container {c.name} in pod {name}_{ns}({uid})",
+                    component="kubelet",
+                    warning=True,
+                    field_path=field,
+                    host=node,
+                )
+                await write()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.timings.crash_backoff_max)
+                await self.store.rotate_log(ns, name, c.name)
         return True
 
     async def _serve(
@@ -836,12 +882,15 @@ class Kubelet:
         pod_ip: str,
         started_at: str,
         inits: list[_Container] | None = None,
+        *,
+        restart_init: bool = False,
     ) -> None:
+        """`restart_init`: a failed init container is run again (restartPolicy Always or OnFailure)."""
         inits = inits or []
         terminated = [c.state["terminated"] for c in ctrs if "terminated" in c.state]
         init_failed = any(c.state.get("terminated", {}).get("exitCode") not in (None, 0) for c in inits)
         initialized = all(c.state.get("terminated", {}).get("exitCode") == 0 for c in inits)
-        if init_failed and not restart_always:
+        if init_failed and not restart_init:
             phase = "Failed"
         elif not initialized:
             phase = "Pending"

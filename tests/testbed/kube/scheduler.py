@@ -2,15 +2,18 @@
 
 `place` follows kube-scheduler's filters the workloads here can trip (nodeSelector, CPU/memory requests
 against allocatable) and its FailedScheduling text; `admit` is the ServiceAccount admission plugin's
-check, whose refusal the Job controller reports as a FailedCreate event on the Job.
+check, whose refusal the Job controller reports as a FailedCreate event on the Job. `schedule_pending` is
+the scheduler's retry: a pod left Pending is tried again when the cluster changes in a way that may let
+it fit (a node added or relabelled, a pod gone), and bound to a node as soon as one fits.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["admit", "node_object", "place"]
+__all__ = ["admit", "node_object", "place", "schedule_pending"]
 
 Obj = dict[str, Any]
 
@@ -189,3 +192,98 @@ async def create_scheduled(store: Any, events: Any, pod: Obj, node_names: list[s
     created = dict(await store.create("pods", pod))
     await events.record(created, "FailedScheduling", why, component="default-scheduler", warning=True)
     return created
+
+
+def _unscheduled(pod: Obj) -> bool:
+    meta = pod.get("metadata") or {}
+    return (
+        not (pod.get("spec") or {}).get("nodeName")
+        and not meta.get("deletionTimestamp")
+        and (pod.get("status") or {}).get("phase", "Pending") == "Pending"
+    )
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tried(pod: Obj) -> bool:
+    return any(c.get("type") == "PodScheduled" for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+async def schedule_pending(store: Any, events: Any, node_names: list[str], *, retry: bool = True) -> int:
+    """Schedule the pods no node has yet, as kube-scheduler does; the number bound.
+
+    With `retry` False only pods never tried (a pod created straight through the API, not by a
+    controller here) are taken; with it True every Pending pod is tried again, which is what the real
+    scheduler does on a cluster event that may let one fit (a node added or relabelled, a pod gone).
+    A pod that fits is bound (spec.nodeName set, PodScheduled True) and its node's kubelet starts it;
+    one that does not keeps PodScheduled False with the scheduler's message (updated when the reason
+    changed) and gets another FailedScheduling, which the event recorder counts like the real one.
+    """
+    nodes = await store.list("nodes") or [node_object(n) for n in node_names]
+    pods = await store.list("pods")
+    running = [
+        p
+        for p in pods
+        if (p.get("spec") or {}).get("nodeName")
+        and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    ]
+    bound = 0
+    for pod in sorted(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or "")):
+        if not _unscheduled(pod) or (not retry and _tried(pod)):
+            continue
+        meta = pod["metadata"]
+        ns, name = meta.get("namespace", "default"), meta["name"]
+        node, why = place(pod.get("spec") or {}, nodes, running, pick=len(name))
+        if node is None:
+            conds = (pod.get("status") or {}).get("conditions") or []
+            if not any(c.get("type") == "PodScheduled" and c.get("message") == why for c in conds):
+
+                def unschedulable(obj: Obj, why: str = why) -> None:
+                    status = obj.setdefault("status", {})
+                    status.setdefault("phase", "Pending")
+                    status.setdefault("qosClass", "BestEffort")
+                    status["conditions"] = [
+                        c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"
+                    ] + [
+                        {
+                            "type": "PodScheduled",
+                            "status": "False",
+                            "reason": "Unschedulable",
+                            "message": why,
+                            "lastProbeTime": None,
+                            "lastTransitionTime": _stamp(),
+                        }
+                    ]
+
+                if await store.update("pods", ns, name, unschedulable, subresource="status") is None:
+                    continue
+            await events.record(pod, "FailedScheduling", why, component="default-scheduler", warning=True)
+            continue
+
+        def scheduled(obj: Obj) -> None:
+            status = obj.setdefault("status", {})
+            status.setdefault("phase", "Pending")
+            status["conditions"] = [
+                c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"
+            ] + [
+                {
+                    "type": "PodScheduled",
+                    "status": "True",
+                    "lastProbeTime": None,
+                    "lastTransitionTime": _stamp(),
+                }
+            ]
+
+        def bind(obj: Obj, node: str = node) -> None:
+            obj["spec"]["nodeName"] = node
+
+        # what the binding subresource does: the condition first, so the kubelet sees a scheduled pod
+        if await store.update("pods", ns, name, scheduled, subresource="status") is None:
+            continue
+        placed = await store.update("pods", ns, name, bind)
+        if placed is not None:
+            running.append(placed)
+            bound += 1
+    return bound

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import itertools
 import json
 import re
@@ -78,6 +79,7 @@ RESOURCES: dict[str, ResourceInfo] = {
 # The real API server orphans a Job's pods when a client deletes it without a propagationPolicy
 # (batch/v1 kept that legacy default); everything else defaults to background deletion.
 _DEFAULT_PROPAGATION = {"jobs": "Orphan"}
+FOREGROUND = "foregroundDeletion"
 
 
 class StoreError(Exception):
@@ -782,12 +784,12 @@ class Store:
                 delay = min(float(grace), self.termination_seconds)
                 asyncio.get_running_loop().call_later(delay, self._finish_termination, namespace, name, uid)
                 return out
-        del self._objects[resource][namespace][name]
-        self._rv += 1
-        gone = _copy(obj)
-        gone["metadata"]["resourceVersion"] = str(self._rv)
-        self._emit("DELETED", resource, gone, None)
         policy = propagation_policy or _DEFAULT_PROPAGATION.get(resource, "Background")
+        if FOREGROUND in (obj["metadata"].get("finalizers") or []):
+            return _copy(obj)  # a foreground deletion is under way: it ends when the dependents are gone
+        if policy == "Foreground":
+            return self._delete_foreground(resource, namespace, name)
+        gone = self._remove(resource, namespace, name)
         if policy == "Orphan":
             self._orphan_dependents(namespace, obj["metadata"]["uid"])
         else:
@@ -797,7 +799,91 @@ class Store:
                 asyncio.get_running_loop().call_later(
                     self.gc_delay, self._collect_dependents, namespace, obj["metadata"]["uid"]
                 )
+        return gone
+
+    def _remove(self, resource: str, namespace: str, name: str) -> dict[str, Any]:
+        """The object leaves the store (DELETED); an owner waiting in foreground deletion may go next."""
+        obj = self._objects[resource][namespace].pop(name)
+        self._rv += 1
+        gone = _copy(obj)
+        gone["metadata"]["resourceVersion"] = str(self._rv)
+        self._emit("DELETED", resource, gone, None)
+        for ref in obj["metadata"].get("ownerReferences") or []:
+            self._finish_foreground(namespace, str(ref.get("uid") or ""))
         return _copy(gone)
+
+    def _dependents(self, namespace: str, owner_uid: str) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            (resource, dep)
+            for resource, by_ns in self._objects.items()
+            for dep in list(by_ns.get(namespace, {}).values())
+            if any(ref.get("uid") == owner_uid for ref in dep["metadata"].get("ownerReferences") or [])
+        ]
+
+    def _delete_foreground(self, resource: str, namespace: str, name: str) -> dict[str, Any]:
+        """propagationPolicy Foreground: the owner stays, with a deletionTimestamp and the foregroundDeletion
+        finalizer, while the garbage collector deletes its dependents; it goes when no dependent with
+        blockOwnerDeletion is left."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        def deleting(obj: dict[str, Any]) -> None:
+            obj["metadata"].setdefault("deletionTimestamp", stamp)
+            obj["metadata"]["deletionGracePeriodSeconds"] = 0
+            obj["metadata"]["finalizers"] = [*(obj["metadata"].get("finalizers") or []), FOREGROUND]
+
+        out = self.update(resource, namespace, name, deleting, system=True)
+        uid = out["metadata"]["uid"]
+        if self.gc_delay is None:
+            self._collect_foreground(namespace, uid)
+        else:
+            asyncio.get_running_loop().call_later(self.gc_delay, self._collect_foreground, namespace, uid)
+        return self.get(resource, namespace, name) or out
+
+    def _collect_foreground(self, namespace: str, owner_uid: str) -> None:
+        # like the real collector: a dependent with dependents of its own is deleted in the foreground too
+        for resource, dep in self._dependents(namespace, owner_uid):
+            own = self._dependents(namespace, dep["metadata"]["uid"])
+            with contextlib.suppress(StoreError):
+                self.delete(
+                    resource,
+                    namespace,
+                    dep["metadata"]["name"],
+                    propagation_policy="Foreground" if own else "Background",
+                )
+        self._finish_foreground(namespace, owner_uid)
+
+    def _finish_foreground(self, namespace: str, owner_uid: str) -> None:
+        for resource, by_ns in self._objects.items():
+            owner = next(
+                (o for o in by_ns.get(namespace, {}).values() if o["metadata"].get("uid") == owner_uid), None
+            )
+            if owner is None:
+                continue
+            if FOREGROUND not in (owner["metadata"].get("finalizers") or []):
+                return
+            blocking = [
+                dep
+                for _, dep in self._dependents(namespace, owner_uid)
+                if any(
+                    ref.get("uid") == owner_uid and ref.get("blockOwnerDeletion")
+                    for ref in dep["metadata"].get("ownerReferences") or []
+                )
+            ]
+            if blocking:
+                return
+            name = owner["metadata"]["name"]
+
+            def release(obj: dict[str, Any]) -> None:
+                kept = [f for f in obj["metadata"].get("finalizers") or [] if f != FOREGROUND]
+                if kept:
+                    obj["metadata"]["finalizers"] = kept
+                else:
+                    obj["metadata"].pop("finalizers", None)
+
+            after = self.update(resource, namespace, name, release, system=True)
+            if not after["metadata"].get("finalizers"):
+                self._remove(resource, namespace, name)
+            return
 
     def _orphan_dependents(self, namespace: str, owner_uid: str) -> None:
         """Orphan propagation: the garbage collector strips the gone owner's reference from its dependents."""
