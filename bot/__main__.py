@@ -80,7 +80,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         front = SlackFront(service, client, signing_secret=secret)
 
         def reporters(record: DeployRecord) -> Sequence[Reporter]:
-            return [*front.reporters_for(record), metrics.reporter(record.envs)]
+            return [*front.reporters_for(record), metrics.reporter(record.envs, record.kind.value)]
 
         service.reporters = reporters  # the front installed its Slack reporters alone; add the metrics
         socket: AsyncSocketModeHandler | None = None
