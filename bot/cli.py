@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from bot import commands
 from bot.drift import DriftReport
-from bot.errors import BotError, ConfigError
+from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
 from bot.models import Plan, plural
@@ -817,7 +817,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"error: not allowed: {e}", file=sys.stderr)
         print("hint: the README's authorization matrix says who may do what", file=sys.stderr)
         return EXIT_REFUSED
-    except ConfigError as e:
+    except (ConfigError, LedgerUnavailable) as e:  # a DATABASE_URL that cannot work, a ledger that is down
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as e:
