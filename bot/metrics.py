@@ -26,11 +26,13 @@ from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
+from bot.ledger.models import DeployKind
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 
 log = logging.getLogger(__name__)
 
 RESULTS: Final = ("succeeded", "failed", "errored", "cancelled")
+KINDS: Final = tuple(k.value for k in DeployKind)
 # The dry-run half of a deploy: finishing it is not finishing the deploy (approval or execution follow).
 PLAN_STEPS: Final = frozenset({"resolve", "preflight"})
 # From a sub-second registry HEAD to a 30-minute build or approval wait.
@@ -72,8 +74,8 @@ class Metrics:
         self.deploys = Counter(
             PREFIX + "deploys",
             "Deploys, rollbacks and migrations that finished, by environment and result "
-            "(succeeded, failed: a check said no, errored: a system stayed unreachable, cancelled).",
-            ["env", "result"],
+            "(succeeded, failed: a check said no, errored: a system stayed unreachable, cancelled), and kind.",
+            ["env", "result", "kind"],
             registry=self.registry,
         )
         self.step_duration = Histogram(
@@ -136,7 +138,8 @@ class Metrics:
                 continue
             self._envs.append(env)
             for result in RESULTS:
-                self.deploys.labels(env=env, result=result)
+                for kind in KINDS:
+                    self.deploys.labels(env=env, result=result, kind=kind)
             self.locks_held.labels(env=env).set(0)
             self.last_success.labels(env=env)
 
@@ -145,7 +148,7 @@ class Metrics:
 
     # ---- recording ---------------------------------------------------------------------------------------
 
-    def deploy_finished(self, run_id: str, envs: Sequence[str], result: str) -> bool:
+    def deploy_finished(self, run_id: str, envs: Sequence[str], result: str, kind: str = "deploy") -> bool:
         """Count a deploy's result once per env; False if this run was already counted."""
         if result not in RESULTS:
             raise ValueError(f"unknown deploy result {result!r}; expected one of {', '.join(RESULTS)}")
@@ -156,7 +159,7 @@ class Metrics:
             self._finished.popitem(last=False)
         self.known_envs(envs)
         for env in envs:
-            self.deploys.labels(env=env, result=result).inc()
+            self.deploys.labels(env=env, result=result, kind=_label(kind)).inc()
         return True
 
     def deploy_ended(self, envs: Sequence[str], kind: str, state: str, seconds: float, at: datetime) -> None:
@@ -270,7 +273,7 @@ class MetricsReporter:
                 m.deploy_ended(self.envs, kind, state, float(seconds), event.at)
         result = self._result(event)
         if result is not None:
-            m.deploy_finished(event.run_id, self.envs, result)
+            m.deploy_finished(event.run_id, self.envs, result, self.kind)
 
     def _result(self, event: StepEvent) -> str | None:
         if event.kind is EventKind.FAILED:

@@ -103,7 +103,10 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
             assert status == 200
             # every family is there before the first deploy, each env's series at zero
             for env_name in ("production", "staging", "poc"):
-                assert f'deploys_total{{env="{env_name}",result="succeeded"}} 0.0' in metrics
+                assert (
+                    f'funnelcake_bot_deploys_total{{env="{env_name}",kind="rollback",result="succeeded"}} 0.0'
+                    in metrics
+                )
                 assert f'locks_held{{env="{env_name}"}} 0.0' in metrics
             assert "# TYPE funnelcake_bot_step_duration_seconds histogram" in metrics
             assert "# TYPE funnelcake_bot_slack_api_errors_total counter" in metrics
@@ -112,7 +115,7 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
             assert all(name.startswith("funnelcake_bot_") for name in families), sorted(families)
             assert "_created" not in metrics
             labels = {
-                "funnelcake_bot_deploys": {"env", "result"},
+                "funnelcake_bot_deploys": {"env", "result", "kind"},
                 "funnelcake_bot_locks_held": {"env"},
                 "funnelcake_bot_last_successful_deploy_timestamp_seconds": {"env"},
             }

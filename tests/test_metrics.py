@@ -126,12 +126,14 @@ async def test_successful_deploy_counts_once_after_plan_and_execute(scraper: Scr
     # the service runs the plan and the execution as two pipelines, each with fresh reporters
     await run(m, "d1", ["staging"], [Ok("resolve"), Ok("preflight")])
     before = await scraper.samples()
-    assert value(before, "funnelcake_bot_deploys_total", env="staging", result="succeeded") == 0
+    assert (
+        value(before, "funnelcake_bot_deploys_total", env="staging", result="succeeded", kind="deploy") == 0
+    )
     await run(m, "d1", ["staging"], [Ok("images"), Ok("gitops"), Ok("verify")])
     after = await scraper.samples()
-    assert value(after, "funnelcake_bot_deploys_total", env="staging", result="succeeded") == 1
+    assert value(after, "funnelcake_bot_deploys_total", env="staging", result="succeeded", kind="deploy") == 1
     for env in ("production", "poc"):
-        assert value(after, "funnelcake_bot_deploys_total", env=env, result="succeeded") == 0
+        assert value(after, "funnelcake_bot_deploys_total", env=env, result="succeeded", kind="deploy") == 0
     for step in ("resolve", "preflight", "images", "gitops", "verify"):
         labels = {"step": step, "env": "staging", "kind": "deploy"}
         assert value(after, "funnelcake_bot_step_duration_seconds_count", **labels) == 1
@@ -140,7 +142,7 @@ async def test_successful_deploy_counts_once_after_plan_and_execute(scraper: Scr
     assert value(after, "funnelcake_bot_step_duration_seconds_bucket", **verify, le="0.25") == 1
 
 
-async def test_step_durations_carry_the_env_and_the_deploy_kind(scraper: Scraper) -> None:
+async def test_step_durations_and_results_carry_the_env_and_the_deploy_kind(scraper: Scraper) -> None:
     m = scraper.metrics
     await Pipeline("r1", [Ok("gitops")], [m.reporter(["production"], "rollback")]).run(None)
     s = await scraper.samples()
@@ -150,6 +152,11 @@ async def test_step_durations_carry_the_env_and_the_deploy_kind(scraper: Scraper
         "funnelcake_bot_step_duration_seconds_count",
         frozenset({**rollback, "kind": "deploy"}.items()),
     ) not in s
+    # the result is counted under the deploy's kind too
+    assert (
+        value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded", kind="rollback") == 1
+    )
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded", kind="deploy") == 0
 
 
 async def test_every_series_has_the_prefix_and_none_is_created(scraper: Scraper) -> None:
@@ -181,10 +188,10 @@ async def test_failed_and_errored_deploys_count_for_every_env(scraper: Scraper) 
     )
     await run(m, "d3", ["poc"], [Raises("sync", TransientError("argocd timed out"))])
     s = await scraper.samples()
-    assert value(s, "funnelcake_bot_deploys_total", env="staging", result="failed") == 1
-    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="failed") == 1
-    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="errored") == 1
-    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="succeeded") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="staging", result="failed", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="failed", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="errored", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="succeeded", kind="deploy") == 0
     # the failed step's time counts; the step after it never ran
     # a deploy to two envs: its step is observed for each
     for env in ("staging", "poc"):
@@ -208,8 +215,8 @@ async def test_cancelled_deploy_is_counted_once(scraper: Scraper) -> None:
     # a second terminal event for the same deploy (e.g. the service reporting the lock) must not count again
     await m.reporter(["production"]).emit(StepEvent("d4", "lock", EventKind.FAILED, "held"))
     s = await scraper.samples()
-    assert value(s, "funnelcake_bot_deploys_total", env="production", result="cancelled") == 1
-    assert value(s, "funnelcake_bot_deploys_total", env="production", result="failed") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="cancelled", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="failed", kind="deploy") == 0
 
 
 async def test_a_hand_over_is_not_a_cancelled_deploy(scraper: Scraper) -> None:
@@ -221,7 +228,7 @@ async def test_a_hand_over_is_not_a_cancelled_deploy(scraper: Scraper) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     s = await scraper.samples()
-    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="cancelled") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="cancelled", kind="deploy") == 0
 
 
 async def test_deploy_duration_and_last_success_come_from_the_final_summary(scraper: Scraper) -> None:
@@ -238,7 +245,7 @@ async def test_deploy_duration_and_last_success_come_from_the_final_summary(scra
     assert (
         value(s, "funnelcake_bot_last_successful_deploy_timestamp_seconds", env="poc") == 0
     )  # its deploy failed
-    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="failed") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="failed", kind="deploy") == 1
 
 
 async def test_approval_wait_is_measured_across_pipelines(scraper: Scraper) -> None:
@@ -250,7 +257,7 @@ async def test_approval_wait_is_measured_across_pipelines(scraper: Scraper) -> N
     s = await scraper.samples()
     approval = {"step": "approval", "env": "production", "kind": "deploy"}
     assert value(s, "funnelcake_bot_step_duration_seconds_sum", **approval) == pytest.approx(90)
-    assert value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded", kind="deploy") == 0
 
 
 async def test_locks_held_is_read_from_the_ledger_at_scrape_time(tmp_path: Path, scraper: Scraper) -> None:
@@ -314,11 +321,15 @@ def test_registry_is_dedicated() -> None:
     a, b = Metrics(envs=["poc"]), Metrics(envs=["poc"])
     a.deploy_finished("x", ["poc"], "succeeded")
     assert (
-        b.registry.get_sample_value("funnelcake_bot_deploys_total", {"env": "poc", "result": "succeeded"})
+        b.registry.get_sample_value(
+            "funnelcake_bot_deploys_total", {"env": "poc", "result": "succeeded", "kind": "deploy"}
+        )
         == 0
     )
     assert (
-        REGISTRY.get_sample_value("funnelcake_bot_deploys_total", {"env": "poc", "result": "succeeded"})
+        REGISTRY.get_sample_value(
+            "funnelcake_bot_deploys_total", {"env": "poc", "result": "succeeded", "kind": "deploy"}
+        )
         is None
     )
     with pytest.raises(ValueError, match="unknown deploy result"):
