@@ -59,9 +59,9 @@ second person (an approver who is not you) approves it in Slack or with `funnelc
 With --wait the CLI follows the deploy to its end; without it, it exits 0 awaiting approval.
 
 exit codes: 0 success (or awaiting approval without --wait), 1 the deploy/plan/operation failed,
-2 usage or configuration error, 3 not allowed (who may do what: see the README), 4 the deploy ended
-without running (denied or expired), 130 interrupted with Ctrl-C (a running deploy is cancelled and its
-locks released).
+2 usage or configuration error or the ledger unreachable, 3 not allowed (who may do what: see the
+README), 4 the deploy ended without running (denied or expired), 130 interrupted with Ctrl-C (a running
+deploy is cancelled and its locks released).
 """
 
 
