@@ -277,7 +277,8 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, in Cloud Logging's field names: time, severity, logger, message, the
-    labels (deploy_id, env, step) under `logging.googleapis.com/labels`, then extras and the exception."""
+    labels (deploy_id, env, step) under `logging.googleapis.com/labels`, then extras and the traceback
+    as `stack_trace`, where Error Reporting looks for it."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -295,7 +296,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            out["exc"] = record.exc_text
+            out["stack_trace"] = record.exc_text  # where Error Reporting looks first
         if record.stack_info:
             out["stack"] = record.stack_info
         # default=str: an extra that is not JSON (a Path, a dict of params) is still written, as text; the

@@ -930,7 +930,7 @@ async def _until_the_ledger_answers(write: Callable[[], Awaitable[T]]) -> T:
         try:
             return await write()
         except TransientError as e:
-            log.warning("ledger unreachable (%s); retrying in %.1f s", e.message, delay)
+            log.warning("%s; retrying in %.1f s", e.message, delay)  # says unreachable, busy or disk full
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

@@ -113,9 +113,10 @@ def test_planted_secrets_never_appear_in_json(logs: io.StringIO) -> None:
     assert records[4]["authorization"] == f"Bearer {REDACTED}"
     assert "postgresql+asyncpg://[REDACTED]@db:5432/ledger" in records[6]["message"]
     crash = next(r for r in records if r["message"].startswith("migration job crashed"))
-    # the traceback is still there, with both exceptions and their types, just without the secrets
-    assert "RuntimeError: migrate failed for token" in crash["exc"]
-    assert "ConnectionError: clickhouse://[REDACTED]@ch:9440 refused" in crash["exc"]
+    # the traceback is still there (where Error Reporting reads it), with both exceptions and their types,
+    # just without the secrets
+    assert "RuntimeError: migrate failed for token" in crash["stack_trace"]
+    assert "ConnectionError: clickhouse://[REDACTED]@ch:9440 refused" in crash["stack_trace"]
     assert "(unformattable log message)" in records[9]["message"]
     assert records[-1]["stack"].startswith("Stack (most recent call last)")
 
