@@ -255,13 +255,14 @@ def _refused(e: sa_exc.DBAPIError, url: URL) -> DatabaseUrlError:
         )
     if state in ("28000", "28P01"):
         return DatabaseUrlError(
-            f"{where} refused the user {url.username!r} (unknown user or wrong password)",
+            f"{where} refused the user {url.username or '(none given)'!r} (unknown user or wrong password)",
             "check the user and password in DATABASE_URL (or the secret it comes from)",
             reason="login refused",
         )
     if state == "42501":
         return DatabaseUrlError(
-            f"the user {url.username!r} may not create or change the ledger's tables in {url.database!r}",
+            f"the user {url.username or '(none given)'!r} may not create or change the ledger's tables in "
+            f"{url.database!r}",
             "grant it CREATE and USAGE on the database's schema, or use the ledger's owner",
             reason="permission denied",
         )
