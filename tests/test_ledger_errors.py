@@ -158,11 +158,11 @@ async def _write_until_refused(ledger: Ledger) -> LedgerUnavailable:
 
 async def test_a_full_disk_under_a_running_ledger_is_a_retryable_disk_full(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", size="2m") as disk:
-        ledger = await Ledger.open(f"sqlite:///{disk / 'ledger.db'}", query_timeout=2)
+        ledger = await Ledger.open(f"sqlite:///{disk / 'ledger.db'}")
         try:
             filler = await asyncio.to_thread(fill, disk)
             full = await _write_until_refused(ledger)
-            assert full.reason == "disk full"
+            assert full.reason == "disk full", (full, full.detail)
             assert "its disk is full" in full.message
             filler.unlink()
             await ledger.create_deploy(kind=DeployKind.DEPLOY, envs=["poc"], ref="e7e79eb", requester="U1")
