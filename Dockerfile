@@ -10,12 +10,21 @@
 #
 # kubectl (the bot renders overlays with `kubectl kustomize`) and gke-gcloud-auth-plugin (the exec plugin
 # of the Connect Gateway kube contexts) come from Google's cloud-sdk apt repository, both pinned to one
-# gcloud release; bump GCLOUD_VERSION to move them together. Debian's own packages (git, ssh) are not
-# pinned: bookworm replaces a version when it ships a security fix, so a pin would break the build for the
-# wrong reason; pin the base image by digest when reproducing an old image bit for bit matters.
+# gcloud release; bump GCLOUD_VERSION to move them together. Google's apt keyring is accepted only if it
+# holds exactly the keys named by GOOGLE_APT_KEY_FINGERPRINTS (see the apt-key stage). Debian's own
+# packages (git, ssh) are not pinned: bookworm replaces a version when it ships a security fix, so a pin
+# would break the build for the wrong reason; the base image is what pins them, by digest.
 #
 # The images the bot deploys are never built here: in-cluster builds run kaniko (bot/adapters/build.py).
 
+# The base image. A release pins it by digest, passing the whole reference:
+#   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>
+# To move to a newer base (Debian and Python security fixes), read the tag's current digest for the
+# platform the image is built for, and use that:
+#   skopeo inspect --override-os linux --override-arch amd64 --format '{{.Digest}}' \
+#     docker://docker.io/library/python:3.11-slim-bookworm
+# The default below names the tag only: this repository's CI cannot reach Docker Hub to read the digest,
+# and a digest nobody has read from the registry must not stand here as if it were a pin.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- Python dependencies, from the hashed lock, wheels only ---------------------------------------------
@@ -31,10 +40,34 @@ RUN python -m venv /opt/venv \
 
 # ---- Google's apt signing key, fetched with tools the runtime image does not keep ---------------------
 FROM ${PYTHON_IMAGE} AS apt-key
+# The primary-key fingerprints (40 hex digits each, separated by spaces) that Google's apt keyring must
+# hold, no more and no fewer: a key added to that file by whoever can change it would otherwise be trusted
+# for every package. Take them from Google's own documentation or from a machine whose keyring you
+# trust, never from the downloaded file alone; see them with
+#   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | gpg --show-keys
+# When Google rotates its keys the build stops here with both lists; update the argument then.
+ARG GOOGLE_APT_KEY_FINGERPRINTS=
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl gnupg \
- && curl -fsSL --max-time 60 https://packages.cloud.google.com/apt/doc/apt-key.gpg \
-    | gpg --dearmor -o /cloud.google.gpg
+ && curl -fsSL --max-time 60 -o /tmp/apt-key.gpg https://packages.cloud.google.com/apt/doc/apt-key.gpg
+RUN set -eu; \
+    want="$(for f in ${GOOGLE_APT_KEY_FINGERPRINTS}; do echo "${f}"; done | tr 'a-f' 'A-F' | sort -u | tr '\n' ' ')"; \
+    if [ -z "${want}" ]; then \
+      echo "GOOGLE_APT_KEY_FINGERPRINTS is empty: pass the fingerprints of Google's apt keys (see the Dockerfile)" >&2; \
+      exit 1; \
+    fi; \
+    got="$(gpg --batch --show-keys --with-colons /tmp/apt-key.gpg \
+      | awk -F: '$1 == "pub" { primary = 1; next } $1 == "fpr" && primary { print $10; primary = 0 }' \
+      | sort -u | tr '\n' ' ')"; \
+    if [ "${got}" != "${want}" ]; then \
+      echo "Google's apt keyring holds the keys [ ${got}] but GOOGLE_APT_KEY_FINGERPRINTS expects [ ${want}]: refusing it" >&2; \
+      exit 1; \
+    fi; \
+    if grep -q -- '-----BEGIN PGP PUBLIC KEY BLOCK-----' /tmp/apt-key.gpg; then \
+      gpg --batch --dearmor -o /cloud.google.gpg /tmp/apt-key.gpg; \
+    else \
+      cp /tmp/apt-key.gpg /cloud.google.gpg; \
+    fi
 
 # ---- runtime -----------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -18,7 +18,7 @@ from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.errors import BotError
+from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.ledger.models import DeployRecord
 from bot.logs import redact, register_secret, register_secrets_from, setup_logging
 from bot.metrics import Metrics, SlackErrorCounter, add_metrics_route
@@ -80,17 +80,20 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         front = SlackFront(service, client, signing_secret=secret)
 
         def reporters(record: DeployRecord) -> Sequence[Reporter]:
-            return [*front.reporters_for(record), metrics.reporter(record.envs)]
+            return [*front.reporters_for(record), metrics.reporter(record.envs, record.kind.value)]
 
         service.reporters = reporters  # the front installed its Slack reporters alone; add the metrics
         socket: AsyncSocketModeHandler | None = None
+        ledger_readiness = LedgerReadiness()
 
         async def readiness() -> list[str]:
             problems = []
             try:
                 await service.deps.ledger.schema_version()
-            except BotError as e:
-                problems.append(f"ledger: {e.message}")
+            except Exception as e:  # noqa: BLE001 - a probe answers 503 with a reason, never a 500
+                problems.append(ledger_readiness.problem(e))
+            else:
+                ledger_readiness.ok()
             if socket is not None and not await socket.client.is_connected():
                 problems.append("slack: Socket Mode is not connected")
             return problems
@@ -132,6 +135,28 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await runner.cleanup()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
+
+
+class LedgerReadiness:
+    """What /readyz says about the ledger: generic words anyone may read (no host, port, database name or
+    driver text); the details go to the log, once per outage and each time they change."""
+
+    def __init__(self) -> None:
+        self._said: str | None = None
+
+    def ok(self) -> None:
+        if self._said is not None:
+            log.info("the ledger answers again")
+        self._said = None
+
+    def problem(self, e: Exception) -> str:
+        reason = e.reason if isinstance(e, LedgerUnavailable) else "it answered with an error"
+        detail = e.detail if isinstance(e, LedgerUnavailable) else type(e).__name__
+        said = str(e) if isinstance(e, BotError) else type(e).__name__
+        if said != self._said:
+            self._said = said
+            log.warning("not ready: %s (%s)", said, detail)
+        return f"ledger unreachable: {reason}"
 
 
 def _watcher(
@@ -190,6 +215,9 @@ def main() -> int:
 
     try:
         asyncio.run(run())
+    except (ConfigError, LedgerUnavailable) as e:  # a DATABASE_URL that cannot work, a ledger that is down
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except BotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from bot import commands
 from bot.drift import DriftReport
-from bot.errors import BotError, ConfigError
+from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
 from bot.models import Plan, plural
@@ -59,9 +59,9 @@ second person (an approver who is not you) approves it in Slack or with `funnelc
 With --wait the CLI follows the deploy to its end; without it, it exits 0 awaiting approval.
 
 exit codes: 0 success (or awaiting approval without --wait), 1 the deploy/plan/operation failed,
-2 usage or configuration error, 3 not allowed (who may do what: see the README), 4 the deploy ended
-without running (denied or expired), 130 interrupted with Ctrl-C (a running deploy is cancelled and its
-locks released).
+2 usage or configuration error or the ledger unreachable, 3 not allowed (who may do what: see the
+README), 4 the deploy ended without running (denied or expired), 130 interrupted with Ctrl-C (a running
+deploy is cancelled and its locks released).
 """
 
 
@@ -819,7 +819,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"error: not allowed: {e}", file=sys.stderr)
         print("hint: the README's authorization matrix says who may do what", file=sys.stderr)
         return EXIT_REFUSED
-    except ConfigError as e:
+    except (ConfigError, LedgerUnavailable) as e:  # a DATABASE_URL that cannot work, a ledger that is down
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as e:

@@ -56,3 +56,33 @@ class ConfigError(BotError):
 
     def __str__(self) -> str:
         return f"{self.message}\n{self.hint}"
+
+
+class LedgerUnavailable(TransientError):
+    """The deploy ledger did not answer, or could not take a write for now (down, busy, disk full).
+
+    `message` names the ledger (backend, host:port/database or the SQLite file; never a password) and what
+    happened; `reason` says the same in generic words for places anyone can read, like /readyz; `detail`
+    is the driver's own first line, for the bot's log only.
+    """
+
+    def __init__(self, message: str, *, reason: str, hint: str | None = None, detail: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.message}: {self.hint}" if self.hint else self.message
+
+
+class DatabaseUrlError(ConfigError):
+    """DATABASE_URL names a ledger the bot cannot use: one sentence, the part that is wrong and what to do."""
+
+    def __init__(self, problem: str, fix: str, *, reason: str = "misconfigured") -> None:
+        BotError.__init__(self, f"DATABASE_URL: {problem}", hint=fix)
+        self.source = "DATABASE_URL"
+        self.problems = [problem]
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}"

@@ -1,5 +1,10 @@
 """Logging set-up: JSON lines in a container, readable text in a terminal, the deploy id on every line, secrets redacted.
 
+The JSON lines use the field names GKE's logging agent maps onto a Cloud Logging entry: `severity`,
+`message`, `time`, and `logging.googleapis.com/labels` for the deploy id, its env(s) and the running step
+(set for a block of code with `deploy_context` and `step_context`, or per line with `extra=`), so a
+deploy's lines can be filtered with `labels.deploy_id="d-7k2m"` in the Logs Explorer.
+
 Redaction happens where each record is made (a wrapped log record factory, with a handler filter as a
 second net), before any handler or formatter sees it: the message is rendered with its arguments, the
 exception and stack text are rendered too, and all of it is scrubbed of the secret values
@@ -23,7 +28,7 @@ import re
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +44,11 @@ REDACTED: Final = "[REDACTED]"
 MIN_SECRET_LENGTH: Final = 4
 
 deploy_id_var: ContextVar[str | None] = ContextVar("deploy_id", default=None)
+env_var: ContextVar[str | None] = ContextVar("env", default=None)
+step_var: ContextVar[str | None] = ContextVar("step", default=None)
+# Where GKE's agent looks for an entry's labels in a JSON line; values must be strings.
+LABELS_KEY: Final = "logging.googleapis.com/labels"
+LABEL_FIELDS: Final = ("deploy_id", "env", "step")
 
 _TOKEN_PATTERNS: Final = [
     # Slack: bot, user, app-level, refresh and config tokens
@@ -165,13 +175,26 @@ def redact_json(value: T) -> T:
 
 
 @contextlib.contextmanager
-def deploy_context(deploy_id: str) -> Iterator[None]:
-    """Tag every log line written inside the block (and in tasks and threads started from it) with the id."""
+def deploy_context(deploy_id: str, envs: Iterable[str] = ()) -> Iterator[None]:
+    """Tag every log line written inside the block (and in tasks and threads started from it) with the id
+    and, if given, the deploy's envs (comma-separated when there are several)."""
     token = deploy_id_var.set(deploy_id)
+    env_token = env_var.set(",".join(envs) or None)
     try:
         yield
     finally:
+        env_var.reset(env_token)
         deploy_id_var.reset(token)
+
+
+@contextlib.contextmanager
+def step_context(step: str) -> Iterator[None]:
+    """Tag every log line written inside the block with the pipeline step that runs."""
+    token = step_var.set(step)
+    try:
+        yield
+    finally:
+        step_var.reset(token)
 
 
 def scrub_record(record: logging.LogRecord) -> None:
@@ -182,6 +205,8 @@ def scrub_record(record: logging.LogRecord) -> None:
     # set, and `extra={"deploy_id": ...}` must stay allowed. The formatters prefer an explicit one.
     if not hasattr(record, "_deploy_ctx"):
         record._deploy_ctx = deploy_id_var.get()
+        record._env_ctx = env_var.get()
+        record._step_ctx = step_var.get()
     try:
         message = record.getMessage()
     # An argument's __str__ may raise anything; left alone, logging would print msg and args raw to stderr.
@@ -228,27 +253,50 @@ def _deploy_id(record: logging.LogRecord) -> str | None:
     return explicit if explicit is not None else getattr(record, "_deploy_ctx", None)
 
 
+def _severity(levelno: int) -> str:
+    """Cloud Logging's LogSeverity for a Python level (a custom level rounds down to the one below)."""
+    for floor, name in ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO"), (10, "DEBUG")):
+        if levelno >= floor:
+            return name
+    return "DEFAULT"
+
+
+def _labels(record: logging.LogRecord) -> dict[str, str]:
+    """deploy_id, env and step: an explicit `extra=` wins over the context the line was written in."""
+    found = {
+        "deploy_id": _deploy_id(record),
+        "env": getattr(record, "env", None) or getattr(record, "_env_ctx", None),
+        "step": getattr(record, "step", None) or getattr(record, "_step_ctx", None),
+    }
+    return {k: str(v) for k, v in found.items() if v is not None and v != ""}
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, deploy_id, msg, then extras and the exception."""
+    """One JSON object per line, in Cloud Logging's field names: time, severity, logger, message, the
+    labels (deploy_id, env, step) under `logging.googleapis.com/labels`, then extras and the traceback
+    as `stack_trace`, where Error Reporting looks for it."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "severity": _severity(record.levelno),
             "logger": record.name,
-            "deploy_id": _deploy_id(record),
-            "msg": record.getMessage(),
+            "message": record.getMessage(),
         }
+        labels = _labels(record)
+        if labels:
+            out[LABELS_KEY] = labels
         for key, value in _extras(record).items():
-            out.setdefault(key, value)
+            if key not in LABEL_FIELDS:
+                out.setdefault(key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            out["exc"] = record.exc_text
+            out["stack_trace"] = record.exc_text  # where Error Reporting looks first
         if record.stack_info:
             out["stack"] = record.stack_info
         # default=str: an extra that is not JSON (a Path, a dict of params) is still written, as text; the

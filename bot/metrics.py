@@ -19,22 +19,26 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
+from bot.ledger.models import DeployKind
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 
 log = logging.getLogger(__name__)
 
 RESULTS: Final = ("succeeded", "failed", "errored", "cancelled")
+KINDS: Final = tuple(k.value for k in DeployKind)
 # The dry-run half of a deploy: finishing it is not finishing the deploy (approval or execution follow).
 PLAN_STEPS: Final = frozenset({"resolve", "preflight"})
 # From a sub-second registry HEAD to a 30-minute build or approval wait.
 STEP_BUCKETS: Final = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# Every series the bot exposes starts with this, so a dashboard or alert can select them all.
+PREFIX: Final = "funnelcake_bot_"
 _REMEMBERED_DEPLOYS = 1024
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
 
@@ -63,49 +67,59 @@ class Metrics:
         lock_source: LockSource | None = None,
         refresh_timeout: float = 2.0,
     ) -> None:
+        # `*_created` series double every counter and histogram and nothing here reads them. The switch is
+        # process-wide in prometheus_client and read when a metric is made, so it is set before ours are.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.deploys = Counter(
-            "deploys",
+            PREFIX + "deploys",
             "Deploys, rollbacks and migrations that finished, by environment and result "
-            "(succeeded, failed: a check said no, errored: a system stayed unreachable, cancelled).",
-            ["env", "result"],
+            "(succeeded, failed: a check said no, errored: a system stayed unreachable, cancelled), and kind.",
+            ["env", "result", "kind"],
             registry=self.registry,
         )
         self.step_duration = Histogram(
-            "step_duration_seconds",
-            "Time each pipeline step took until it finished, failed or errored (retries included).",
-            ["step"],
+            PREFIX + "step_duration_seconds",
+            "Time each pipeline step took until it finished, failed or errored (retries included), by env "
+            "and deploy kind; a step of a deploy to several envs is observed once for each.",
+            ["step", "env", "kind"],
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
         self.locks_held = Gauge(
-            "locks_held",
+            PREFIX + "locks_held",
             "Holds on an environment right now: a running deploy's lease plus a manual lock (0, 1 or 2).",
             ["env"],
             registry=self.registry,
         )
         self.deploy_duration = Histogram(
-            "deploy_duration_seconds",
+            PREFIX + "deploy_duration_seconds",
             "Wall time of finished deploys, request to final state, by env and kind (deploy, rollback, migrate…).",
             ["env", "kind"],
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
         self.last_success = Gauge(
-            "last_successful_deploy_timestamp_seconds",
+            PREFIX + "last_successful_deploy_timestamp_seconds",
             "Unix time of the env's last deploy that succeeded (0: none since this bot started).",
             ["env"],
             registry=self.registry,
         )
         self.incidents_open = Gauge(
-            "incidents_open",
+            PREFIX + "incidents_open",
             "Incidents the watcher has open right now, by env and kind (pods_failing, out_of_sync, …).",
             ["env", "kind"],
             registry=self.registry,
         )
         self._incident_labels: set[tuple[str, str]] = set()
+        self.commits_behind_production = Gauge(
+            PREFIX + "commits_behind_production",
+            "Commits of the app repo that production runs and the env does not (0: it has all of them).",
+            ["env"],
+            registry=self.registry,
+        )
         self.slack_api_errors = Counter(
-            "slack_api_errors",
+            PREFIX + "slack_api_errors",
             "Slack Web API calls that failed, by method and Slack's error code (or the transport error).",
             ["method", "error"],
             registry=self.registry,
@@ -124,16 +138,17 @@ class Metrics:
                 continue
             self._envs.append(env)
             for result in RESULTS:
-                self.deploys.labels(env=env, result=result)
+                for kind in KINDS:
+                    self.deploys.labels(env=env, result=result, kind=kind)
             self.locks_held.labels(env=env).set(0)
             self.last_success.labels(env=env)
 
-    def reporter(self, envs: Sequence[str]) -> MetricsReporter:
-        return MetricsReporter(self, envs)
+    def reporter(self, envs: Sequence[str], kind: str = "deploy") -> MetricsReporter:
+        return MetricsReporter(self, envs, kind=kind)
 
     # ---- recording ---------------------------------------------------------------------------------------
 
-    def deploy_finished(self, run_id: str, envs: Sequence[str], result: str) -> bool:
+    def deploy_finished(self, run_id: str, envs: Sequence[str], result: str, kind: str = "deploy") -> bool:
         """Count a deploy's result once per env; False if this run was already counted."""
         if result not in RESULTS:
             raise ValueError(f"unknown deploy result {result!r}; expected one of {', '.join(RESULTS)}")
@@ -144,7 +159,7 @@ class Metrics:
             self._finished.popitem(last=False)
         self.known_envs(envs)
         for env in envs:
-            self.deploys.labels(env=env, result=result).inc()
+            self.deploys.labels(env=env, result=result, kind=_label(kind)).inc()
         return True
 
     def deploy_ended(self, envs: Sequence[str], kind: str, state: str, seconds: float, at: datetime) -> None:
@@ -160,7 +175,9 @@ class Metrics:
         while len(self._starts) > _REMEMBERED_DEPLOYS:
             self._starts.popitem(last=False)
 
-    def step_ended(self, run_id: str, step: str, elapsed: float, at: datetime) -> None:
+    def step_ended(
+        self, run_id: str, step: str, elapsed: float, at: datetime, *, envs: Sequence[str], kind: str
+    ) -> None:
         """Observe a step's duration. Events the service emits itself (the approval wait) carry no elapsed
         time: their duration is measured from the step's STARTED event, which may have come from another
         pipeline of the same deploy."""
@@ -168,7 +185,8 @@ class Metrics:
         if elapsed <= 0 and started is not None:
             elapsed = max((at - started).total_seconds(), 0.0)
         if elapsed > 0:
-            self.step_duration.labels(step=_label(step)).observe(elapsed)
+            for env in envs:
+                self.step_duration.labels(step=_label(step), env=env, kind=_label(kind)).observe(elapsed)
 
     def set_incidents(self, counts: Mapping[tuple[str, str], int]) -> None:
         """The open incidents by (env, kind); a pair that had some and has none now goes back to 0."""
@@ -177,6 +195,12 @@ class Metrics:
         for (env, kind), n in counts.items():
             self.incidents_open.labels(env=env, kind=_label(kind)).set(n)
         self._incident_labels |= set(counts)
+
+    def set_commits_behind_production(self, env: str, commits: int) -> None:
+        """How far `env` trails production, in commits of the app repo (0 for production itself)."""
+        if commits < 0:
+            raise ValueError(f"commits behind production cannot be negative, got {commits} for {env}")
+        self.commits_behind_production.labels(env=env).set(commits)
 
     def slack_api_error(self, method: str, error: str) -> None:
         self.slack_api_errors.labels(method=_label(method), error=_label(error)).inc()
@@ -224,10 +248,16 @@ class MetricsReporter:
     """
 
     def __init__(
-        self, metrics: Metrics, envs: Sequence[str], *, plan_steps: frozenset[str] = PLAN_STEPS
+        self,
+        metrics: Metrics,
+        envs: Sequence[str],
+        *,
+        kind: str = "deploy",
+        plan_steps: frozenset[str] = PLAN_STEPS,
     ) -> None:
         self.metrics = metrics
         self.envs = list(envs)
+        self.kind = kind
         self.plan_steps = plan_steps
 
     async def emit(self, event: StepEvent) -> None:
@@ -235,7 +265,7 @@ class MetricsReporter:
         if event.kind is EventKind.STARTED:
             m.step_started(event.run_id, event.step, event.at)
         elif event.kind in (EventKind.DONE, EventKind.FAILED, EventKind.ERRORED):
-            m.step_ended(event.run_id, event.step, event.elapsed, event.at)
+            m.step_ended(event.run_id, event.step, event.elapsed, event.at, envs=self.envs, kind=self.kind)
         if event.step == SUMMARY_STEP:
             seconds = event.data.get("seconds")
             if isinstance(seconds, int | float):
@@ -243,7 +273,7 @@ class MetricsReporter:
                 m.deploy_ended(self.envs, kind, state, float(seconds), event.at)
         result = self._result(event)
         if result is not None:
-            m.deploy_finished(event.run_id, self.envs, result)
+            m.deploy_finished(event.run_id, self.envs, result, self.kind)
 
     def _result(self, event: StepEvent) -> str | None:
         if event.kind is EventKind.FAILED:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -223,8 +223,9 @@ class DeployService:
             owner=self.instance_id,
             origin=origin,
         )
+        _log_started(record)
         task = self._spawn(
-            record.id,
+            record,
             self._run_new(
                 record, rebuild=rebuild, allow_downgrade=allow_downgrade, override_reason=override_reason
             ),
@@ -290,7 +291,7 @@ class DeployService:
             raise
         record = await self.deps.ledger.get_deploy(deploy_id)
         if approve:
-            self._spawn(deploy_id, self._run_approved(record))
+            self._spawn(record, self._run_approved(record))
         else:
             message = f"denied by {who(user)}"
             await self.emit_for(record, "approval", EventKind.FAILED, message)
@@ -389,7 +390,8 @@ class DeployService:
             owner=self.instance_id,
             origin=origin,
         )
-        return Started(record, self._spawn(record.id, self._run_force(record, version, reported)))
+        _log_started(record)
+        return Started(record, self._spawn(record, self._run_force(record, version, reported)))
 
     async def reported_dirty(self, env_name: str) -> tuple[int, str] | None:
         """The dirty version the newest migration run in `env` reported, and the commit whose migrate image
@@ -416,7 +418,7 @@ class DeployService:
         taken: list[str] = []
         for record in await recovery.orphans(self):
             taken.append(record.id)
-            self._spawn(record.id, recovery.resume(self, record))
+            self._spawn(record, recovery.resume(self, record))
         return taken
 
     def note_waiting(self, deploy_id: str) -> bool:
@@ -504,9 +506,12 @@ class DeployService:
 
     # ---- the runs -----------------------------------------------------------------------------
 
-    def _spawn(self, deploy_id: str, coro: Coroutine[Any, Any, DeployRecord]) -> asyncio.Task[DeployRecord]:
-        # The task copies the context at creation: every log line of this deploy carries its id.
-        with deploy_context(deploy_id):
+    def _spawn(
+        self, record: DeployRecord, coro: Coroutine[Any, Any, DeployRecord]
+    ) -> asyncio.Task[DeployRecord]:
+        # The task copies the context at creation: every log line of this deploy carries its id and envs.
+        deploy_id = record.id
+        with deploy_context(deploy_id, record.envs):
             task = asyncio.create_task(coro, name=f"deploy-{deploy_id}")
         self._tasks[deploy_id] = task
         task.add_done_callback(lambda t: self._task_done(deploy_id, t))
@@ -565,6 +570,8 @@ class DeployService:
         if run is not None:
             reporters.insert(0, self._ledger_reporter(run))
         await Pipeline(record.id, [], reporters)._emit(StepEvent(record.id, step, kind, message, data))
+        if step == SUMMARY_STEP:
+            _log_finished(record, data)
 
     async def guarded(
         self, record: DeployRecord, work: Callable[[Run], Awaitable[DeployRecord]]
@@ -876,6 +883,43 @@ class DeployService:
 
 POST_PUSH_STEPS = ("sync", "rollout", "verify")
 
+
+def _log_started(record: DeployRecord) -> None:
+    """The one line that marks a deploy's start (the bot that records it), for log-based queries."""
+    with deploy_context(record.id, record.envs):
+        log.info(
+            "deploy started: %s of %s to %s by %s",
+            record.kind.value,
+            record.ref,
+            ", ".join(record.envs),
+            record.requester,
+            extra={"deploy_kind": record.kind.value, "ref": record.ref, "requester": record.requester},
+        )
+
+
+def _log_finished(record: DeployRecord, summary: Mapping[str, Any]) -> None:
+    """The one line that marks a deploy's end (its final summary): the outcome and how long it took."""
+    outcome = str(summary.get("state") or record.state.value)
+    seconds = summary.get("seconds")
+    took = f" in {seconds:g} s" if isinstance(seconds, int | float) else ""
+    where = summary.get("failed_step")
+    at = f" at {where}" if where and outcome != DeployState.SUCCEEDED.value else ""
+    with deploy_context(record.id, record.envs):
+        log.log(
+            logging.INFO if outcome == DeployState.SUCCEEDED.value else logging.WARNING,
+            "deploy finished: %s%s%s",
+            outcome,
+            at,
+            took,
+            extra={
+                "deploy_kind": record.kind.value,
+                "outcome": outcome,
+                "duration_seconds": seconds,
+                "failed_step": where,
+            },
+        )
+
+
 T = TypeVar("T")
 
 
@@ -886,7 +930,7 @@ async def _until_the_ledger_answers(write: Callable[[], Awaitable[T]]) -> T:
         try:
             return await write()
         except TransientError as e:
-            log.warning("ledger unreachable (%s); retrying in %.1f s", e.message, delay)
+            log.warning("%s; retrying in %.1f s", e.message, delay)  # says unreachable, busy or disk full
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

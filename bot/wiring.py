@@ -34,12 +34,13 @@ async def build_deps(settings: Settings, config: FunnelcakeConfig) -> AsyncItera
     work = settings.work_dir
     creds = GitCredentials.from_settings(settings)
     async with contextlib.AsyncExitStack() as stack:
+        # The ledger first: a DATABASE_URL that cannot work is told before anything else is set up.
+        ledger = await Ledger.open(settings.database_url)
+        stack.push_async_callback(ledger.close)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         registry = await stack.enter_async_context(RegistryClient())
         kube = await _kube(settings, config)
         stack.push_async_callback(kube.close)
-        ledger = await Ledger.open(settings.database_url)
-        stack.push_async_callback(ledger.close)
         yield Deps(
             config=config,
             app_repo=AppRepo(

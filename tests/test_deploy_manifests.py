@@ -87,7 +87,17 @@ def overlay(request: pytest.FixtureRequest) -> tuple[str, Rendered]:
 def test_base_renders_without_secret_values() -> None:
     objects = render(DEPLOY / "base")
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "PodMonitoring",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
 
 
 def test_no_secret_value_is_rendered(overlay: tuple[str, Rendered]) -> None:
@@ -189,6 +199,49 @@ def test_service_account_pdb_and_service_select_the_pods(overlay: tuple[str, Ren
     assert namespaces == {"funnelcake-bot"}
 
 
+def _ports(rules: list[dict[str, Any]]) -> set[tuple[str, int | str]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for rule in rules for p in rule.get("ports", [])}
+
+
+def test_network_policy_lets_in_only_the_listener_and_out_only_what_the_bot_calls(
+    overlay: tuple[str, Rendered],
+) -> None:
+    name, r = overlay
+    policies = [o for o in r.objects if o["kind"] == "NetworkPolicy"]
+    labels = r.deployment["spec"]["template"]["metadata"]["labels"]
+    for p in policies:
+        assert p["apiVersion"] == "networking.k8s.io/v1"
+        assert p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (main,) = [p for p in policies if "Ingress" in p["spec"]["policyTypes"]]
+    assert main["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # ingress: the probe/metrics port only, the container's port named http
+    assert _ports(main["spec"]["ingress"]) == {("TCP", "http")}
+    ports = {p["name"]: p["containerPort"] for p in r.container["ports"]}
+    assert ports == {"http": 3000}
+    egress = [rule for p in policies for rule in p["spec"]["egress"]]
+    allowed = _ports(egress)
+    # DNS, HTTPS (Kubernetes API / Connect Gateway, registries, Slack), git over ssh, the metadata server
+    assert {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 22), ("TCP", 80), ("TCP", 988)} <= allowed
+    metadata = [rule for rule in egress if _ports([rule]) == {("TCP", 80)}]
+    assert [rule["to"] for rule in metadata] == [[{"ipBlock": {"cidr": "169.254.169.254/32"}}]]
+    expected = {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 22), ("TCP", 80), ("TCP", 988)}
+    if name == "ha-postgres":
+        expected.add(("TCP", 5432))  # the shared ledger
+    assert allowed == expected, "nothing else goes out"
+
+
+def test_managed_prometheus_scrapes_the_metrics_route(overlay: tuple[str, Rendered]) -> None:
+    _, r = overlay
+    monitor = r.one("PodMonitoring")
+    assert monitor["apiVersion"] == "monitoring.googleapis.com/v1"
+    labels = r.deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["interval"]
+    assert monitor["metadata"]["namespace"] == "funnelcake-bot"
+
+
 def test_single_keeps_sqlite_on_a_volume() -> None:
     r = Rendered(render(DEPLOY / "overlays" / "single"))
     spec = r.deployment["spec"]
@@ -282,7 +335,10 @@ def test_dockerfile_is_multi_stage_on_slim_bookworm(dockerfile: tuple[dict[str, 
     global_args, stages = dockerfile
     assert len(stages) >= 2
     for stage in stages:
-        assert expand(stage.base, global_args) == "python:3.11-slim-bookworm"
+        assert stage.base == "${PYTHON_IMAGE}", "every stage on the one base a release pins"
+    # the tag, or the tag pinned by a real digest (never a made-up one shorter than sha256)
+    base = expand(stages[0].base, global_args)
+    assert re.fullmatch(r"python:3\.11-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
     runtime = stages[-1]
     copied_from = {
         a.split()[0].removeprefix("--from=") for a in runtime.all("COPY") if a.startswith("--from=")
@@ -318,6 +374,88 @@ def test_dockerfile_runtime_tools_are_pinned(dockerfile: tuple[dict[str, str], l
     plugin = packages["google-cloud-cli-gke-gcloud-auth-plugin"]
     assert re.fullmatch(r"google-cloud-cli-gke-gcloud-auth-plugin=\d+\.\d+\.\d+-0", plugin), plugin
     assert "kubectl version --client" in run and "gke-gcloud-auth-plugin --version" in run
+
+
+def test_dockerfile_says_how_to_pin_the_base_by_digest() -> None:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "--build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>" in text
+    assert "skopeo inspect --override-os linux --override-arch amd64 --format '{{.Digest}}'" in text
+    assert "docker://docker.io/library/python:3.11-slim-bookworm" in text
+
+
+def _key_check(dockerfile: tuple[dict[str, str], list[Stage]]) -> str:
+    _, stages = dockerfile
+    stage = next(s for s in stages if s.name == "apt-key")
+    assert "GOOGLE_APT_KEY_FINGERPRINTS=" in stage.all("ARG")
+    (check,) = [r for r in stage.all("RUN") if "gpg --batch --show-keys" in r]
+    (fetch,) = [r for r in stage.all("RUN") if "curl" in r]
+    assert "https://packages.cloud.google.com/apt/doc/apt-key.gpg" in fetch and "-o /tmp/apt-key.gpg" in fetch
+    runtime = stages[-1]
+    assert "--from=apt-key /cloud.google.gpg /usr/share/keyrings/cloud.google.gpg" in runtime.all("COPY")
+    return check
+
+
+def _gpg_key(home: Path, name: str) -> tuple[str, bytes]:
+    """A fresh signing key in `home`: its fingerprint and its armored public key."""
+    env = {"GNUPGHOME": str(home), "PATH": "/usr/bin:/bin"}
+    subprocess.run(
+        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key", f"{name} <{name}@example.com>", "ed25519"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    listing = subprocess.run(
+        ["gpg", "--batch", "--with-colons", "--list-keys", f"{name}@example.com"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+    armored = subprocess.run(
+        ["gpg", "--batch", "--armor", "--export", f"{name}@example.com"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
+    return fpr, armored
+
+
+def test_dockerfile_refuses_an_apt_keyring_whose_fingerprints_differ(
+    dockerfile: tuple[dict[str, str], list[Stage]], tmp_path: Path
+) -> None:
+    check = _key_check(dockerfile)
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    google, google_key = _gpg_key(home, "google")
+    intruder, intruder_key = _gpg_key(home, "intruder")
+    keyring, out = tmp_path / "apt-key.gpg", tmp_path / "cloud.google.gpg"
+    script = check.replace("/tmp/apt-key.gpg", str(keyring)).replace("/cloud.google.gpg", str(out))
+
+    def build(fingerprints: str, served: bytes) -> subprocess.CompletedProcess[str]:
+        keyring.write_bytes(served)
+        out.unlink(missing_ok=True)
+        env = {"PATH": "/usr/bin:/bin", "GNUPGHOME": str(home), "GOOGLE_APT_KEY_FINGERPRINTS": fingerprints}
+        return subprocess.run(
+            ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    ok = build(f"{google.lower()}", google_key)  # case does not matter
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists() and not out.read_bytes().startswith(b"-----BEGIN"), "apt wants the binary keyring"
+    for fingerprints, served, says in (
+        (intruder, google_key, "refusing it"),  # the key was swapped
+        (google, google_key + intruder_key, "refusing it"),  # a key was added
+        ("", google_key, "GOOGLE_APT_KEY_FINGERPRINTS is empty"),
+    ):
+        refused = build(fingerprints, served)
+        assert refused.returncode != 0
+        assert says in refused.stderr, refused.stderr
+        assert not out.exists(), "no keyring is written for apt to trust"
+    assert google in build(intruder, google_key).stderr, "the refusal shows what the file holds"
 
 
 def test_dockerfile_runs_as_a_numeric_non_root_user(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import yaml
 
 from bot.ledger import DeployRecord, DeployState, Ledger, StepState
 from tests.testbed.botproc import BotProcess
+from tests.testbed.disk import fill, small_disk
 from tests.testbed.gitrepos import overlay_path, remote_file, remote_head
 from tests.testbed.pg import PG_HOST, PG_PORT, ThrowawayPostgres, postgres  # noqa: F401 - a fixture
 from tests.testbed.sandbox import Sandbox
@@ -351,33 +350,6 @@ async def test_a_long_ledger_outage_with_one_bot_still_ends_the_deploy(
 
 
 # ---- SQLite on a full disk --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` (needs root, as CI and this test bed run)."""
-    path.mkdir(parents=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False, capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({done.stderr.decode().strip()}); needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Fill the disk to the last byte; return the filler to delete."""
-    filler = disk / "filler"
-    with (
-        contextlib.suppress(OSError),
-        filler.open("wb", buffering=0) as f,
-    ):  # unbuffered: close writes nothing
-        while True:
-            f.write(b"\0" * 65536)
-    return filler
 
 
 async def test_sqlite_disk_full_during_the_rollout_the_deploy_still_ends(

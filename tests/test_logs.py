@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from bot.logs import (
+    LABELS_KEY,
     REDACTED,
     deploy_context,
     deploy_id_var,
@@ -25,6 +26,7 @@ from bot.logs import (
     register_secrets_from,
     resolve_format,
     setup_logging,
+    step_context,
 )
 from bot.settings import Settings
 
@@ -107,14 +109,15 @@ def test_planted_secrets_never_appear_in_json(logs: io.StringIO) -> None:
     assert_clean(out)
     records = lines(logs)
     assert len(records) == 11
-    assert records[0]["msg"] == f"bot token {REDACTED} and app token {REDACTED}"
+    assert records[0]["message"] == f"bot token {REDACTED} and app token {REDACTED}"
     assert records[4]["authorization"] == f"Bearer {REDACTED}"
-    assert "postgresql+asyncpg://[REDACTED]@db:5432/ledger" in records[6]["msg"]
-    crash = next(r for r in records if r["msg"].startswith("migration job crashed"))
-    # the traceback is still there, with both exceptions and their types, just without the secrets
-    assert "RuntimeError: migrate failed for token" in crash["exc"]
-    assert "ConnectionError: clickhouse://[REDACTED]@ch:9440 refused" in crash["exc"]
-    assert "(unformattable log message)" in records[9]["msg"]
+    assert "postgresql+asyncpg://[REDACTED]@db:5432/ledger" in records[6]["message"]
+    crash = next(r for r in records if r["message"].startswith("migration job crashed"))
+    # the traceback is still there (where Error Reporting reads it), with both exceptions and their types,
+    # just without the secrets
+    assert "RuntimeError: migrate failed for token" in crash["stack_trace"]
+    assert "ConnectionError: clickhouse://[REDACTED]@ch:9440 refused" in crash["stack_trace"]
+    assert "(unformattable log message)" in records[9]["message"]
     assert records[-1]["stack"].startswith("Stack (most recent call last)")
 
 
@@ -141,7 +144,7 @@ def test_ordinary_text_is_left_alone(logs: io.StringIO) -> None:
         "us-central1-docker.pkg.dev/rich-compiler-479518-d2/containers-poc/funnelcake-api:e7e79eb"
     )
     logging.getLogger("bot.service").info(msg)
-    assert lines(logs)[0]["msg"] == msg
+    assert lines(logs)[0]["message"] == msg
     assert redact("ssh -i /etc/funnelcake/git/ssh-privatekey -o BatchMode=yes") == (
         "ssh -i /etc/funnelcake/git/ssh-privatekey -o BatchMode=yes"
     )
@@ -215,10 +218,10 @@ def test_private_keys_and_settings_secrets(logs: io.StringIO) -> None:
     )
     assert register_secrets_from(settings) == 3
     logging.getLogger("bot").info("loaded %s / %s", "settingsSigningSecretValue", "plainLookingGitToken42")
-    assert lines(logs)[0]["msg"] == f"loaded {REDACTED} / {REDACTED}"
+    assert lines(logs)[0]["message"] == f"loaded {REDACTED} / {REDACTED}"
     register_secret("ab")  # too short to redact safely: ignored, and the line survives
     logging.getLogger("bot").info("abc tab")
-    assert lines(logs)[1]["msg"] == "abc tab"
+    assert lines(logs)[1]["message"] == "abc tab"
 
 
 async def test_every_line_carries_its_deploy_id(logs: io.StringIO) -> None:
@@ -237,11 +240,34 @@ async def test_every_line_carries_its_deploy_id(logs: io.StringIO) -> None:
         tg.create_task(deploy("d-bbbb"), name="deploy-d-bbbb")
     log.info("idle again")
     records = lines(logs)
-    assert records[0]["deploy_id"] is None and records[-1]["deploy_id"] is None
+    assert LABELS_KEY not in records[0] and LABELS_KEY not in records[-1]
     for deploy_id in ("d-aaaa", "d-bbbb"):
-        mine = [r for r in records if r["deploy_id"] == deploy_id]
-        assert [r["msg"] for r in mine] == ["step 0", "step 1", "step 2", "from a thread"]
+        mine = [r for r in records if r.get(LABELS_KEY, {}).get("deploy_id") == deploy_id]
+        assert [r["message"] for r in mine] == ["step 0", "step 1", "step 2", "from a thread"]
     assert deploy_id_var.get() is None
+
+
+def test_json_lines_use_cloud_logging_field_names(logs: io.StringIO) -> None:
+    log = logging.getLogger("bot.service")
+    with deploy_context("d-7k2m", ["staging", "poc"]), step_context("gitops"):
+        log.warning("push refused, retrying", extra={"attempt": 2})
+    log.info("idle", extra={"env": "production"})
+    log.log(5, "below debug")
+    log.critical("gave up")
+    raw = logs.getvalue().splitlines()
+    first = json.loads(raw[0])
+    # GKE's agent turns these into the entry's severity, text and labels; nothing under the old names
+    assert first["severity"] == "WARNING"
+    assert first["message"] == "push refused, retrying"
+    assert first[LABELS_KEY] == {"deploy_id": "d-7k2m", "env": "staging,poc", "step": "gitops"}
+    assert first["attempt"] == 2
+    assert first["time"].endswith("+00:00")
+    assert not {"level", "msg", "ts", "deploy_id", "env", "step"} & set(first)
+    idle = json.loads(raw[1])
+    assert idle["severity"] == "INFO"
+    assert idle[LABELS_KEY] == {"env": "production"}, "an explicit env is a label too"
+    assert "env" not in idle
+    assert [json.loads(line)["severity"] for line in raw[2:]] == ["CRITICAL"], "level 5 is below DEBUG"
 
 
 def test_text_format_shows_the_deploy_id(logs: io.StringIO) -> None:

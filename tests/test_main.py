@@ -10,6 +10,7 @@ import socket
 import sys
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import APP_TOKEN, BOT_TOKEN, FakeSlack
@@ -102,10 +103,32 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
             assert status == 200
             # every family is there before the first deploy, each env's series at zero
             for env_name in ("production", "staging", "poc"):
-                assert f'deploys_total{{env="{env_name}",result="succeeded"}} 0.0' in metrics
+                assert (
+                    f'funnelcake_bot_deploys_total{{env="{env_name}",kind="rollback",result="succeeded"}} 0.0'
+                    in metrics
+                )
                 assert f'locks_held{{env="{env_name}"}} 0.0' in metrics
-            assert "# TYPE step_duration_seconds histogram" in metrics
-            assert "# TYPE slack_api_errors_total counter" in metrics
+            assert "# TYPE funnelcake_bot_step_duration_seconds histogram" in metrics
+            assert "# TYPE funnelcake_bot_slack_api_errors_total counter" in metrics
+            families = {f.name: f for f in text_string_to_metric_families(metrics)}
+            # one prefix on every family, the documented labels, and no `_created` series
+            assert all(name.startswith("funnelcake_bot_") for name in families), sorted(families)
+            assert "_created" not in metrics
+            labels = {
+                "funnelcake_bot_deploys": {"env", "result", "kind"},
+                "funnelcake_bot_locks_held": {"env"},
+                "funnelcake_bot_last_successful_deploy_timestamp_seconds": {"env"},
+            }
+            for name, expected in labels.items():
+                samples = families[name].samples
+                assert samples and all(set(s.labels) == expected for s in samples), (name, samples)
+            for name in (
+                "funnelcake_bot_step_duration_seconds",
+                "funnelcake_bot_deploy_duration_seconds",
+                "funnelcake_bot_commits_behind_production",
+                "funnelcake_bot_incidents_open",
+            ):
+                assert f"# HELP {name} " in metrics, name
         finally:
             await session.close()
         ack = await slack_sandbox.send_slash("status")
@@ -139,7 +162,7 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
         # the local Slack is down on purpose; that is the library's logging, not a bot failure.)
         ours = [r for r in lines if r["logger"].split(".")[0] in ("bot", "handlers", "funnelcake")]
         assert not [r for r in ours if "Traceback" in json.dumps(r)], ours
-        assert any(r["msg"].startswith("funnelcake-bot ready (socket mode") for r in lines)
+        assert any(r["message"].startswith("funnelcake-bot ready (socket mode") for r in lines)
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -126,16 +126,56 @@ async def test_successful_deploy_counts_once_after_plan_and_execute(scraper: Scr
     # the service runs the plan and the execution as two pipelines, each with fresh reporters
     await run(m, "d1", ["staging"], [Ok("resolve"), Ok("preflight")])
     before = await scraper.samples()
-    assert value(before, "deploys_total", env="staging", result="succeeded") == 0
+    assert (
+        value(before, "funnelcake_bot_deploys_total", env="staging", result="succeeded", kind="deploy") == 0
+    )
     await run(m, "d1", ["staging"], [Ok("images"), Ok("gitops"), Ok("verify")])
     after = await scraper.samples()
-    assert value(after, "deploys_total", env="staging", result="succeeded") == 1
+    assert value(after, "funnelcake_bot_deploys_total", env="staging", result="succeeded", kind="deploy") == 1
     for env in ("production", "poc"):
-        assert value(after, "deploys_total", env=env, result="succeeded") == 0
+        assert value(after, "funnelcake_bot_deploys_total", env=env, result="succeeded", kind="deploy") == 0
     for step in ("resolve", "preflight", "images", "gitops", "verify"):
-        assert value(after, "step_duration_seconds_count", step=step) == 1
-        assert value(after, "step_duration_seconds_sum", step=step) >= 0.02
-    assert value(after, "step_duration_seconds_bucket", step="verify", le="0.25") == 1
+        labels = {"step": step, "env": "staging", "kind": "deploy"}
+        assert value(after, "funnelcake_bot_step_duration_seconds_count", **labels) == 1
+        assert value(after, "funnelcake_bot_step_duration_seconds_sum", **labels) >= 0.02
+    verify = {"step": "verify", "env": "staging", "kind": "deploy"}
+    assert value(after, "funnelcake_bot_step_duration_seconds_bucket", **verify, le="0.25") == 1
+
+
+async def test_step_durations_and_results_carry_the_env_and_the_deploy_kind(scraper: Scraper) -> None:
+    m = scraper.metrics
+    await Pipeline("r1", [Ok("gitops")], [m.reporter(["production"], "rollback")]).run(None)
+    s = await scraper.samples()
+    rollback = {"step": "gitops", "env": "production", "kind": "rollback"}
+    assert value(s, "funnelcake_bot_step_duration_seconds_count", **rollback) == 1
+    assert (
+        "funnelcake_bot_step_duration_seconds_count",
+        frozenset({**rollback, "kind": "deploy"}.items()),
+    ) not in s
+    # the result is counted under the deploy's kind too
+    assert (
+        value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded", kind="rollback") == 1
+    )
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded", kind="deploy") == 0
+
+
+async def test_every_series_has_the_prefix_and_none_is_created(scraper: Scraper) -> None:
+    m = scraper.metrics
+    await run(m, "p1", ["staging"], [Ok("images"), Ok("verify")])
+    m.slack_api_error("chat.postMessage", "channel_not_found")
+    m.set_commits_behind_production("staging", 3)
+    m.set_commits_behind_production("production", 0)
+    _, text = await scraper.raw()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert names, text
+    assert all(n.startswith("funnelcake_bot_") for n in names), sorted(names)
+    assert not [n for n in names if n.endswith("_created")], "no *_created series"
+    assert "_created" not in text
+    s = await scraper.samples()
+    assert value(s, "funnelcake_bot_commits_behind_production", env="staging") == 3
+    assert value(s, "funnelcake_bot_commits_behind_production", env="production") == 0
+    with pytest.raises(ValueError, match="cannot be negative"):
+        m.set_commits_behind_production("staging", -1)
 
 
 async def test_failed_and_errored_deploys_count_for_every_env(scraper: Scraper) -> None:
@@ -148,13 +188,20 @@ async def test_failed_and_errored_deploys_count_for_every_env(scraper: Scraper) 
     )
     await run(m, "d3", ["poc"], [Raises("sync", TransientError("argocd timed out"))])
     s = await scraper.samples()
-    assert value(s, "deploys_total", env="staging", result="failed") == 1
-    assert value(s, "deploys_total", env="poc", result="failed") == 1
-    assert value(s, "deploys_total", env="poc", result="errored") == 1
-    assert value(s, "deploys_total", env="poc", result="succeeded") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="staging", result="failed", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="failed", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="errored", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="succeeded", kind="deploy") == 0
     # the failed step's time counts; the step after it never ran
-    assert value(s, "step_duration_seconds_count", step="gitops") == 1
-    assert ("step_duration_seconds_count", frozenset({("step", "verify")})) not in s
+    # a deploy to two envs: its step is observed for each
+    for env in ("staging", "poc"):
+        assert (
+            value(s, "funnelcake_bot_step_duration_seconds_count", step="gitops", env=env, kind="deploy") == 1
+        )
+    assert not any(
+        name == "funnelcake_bot_step_duration_seconds_count" and ("step", "verify") in labels
+        for name, labels in s
+    )
 
 
 async def test_cancelled_deploy_is_counted_once(scraper: Scraper) -> None:
@@ -168,8 +215,8 @@ async def test_cancelled_deploy_is_counted_once(scraper: Scraper) -> None:
     # a second terminal event for the same deploy (e.g. the service reporting the lock) must not count again
     await m.reporter(["production"]).emit(StepEvent("d4", "lock", EventKind.FAILED, "held"))
     s = await scraper.samples()
-    assert value(s, "deploys_total", env="production", result="cancelled") == 1
-    assert value(s, "deploys_total", env="production", result="failed") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="cancelled", kind="deploy") == 1
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="failed", kind="deploy") == 0
 
 
 async def test_a_hand_over_is_not_a_cancelled_deploy(scraper: Scraper) -> None:
@@ -181,7 +228,7 @@ async def test_a_hand_over_is_not_a_cancelled_deploy(scraper: Scraper) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     s = await scraper.samples()
-    assert value(s, "deploys_total", env="poc", result="cancelled") == 0
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="cancelled", kind="deploy") == 0
 
 
 async def test_deploy_duration_and_last_success_come_from_the_final_summary(scraper: Scraper) -> None:
@@ -191,12 +238,14 @@ async def test_deploy_duration_and_last_success_come_from_the_final_summary(scra
     failed = {"state": "failed", "deploy_kind": "deploy", "seconds": 7.5}
     await m.reporter(["poc"]).emit(StepEvent("d8", SUMMARY_STEP, EventKind.FAILED, "no", failed))
     s = await scraper.samples()
-    assert value(s, "deploy_duration_seconds_count", env="staging", kind="rollback") == 1
-    assert value(s, "deploy_duration_seconds_sum", env="staging", kind="rollback") == 42.0
-    assert value(s, "deploy_duration_seconds_sum", env="poc", kind="deploy") == 7.5
-    assert value(s, "last_successful_deploy_timestamp_seconds", env="staging") > 1.7e9
-    assert value(s, "last_successful_deploy_timestamp_seconds", env="poc") == 0  # its deploy failed
-    assert value(s, "deploys_total", env="poc", result="failed") == 1
+    assert value(s, "funnelcake_bot_deploy_duration_seconds_count", env="staging", kind="rollback") == 1
+    assert value(s, "funnelcake_bot_deploy_duration_seconds_sum", env="staging", kind="rollback") == 42.0
+    assert value(s, "funnelcake_bot_deploy_duration_seconds_sum", env="poc", kind="deploy") == 7.5
+    assert value(s, "funnelcake_bot_last_successful_deploy_timestamp_seconds", env="staging") > 1.7e9
+    assert (
+        value(s, "funnelcake_bot_last_successful_deploy_timestamp_seconds", env="poc") == 0
+    )  # its deploy failed
+    assert value(s, "funnelcake_bot_deploys_total", env="poc", result="failed", kind="deploy") == 1
 
 
 async def test_approval_wait_is_measured_across_pipelines(scraper: Scraper) -> None:
@@ -206,8 +255,9 @@ async def test_approval_wait_is_measured_across_pipelines(scraper: Scraper) -> N
     approved = StepEvent("d5", "approval", EventKind.DONE, "approved", at=started.at + timedelta(seconds=90))
     await MetricsReporter(m, ["production"]).emit(approved)
     s = await scraper.samples()
-    assert value(s, "step_duration_seconds_sum", step="approval") == pytest.approx(90)
-    assert value(s, "deploys_total", env="production", result="succeeded") == 0
+    approval = {"step": "approval", "env": "production", "kind": "deploy"}
+    assert value(s, "funnelcake_bot_step_duration_seconds_sum", **approval) == pytest.approx(90)
+    assert value(s, "funnelcake_bot_deploys_total", env="production", result="succeeded", kind="deploy") == 0
 
 
 async def test_locks_held_is_read_from_the_ledger_at_scrape_time(tmp_path: Path, scraper: Scraper) -> None:
@@ -220,14 +270,14 @@ async def test_locks_held_is_read_from_the_ledger_at_scrape_time(tmp_path: Path,
         await ledger.lock("staging", "U1", "load test")
         await ledger.lock("poc", "U1", "demo")
         s = await scraper.samples()
-        assert value(s, "locks_held", env="staging") == 2
-        assert value(s, "locks_held", env="poc") == 1
-        assert value(s, "locks_held", env="production") == 0
+        assert value(s, "funnelcake_bot_locks_held", env="staging") == 2
+        assert value(s, "funnelcake_bot_locks_held", env="poc") == 1
+        assert value(s, "funnelcake_bot_locks_held", env="production") == 0
         await ledger.release_lease("staging", "bot-a")
         await ledger.unlock("poc", "U1")
         s = await scraper.samples()
-        assert value(s, "locks_held", env="staging") == 1
-        assert value(s, "locks_held", env="poc") == 0
+        assert value(s, "funnelcake_bot_locks_held", env="staging") == 1
+        assert value(s, "funnelcake_bot_locks_held", env="poc") == 0
 
 
 async def test_scrape_survives_a_broken_ledger(scraper: Scraper, caplog: pytest.LogCaptureFixture) -> None:
@@ -249,12 +299,12 @@ async def test_scrape_survives_a_broken_ledger(scraper: Scraper, caplog: pytest.
     scraper.metrics.set_locks({"staging": 1})
     scraper.metrics.lock_source = Broken()
     s = await scraper.samples()
-    assert value(s, "locks_held", env="staging") == 1, "the last known value stays"
+    assert value(s, "funnelcake_bot_locks_held", env="staging") == 1, "the last known value stays"
     assert "could not read locks" in caplog.text
     scraper.metrics.lock_source = Slow()
     scraper.metrics.refresh_timeout = 0.1
     s = await asyncio.wait_for(scraper.samples(), 3)
-    assert value(s, "locks_held", env="staging") == 1
+    assert value(s, "funnelcake_bot_locks_held", env="staging") == 1
     assert "did not answer" in caplog.text
 
 
@@ -264,14 +314,24 @@ async def test_openmetrics_when_asked(scraper: Scraper) -> None:
     assert text.rstrip().endswith("# EOF")
     content_type, text = await scraper.raw()
     assert content_type.startswith("text/plain")
-    assert "# TYPE deploys_total counter" in text
+    assert "# TYPE funnelcake_bot_deploys_total counter" in text
 
 
 def test_registry_is_dedicated() -> None:
     a, b = Metrics(envs=["poc"]), Metrics(envs=["poc"])
     a.deploy_finished("x", ["poc"], "succeeded")
-    assert b.registry.get_sample_value("deploys_total", {"env": "poc", "result": "succeeded"}) == 0
-    assert REGISTRY.get_sample_value("deploys_total", {"env": "poc", "result": "succeeded"}) is None
+    assert (
+        b.registry.get_sample_value(
+            "funnelcake_bot_deploys_total", {"env": "poc", "result": "succeeded", "kind": "deploy"}
+        )
+        == 0
+    )
+    assert (
+        REGISTRY.get_sample_value(
+            "funnelcake_bot_deploys_total", {"env": "poc", "result": "succeeded", "kind": "deploy"}
+        )
+        is None
+    )
     with pytest.raises(ValueError, match="unknown deploy result"):
         a.deploy_finished("y", ["poc"], "exploded")
 
@@ -310,10 +370,20 @@ async def test_slack_api_errors_counted_from_the_real_client(slack: FakeSlack, s
         with pytest.raises(aiohttp.ClientConnectorError):
             await down.auth_test()
     s = await scraper.samples()
-    assert value(s, "slack_api_errors_total", method="chat.postMessage", error="channel_not_found") == 1
-    assert value(s, "slack_api_errors_total", method="auth.test", error="invalid_auth") == 1
-    assert value(s, "slack_api_errors_total", method="chat.postMessage", error="ratelimited") == 1
-    assert value(s, "slack_api_errors_total", method="auth.test", error="ClientConnectorError") == 1
-    total = sum(v for (name, _), v in s.items() if name == "slack_api_errors_total")
+    assert (
+        value(
+            s, "funnelcake_bot_slack_api_errors_total", method="chat.postMessage", error="channel_not_found"
+        )
+        == 1
+    )
+    assert value(s, "funnelcake_bot_slack_api_errors_total", method="auth.test", error="invalid_auth") == 1
+    assert (
+        value(s, "funnelcake_bot_slack_api_errors_total", method="chat.postMessage", error="ratelimited") == 1
+    )
+    assert (
+        value(s, "funnelcake_bot_slack_api_errors_total", method="auth.test", error="ClientConnectorError")
+        == 1
+    )
+    total = sum(v for (name, _), v in s.items() if name == "funnelcake_bot_slack_api_errors_total")
     assert total == 4, "successful calls are not errors"
     assert len([c for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == "C0BURST"]) == 3

@@ -214,8 +214,8 @@ async def test_planted_secrets_never_leave_the_process(
     assert "Dirty database version 4" in thread
     assert "username=[REDACTED]&amp;password=[REDACTED]" in thread  # Slack-escaped &
     # The metrics saw both results.
-    assert 'deploys_total{env="staging",result="failed"} 1.0' in metrics
-    assert 'deploys_total{env="poc",result="succeeded"} 1.0' in metrics
+    assert 'funnelcake_bot_deploys_total{env="staging",kind="deploy",result="failed"} 1.0' in metrics
+    assert 'funnelcake_bot_deploys_total{env="poc",kind="deploy",result="succeeded"} 1.0' in metrics
 
     # Everything the test bed captured.
     haystacks: dict[str, str | bytes] = {

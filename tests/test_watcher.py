@@ -57,7 +57,7 @@ async def until_text(slack: FakeSlack, ts: str, needle: str, *bots: BotProcess) 
 
 
 async def incidents_gauge(*bots: BotProcess) -> float:
-    """incidents_open{env="staging",kind="pods_failing"} as the bot that watches serves it on /metrics
+    """funnelcake_bot_incidents_open{env="staging",kind="pods_failing"} as the bot that watches serves it on /metrics
     (the other replica never set it)."""
     values = []
     async with aiohttp.ClientSession() as session:
@@ -68,7 +68,8 @@ async def incidents_gauge(*bots: BotProcess) -> float:
                 values += [
                     s.value
                     for s in family.samples
-                    if s.name == "incidents_open" and s.labels == {"env": "staging", "kind": "pods_failing"}
+                    if s.name == "funnelcake_bot_incidents_open"
+                    and s.labels == {"env": "staging", "kind": "pods_failing"}
                 ]
     assert len(values) == 1, values  # one watcher, whichever it is
     return values[0]

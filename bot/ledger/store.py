@@ -9,9 +9,12 @@ never upgrades a stale read, and PostgreSQL serialises lock/lease changes of one
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
+import re
 import secrets
+import socket
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -39,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from bot.errors import ConfigError, TransientError
+from bot.errors import DatabaseUrlError, LedgerUnavailable
 from bot.ledger import schema as s
 from bot.ledger.models import (
     IN_FLIGHT_STATES,
@@ -122,26 +125,153 @@ _COLUMN_FIELDS = (
 )
 
 
+_URL_FORMS = "sqlite:////var/lib/funnelcake/ledger.db or postgresql://user:password@host:5432/database"
+
+
 def _normalise_url(raw: str) -> tuple[URL, str]:
     """Pick the async driver for the URL's backend; return the URL and a password-free label for messages."""
     try:
         url = make_url(raw)
     except sa_exc.ArgumentError:
-        raise ConfigError("DATABASE_URL", ["not a database URL (sqlite:///path or postgresql://…)"]) from None
+        raise DatabaseUrlError("it is not a database URL", f"write it as {_URL_FORMS}") from None
+    except ValueError as e:
+        # SQLAlchemy parses the port (what follows the host) with int(): its error quotes just that part.
+        found = re.search(r"'(.*)'$", str(e))
+        port = found.group(1) if found else "?"
+        raise DatabaseUrlError(
+            f"the port {port[:20]!r} is not a number",
+            "give the database server's port after the host, as in postgresql://user@db.internal:5432/funnelcake",
+        ) from None
     backend = url.get_backend_name()
     if backend == "sqlite":
         database = url.database or ""
         if database in ("", ":memory:") or url.query.get("mode") == "memory":
-            raise ConfigError(
-                "DATABASE_URL",
-                ["an in-memory SQLite ledger forgets every deploy and lock on restart: give a file path"],
+            raise DatabaseUrlError(
+                "an in-memory SQLite ledger forgets every deploy and lock on restart",
+                "give a file path, as in sqlite:////var/lib/funnelcake/ledger.db",
             )
         url = url.set(drivername="sqlite+aiosqlite")
         return url, f"SQLite file {database}"
     if backend in ("postgresql", "postgres"):
+        if url.port is not None and not 0 < url.port < 65536:
+            raise DatabaseUrlError(
+                f"the port {url.port} is out of range", "give the database server's port (usually 5432)"
+            )
         url = url.set(drivername="postgresql+asyncpg")
         return url, f"PostgreSQL {url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
-    raise ConfigError("DATABASE_URL", [f"unsupported database {backend!r}: use sqlite or postgresql"])
+    raise DatabaseUrlError(
+        f"the scheme {url.drivername.split('+')[0][:30]!r} is not a database the ledger supports",
+        f"use sqlite or postgresql, as in {_URL_FORMS}",
+    )
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """The exception, the driver's error SQLAlchemy wraps, and what caused those, outermost first."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [e]
+    while todo and len(seen) < 10:
+        cur = todo.pop(0)
+        if cur is None or any(cur is x for x in seen):
+            continue
+        seen.append(cur)
+        todo.extend([getattr(cur, "orig", None), cur.__cause__, cur.__context__])
+    return seen
+
+
+def _disk_full(e: BaseException) -> bool:
+    for c in _causes(e):
+        if isinstance(c, OSError) and c.errno == errno.ENOSPC:
+            return True
+        text = str(c).lower()
+        if "database or disk is full" in text or "no space left on device" in text:
+            return True
+        if getattr(c, "sqlstate", None) == "53100":  # PostgreSQL's disk_full
+            return True
+    return False
+
+
+def _unavailable(e: BaseException, label: str) -> LedgerUnavailable:
+    """What a person is told when the ledger cannot be used for now, from the driver's error."""
+    causes = _causes(e)
+    text = " ".join(str(c).lower() for c in causes)
+    detail = _short_cause(e)
+    if _disk_full(e):
+        return LedgerUnavailable(
+            f"The deploy ledger ({label}) cannot write: its disk is full",
+            reason="disk full",
+            hint="free space on the volume that holds it, or give it a bigger one; writes resume once there is room",
+            detail=detail,
+        )
+    if any(isinstance(c, socket.gaierror) for c in causes):
+        what, reason, hint = (
+            "its host name is not found",
+            "host name not found",
+            "check the host in DATABASE_URL and the cluster's DNS",
+        )
+    elif any(isinstance(c, ConnectionRefusedError) for c in causes) or "connection refused" in text:
+        what, reason, hint = (
+            "the connection was refused",
+            "connection refused",
+            "check that the database is up and that DATABASE_URL's host and port point at it",
+        )
+    elif "database is locked" in text:
+        what, reason, hint = (
+            "another process holds its lock",
+            "busy",
+            "it is retried; if it lasts, look for a second bot writing the same SQLite file",
+        )
+    elif "unable to open database file" in text:
+        what, reason, hint = (
+            "its file cannot be opened",
+            "file cannot be opened",
+            "check that the file's directory exists and the bot may write there (a read-only volume?)",
+        )
+    elif any(isinstance(c, TimeoutError | sa_exc.TimeoutError) for c in causes):
+        what, reason, hint = (
+            "it did not answer in time",
+            "timed out",
+            "it may be overloaded or locked by another process; try again shortly",
+        )
+    else:
+        what, reason, hint = (
+            "the connection failed",
+            "connection failed",
+            "check that the database is up; the operation can be retried",
+        )
+    return LedgerUnavailable(
+        f"The deploy ledger ({label}) is unreachable: {what}", reason=reason, hint=hint, detail=detail
+    )
+
+
+def _refused(e: sa_exc.DBAPIError, url: URL) -> DatabaseUrlError:
+    """A database that answered and said no at open: the part of DATABASE_URL to fix."""
+    state = next((getattr(c, "sqlstate", None) for c in _causes(e) if getattr(c, "sqlstate", None)), None)
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    if state == "3D000":
+        return DatabaseUrlError(
+            f"the database {url.database!r} does not exist on {where}",
+            f"create it (createdb {url.database}) or fix the database name at the end of DATABASE_URL",
+            reason="database missing",
+        )
+    if state in ("28000", "28P01"):
+        return DatabaseUrlError(
+            f"{where} refused the user {url.username or '(none given)'!r} (unknown user or wrong password)",
+            "check the user and password in DATABASE_URL (or the secret it comes from)",
+            reason="login refused",
+        )
+    if state == "42501":
+        return DatabaseUrlError(
+            f"the user {url.username or '(none given)'!r} may not create or change the ledger's tables in "
+            f"{url.database!r}",
+            "grant it CREATE and USAGE on the database's schema, or use the ledger's owner",
+            reason="permission denied",
+        )
+    return DatabaseUrlError(
+        f"the database at {where} refused to open the ledger ({_short_cause(e).split(':', 1)[0]}"
+        f"{f', SQLSTATE {state}' if state else ''})",
+        "check that DATABASE_URL's user may use the database, and read the server's log for the cause",
+        reason="refused",
+    )
 
 
 def _short_cause(e: BaseException) -> str:
@@ -196,6 +326,15 @@ class Ledger:
         ledger = cls(engine, label=label, clock=clock or _utc_now, timeout=query_timeout)
         try:
             applied = await ledger._upgrade()
+        except LedgerUnavailable as e:
+            await engine.dispose()
+            if e.reason == "file cannot be opened":  # at open that is the path, not an outage
+                raise _unopenable(Path(sa_url.database or "")) from None
+            raise
+        except sa_exc.DBAPIError as e:
+            await engine.dispose()
+            log.warning("the ledger's database refused to open it: %s", _short_cause(e))
+            raise _refused(e, sa_url) from None
         except BaseException:
             await engine.dispose()
             raise
@@ -237,17 +376,15 @@ class Ledger:
             async with asyncio.timeout(self._timeout), self._engine.begin() as conn:
                 yield conn
         except TimeoutError:
-            raise TransientError(
-                f"The deploy ledger ({self._label}) did not answer within {self._timeout:g} s.",
-                hint="It may be overloaded or locked by another process; try again shortly.",
+            raise LedgerUnavailable(
+                f"The deploy ledger ({self._label}) did not answer within {self._timeout:g} s",
+                reason="timed out",
+                hint="it may be overloaded or locked by another process; try again shortly",
             ) from None
         except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError) as e:
-            if isinstance(e, sa_exc.DBAPIError) and not _transient(e):
+            if isinstance(e, sa_exc.DBAPIError) and not _transient(e) and not _disk_full(e):
                 raise
-            raise TransientError(
-                f"The deploy ledger ({self._label}) is unreachable or busy ({_short_cause(e)}).",
-                hint="Check that the database is up; the operation can be retried.",
-            ) from None
+            raise _unavailable(e, self._label) from None
 
     async def _env_guard(self, conn: AsyncConnection, env: str) -> None:
         # Manual locks and leases of one env must not interleave (lock() racing acquire_lease()).
@@ -1159,9 +1296,16 @@ async def _sqlite_engine(url: URL, query_timeout: float) -> AsyncEngine:
     try:
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(
-            "DATABASE_URL", [f"cannot create the ledger's directory {path.parent}: {e.strerror or e}"]
+        raise DatabaseUrlError(
+            f"cannot create the ledger's directory {path.parent} "
+            f"({'a file is in the way' if isinstance(e, FileExistsError) else e.strerror or type(e).__name__})",
+            "give a path the bot may write to, such as a file on its volume: sqlite:////var/lib/funnelcake/ledger.db",
         ) from None
+    if await asyncio.to_thread(path.is_dir):
+        raise DatabaseUrlError(
+            f"{path} is a directory, not a file",
+            f"name a file in it, as in sqlite:///{path / 'ledger.db'}",
+        )
     engine = create_async_engine(url, connect_args={"timeout": query_timeout})
     busy_ms = int(query_timeout * 800)  # SQLite gives up before the asyncio deadline cancels the query
 
@@ -1210,6 +1354,14 @@ def _enter_wal(dbapi_conn: Any, cur: Any, budget: float) -> None:
         # The hook runs inside SQLAlchemy's greenlet on the event loop: sleep there, not in the thread.
         dbapi_conn.run_async(lambda _raw, d=delay: asyncio.sleep(d))
         delay = min(delay * 2, 0.2) * random.uniform(0.5, 1.0) + 0.005  # noqa: S311 - jitter, not a secret
+
+
+def _unopenable(path: Path) -> DatabaseUrlError:
+    return DatabaseUrlError(
+        f"the SQLite file {path} cannot be opened or created",
+        f"check that the bot's user may read and write {path.parent} (a read-only volume?), or choose another path",
+        reason="file cannot be opened",
+    )
 
 
 def _postgres_engine(url: URL, timeout: float) -> AsyncEngine:

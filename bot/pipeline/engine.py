@@ -20,7 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import stamina
 
 from bot.errors import BotError, PermanentError, TransientError
-from bot.logs import redact, redact_json
+from bot.logs import redact, redact_json, step_context
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,10 @@ class Pipeline(Generic[C]):
         return PipelineResult(self.run_id, results)
 
     async def run_step(self, step: Step[C], ctx: C, *, index: int = 1, total: int = 1) -> StepResult:
+        with step_context(step.name):  # every line the step logs says which step it is
+            return await self._run_step(step, ctx, index=index, total=total)
+
+    async def _run_step(self, step: Step[C], ctx: C, *, index: int, total: int) -> StepResult:
         started = time.monotonic()
         attempt = 0
 
