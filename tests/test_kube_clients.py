@@ -95,6 +95,7 @@ async def test_expired_token_gets_a_401_then_one_refresh_and_a_retry(tmp_path: P
 async def test_concurrent_requests_share_one_proactive_refresh(tmp_path: Path):
     async with poc_clients(tmp_path, lifetime=3, margin=1.5) as (clusters, clients):
         client = clients[POC]
+        await list_pods(clients)  # the first request fetches the token
         await asyncio.sleep(max(0.0, (client._auth.expiry - dt.datetime.now(dt.UTC)).total_seconds() - 1.4))
         await asyncio.gather(*(list_pods(clients) for _ in range(10)))
         assert client.token_refreshes == 1
@@ -117,8 +118,10 @@ async def test_failing_plugin_is_a_clear_error(tmp_path: Path, kube_clusters: Fa
         exec_plugin=PLUGIN,
         exec_env={**plugin_env("s"), "FAKE_GKE_AUTH_FAIL": "ERROR: gcloud auth login required"},
     )
-    with pytest.raises(PermanentError, match="cannot load kube context") as err:
-        await KubeClients.from_kubeconfig(path, [POC])
+    # reading the kubeconfig runs no plugin: the failure comes with the first request, clearly
+    async with await KubeClients.from_kubeconfig(path, [POC]) as clients:
+        with pytest.raises(PermanentError, match=f"cannot get credentials for cluster {POC}") as err:
+            await list_pods(clients)
     assert "gcloud auth login required" in str(err.value)
 
 
@@ -171,3 +174,16 @@ async def test_watch_relists_after_410(tmp_path: Path):
                         break
             await gen.aclose()
             assert old_rv  # the stale RV existed; the watch recovered through a fresh list
+
+
+async def test_clients_are_lazy_and_three_contexts_share_one_plugin_run(tmp_path: Path):
+    async with FakeClusters(tmp_path, list(CONTEXTS)) as clusters:
+        async with await KubeClients.from_kubeconfig(clusters.kubeconfig, CONTEXTS.values()) as clients:
+            # reading the kubeconfig builds no client and runs no plugin
+            assert clients.built == []
+            assert clusters.plugin_invocations() == 0
+            assert set(clients.contexts) == set(CONTEXTS.values())
+            await asyncio.gather(*(list_pods(clients, ctx) for ctx in CONTEXTS.values()))
+            # the same plugin stanza for each context: its unexpired token serves all three
+            assert clusters.plugin_invocations() == 1
+            assert sorted(clients.built) == sorted(CONTEXTS.values())
