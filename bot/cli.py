@@ -17,23 +17,27 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 
 from bot import commands
-from bot.drift import DriftReport
 from bot.errors import BotError, ConfigError
 from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
 from bot.models import Plan, plural
 from bot.pipeline.engine import PipelineResult, Reporter
 from bot.policy.authz import Action, Authority, GroupCache, Principal
-from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, DeployService
 from bot.settings import FunnelcakeConfig, Settings, load_config
 from bot.terminal import TerminalReporter, colour_enabled, paint
-from handlers.directory import SlackClient, connect, group_members, user_by_email
-from handlers.reporter import SlackThreadReporter
+
+if TYPE_CHECKING:
+    # Only for annotations: the status report, the deploy service and Slack pull in kubernetes_asyncio,
+    # the registry clients and slack_sdk, which `history`, `config-check` and `--help` must not pay for.
+    from bot.drift import DriftReport
+    from bot.service import DeployService
+    from handlers.directory import SlackClient
+    from handlers.reporter import SlackThreadReporter
 
 log = logging.getLogger("bot.cli")
 
@@ -281,6 +285,8 @@ async def _by_email(session: Session) -> None:
             f"the OS user {session.principal.os_user} is mapped by e-mail, and without SLACK_BOT_TOKEN "
             "there is no Slack to look the address up in"
         )
+    from handlers.directory import user_by_email  # noqa: PLC0415 - see TYPE_CHECKING above
+
     user = await user_by_email(session.slack, operator.email)
     if user is None:
         raise Refused(f"no Slack user has the e-mail address {operator.email} that `operators` gives")
@@ -554,6 +560,8 @@ class Session:
         if self.slack is not None and self.ledger is not None and record.channel:
             thread = self.threads.get(record.id)
             if thread is None:
+                from handlers.reporter import SlackThreadReporter  # noqa: PLC0415 - see TYPE_CHECKING
+
                 thread = self.threads[record.id] = SlackThreadReporter(self.slack, self.ledger, record)
             out.append(thread)
         return out
@@ -563,6 +571,7 @@ class Session:
         # Imported here: building adapters pulls in kubernetes_asyncio and SQLAlchemy, which
         # `config-check` and `--help` should not pay for.
         from bot.wiring import build_service  # noqa: PLC0415
+        from handlers.directory import connect  # noqa: PLC0415
 
         async with contextlib.AsyncExitStack() as stack:
             token = self.settings.slack_bot_token
@@ -583,10 +592,21 @@ class Session:
                         await thread.flush(timeout=20)
                     await thread.close()
 
+    @contextlib.asynccontextmanager
+    async def ledger_only(self) -> AsyncIterator[Ledger]:
+        """The ledger alone, for commands that read only it (`history`): no cluster, registry or git client."""
+        ledger = await Ledger.open(self.settings.database_url)
+        try:
+            yield ledger
+        finally:
+            await ledger.close()
+
     def authority(self) -> Authority:
         client = self.slack
 
         async def members(group: str) -> frozenset[str]:
+            from handlers.directory import group_members  # noqa: PLC0415 - see TYPE_CHECKING above
+
             # Without Slack nobody is known to be in a group: only IDs and "*" in the file count.
             return await group_members(client, group) if client is not None else frozenset()
 
@@ -617,6 +637,8 @@ class Session:
 
 
 def _steps(kind: DeployKind, envs: Sequence[str], config: FunnelcakeConfig) -> list[str]:
+    from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS  # noqa: PLC0415 - see TYPE_CHECKING
+
     if kind is not DeployKind.ROLLBACK and any(config.env(e).approval_required for e in envs):
         return [*PLAN_STEPS, "approval"]
     return [*PLAN_STEPS, *(MIGRATE_STEPS if kind is DeployKind.MIGRATE else EXECUTE_STEPS)]
@@ -821,6 +843,8 @@ async def _decide(session: Session, service: DeployService, deploy_id: str, *, a
     await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
     authority = session.authority()
     mine = [e.name for e in authority.approval_envs(record.envs) if await authority.approves(e, session.user)]
+    from bot.service import EXECUTE_STEPS  # noqa: PLC0415 - see TYPE_CHECKING above
+
     reporter = TerminalReporter(
         list(EXECUTE_STEPS),
         title=f"{record.kind.value} {record.ref} → {', '.join(record.envs)} ({record.id})",
@@ -864,6 +888,15 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
     if session.principal.user is None and not _reads_only(cmd) and not (operator and operator.email):
         # Whoever no operator maps may only read: refused before anything is opened.
         await session.allow(Action.DEPLOY, [])
+    if isinstance(cmd, commands.History):
+        await session.allow(Action.HISTORY, [cmd.env] if cmd.env else [])
+        async with session.ledger_only() as ledger:
+            records = await ledger.history(cmd.env, cmd.limit)
+        if session.json:
+            session.emit(history_json(records))
+        else:
+            session.say(*render_history(records))
+        return EXIT_OK
     async with session.service() as service:
         if not _reads_only(cmd):
             await _by_email(session)
@@ -919,14 +952,6 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
             else:
                 session.say(*render_status(report, colour=colour_enabled(session.out)))
             return EXIT_FAILED if args.exit_code and _has_findings(report) else EXIT_OK
-        if isinstance(cmd, commands.History):
-            await session.allow(Action.HISTORY, [cmd.env] if cmd.env else [])
-            records = await service.history(cmd.env, cmd.limit)
-            if session.json:
-                session.emit(history_json(records))
-            else:
-                session.say(*render_history(records))
-            return EXIT_OK
         if isinstance(cmd, commands.Lock):
             await session.allow(Action.LOCK, [cmd.env])
             lock = await service.lock(cmd.env, session.user, cmd.reason)
