@@ -104,6 +104,7 @@ class TerminalReporter:
         clock: Callable[[], float] = time.monotonic,
         tick: float = 1.0,
         width: int | None = None,
+        colour: bool | None = None,
     ) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
@@ -111,7 +112,7 @@ class TerminalReporter:
         self.clock = clock
         self.tick = tick
         self.width = width
-        self.colour = colour_enabled(self.stream)
+        self.colour = colour_enabled(self.stream) if colour is None else colour
         self.steps = [StepLine(name) for name in steps]
         self.started = clock()
         self.failure: Failure | None = None

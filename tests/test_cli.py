@@ -26,7 +26,7 @@ from bot.cli import main
 from bot.ledger import DeployState, Ledger
 from bot.pipeline.engine import EventKind, StepEvent
 from bot.service import DeployService
-from bot.terminal import TerminalReporter
+from bot.terminal import TerminalReporter, colour_enabled
 from tests.testbed.gitrepos import remote_head
 from tests.testbed.kube.kubeconfig import CONTEXTS, PLUGIN, plugin_env, write_kubeconfig
 from tests.testbed.sandbox import Sandbox
@@ -501,7 +501,12 @@ async def test_reporter_on_a_tty_redraws_in_place_with_bar_and_clock() -> None:
     now = [100.0]
     stream = _Stream(tty=True)
     reporter = TerminalReporter(
-        ["resolve", "images"], title="deploy abc → poc", stream=stream, clock=lambda: now[0], width=80
+        ["resolve", "images"],
+        title="deploy abc → poc",
+        stream=stream,
+        clock=lambda: now[0],
+        width=80,
+        colour=False,
     )
     async with reporter:
         await reporter.emit(_ev("resolve", EventKind.STARTED))
@@ -735,3 +740,14 @@ async def test_status_runs_the_plugin_once_for_three_clusters(
     assert [e["error"] for e in report["envs"]] == [None, None, None]  # every cluster answered
     assert all(e["rows"] for e in report["envs"])
     assert counter.read_text().count("\n") == 1  # one token, unexpired, for production, staging and poc
+
+
+def test_colour_follows_no_color_force_color_and_the_tty() -> None:
+    tty, pipe = _Stream(tty=True), _Stream(tty=False)
+    assert colour_enabled(tty, {}) is True
+    assert colour_enabled(pipe, {}) is False
+    assert colour_enabled(tty, {"NO_COLOR": "1"}) is False
+    assert colour_enabled(tty, {"NO_COLOR": ""}) is True  # no-color.org: only a non-empty value counts
+    assert colour_enabled(pipe, {"FORCE_COLOR": "1"}) is True
+    assert colour_enabled(pipe, {"FORCE_COLOR": "0"}) is False
+    assert colour_enabled(pipe, {"FORCE_COLOR": "1", "NO_COLOR": "1"}) is False

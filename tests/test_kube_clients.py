@@ -177,13 +177,15 @@ async def test_watch_relists_after_410(tmp_path: Path):
 
 
 async def test_clients_are_lazy_and_three_contexts_share_one_plugin_run(tmp_path: Path):
-    async with FakeClusters(tmp_path, list(CONTEXTS)) as clusters:
-        async with await KubeClients.from_kubeconfig(clusters.kubeconfig, CONTEXTS.values()) as clients:
-            # reading the kubeconfig builds no client and runs no plugin
-            assert clients.built == []
-            assert clusters.plugin_invocations() == 0
-            assert set(clients.contexts) == set(CONTEXTS.values())
-            await asyncio.gather(*(list_pods(clients, ctx) for ctx in CONTEXTS.values()))
-            # the same plugin stanza for each context: its unexpired token serves all three
-            assert clusters.plugin_invocations() == 1
-            assert sorted(clients.built) == sorted(CONTEXTS.values())
+    async with (
+        FakeClusters(tmp_path, list(CONTEXTS)) as clusters,
+        await KubeClients.from_kubeconfig(clusters.kubeconfig, CONTEXTS.values()) as clients,
+    ):
+        # reading the kubeconfig builds no client and runs no plugin
+        assert clients.built == []
+        assert clusters.plugin_invocations() == 0
+        assert set(clients.contexts) == set(CONTEXTS.values())
+        await asyncio.gather(*(list_pods(clients, ctx) for ctx in CONTEXTS.values()))
+        # the same plugin stanza for each context: its unexpired token serves all three
+        assert clusters.plugin_invocations() == 1
+        assert sorted(clients.built) == sorted(CONTEXTS.values())
