@@ -587,10 +587,12 @@ async def test_version_and_completion_scripts(cli_env: dict[str, str]) -> None:
 
     def complete(*words: str) -> list[str]:
         # what bash offers after `funnelcake <words>` + TAB, with the script sourced as a user would
-        line = " ".join(f"'{w}'" for w in words)
+        quoted = " ".join(f"'{w}'" for w in ("funnelcake", *words))
         code = (
-            f"source {script}; COMP_WORDS=(funnelcake {line}); COMP_CWORD={len(words)}; "
-            '_funnelcake; printf "%s\\n" "${COMPREPLY[@]}"'
+            f"source {script}; COMP_WORDS=({quoted}); COMP_CWORD={len(words)}; "
+            f'COMP_LINE="${{COMP_WORDS[*]}}"; COMP_POINT=${{#COMP_LINE}}; '
+            '_shtab_funnelcake funnelcake "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"; '
+            'printf "%s\\n" "${COMPREPLY[@]}"'
         )
         done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=30, check=True)
         return done.stdout.split()
@@ -606,7 +608,10 @@ async def test_version_and_completion_scripts(cli_env: dict[str, str]) -> None:
     zsh = await _run_process(cli_env, "completion", "zsh")
     assert zsh.code == 0
     assert zsh.out.startswith("#compdef funnelcake")
-    assert (await _run_process(cli_env, "completion", "fish")).code == 2
+    tcsh = await _run_process(cli_env, "completion", "tcsh")
+    assert tcsh.code == 0
+    assert "complete funnelcake" in tcsh.out
+    assert (await _run_process(cli_env, "completion", "cmd.exe")).code == 2
 
 
 async def test_config_check_file_lists_every_problem_with_its_path(sb: Sandbox, tmp_path: Path) -> None:
