@@ -2,7 +2,7 @@
 
 Runs the whole local sandbox (tests/testbed/sandbox.py: registries, git remotes, three simulated clusters
 whose kubeconfig authenticates through the fake gke-gcloud-auth-plugin) and measures, interleaved, as medians:
-  (a) `funnelcake status`, a new `python -m bot.cli` process each time;
+  (a) `funnelcake status` (the installed console script), a new process each time;
   (b) a bare kubernetes_asyncio script in a new process doing the cluster reads of (a): per env, a client
       from the kubeconfig (the library runs the exec plugin for each), then per service the Deployment, the
       Argo CD Application and the Deployment's pods, all envs and services concurrently;
@@ -112,7 +112,7 @@ async def main(runs: int) -> None:
             "DATABASE_URL": s.database_url,
             "WORK_DIR": str(s.work_dir),
         }
-        cli = (sys.executable, "-m", "bot.cli")
+        cli = (str(Path(sys.executable).with_name("funnelcake")),)  # the console script a user runs
         spec = {
             "kubeconfig": str(kubeconfig),
             "envs": [
