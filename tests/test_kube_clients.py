@@ -189,3 +189,32 @@ async def test_clients_are_lazy_and_three_contexts_share_one_plugin_run(tmp_path
         # the same plugin stanza for each context: its unexpired token serves all three
         assert clusters.plugin_invocations() == 1
         assert sorted(clients.built) == sorted(CONTEXTS.values())
+
+
+async def test_the_plugin_gets_the_callers_environment_but_not_the_bots_secrets(
+    tmp_path: Path, kube_clusters: FakeClusters, monkeypatch: pytest.MonkeyPatch
+):
+    seen = tmp_path / "plugin-env"
+    wrapper = tmp_path / "recording-plugin"
+    # records the names it was given, then is the fake gke-gcloud-auth-plugin
+    wrapper.write_text(
+        "#!/usr/bin/env python3\n"
+        "import os, sys\n"
+        f"open({str(seen)!r}, 'w').write('\\n'.join(sorted(os.environ)))\n"
+        f"os.execv(sys.executable, [sys.executable, {str(PLUGIN)!r}])\n"
+    )
+    wrapper.chmod(0o755)
+    path = write_kubeconfig(
+        tmp_path / "recording",
+        {POC: kube_clusters.apis["poc"].url},
+        exec_plugin=wrapper,
+        exec_env=plugin_env(kube_clusters.secret),
+    )
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-not-for-plugins")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bot:hunter2@db/ledger")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    async with await KubeClients.from_kubeconfig(path, [POC]) as clients:
+        await list_pods(clients)
+    names = set(seen.read_text().split())
+    assert {"CLOUDSDK_CONFIG", "PATH", "FAKE_GKE_AUTH_SECRET", "KUBERNETES_EXEC_INFO"} <= names
+    assert not names & {"SLACK_BOT_TOKEN", "DATABASE_URL"}
