@@ -747,7 +747,7 @@ async def test_status_runs_the_plugin_once_for_three_clusters(
     assert counter.read_text().count("\n") == 1  # one token, unexpired, for production, staging and poc
 
 
-def test_colour_follows_no_color_force_color_and_the_tty() -> None:
+async def test_colour_follows_no_color_force_color_and_the_tty() -> None:
     tty, pipe = _Stream(tty=True), _Stream(tty=False)
     assert colour_enabled(tty, {}) is True
     assert colour_enabled(pipe, {}) is False
