@@ -103,7 +103,6 @@ class ExecCredentialCache:
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
             weakref.WeakKeyDictionary()
         )
-        self.runs = 0
 
     @staticmethod
     def key(exec_config: Mapping[str, Any]) -> str:
@@ -115,9 +114,6 @@ class ExecCredentialCache:
     def _lock(self, key: str) -> asyncio.Lock:
         per_loop = self._locks.setdefault(asyncio.get_running_loop(), {})
         return per_loop.setdefault(key, asyncio.Lock())
-
-    def forget(self) -> None:
-        self._entries.clear()
 
     async def get(
         self,
@@ -155,7 +151,6 @@ class ExecCredentialCache:
         info = {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
         env["KUBERNETES_EXEC_INFO"] = json.dumps(info)
         argv = [str(command), *map(str, exec_config.get("args") or [])]
-        self.runs += 1
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
