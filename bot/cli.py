@@ -68,9 +68,10 @@ second person (an approver who is not you) approves it in Slack or with `funnelc
 With --wait the CLI follows the deploy to its end; without it, it exits 0 awaiting approval.
 
 exit codes: 0 success (or awaiting approval without --wait), 1 the deploy/plan/operation failed,
-2 usage or configuration error (config-check: the file has problems), 3 not allowed (who may do what: see the README), 4 the deploy ended
-without running (denied or expired), 130 interrupted with Ctrl-C (a running deploy is cancelled and its
-locks released). `status --exit-code` exits 1 when there are warn or error findings.
+2 usage or configuration error (config-check: the file has problems), 3 not allowed (who may do
+what: see the README), 4 the deploy ended without running (denied or expired), 130 interrupted with
+Ctrl-C (a running deploy is cancelled and its locks released). `status --exit-code` exits 1 when
+there are warn or error findings.
 
 --json (status, history, plan, deploy, rollback, migrate, approve, deny): one JSON document on stdout
 and nothing else there; progress and messages go to stderr. Its fields are listed in the README.
