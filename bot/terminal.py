@@ -2,7 +2,7 @@
 
 On a TTY the whole block is redrawn in place (and ticks once a second so the clock moves while a step
 waits on a rollout); anywhere else (a pipe, CI logs) every event becomes one plain line with no escape
-codes, so the output stays greppable. Steps the reporter was not told about (`approval`, `lock`) are
+codes, so the output stays greppable. Colour follows the usual conventions (see `colour_enabled`). Steps the reporter was not told about (`approval`, `lock`) are
 inserted where they happen; the service's closing `deploy` event is a summary, not a step.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -33,6 +34,25 @@ _STATE_OF = {
     EventKind.CANCELLED: "failed",
 }
 _FINISHED = ("done", "skipped", "failed")
+_SGR = {"red": "31", "green": "32", "yellow": "33", "blue": "34"}
+_STATE_COLOUR = {"done": "green", "failed": "red", "retrying": "yellow", "running": "blue"}
+
+
+def colour_enabled(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Colour only for a terminal: NO_COLOR (any non-empty value, no-color.org) turns it off, FORCE_COLOR
+    (non-empty, not "0") turns it on even in a pipe; otherwise on exactly when the stream is a TTY."""
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR"):
+        return False
+    force = env.get("FORCE_COLOR")
+    if force and force != "0":
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def paint(text: str, colour: str, *, enabled: bool) -> str:
+    return f"\x1b[{_SGR[colour]}m{text}\x1b[0m" if enabled and colour in _SGR else text
 
 
 @dataclass
@@ -84,6 +104,7 @@ class TerminalReporter:
         clock: Callable[[], float] = time.monotonic,
         tick: float = 1.0,
         width: int | None = None,
+        colour: bool | None = None,
     ) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
@@ -91,6 +112,7 @@ class TerminalReporter:
         self.clock = clock
         self.tick = tick
         self.width = width
+        self.colour = colour_enabled(self.stream) if colour is None else colour
         self.steps = [StepLine(name) for name in steps]
         self.started = clock()
         self.failure: Failure | None = None
@@ -206,7 +228,8 @@ class TerminalReporter:
         name_width = max((len(s.name) for s in self.steps), default=0)
         for s in self.steps:
             took = f"{s.elapsed:5.1f}s" if s.elapsed is not None else "      "
-            text = f"  {self.symbols[s.state]} {s.name:<{name_width}}  {took}"
+            symbol = paint(self.symbols[s.state], _STATE_COLOUR.get(s.state, ""), enabled=self.colour)
+            text = f"  {symbol} {s.name:<{name_width}}  {took}"
             if s.message:
                 text += f"  {s.message}"
             lines.append(text.rstrip())
@@ -230,7 +253,7 @@ class TerminalReporter:
     def _plain(self, event: StepEvent, line: StepLine) -> None:
         stamp = f"[{self.clock() - self.started:6.1f}s]"
         count = f"{self.finished}/{len(self.steps)}"
-        symbol = self.symbols[line.state]
+        symbol = paint(self.symbols[line.state], _STATE_COLOUR.get(line.state, ""), enabled=self.colour)
         if event.kind is EventKind.STARTED:
             text = f"{stamp} {count} {symbol} {event.step} {event.message or 'started'}"
         elif event.kind is EventKind.PROGRESS:

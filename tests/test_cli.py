@@ -26,8 +26,9 @@ from bot.cli import main
 from bot.ledger import DeployState, Ledger
 from bot.pipeline.engine import EventKind, StepEvent
 from bot.service import DeployService
-from bot.terminal import TerminalReporter
+from bot.terminal import TerminalReporter, colour_enabled
 from tests.testbed.gitrepos import remote_head
+from tests.testbed.kube.kubeconfig import CONTEXTS, PLUGIN, plugin_env, write_kubeconfig
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import FakeSlack
 
@@ -450,7 +451,8 @@ async def test_on_a_terminal_deploy_asks_first_then_redraws_the_steps_in_place(
     code, drawn = await asyncio.to_thread(_converse, argv, cli_env, b"y\n")
     assert code == 0, drawn
     assert "\x1b[9F\x1b[J" in drawn  # the 9-line block (header + 8 steps) was redrawn in place
-    last = drawn.rsplit("\x1b[9F\x1b[J", 1)[1].replace("\r", "").splitlines()
+    assert "\x1b[32m✓\x1b[0m" in drawn  # a terminal gets colour: done steps in green
+    last = re.sub(r"\x1b\[\d+m", "", drawn.rsplit("\x1b[9F\x1b[J", 1)[1]).replace("\r", "").splitlines()
     assert re.match(rf"deploy {short} → poc \(d-\w+\)  \[█+\] 8/8  \d+:\d\d$", last[0]), last[0]
     marks = [line.split()[:2] for line in last[1:9]]
     assert [name for _, name in marks] == list(EXECUTE)
@@ -499,7 +501,12 @@ async def test_reporter_on_a_tty_redraws_in_place_with_bar_and_clock() -> None:
     now = [100.0]
     stream = _Stream(tty=True)
     reporter = TerminalReporter(
-        ["resolve", "images"], title="deploy abc → poc", stream=stream, clock=lambda: now[0], width=80
+        ["resolve", "images"],
+        title="deploy abc → poc",
+        stream=stream,
+        clock=lambda: now[0],
+        width=80,
+        colour=False,
     )
     async with reporter:
         await reporter.emit(_ev("resolve", EventKind.STARTED))
@@ -550,3 +557,202 @@ async def test_reporter_falls_back_to_ascii_when_the_terminal_cannot_show_symbol
     await reporter.emit(_ev("resolve", EventKind.DONE))
     assert stream.getvalue().encode("ascii")
     assert "+ resolve done" in stream.getvalue()
+
+
+# ---- scripting conventions: --version, --json, --exit-code, config-check FILE, completion -------------------
+
+
+async def _run_process(env: dict[str, str], *argv: str) -> Run:
+    proc = await _subprocess(env, *argv)
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    run = Run(proc.returncode if proc.returncode is not None else -1, out.decode(), err.decode())
+    assert "Traceback" not in run.out + run.err
+    return run
+
+
+RECORD_FIELDS = {
+    "id", "kind", "envs", "ref", "sha", "short", "state", "requester", "approver", "origin", "message",
+    "last_step", "tags", "previous_tags", "created_at", "finished_at",
+}  # fmt: skip
+
+
+async def test_version_and_completion_scripts(cli_env: dict[str, str]) -> None:
+    version = await _run_process(cli_env, "--version")
+    assert version.code == 0
+    assert re.fullmatch(r"funnelcake \d+\.\d+\.\d+\S*\n", version.out), version.out
+
+    bash = await _run_process(cli_env, "completion", "bash")
+    assert bash.code == 0
+    script = REPO_ROOT / "completion.bash.tmp"
+
+    def complete(*words: str) -> list[str]:
+        # what bash offers after `funnelcake <words>` + TAB, with the script sourced as a user would
+        quoted = " ".join(f"'{w}'" for w in ("funnelcake", *words))
+        code = (
+            f"source {script}; COMP_WORDS=({quoted}); COMP_CWORD={len(words)}; "
+            f'COMP_LINE="${{COMP_WORDS[*]}}"; COMP_POINT=${{#COMP_LINE}}; '
+            '_shtab_funnelcake funnelcake "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"; '
+            'printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=30, check=True)
+        return done.stdout.split()
+
+    script.write_text(bash.out)
+    try:
+        assert complete("st") == ["status"]
+        assert complete("status", "--e") == ["--exit-code"]
+        assert "--json" in complete("history", "--")
+        assert complete("--v") == ["--version"]
+    finally:
+        script.unlink()
+    zsh = await _run_process(cli_env, "completion", "zsh")
+    assert zsh.code == 0
+    assert zsh.out.startswith("#compdef funnelcake")
+    tcsh = await _run_process(cli_env, "completion", "tcsh")
+    assert tcsh.code == 0
+    assert "complete funnelcake" in tcsh.out
+    assert (await _run_process(cli_env, "completion", "cmd.exe")).code == 2
+
+
+async def test_config_check_file_lists_every_problem_with_its_path(sb: Sandbox, tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # nothing else: FILE is all config-check needs
+    good = await _run_process(env, "config-check", str(sb.config_path))
+    assert good.code == 0, good.err
+    assert f"{sb.config_path}: valid, 3 environments" in good.out
+    assert re.search(r"^poc: .* · migrations ", good.out, re.M)
+
+    data = yaml.safe_load(sb.config_path.read_text())
+    del data["repos"]["gitops"]
+    data["environments"][2]["registry"] = 42
+    del data["environments"][1]["kube_context"]
+    bad_path = tmp_path / "bad.yaml"
+    bad_path.write_text(yaml.safe_dump(data))
+    bad = await _run_process(env, "config-check", str(bad_path))
+    assert bad.code == 2
+    assert bad.out == ""
+    assert "3 problems" in bad.err
+    for path in ("repos.gitops", "environments[poc].registry", "environments[staging].kube_context"):
+        assert f"  - {path}: " in bad.err, bad.err
+
+    missing = await _run_process(env, "config-check", str(tmp_path / "nope.yaml"))
+    assert missing.code == 2
+    assert "cannot read the file" in missing.err
+
+
+async def test_json_status_history_plan_and_status_exit_code(sb: Sandbox, cli_env: dict[str, str]) -> None:
+    status = await _run_process(cli_env, "status", "--json")
+    report = json.loads(status.out)  # the whole of stdout is one JSON document
+    assert {"envs", "findings", "has_findings"} <= set(report)
+    assert {"env", "rows", "error", "lock", "checks", "behind"} <= set(report["envs"][0])
+    assert {"env", "severity", "text", "action"} <= set(report["findings"][0]) if report["findings"] else True
+    findings = any(f["severity"] in ("warn", "error") for f in report["findings"])
+    assert report["has_findings"] is findings
+    plain = await _run_process(cli_env, "status", "--exit-code")
+    assert plain.code == (1 if findings else 0), plain.out
+    assert "\x1b[" not in plain.out  # a pipe: no colour
+
+    # a finding for sure: a locked env; --exit-code makes a script notice it
+    assert (await _run_process(cli_env, "lock", "poc", "load", "test")).code == 0
+    try:
+        locked = await _run_process(cli_env, "status", "--exit-code", "--json")
+        assert locked.code == 1
+        doc = json.loads(locked.out)
+        assert doc["has_findings"] is True
+        assert any(f["env"] == "poc" and f["severity"] == "warn" for f in doc["findings"])
+        forced = await _run_process({**cli_env, "FORCE_COLOR": "1"}, "status")
+        assert "\x1b[33mWARN \x1b[0m" in forced.out  # FORCE_COLOR: colour even in a pipe
+        no_colour = await _run_process({**cli_env, "FORCE_COLOR": "1", "NO_COLOR": "1"}, "status")
+        assert "\x1b[" not in no_colour.out  # NO_COLOR wins
+    finally:
+        assert (await _run_process(cli_env, "unlock", "poc")).code == 0
+
+    history = await _run_process(cli_env, "history", "--limit", "5", "--json")
+    assert history.code == 0
+    deploys = json.loads(history.out)["deploys"]
+    for record in deploys:
+        assert set(record) == RECORD_FIELDS
+
+    short = _short(sb, "head")
+    await _ci_built(sb, short)
+    plan = await _run_process(cli_env, "plan", "poc", short, "--json")
+    assert plan.code == 0, plan.err
+    doc = json.loads(plan.out)
+    assert doc["ok"] is True and doc["failed"] is None and doc["exit_code"] == 0
+    assert doc["plan"]["commit"]["short"] == short
+    assert doc["plan"]["envs"] == ["poc"]
+    assert f"Plan: deploy {short}" in plan.err  # the human-readable plan went to stderr
+    bad = await _run_process(cli_env, "plan", "poc", "deadbee", "--json")
+    assert bad.code == 1
+    failed = json.loads(bad.out)
+    assert failed["ok"] is False and failed["failed"]["step"] == "resolve"
+
+
+async def test_deploy_json_is_one_document_and_progress_goes_to_stderr(
+    sb: Sandbox, cli_env: dict[str, str]
+) -> None:
+    live = _live_tag(sb, "poc")
+    short = next(c for c in (_short(sb, "head"), _short(sb, "add-index")) if c != live)
+    await _ci_built(sb, short)
+    run = await _run_process(
+        cli_env, "deploy", "poc", short, "--yes", "--allow-downgrade", "--json", "--as", "U0ALICE"
+    )
+    assert run.code == 0, run.err
+    doc = json.loads(run.out)
+    assert doc["ok"] is True and doc["exit_code"] == 0 and doc["failed"] is None
+    assert set(doc["deploy"]) == RECORD_FIELDS
+    assert doc["deploy"]["state"] == "succeeded"
+    assert doc["deploy"]["envs"] == ["poc"]
+    assert doc["deploy"]["tags"] == {"poc": short}
+    assert re.search(r"\d/8 . rollout done in", run.err)  # the live steps, on stderr
+    assert _live_tag(sb, "poc") == short
+    history = await _run_process(cli_env, "history", "poc", "--limit", "1", "--json")
+    assert json.loads(history.out) == {"deploys": [doc["deploy"]]}
+
+
+# ---- clients only when needed, one plugin run per token ----------------------------------------------------
+
+
+async def test_history_needs_no_cluster_and_runs_no_credential_plugin(
+    sb: Sandbox, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    counter = tmp_path / "plugin-runs"
+    dead = write_kubeconfig(
+        tmp_path / "dead-kubeconfig",
+        dict.fromkeys(CONTEXTS.values(), "http://127.0.0.1:9"),  # nothing listens there
+        exec_plugin=PLUGIN,
+        exec_env=plugin_env("never-used", counter=counter),
+    )
+    env = {**cli_env, "KUBECONFIG": str(dead)}
+    run = await _run_process(env, "history", "--limit", "3")
+    assert run.code == 0, run.err
+    assert run.out.split()[:3] == ["id", "when", "kind"] or run.out.strip() == "no deploys recorded"
+    assert not counter.exists()  # no cluster client was built, no token fetched
+    # the same kubeconfig with a command that needs the clusters: they are reported unreachable
+    status = await _run_process(env, "status")
+    assert "unreachable" in status.out
+    assert counter.read_text().count("\n") == 1  # and the three contexts shared one plugin run
+
+
+async def test_status_runs_the_plugin_once_for_three_clusters(
+    sb: Sandbox, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert sb.clusters is not None
+    counter = tmp_path / "plugin-runs"
+    kubeconfig = sb.clusters.write_kubeconfig(tmp_path / "kubeconfig", counter=counter)
+    run = await _run_process({**cli_env, "KUBECONFIG": str(kubeconfig)}, "status", "--json")
+    assert run.code == 0, run.err
+    report = json.loads(run.out)
+    assert [e["error"] for e in report["envs"]] == [None, None, None]  # every cluster answered
+    assert all(e["rows"] for e in report["envs"])
+    assert counter.read_text().count("\n") == 1  # one token, unexpired, for production, staging and poc
+
+
+async def test_colour_follows_no_color_force_color_and_the_tty() -> None:
+    tty, pipe = _Stream(tty=True), _Stream(tty=False)
+    assert colour_enabled(tty, {}) is True
+    assert colour_enabled(pipe, {}) is False
+    assert colour_enabled(tty, {"NO_COLOR": "1"}) is False
+    assert colour_enabled(tty, {"NO_COLOR": ""}) is True  # no-color.org: only a non-empty value counts
+    assert colour_enabled(pipe, {"FORCE_COLOR": "1"}) is True
+    assert colour_enabled(pipe, {"FORCE_COLOR": "0"}) is False
+    assert colour_enabled(pipe, {"FORCE_COLOR": "1", "NO_COLOR": "1"}) is False

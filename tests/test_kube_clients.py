@@ -95,6 +95,7 @@ async def test_expired_token_gets_a_401_then_one_refresh_and_a_retry(tmp_path: P
 async def test_concurrent_requests_share_one_proactive_refresh(tmp_path: Path):
     async with poc_clients(tmp_path, lifetime=3, margin=1.5) as (clusters, clients):
         client = clients[POC]
+        await list_pods(clients)  # the first request fetches the token
         await asyncio.sleep(max(0.0, (client._auth.expiry - dt.datetime.now(dt.UTC)).total_seconds() - 1.4))
         await asyncio.gather(*(list_pods(clients) for _ in range(10)))
         assert client.token_refreshes == 1
@@ -117,8 +118,10 @@ async def test_failing_plugin_is_a_clear_error(tmp_path: Path, kube_clusters: Fa
         exec_plugin=PLUGIN,
         exec_env={**plugin_env("s"), "FAKE_GKE_AUTH_FAIL": "ERROR: gcloud auth login required"},
     )
-    with pytest.raises(PermanentError, match="cannot load kube context") as err:
-        await KubeClients.from_kubeconfig(path, [POC])
+    # reading the kubeconfig runs no plugin: the failure comes with the first request, clearly
+    async with await KubeClients.from_kubeconfig(path, [POC]) as clients:
+        with pytest.raises(PermanentError, match=f"cannot get credentials for cluster {POC}") as err:
+            await list_pods(clients)
     assert "gcloud auth login required" in str(err.value)
 
 
@@ -171,3 +174,47 @@ async def test_watch_relists_after_410(tmp_path: Path):
                         break
             await gen.aclose()
             assert old_rv  # the stale RV existed; the watch recovered through a fresh list
+
+
+async def test_clients_are_lazy_and_three_contexts_share_one_plugin_run(tmp_path: Path):
+    async with (
+        FakeClusters(tmp_path, list(CONTEXTS)) as clusters,
+        await KubeClients.from_kubeconfig(clusters.kubeconfig, CONTEXTS.values()) as clients,
+    ):
+        # reading the kubeconfig builds no client and runs no plugin
+        assert clients.built == []
+        assert clusters.plugin_invocations() == 0
+        assert set(clients.contexts) == set(CONTEXTS.values())
+        await asyncio.gather(*(list_pods(clients, ctx) for ctx in CONTEXTS.values()))
+        # the same plugin stanza for each context: its unexpired token serves all three
+        assert clusters.plugin_invocations() == 1
+        assert sorted(clients.built) == sorted(CONTEXTS.values())
+
+
+async def test_the_plugin_gets_the_callers_environment_but_not_the_bots_secrets(
+    tmp_path: Path, kube_clusters: FakeClusters, monkeypatch: pytest.MonkeyPatch
+):
+    seen = tmp_path / "plugin-env"
+    wrapper = tmp_path / "recording-plugin"
+    # records the names it was given, then is the fake gke-gcloud-auth-plugin
+    wrapper.write_text(
+        "#!/usr/bin/env python3\n"
+        "import os, sys\n"
+        f"open({str(seen)!r}, 'w').write('\\n'.join(sorted(os.environ)))\n"
+        f"os.execv(sys.executable, [sys.executable, {str(PLUGIN)!r}])\n"
+    )
+    wrapper.chmod(0o755)
+    path = write_kubeconfig(
+        tmp_path / "recording",
+        {POC: kube_clusters.apis["poc"].url},
+        exec_plugin=wrapper,
+        exec_env=plugin_env(kube_clusters.secret),
+    )
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-not-for-plugins")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bot:hunter2@db/ledger")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    async with await KubeClients.from_kubeconfig(path, [POC]) as clients:
+        await list_pods(clients)
+    names = set(seen.read_text().split())
+    assert {"CLOUDSDK_CONFIG", "PATH", "FAKE_GKE_AUTH_SECRET", "KUBERNETES_EXEC_INFO"} <= names
+    assert not names & {"SLACK_BOT_TOKEN", "DATABASE_URL"}

@@ -1,9 +1,12 @@
 """Kubernetes clients, one per kubeconfig context, speaking raw JSON with timeouts, token refresh and watches.
 
-kubernetes_asyncio runs exec credential plugins (gke-gcloud-auth-plugin on GKE Connect Gateway) but does
-not refresh the token by itself: each client tracks the token's expirationTimestamp, re-runs the plugin under
-a lock shortly before it expires (through the configuration's refresh hook, consulted on every request), and
-retries a request once after a forced refresh when the API server answers 401.
+Clients are lazy: reading the kubeconfig runs no credential plugin; a context's client is built when it is
+first asked for, and its token fetched on its first request. Exec credential plugins (gke-gcloud-auth-plugin
+on GKE Connect Gateway) are run by this module, not by kubernetes_asyncio, through one in-memory cache per
+process: the ExecCredential's token is reused by every context with the same plugin stanza until
+status.expirationTimestamp. Each client tracks that expiry, takes a fresh token under a lock shortly before
+it (through the configuration's refresh hook, consulted on every request), and retries a request once after
+a forced refresh when the API server answers 401.
 
 Responses are read as plain dicts (``_preload_content=False``): the bot reads a handful of fields and must not
 depend on the generated models accepting every object a server returns.
@@ -16,6 +19,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +73,163 @@ def _status_message(body: bytes | str | None) -> str:
     return text[:_BODY_LIMIT]
 
 
+# The bot's own secrets: a credential plugin needs the caller's environment (HOME, PATH, CLOUDSDK_*), not these.
+_NOT_FOR_PLUGINS = frozenset(
+    {"SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "GIT_HTTPS_TOKEN", "DATABASE_URL"}
+)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What an exec plugin answered: the Authorization header value and when it stops being valid."""
+
+    header: str
+    expiry: dt.datetime | None
+
+
+class ExecCredentialCache:
+    """Exec-plugin credentials kept in memory until they expire, shared by every context with the same plugin.
+
+    The key is the user's `exec` stanza (command, args, env, apiVersion): kubeconfigs written by
+    `gcloud container fleet memberships get-credentials` give every context its own user with the same
+    stanza, and gke-gcloud-auth-plugin answers with the account's access token whichever cluster asks (the
+    library sends the plugin no cluster information). So a command touching three clusters runs the plugin
+    once, and again only when the token is about to expire or a server refused it (401).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Credential] = {}
+        # one lock per key and event loop: an asyncio.Lock is bound to the loop it first waited in
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @staticmethod
+    def key(exec_config: Mapping[str, Any]) -> str:
+        env = sorted((str(e.get("name")), str(e.get("value"))) for e in exec_config.get("env") or [])
+        return json.dumps(
+            [exec_config.get("command"), exec_config.get("args") or [], env, exec_config.get("apiVersion")]
+        )
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        per_loop = self._locks.setdefault(asyncio.get_running_loop(), {})
+        return per_loop.setdefault(key, asyncio.Lock())
+
+    async def get(
+        self,
+        exec_config: Mapping[str, Any],
+        *,
+        context: str,
+        margin: dt.timedelta,
+        plugin_limit: float,
+        rejected: str | None = None,
+    ) -> Credential:
+        """A credential valid for at least `margin`; `rejected` is a header a server refused (never reused)."""
+        key = self.key(exec_config)
+        async with self._lock(key):
+            entry = self._entries.get(key)
+            if (
+                entry is not None
+                and entry.header != rejected
+                and (entry.expiry is None or _now() < entry.expiry - margin)
+            ):
+                return entry
+            entry = await self._run(exec_config, context=context, limit=plugin_limit)
+            self._entries[key] = entry
+            return entry
+
+    async def _run(self, exec_config: Mapping[str, Any], *, context: str, limit: float) -> Credential:
+        command = exec_config.get("command")
+        api_version = exec_config.get("apiVersion")
+        if not command or not api_version:
+            raise PermanentError(
+                f"the kubeconfig user of context {context} has an exec entry without command or apiVersion",
+                hint="Regenerate the kubeconfig (gcloud container fleet memberships get-credentials …).",
+            )
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_PLUGINS}
+        env |= {str(e["name"]): str(e["value"]) for e in exec_config.get("env") or [] if "name" in e}
+        info = {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
+        env["KUBERNETES_EXEC_INFO"] = json.dumps(info)
+        argv = [str(command), *map(str, exec_config.get("args") or [])]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as e:
+            raise PermanentError(
+                f"cannot get credentials for cluster {context}: cannot run {argv[0]}: {e.strerror or e}",
+                hint=str(
+                    exec_config.get("installHint") or "Install gke-gcloud-auth-plugin and put it on PATH."
+                ),
+            ) from None
+        try:
+            async with asyncio.timeout(limit):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise TransientError(
+                f"the credential plugin for cluster {context} did not answer within {limit:.0f}s",
+                hint="Check gke-gcloud-auth-plugin and the gcloud login on the bot's host.",
+            ) from None
+        except asyncio.CancelledError:
+            proc.kill()
+            await proc.wait()
+            raise
+        fix = "Check the kubeconfig user entry and that gke-gcloud-auth-plugin works (run it by hand)."
+        if proc.returncode != 0:
+            said = err.decode("utf-8", "replace").strip()[:_BODY_LIMIT]
+            raise PermanentError(
+                f"cannot get credentials for cluster {context}: the plugin exited with {proc.returncode}"
+                + (f": {said}" if said else ""),
+                hint=fix,
+            )
+        try:
+            data = json.loads(out)
+            status = data["status"]
+            token = status["token"]
+        except (ValueError, KeyError, TypeError):
+            raise PermanentError(
+                f"cannot get credentials for cluster {context}: the plugin did not print an ExecCredential "
+                "with status.token (client certificates from a plugin are not supported)",
+                hint=fix,
+            ) from None
+        if data.get("apiVersion") != api_version:
+            raise PermanentError(
+                f"cannot get credentials for cluster {context}: the plugin answered apiVersion "
+                f"{data.get('apiVersion')}, the kubeconfig asks for {api_version}",
+                hint=fix,
+            )
+        expiry: dt.datetime | None = None
+        stamp = status.get("expirationTimestamp")
+        if isinstance(stamp, str):
+            try:
+                expiry = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            except ValueError:
+                expiry = None
+            if expiry is not None and expiry.tzinfo is None:
+                expiry = expiry.replace(tzinfo=dt.UTC)
+        log.info("ran the credential plugin for context %s (token valid until %s)", context, expiry)
+        return Credential(f"Bearer {token}", expiry)
+
+
+# One per process: every client (and every `funnelcake` command) reuses an unexpired token.
+EXEC_CREDENTIALS = ExecCredentialCache()
+
+
 @dataclass
 class _Auth:
-    """How a client gets its Authorization header back when it expires."""
+    """How a client gets its Authorization header, and again when it expires."""
 
-    kubeconfig: Path | None
-    context: str
-    expiry: dt.datetime | None
+    exec_config: Mapping[str, Any]
+    expiry: dt.datetime | None = None
+    loaded: bool = False
     refreshes: int = 0
+    cache: ExecCredentialCache = EXEC_CREDENTIALS
 
 
 class ClusterClient:
@@ -113,11 +267,20 @@ class ClusterClient:
 
     async def _refresh_hook(self, _configuration: k8s.Configuration) -> None:
         auth = self._auth
-        if auth is not None and auth.expiry is not None and _now() >= auth.expiry - self.refresh_margin:
+        if auth is None:
+            return
+        if not auth.loaded:
+            await self.refresh_token(initial=True)
+        elif auth.expiry is not None and _now() >= auth.expiry - self.refresh_margin:
             await self.refresh_token(stale=auth.expiry)
 
-    async def refresh_token(self, *, stale: dt.datetime | None = None, rejected: str | None = None) -> None:
-        """Re-run the exec plugin for this context and swap the Authorization header.
+    async def refresh_token(
+        self, *, stale: dt.datetime | None = None, rejected: str | None = None, initial: bool = False
+    ) -> None:
+        """Get this context's token from the exec-credential cache (running the plugin when it has none).
+
+        `initial` is the client's first request: the plugin runs only now, and only if no other context with
+        the same plugin got an unexpired token already.
 
         `stale` is the expiry the caller saw, `rejected` the header the server refused (401): concurrent callers
         wait on the lock and reuse the first refresh instead of each running the plugin.
@@ -126,32 +289,27 @@ class ClusterClient:
         if auth is None:
             return
         async with self._lock:
-            if stale is not None and auth.expiry is not None and auth.expiry > stale:
+            first = not auth.loaded
+            if initial and not first:
+                return
+            if not first and stale is not None and auth.expiry is not None and auth.expiry > stale:
                 return  # another request refreshed it while we waited
-            if rejected is not None and self.api_client.configuration.api_key.get("BearerToken") != rejected:
+            current = self.api_client.configuration.api_key.get("BearerToken")
+            if rejected is not None and current != rejected:
                 return  # the refused token was already replaced
-            fresh = k8s.Configuration()
-            fresh.refresh_api_key_hook = None
-            try:
-                async with asyncio.timeout(self._exec_timeout):
-                    loader = await _load_context(auth.kubeconfig, auth.context, fresh)
-            except TimeoutError:
-                raise TransientError(
-                    f"the credential plugin for cluster {self.context} did not answer within "
-                    f"{self._exec_timeout:.0f}s",
-                    hint="Check gke-gcloud-auth-plugin and the gcloud login on the bot's host.",
-                ) from None
-            except (ConfigException, OSError) as e:
-                raise PermanentError(
-                    f"cannot get credentials for cluster {self.context}: {e}",
-                    hint="Check the kubeconfig user entry and that gke-gcloud-auth-plugin works (run it by hand).",
-                ) from None
-            token = fresh.api_key.get("BearerToken")
-            if token:
-                self.api_client.configuration.api_key["BearerToken"] = token
-            auth.expiry = getattr(loader, "exec_plugin_expiry", None)
-            auth.refreshes += 1
-            log.info("refreshed the token for context %s (refresh #%d)", self.context, auth.refreshes)
+            credential = await auth.cache.get(
+                auth.exec_config,
+                context=self.context,
+                margin=self.refresh_margin,
+                plugin_limit=self._exec_timeout,
+                rejected=rejected,
+            )
+            self.api_client.configuration.api_key["BearerToken"] = credential.header
+            auth.expiry = credential.expiry
+            if not first:
+                auth.refreshes += 1
+                log.info("refreshed the token for context %s (refresh #%d)", self.context, auth.refreshes)
+            auth.loaded = True
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -196,6 +354,8 @@ class ClusterClient:
         self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> aiohttp.ClientResponse:
         """Send one request; on 401 refresh the token and retry once; translate failures."""
+        if self._auth is not None and not self._auth.loaded:
+            await self.refresh_token(initial=True)  # so `sent` below is the header this request carries
         for attempt in (1, 2):
             sent = self.api_client.configuration.api_key.get("BearerToken")
             try:
@@ -327,22 +487,57 @@ async def _watch_lines(resp: aiohttp.ClientResponse) -> AsyncGenerator[tuple[str
             yield str(event.get("type", "")), obj
 
 
-async def _load_context(
-    kubeconfig: Path | None, context: str, configuration: k8s.Configuration
-) -> kube_config.KubeConfigLoader:
-    return await kube_config.load_kube_config(
-        config_file=str(kubeconfig) if kubeconfig else None,
-        context=context,
-        client_configuration=configuration,
-        persist_config=False,
-    )
+def _read_kubeconfig(path: Path | None) -> tuple[Any, dict[str, Mapping[str, Any]]]:
+    """The kubeconfig (KUBECONFIG's files merged, as kubectl does) with every user's `exec` taken out and
+    returned by user name: the plugin is run by the credential cache on a client's first request, not here."""
+    merger = kube_config.KubeConfigMerger(str(path) if path else kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
+    merged = merger.config
+    if merged is None:
+        raise ConfigException(f"no kubeconfig found at {path or kube_config.KUBE_CONFIG_DEFAULT_LOCATION}")
+    execs: dict[str, Mapping[str, Any]] = {}
+    for node in merged.value.get("users") or []:
+        entry = node.value if hasattr(node, "value") else node
+        user = entry.get("user") if isinstance(entry, dict) else None
+        if isinstance(user, dict) and isinstance(user.get("exec"), dict):
+            execs[str(entry.get("name"))] = user.pop("exec")
+    return merged, execs
+
+
+def _context_user(merged: Any, context: str) -> str | None:
+    for node in merged.value.get("contexts") or []:
+        entry = node.value if hasattr(node, "value") else node
+        if isinstance(entry, dict) and entry.get("name") == context:
+            user = (entry.get("context") or {}).get("user")
+            return str(user) if user is not None else None
+    return None
+
+
+@dataclass
+class _Pending:
+    """A context whose configuration is read and whose client is built on first use."""
+
+    configuration: k8s.Configuration
+    exec_config: Mapping[str, Any] | None
 
 
 class KubeClients:
     """The clusters the bot talks to, by kubeconfig context name; build with ``from_kubeconfig``."""
 
-    def __init__(self, clients: Mapping[str, ClusterClient]) -> None:
+    def __init__(
+        self,
+        clients: Mapping[str, ClusterClient],
+        *,
+        pending: Mapping[str, _Pending] | None = None,
+        request_timeout: float = 15.0,
+        exec_timeout: float = 30.0,
+        refresh_margin: float = _REFRESH_MARGIN.total_seconds(),
+    ) -> None:
         self._clients = dict(clients)
+        self._pending = dict(pending or {})
+        self._order = list(dict.fromkeys([*self._clients, *self._pending]))
+        self._request_timeout = request_timeout
+        self._exec_timeout = exec_timeout
+        self._refresh_margin = refresh_margin
 
     @classmethod
     async def from_kubeconfig(
@@ -354,39 +549,43 @@ class KubeClients:
         exec_timeout: float = 30.0,
         refresh_margin: float = _REFRESH_MARGIN.total_seconds(),
     ) -> KubeClients:
-        """One ApiClient per context; a context missing from the file is a configuration error."""
-        built: dict[str, ClusterClient] = {}
+        """Read the kubeconfig; a context missing from it is a configuration error.
+
+        Nothing is connected and no credential plugin runs here: a context's client is built the first time
+        it is asked for, and its token fetched on its first request (through the process's credential cache).
+        A command that needs no cluster (`history`) pays for none of it.
+        """
+        where = path or kube_config.KUBE_CONFIG_DEFAULT_LOCATION
         try:
-            for context in dict.fromkeys(contexts):
-                configuration = k8s.Configuration()
-                try:
-                    async with asyncio.timeout(exec_timeout):
-                        loader = await _load_context(path, context, configuration)
-                except TimeoutError:
-                    raise TransientError(
-                        f"the credential plugin for cluster {context} did not answer within {exec_timeout:.0f}s"
-                    ) from None
-                except (ConfigException, OSError, KeyError, AssertionError) as e:
-                    raise PermanentError(
-                        f"cannot load kube context {context} from {path or '~/.kube/config'}: {e or type(e).__name__}",
-                        hint="Add the context to the kubeconfig (gcloud container fleet memberships get-credentials …).",
-                    ) from None
-                expiry = getattr(loader, "exec_plugin_expiry", None)
-                api = k8s.ApiClient(configuration=configuration)
-                built[context] = ClusterClient(
-                    context,
-                    api,
-                    auth=_Auth(path, context, expiry),
-                    timeout=request_timeout,
-                    exec_timeout=exec_timeout,
-                    refresh_margin=refresh_margin,
+            merged, execs = await asyncio.to_thread(_read_kubeconfig, path)
+        except (ConfigException, OSError, ValueError) as e:
+            raise PermanentError(
+                f"cannot read the kubeconfig {where}: {e or type(e).__name__}",
+                hint="Point KUBECONFIG at the file `gcloud container fleet memberships get-credentials` wrote.",
+            ) from None
+        pending: dict[str, _Pending] = {}
+        for context in dict.fromkeys(contexts):
+            configuration = k8s.Configuration()
+            try:
+                # host, TLS and any static token; the exec entries were taken out, so no plugin runs
+                loader = kube_config.KubeConfigLoader(
+                    config_dict=merged, active_context=context, config_base_path=None
                 )
-        except BaseException:
-            for c in built.values():
-                with contextlib.suppress(Exception):
-                    await c.close()
-            raise
-        return cls(built)
+                await loader.load_and_set(configuration)
+            except (ConfigException, OSError, KeyError, AssertionError, TypeError) as e:
+                raise PermanentError(
+                    f"cannot load kube context {context} from {where}: {e or type(e).__name__}",
+                    hint="Add the context to the kubeconfig (gcloud container fleet memberships get-credentials …).",
+                ) from None
+            user = _context_user(merged, context)
+            pending[context] = _Pending(configuration, execs.get(user) if user is not None else None)
+        return cls(
+            {},
+            pending=pending,
+            request_timeout=request_timeout,
+            exec_timeout=exec_timeout,
+            refresh_margin=refresh_margin,
+        )
 
     @classmethod
     def in_cluster(cls, context: str, *, timeout: float = 15.0) -> KubeClients:
@@ -404,19 +603,36 @@ class KubeClients:
         return cls({context: ClusterClient(context, api, auth=None, timeout=timeout)})
 
     def __getitem__(self, context: str) -> ClusterClient:
-        try:
-            return self._clients[context]
-        except KeyError:
+        client = self._clients.get(context)
+        if client is not None:
+            return client
+        pending = self._pending.pop(context, None)
+        if pending is None:
             raise PermanentError(
                 f"no Kubernetes client for context {context}",
                 hint="Add the context to the kubeconfig given to the bot.",
-            ) from None
+            )
+        exec_config = pending.exec_config
+        client = self._clients[context] = ClusterClient(
+            context,
+            k8s.ApiClient(configuration=pending.configuration),
+            auth=_Auth(exec_config) if exec_config is not None else None,
+            timeout=self._request_timeout,
+            exec_timeout=self._exec_timeout,
+            refresh_margin=self._refresh_margin,
+        )
+        return client
 
     def __contains__(self, context: object) -> bool:
-        return context in self._clients
+        return context in self._clients or context in self._pending
 
     @property
     def contexts(self) -> list[str]:
+        return list(self._order)
+
+    @property
+    def built(self) -> list[str]:
+        """The contexts a client was made for so far (the others cost nothing yet)."""
         return list(self._clients)
 
     async def close(self) -> None:
