@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     history = add("history", "list recent deploys, newest first")
     history.add_argument("env", metavar="ENV", nargs="?")
     history.add_argument("--limit", metavar="N", help=f"how many (1-{commands.MAX_HISTORY_LIMIT})")
+    history.add_argument("--before", metavar="ID", help="only deploys older than deploy ID: the next page")
 
     lock = add("lock", "refuse deploys to an environment until it is unlocked")
     lock.add_argument("env", metavar="ENV")
@@ -181,6 +182,7 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
     elif name == "history":
         words += [args.env] if args.env else []
         words += ["--limit", args.limit] if args.limit is not None else []
+        words += ["--before", args.before] if args.before is not None else []
     elif name == "lock":
         words += [args.env, *args.reason]
     # The grammar reads space-separated words: a quoted argument with a space would be read as two.
@@ -326,7 +328,8 @@ def render_status(report: DriftReport) -> list[str]:
     return lines
 
 
-def render_history(records: Sequence[DeployRecord]) -> list[str]:
+def render_history(records: Sequence[DeployRecord], *, more: str | None = None) -> list[str]:
+    """The table; `more` is the command that lists the next, older page, when there is one."""
     if not records:
         return ["no deploys recorded"]
     header = ("id", "when", "kind", "envs", "commit", "state", "by", "message")
@@ -344,9 +347,12 @@ def render_history(records: Sequence[DeployRecord]) -> list[str]:
         for r in records
     ]
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    return [
+    lines = [
         "  ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)
     ]
+    if more:
+        lines.append(f"older deploys: {PROG} {more}")
+    return lines
 
 
 # ---- running ------------------------------------------------------------------------------------------
@@ -713,7 +719,10 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
             return EXIT_OK
         if isinstance(cmd, commands.History):
             await session.allow(Action.HISTORY, [cmd.env] if cmd.env else [])
-            session.say(*render_history(await service.history(cmd.env, cmd.limit)))
+            records, more = await service.history_page(cmd.env, cmd.limit, before=cmd.before)
+            session.say(
+                *render_history(records, more=commands.next_history(cmd, records[-1].id) if more else None)
+            )
             return EXIT_OK
         if isinstance(cmd, commands.Lock):
             await session.allow(Action.LOCK, [cmd.env])
