@@ -408,8 +408,8 @@ async def test_v7_indexes_serve_history_and_pruning(ledger: Ledger, db_url: str)
             approvals = await conn.run_sync(names, "approvals")
     finally:
         await engine.dispose()
-    assert {"ix_deploys_created_seq", "ix_deploys_finished_seq"} <= deploys
-    assert "ix_deploys_created" not in deploys  # superseded by the two-column one
+    assert {"ix_deploys_created_seq", "ix_deploys_state_finished"} <= deploys
+    assert not {"ix_deploys_created", "ix_deploys_state"} & deploys  # superseded by the wider ones
     assert "ix_deploy_targets_env_deploy" in targets and "ix_deploy_targets_env" not in targets
     assert "ix_deploy_steps_finished" in steps
     assert "ix_approvals_due" in approvals

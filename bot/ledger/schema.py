@@ -421,8 +421,9 @@ def _v7(conn: Connection) -> None:
     for name, table, columns in (
         # history's order (newest first, seq breaking ties) read straight off one index, and its cursor
         ("ix_deploys_created_seq", "deploys", "created_at, seq"),
-        # the env's last success (rollback target, promotion gates) without sorting every success
-        ("ix_deploys_finished_seq", "deploys", "finished_at, seq"),
+        # the env's last success (the rollback target) read newest-finished first, without sorting every
+        # success; its leading state also serves the in-flight lookups
+        ("ix_deploys_state_finished", "deploys", "state, finished_at, seq"),
         # history <env>: the env's deploys, probed from the deploys in history order
         ("ix_deploy_targets_env_deploy", "deploy_targets", "env, deploy_id"),
         # the recovery pass's sweep of pending approvals past their deadline
@@ -432,7 +433,7 @@ def _v7(conn: Connection) -> None:
     ):
         conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
     # the two-column indexes above lead with the same columns: the single-column ones are redundant
-    for name in ("ix_deploys_created", "ix_deploy_targets_env"):
+    for name in ("ix_deploys_created", "ix_deploys_state", "ix_deploy_targets_env"):
         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
 

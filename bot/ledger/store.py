@@ -469,20 +469,28 @@ class Ledger:
                 s.deploys.c.finished_at < cur.finished_at,
                 and_(s.deploys.c.finished_at == cur.finished_at, s.deploys.c.seq < cur_seq),
             )
-            found = await self._succeeded(
-                conn, env, limit=1, extra=[older, s.deploy_targets.c.tag != cur.tags[env]]
-            )
+            found = await self._succeeded(conn, env, limit=1, extra=[older], tag_not=cur.tags[env])
             return found[0] if found else None
 
     async def _succeeded(
-        self, conn: AsyncConnection, env: str, *, limit: int, extra: Sequence[ColumnElement[bool]] = ()
+        self,
+        conn: AsyncConnection,
+        env: str,
+        *,
+        limit: int,
+        extra: Sequence[ColumnElement[bool]] = (),
+        tag_not: str | None = None,
     ) -> list[DeployRecord]:
+        t = s.deploy_targets.c
+        tagged = [t.deploy_id == s.deploys.c.id, t.env == env, t.tag.is_not(None)]
+        if tag_not is not None:
+            tagged.append(t.tag != tag_not)
+        # EXISTS rather than a join: the planner walks the deploys newest-finished first down their index
+        # and stops at the first that put a tag in the env, instead of sorting every deploy of the env.
         q = (
             select(s.deploys.c.id)
-            .join(s.deploy_targets, s.deploy_targets.c.deploy_id == s.deploys.c.id)
             .where(
-                s.deploy_targets.c.env == env,
-                s.deploy_targets.c.tag.is_not(None),
+                exists().where(*tagged),
                 s.deploys.c.state == DeployState.SUCCEEDED.value,
                 s.deploys.c.kind.in_([k.value for k in DeployKind if k.changes_tags]),
                 s.deploys.c.finished_at.is_not(None),
