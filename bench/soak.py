@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -29,7 +30,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.ledger import DeployState, Ledger
+from bot.ledger import DeployRecord, DeployState, Ledger
 from tests.testbed.botproc import BotProcess
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import FakeSlack
@@ -47,8 +48,17 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def open_fds(pid: int) -> list[str]:
+    """What each open descriptor points at (a file, socket:[…], pipe:[…], anon_inode:[eventpoll] …)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed between the listing and the read
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out
+
+
+def _kind(target: str) -> str:
+    return target.split(":", maxsplit=1)[0] if ":" in target else "file"
 
 
 async def tasks(bot: BotProcess) -> int:
@@ -63,14 +73,14 @@ async def tasks(bot: BotProcess) -> int:
     raise RuntimeError("the bot's /metrics has no asyncio_tasks")
 
 
-async def sample(bot: BotProcess, pid: int) -> tuple[int, int, int]:
+async def sample(bot: BotProcess, pid: int) -> tuple[int, list[str], int]:
     # idle: no deploy running, the last thread messages sent; a moment for the loop to settle
     await asyncio.sleep(1.0)
     return rss_kib(pid), open_fds(pid), await tasks(bot)
 
 
-async def deploy(slack: FakeSlack, ledger: Ledger, env: str, short: str, after: str | None) -> float:
-    """One deploy through Slack, waited for in the ledger; its wall time as the ledger recorded it."""
+async def deploy(slack: FakeSlack, ledger: Ledger, env: str, short: str, after: str | None) -> DeployRecord:
+    """One deploy through Slack, waited for in the ledger: its final record."""
     await slack.send_slash(f"deploy {env} {short} --allow-downgrade")
     async with asyncio.timeout(WAIT):
         while True:
@@ -80,8 +90,22 @@ async def deploy(slack: FakeSlack, ledger: Ledger, env: str, short: str, after: 
             await asyncio.sleep(0.05)
     if record.state is not DeployState.SUCCEEDED:
         raise RuntimeError(f"deploy {record.id} of {short} to {env} {record.state.value}: {record.message}")
+    return record
+
+
+def wall(record: DeployRecord) -> float:
     assert record.finished_at is not None
     return (record.finished_at - record.created_at).total_seconds()
+
+
+async def step_means(ledger: Ledger, records: list[DeployRecord]) -> dict[str, float]:
+    """Each step's mean duration over the records (where the time went, when the last deploys are slower)."""
+    took: dict[str, list[float]] = {}
+    for r in records:
+        for st in await ledger.steps(r.id):
+            if st.finished_at is not None:
+                took.setdefault(st.step, []).append((st.finished_at - st.started_at).total_seconds())
+    return {name: statistics.mean(v) for name, v in took.items()}
 
 
 async def main() -> None:
@@ -110,20 +134,22 @@ async def main() -> None:
         pid = bot.proc.pid
         ledger = await Ledger.open(bot.database_url)
         try:
-            walls: list[float] = []
+            records: list[DeployRecord] = []
             last: dict[str, str | None] = dict.fromkeys(ENVS)
-            first = (0, 0, 0)
+            first: tuple[int, list[str], int] = (0, [], 0)
             t0 = time.perf_counter()
             for i in range(args.deploys):
                 env = ENVS[i % 2]
                 short = shorts[(i // 2) % 2]  # each env gets the other commit every time
-                walls.append(await deploy(slack, ledger, env, short, last[env]))
-                last[env] = (await ledger.history(env, 1))[0].id
+                records.append(await deploy(slack, ledger, env, short, last[env]))
+                last[env] = records[-1].id
                 if i + 1 == args.window:
                     first = await sample(bot, pid)
                 if (i + 1) % 20 == 0:
                     print(f"  {i + 1} deploys, {time.perf_counter() - t0:.0f} s", flush=True)
             end = await sample(bot, pid)
+            steps_head = await step_means(ledger, records[: args.window])
+            steps_tail = await step_means(ledger, records[-args.window :])
         finally:
             await ledger.close()
     finally:
@@ -131,6 +157,7 @@ async def main() -> None:
         await slack.stop()
         await sandbox.stop()
 
+    walls = [wall(r) for r in records]
     head, tail = walls[: args.window], walls[-args.window :]
     rss_growth = (end[0] - first[0]) / first[0] * 100
     time_x = statistics.mean(tail) / statistics.mean(head)
@@ -139,14 +166,21 @@ async def main() -> None:
     )
     print(f"  {'':<22} {'after first ' + str(args.window):>16} {'after last ' + str(args.window):>16}")
     print(f"  {'RSS':<22} {first[0] / 1024:>13.1f} MiB {end[0] / 1024:>13.1f} MiB   {rss_growth:+.1f} %")
-    print(f"  {'open fds':<22} {first[1]:>16} {end[1]:>16}")
+    print(f"  {'open fds':<22} {len(first[1]):>16} {len(end[1]):>16}")
+    for kind in sorted({_kind(t) for t in first[1] + end[1]}):
+        a, b = (sum(_kind(t) == kind for t in fds) for fds in (first[1], end[1]))
+        print(f"    {kind:<20} {a:>16} {b:>16}")
     print(f"  {'asyncio tasks':<22} {first[2]:>16} {end[2]:>16}")
     print(
         f"  {'deploy wall time':<22} {statistics.mean(head):>14.2f} s {statistics.mean(tail):>14.2f} s   {time_x:.2f}x"
         f"  (median {statistics.median(head):.2f} s vs {statistics.median(tail):.2f} s)"
     )
+    print(f"  {'mean step time':<22}")
+    for name, a in steps_head.items():
+        b = steps_tail.get(name, 0.0)
+        print(f"    {name:<20} {a:>14.3f} s {b:>14.3f} s   {b / a if a else 0:.2f}x")
     print(
-        f"soak deploys={args.deploys} rss_growth_pct={rss_growth:.1f} fds_first={first[1]} fds_last={end[1]} "
+        f"soak deploys={args.deploys} rss_growth_pct={rss_growth:.1f} fds_first={len(first[1])} fds_last={len(end[1])} "
         f"tasks_first={first[2]} tasks_last={end[2]} time_x={time_x:.2f}"
     )
 
