@@ -9,7 +9,8 @@ The cluster's own time is read from the simulated cluster itself: every change t
 timestamped as the store makes it, and three kinds of interval are taken from them:
 
   migration Job   created → its Complete condition
-  Argo CD sync    an Application's operation set → its operationState Succeeded
+  Argo CD refresh an Application's hard-refresh annotation set → consumed
+  Argo CD sync    an Application's operation set → ended and compared once more (a new reconciledAt)
   rollout         a Deployment's new generation → that generation fully updated and available
 
 Their union (the two apps sync and roll out side by side) is the time the cluster was busy with work the
@@ -27,6 +28,7 @@ import contextlib
 import statistics
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ IMAGES = ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate")
 COMMITS = ("relay-tune", "head")
 ENV = "poc"
 WAIT = 120.0
+REFRESH = "argocd.argoproj.io/refresh"
 
 
 def _complete(job: dict[str, Any]) -> bool:
@@ -69,6 +72,7 @@ class ClusterClock:
         self.intervals: list[tuple[float, float]] = []
         self._open: dict[tuple[str, str], float] = {}
         self._generation: dict[str, int] = {}
+        self._done_at: dict[str, str | None] = {}  # app -> its reconciledAt when its operation ended
         self._task = asyncio.create_task(self._follow())
 
     async def _follow(self) -> None:
@@ -93,11 +97,23 @@ class ClusterClock:
             elif _complete(obj):
                 self._end(("job", name), at)
         elif resource == "applications":
-            phase = ((obj.get("status") or {}).get("operationState") or {}).get("phase")
+            # Argo CD's own work on an app: a hard refresh until consumed; an operation until it ended and
+            # the controller compared the app once more (a new reconciledAt), as the bot waits for
+            status = obj.get("status") or {}
+            if REFRESH in (obj["metadata"].get("annotations") or {}):
+                self._begin(("refresh", name), at)
+            else:
+                self._end(("refresh", name), at)
+            reconciled = status.get("reconciledAt")
             if obj.get("operation"):
                 self._begin(("sync", name), at)
-            if phase == "Succeeded" and not obj.get("operation"):
-                self._end(("sync", name), at)
+                self._done_at.pop(name, None)
+            elif ("sync", name) in self._open:
+                if name not in self._done_at:
+                    self._done_at[name] = reconciled
+                elif reconciled != self._done_at[name]:
+                    self._end(("sync", name), at)
+                    del self._done_at[name]
         elif resource == "deployments":
             generation = int(obj["metadata"].get("generation", 0))
             if generation > self._generation.get(name, generation):
@@ -123,9 +139,13 @@ class ClusterClock:
         self.store.unsubscribe(self.queue)
 
 
+def _mono(at: datetime) -> float:
+    """A ledger timestamp (wall clock) on the monotonic clock the cluster's intervals use."""
+    return time.monotonic() + (at.timestamp() - time.time())
+
+
 async def deploy(slack: FakeSlack, ledger: Ledger, short: str, after: str | None) -> tuple[str, float, float]:
     """One deploy through Slack; its id and (monotonic) start and end, as the ledger recorded them."""
-    mono, wall = time.monotonic(), time.time()
     await slack.send_slash(f"deploy {ENV} {short} --allow-downgrade")
     async with asyncio.timeout(WAIT):
         while True:
@@ -136,10 +156,7 @@ async def deploy(slack: FakeSlack, ledger: Ledger, short: str, after: str | None
     if record.state is not DeployState.SUCCEEDED:
         raise RuntimeError(f"deploy {record.id} of {short} {record.state.value}: {record.message}")
     assert record.finished_at is not None
-    # the ledger's wall-clock stamps, placed on the monotonic clock the cluster's intervals use
-    start = mono + (record.created_at.timestamp() - wall)
-    end = mono + (record.finished_at.timestamp() - wall)
-    return record.id, start, end
+    return record.id, _mono(record.created_at), _mono(record.finished_at)
 
 
 async def main() -> None:
@@ -155,6 +172,7 @@ async def main() -> None:
     await slack.start()
     bot = BotProcess(sandbox, slack, name="overhead", lease_ttl=30.0, recovery_every=5.0)
     rows: list[tuple[float, float]] = []
+    steps: dict[str, list[tuple[float, float]]] = {}
     try:
         assert sandbox.git is not None
         assert sandbox.clusters is not None
@@ -172,6 +190,10 @@ async def main() -> None:
                 await asyncio.sleep(0.5)  # the old pods' termination is the cluster's, after the deploy
                 if i:
                     rows.append((end - start, clock.busy(start, end)))
+                    for st in await ledger.steps(last):
+                        if st.finished_at is not None:
+                            a, b = _mono(st.started_at), _mono(st.finished_at)
+                            steps.setdefault(st.step, []).append((b - a, clock.busy(a, b)))
         finally:
             await ledger.close()
             await clock.close()
@@ -184,6 +206,12 @@ async def main() -> None:
     print(f"  {'round':<6} {'wall':>8} {'cluster':>8} {'ratio':>6}")
     for n, (wall, busy) in enumerate(rows, 1):
         print(f"  {n:<6} {wall:>7.2f}s {busy:>7.2f}s {wall / busy:>5.2f}x")
+    print(f"  {'step (median)':<14} {'wall':>8} {'cluster':>8}")
+    for name, spans in steps.items():
+        print(
+            f"  {name:<14} {statistics.median(w for w, _ in spans):>7.3f}s "
+            f"{statistics.median(b for _, b in spans):>7.3f}s"
+        )
     ratio = statistics.median(w / b for w, b in rows)
     print(
         f"overhead ratio={ratio:.2f} wall_s={statistics.median(w for w, _ in rows):.2f} "
