@@ -64,6 +64,22 @@ async def _recovery_loop(service: DeployService, every: float) -> None:
         await asyncio.sleep(every)
 
 
+async def _retention_loop(service: DeployService, keep_days: float, every: float) -> None:
+    """Prune step rows older than `keep_days` now and every `every` seconds; a failed pass waits for the next."""
+    while True:
+        try:
+            pruned = await service.deps.ledger.prune_steps(keep_days)
+            if pruned:
+                log.info("pruned %d deploy step rows older than %g days", pruned, keep_days)
+        except asyncio.CancelledError:
+            raise
+        except BotError as e:
+            log.warning("step pruning skipped: %s; retrying in %.0f s", e.message, every)
+        except Exception:
+            log.exception("step pruning failed; retrying in %.0f s", every)
+        await asyncio.sleep(every)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     config = settings.load()
     assert settings.slack_bot_token is not None  # noqa: S101 - checked by _require
@@ -110,6 +126,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             )
             await socket.connect_async()  # type: ignore[no-untyped-call]  # Bolt leaves it unannotated
         recovery = asyncio.create_task(_recovery_loop(service, settings.recovery_every), name="recovery")
+        retention = (
+            asyncio.create_task(
+                _retention_loop(service, settings.step_retention_days, settings.retention_every),
+                name="retention",
+            )
+            if settings.step_retention_days is not None
+            else None
+        )
         watcher = _watcher(service, SlackIncidents(client, config), metrics, settings)
         watching = asyncio.create_task(watcher.run(), name="watcher") if watcher is not None else None
         log.info("funnelcake-bot ready (%s mode, %s)", settings.slack_mode, ", ".join(config.env_names))
@@ -118,6 +142,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         finally:
             log.info("stopping: no new requests; handing running deploys over to another bot")
             recovery.cancel()
+            if retention is not None:
+                retention.cancel()
             if watching is not None and watcher is not None:
                 watching.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -133,8 +159,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     await front.flush()
             await front.shutdown()
             await runner.cleanup()
-            with contextlib.suppress(asyncio.CancelledError):
-                await recovery
+            for task in (recovery, retention):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
 
 class LedgerReadiness:

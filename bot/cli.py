@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("env", metavar="ENV", nargs="?")
     history.add_argument("--limit", metavar="N", help=f"how many (1-{commands.MAX_HISTORY_LIMIT})")
     history.add_argument("--json", action="store_true", help=json_help)
+    history.add_argument("--before", metavar="ID", help="only deploys older than deploy ID: the next page")
 
     lock = add("lock", "refuse deploys to an environment until it is unlocked")
     lock.add_argument("env", metavar="ENV")
@@ -252,6 +253,7 @@ def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.C
     elif name == "history":
         words += [args.env] if args.env else []
         words += ["--limit", args.limit] if args.limit is not None else []
+        words += ["--before", args.before] if args.before is not None else []
     elif name == "lock":
         words += [args.env, *args.reason]
     # The grammar reads space-separated words: a quoted argument with a space would be read as two.
@@ -405,7 +407,8 @@ def render_status(report: DriftReport, *, colour: bool = False) -> list[str]:
     return lines
 
 
-def render_history(records: Sequence[DeployRecord]) -> list[str]:
+def render_history(records: Sequence[DeployRecord], *, more: str | None = None) -> list[str]:
+    """The table; `more` is the command that lists the next, older page, when there is one."""
     if not records:
         return ["no deploys recorded"]
     header = ("id", "when", "kind", "envs", "commit", "state", "by", "message")
@@ -423,9 +426,12 @@ def render_history(records: Sequence[DeployRecord]) -> list[str]:
         for r in records
     ]
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    return [
+    lines = [
         "  ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)
     ]
+    if more:
+        lines.append(f"older deploys: {PROG} {more}")
+    return lines
 
 
 # ---- JSON documents (the README's "JSON output" lists these fields; keep them stable) -------------------
@@ -456,8 +462,9 @@ def record_json(r: DeployRecord) -> dict[str, Any]:
     }
 
 
-def history_json(records: Sequence[DeployRecord]) -> dict[str, Any]:
-    return {"deploys": [record_json(r) for r in records]}
+def history_json(records: Sequence[DeployRecord], older: str | None = None) -> dict[str, Any]:
+    """`older_than`: when older deploys remain, the id to pass as `--before` for the next page."""
+    return {"deploys": [record_json(r) for r in records], "older_than": older}
 
 
 def status_json(report: DriftReport) -> dict[str, Any]:
@@ -870,11 +877,12 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
     if isinstance(cmd, commands.History):
         await session.allow(Action.HISTORY, [cmd.env] if cmd.env else [])
         async with session.ledger_only() as ledger:
-            records = await ledger.history(cmd.env, cmd.limit)
+            records, more = await ledger.history_page(cmd.env, cmd.limit, before=cmd.before)
+        older = records[-1].id if more and records else None
         if session.json:
-            session.emit(history_json(records))
+            session.emit(history_json(records, older))
         else:
-            session.say(*render_history(records))
+            session.say(*render_history(records, more=commands.next_history(cmd, older) if older else None))
         return EXIT_OK
     async with session.service() as service:
         if not _reads_only(cmd):

@@ -61,6 +61,15 @@ class Rollback:
 class History:
     env: str | None = None
     limit: int = DEFAULT_HISTORY_LIMIT
+    before: str | None = None  # a deploy id: the page of older deploys than that one
+
+
+def next_history(cmd: History, last_id: str) -> str:
+    """The `history …` words that list the page after the one `cmd` asked for, which ended with `last_id`."""
+    words = ["history", *([cmd.env] if cmd.env else [])]
+    if cmd.limit != DEFAULT_HISTORY_LIMIT:
+        words += ["--limit", str(cmd.limit)]
+    return " ".join([*words, "--before", last_id])
 
 
 @dataclass(frozen=True)
@@ -138,8 +147,9 @@ _SPECS: dict[str, _Spec] = {
         ("rollback {env}",),
     ),
     "history": _Spec(
-        "history [env] [--limit N]",
-        f"List recent deploys, newest first ({DEFAULT_HISTORY_LIMIT} by default, at most {MAX_HISTORY_LIMIT}).",
+        "history [env] [--limit N] [--before ID]",
+        f"List recent deploys, newest first ({DEFAULT_HISTORY_LIMIT} by default, at most {MAX_HISTORY_LIMIT}); "
+        "`--before ID` lists the ones older than deploy ID (a full page ends by saying what to type).",
         ("history", "history {env} --limit 5"),
     ),
     "lock": _Spec(
@@ -176,7 +186,14 @@ _INVISIBLE_SEPARATORS = str.maketrans(
     {"\u200b": " ", "\u200c": " ", "\u200d": " ", "\u2060": " ", "\ufeff": " "}
 )
 _SOFT_HYPHEN = "\u00ad"
-_OPTION_DISPLAY = {"dryrun": "--dry-run", "limit": "--limit N", "allowdowngrade": "--allow-downgrade"}
+_OPTION_DISPLAY = {
+    "dryrun": "--dry-run",
+    "limit": "--limit N",
+    "before": "--before ID",
+    "allowdowngrade": "--allow-downgrade",
+}
+# What a deploy id can be (the ledger's ids are `d-` and six letters or digits; older ones may differ).
+DEPLOY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 
 
 def ref_problem(ref: str) -> str | None:
@@ -483,12 +500,17 @@ def _env_only(r: _Reader, allowed: dict[str, bool] | None = None) -> tuple[str, 
 
 
 def _history(r: _Reader) -> Command | Usage:
-    opts = r.options({"limit": True})
+    opts = r.options({"limit": True, "before": True})
     if isinstance(opts, Usage):
         return opts
     positionals, found = opts
     if "help" in found:
         return Help(r.name)
+    before = found.get("before")
+    if before is not None and not DEPLOY_ID_RE.match(before):
+        return r.usage(
+            f"`--before` takes a deploy id such as `d-4k7q2m` (the last one a page listed), not {_show(before)}."
+        )
     limit = DEFAULT_HISTORY_LIMIT
     raw = found.get("limit")
     if "limit" in found:
@@ -498,7 +520,7 @@ def _history(r: _Reader) -> Command | Usage:
             )
         limit = int(raw)
     if not positionals:
-        return History(None, limit)
+        return History(None, limit, before)
     head = _single_env(r, positionals)
     if isinstance(head, Usage):
         return head
@@ -506,7 +528,7 @@ def _history(r: _Reader) -> Command | Usage:
     extra = r.no_more(rest)
     if extra is not None:
         return extra
-    return History(env, limit)
+    return History(env, limit, before)
 
 
 def _lock(r: _Reader) -> Command | Usage:

@@ -118,6 +118,11 @@ class Metrics:
             ["env"],
             registry=self.registry,
         )
+        self.asyncio_tasks = Gauge(
+            PREFIX + "asyncio_tasks",
+            "Tasks alive on the bot's event loop at the scrape: flat over many deploys, or something leaks.",
+            registry=self.registry,
+        )
         self.slack_api_errors = Counter(
             PREFIX + "slack_api_errors",
             "Slack Web API calls that failed, by method and Slack's error code (or the transport error).",
@@ -213,6 +218,7 @@ class Metrics:
 
     async def refresh(self) -> None:
         """Re-read the locks from the ledger; on failure keep the last values (a scrape must not fail)."""
+        self.asyncio_tasks.set(len(asyncio.all_tasks()))
         if self.lock_source is None:
             return
         source = self.lock_source

@@ -333,8 +333,16 @@ class DeployService:
     async def status(self) -> DriftReport:
         return await build_report(self.deps)
 
-    async def history(self, env_name: str | None = None, limit: int = 10) -> list[DeployRecord]:
-        return await self.deps.ledger.history(env_name, limit)
+    async def history(
+        self, env_name: str | None = None, limit: int = 10, *, before: str | None = None
+    ) -> list[DeployRecord]:
+        return await self.deps.ledger.history(env_name, limit, before=before)
+
+    async def history_page(
+        self, env_name: str | None = None, limit: int = 10, *, before: str | None = None
+    ) -> tuple[list[DeployRecord], bool]:
+        """A page of history, newest first, and whether older deploys remain (the next page: `before` = its last id)."""
+        return await self.deps.ledger.history_page(env_name, limit, before=before)
 
     async def lock(self, env_name: str, user: str, reason: str) -> ManualLock:
         self.config.env(env_name)

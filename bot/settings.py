@@ -382,6 +382,9 @@ class Settings(BaseSettings):
 
     lease_ttl: float = Field(default=60.0, gt=0)  # a crashed bot's env lease frees itself after this
     recovery_every: float = Field(default=30.0, gt=0)  # how often a bot looks for deploys whose bot died
+    # keep this many days of deploy steps (the deploy records are kept for ever); None keeps every step
+    step_retention_days: float | None = Field(default=None, gt=0)
+    retention_every: float = Field(default=3600.0, gt=0)  # how often old steps are pruned, when they are
 
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"

@@ -271,9 +271,11 @@ class SlackFront:
                 if await self._allow(Action.ROLLBACK, asker, [env]):
                     await svc.admit(DeployKind.ROLLBACK, [env], None)
                     await svc.start_rollback(env, user, channel=channel, origin=ORIGIN, allow_downgrade=allow)
-            case commands.History(env=env, limit=limit):
+            case commands.History(env=env, limit=limit, before=before):
                 if await self._allow(Action.HISTORY, asker, [env] if env else []):
-                    await self._tell(asker, "History", bk.history_blocks(await svc.history(env, limit)))
+                    records, more = await svc.history_page(env, limit, before=before)
+                    later = commands.next_history(cmd, records[-1].id) if more else None
+                    await self._tell(asker, "History", bk.history_blocks(records, more=later))
             case commands.Lock(env=env, reason=reason):
                 if await self._allow(Action.LOCK, asker, [env]):
                     await svc.lock(env, user, reason)

@@ -438,7 +438,8 @@ def status_blocks(report: DriftReport) -> list[Block]:
     return fit(blocks)
 
 
-def history_blocks(records: Sequence[DeployRecord]) -> list[Block]:
+def history_blocks(records: Sequence[DeployRecord], *, more: str | None = None) -> list[Block]:
+    """The page of history; `more` is the command (after `/funnelcake`) that lists the next, older page."""
     if not records:
         return [section("No deploys recorded yet.")]
     lines = []
@@ -453,7 +454,10 @@ def history_blocks(records: Sequence[DeployRecord]) -> list[Block]:
                 else ""
             )
         )
-    return [section("*History*\n" + "\n".join(lines))]
+    out = [section("*History*\n" + "\n".join(lines))]
+    if more:
+        out.append(context(f"Older deploys: `/funnelcake {esc(more)}`"))
+    return out
 
 
 # ---- incidents (the watcher) ----------------------------------------------------------------------------

@@ -706,7 +706,9 @@ async def test_deploy_json_is_one_document_and_progress_goes_to_stderr(
     assert re.search(r"\d/8 . rollout done in", run.err)  # the live steps, on stderr
     assert _live_tag(sb, "poc") == short
     history = await _run_process(cli_env, "history", "poc", "--limit", "1", "--json")
-    assert json.loads(history.out) == {"deploys": [doc["deploy"]]}
+    page = json.loads(history.out)
+    assert page["deploys"] == [doc["deploy"]]
+    assert page["older_than"] == doc["deploy"]["id"]  # older deploys remain: the next page starts there
 
 
 # ---- clients only when needed, one plugin run per token ----------------------------------------------------
@@ -756,3 +758,44 @@ async def test_colour_follows_no_color_force_color_and_the_tty() -> None:
     assert colour_enabled(pipe, {"FORCE_COLOR": "1"}) is True
     assert colour_enabled(pipe, {"FORCE_COLOR": "0"}) is False
     assert colour_enabled(pipe, {"FORCE_COLOR": "1", "NO_COLOR": "1"}) is False
+
+
+async def test_history_shows_a_page_and_the_command_for_the_next(
+    sb: Sandbox,
+    cli,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'paged.db'}"
+    ledger = await Ledger.open(url)
+    try:
+        made = [
+            (
+                await ledger.create_deploy(
+                    kind="deploy", envs=["poc"], ref=f"c{i:06d}", short=f"c{i:06d}", requester="U0ALICE"
+                )
+            ).id
+            for i in range(5)
+        ]
+    finally:
+        await ledger.close()
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    listed: list[str] = []
+    argv = ["history", "poc", "--limit", "2"]
+    for _ in range(3):
+        run = await cli(*argv)
+        assert run.code == 0, run.err
+        lines = run.out.strip().splitlines()
+        listed += [line.split()[0] for line in lines[1:] if not line.startswith("older deploys:")]
+        if not lines[-1].startswith("older deploys:"):
+            break
+        # the last line is the command to type for the next page
+        prog, *argv = lines[-1].removeprefix("older deploys: ").split()
+        assert prog == "funnelcake"
+    assert listed == made[::-1]
+    assert argv == ["history", "poc", "--limit", "2", "--before", made[1]]
+
+    unknown = await cli("history", "--before", "d-nope00")
+    assert unknown.code != 0
+    assert "no deploy d-nope00" in unknown.err

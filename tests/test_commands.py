@@ -27,6 +27,7 @@ from bot.commands import (
     Unlock,
     Usage,
     help_text,
+    next_history,
     parse,
     ref_problem,
 )
@@ -78,6 +79,8 @@ def usage(text: str) -> str:
         ("history --limit 5", History(None, 5)),
         ("history poc --limit=25", History("poc", 25)),
         ("history \u2014limit 3 staging", History("staging", 3)),
+        ("history poc --before d-4k7q2m", History("poc", DEFAULT_HISTORY_LIMIT, "d-4k7q2m")),
+        ("history --limit 5 --before=d-old001", History(None, 5, "d-old001")),
         ("lock production release freeze until 18:00", Lock("production", "release freeze until 18:00")),
         ("lock poc load test -- do not deploy", Lock("poc", "load test -- do not deploy")),
         ("lock poc ops &amp; infra &lt;3", Lock("poc", "ops & infra <3")),
@@ -417,3 +420,21 @@ def test_override_takes_the_rest_of_the_line_as_its_reason() -> None:
     missing = commands.parse("deploy production e7e79eb --override", envs)
     assert isinstance(missing, commands.Usage)
     assert "`--override` needs the reason" in missing.message
+
+
+def test_history_before_takes_a_deploy_id_and_pages_say_what_to_type_next() -> None:
+    for bad in (
+        "history --before",
+        "history --before D-ABC",
+        "history --before d-4k7q2m;drop",
+        "history --before ../x",
+    ):
+        msg = usage(bad)
+        assert "--before" in msg
+    assert "deploy id" in usage("history poc --before <@U0ALICE>")
+    assert next_history(History(None), "d-4k7q2m") == "history --before d-4k7q2m"
+    assert (
+        next_history(History("poc", 5, "d-zzzzzz"), "d-4k7q2m") == "history poc --limit 5 --before d-4k7q2m"
+    )
+    # what a page says to type parses back to the next page of the same listing
+    assert parse(next_history(History("poc", 5), "d-4k7q2m"), ENVS) == History("poc", 5, "d-4k7q2m")

@@ -329,6 +329,92 @@ async def test_history_is_newest_first_and_filters_by_env(ledger: Ledger, clock:
     assert await ledger.history("nowhere") == []
 
 
+async def test_history_pages_follow_the_before_cursor_to_the_oldest(ledger: Ledger, clock: FakeClock) -> None:
+    ids = []
+    for i in range(7):
+        d = await _deploy(ledger, "poc" if i % 2 else "staging")
+        ids.append(d.id)
+        if i != 3:  # two deploys in the same instant: the cursor still splits them in insertion order
+            clock.advance(5)
+    newest_first = ids[::-1]
+
+    seen: list[str] = []
+    before = None
+    pages = 0
+    while True:
+        page, more = await ledger.history_page(limit=3, before=before)
+        seen += [d.id for d in page]
+        pages += 1
+        if not more:
+            break
+        before = page[-1].id
+    assert seen == newest_first
+    assert pages == 3  # 3 + 3 + 1, and the last page says there is nothing older
+    # a page that ends exactly at the oldest record says so too
+    page, more = await ledger.history_page(limit=7)
+    assert (len(page), more) == (7, False)
+    # per env: the cursor may be any deploy id, even one of another env
+    poc = [i for n, i in enumerate(ids) if n % 2][::-1]
+    page, more = await ledger.history_page("poc", 2)
+    assert ([d.id for d in page], more) == (poc[:2], True)
+    assert [d.id for d in await ledger.history("poc", 10, before=page[-1].id)] == poc[2:]
+    assert [d.id for d in await ledger.history("poc", 10, before=ids[4])] == [ids[3], ids[1]]
+    with pytest.raises(UnknownDeploy, match="d-nope00"):
+        await ledger.history_page(before="d-nope00")
+
+
+async def test_pruning_removes_old_steps_of_finished_deploys_and_keeps_every_record(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    old = await _deploy(ledger, "poc", state=DeployState.RUNNING)
+    for step in ("resolve", "images", "verify"):
+        await ledger.record_step(old.id, step)
+        await ledger.finish_step(old.id, step, state=StepState.OK)
+    await ledger.update_deploy(old.id, state=DeployState.SUCCEEDED)
+    # still running from back then (a long approval wait, a bot gone): its steps are not history yet
+    stuck = await _deploy(ledger, "staging", state=DeployState.RUNNING)
+    await ledger.record_step(stuck.id, "images")
+    await ledger.finish_step(stuck.id, "images", state=StepState.OK)
+    clock.advance(40 * 86400)
+    recent = await _deploy(ledger, "poc", state=DeployState.RUNNING)
+    await ledger.record_step(recent.id, "resolve")
+    await ledger.finish_step(recent.id, "resolve", state=StepState.OK)
+    await ledger.update_deploy(recent.id, state=DeployState.FAILED)
+
+    assert await ledger.prune_steps(30, batch=2) == 3  # in two batches
+    assert await ledger.steps(old.id) == []
+    assert [x.step for x in await ledger.steps(stuck.id)] == ["images"]
+    assert [x.step for x in await ledger.steps(recent.id)] == ["resolve"]
+    # the records stay, whole: history, the tags a rollback needs, the last step
+    kept = await ledger.get_deploy(old.id)
+    assert (kept.state, kept.tags, kept.last_step) == (DeployState.SUCCEEDED, {"poc": "e7e79eb"}, "verify")
+    assert {d.id for d in await ledger.history()} == {old.id, stuck.id, recent.id}
+    assert await ledger.prune_steps(30) == 0  # nothing left to do
+    with pytest.raises(ValueError, match="positive"):
+        await ledger.prune_steps(0)
+
+
+async def test_v7_indexes_serve_history_and_pruning(ledger: Ledger, db_url: str) -> None:
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+
+            def names(c, table: str) -> set[str]:  # type: ignore[no-untyped-def]
+                return {i["name"] for i in inspect(c).get_indexes(table)}
+
+            deploys = await conn.run_sync(names, "deploys")
+            targets = await conn.run_sync(names, "deploy_targets")
+            steps = await conn.run_sync(names, "deploy_steps")
+            approvals = await conn.run_sync(names, "approvals")
+    finally:
+        await engine.dispose()
+    assert {"ix_deploys_created_seq", "ix_deploys_state_finished"} <= deploys
+    assert not {"ix_deploys_created", "ix_deploys_state"} & deploys  # superseded by the wider ones
+    assert "ix_deploy_targets_env_deploy" in targets and "ix_deploy_targets_env" not in targets
+    assert "ix_deploy_steps_finished" in steps
+    assert "ix_approvals_due" in approvals
+
+
 async def test_in_flight_after_a_crash(db_url: str, clock: FakeClock) -> None:
     crashed = await Ledger.open(db_url, clock=clock)
     running = await _deploy(crashed, "staging", state=DeployState.RUNNING, owner="bot-a")

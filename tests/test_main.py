@@ -8,10 +8,13 @@ import os
 import signal
 import socket
 import sys
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.ledger import DeployState, Ledger, StepState
+from tests.testbed.botproc import BotProcess
 from tests.testbed.sandbox import Sandbox
 from tests.testbed.slack import APP_TOKEN, BOT_TOKEN, FakeSlack
 
@@ -167,3 +170,53 @@ async def test_socket_mode_process_answers_status_and_stops_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_old_steps_are_pruned_by_the_running_bot_and_the_records_stay(
+    sandbox: Sandbox, slack_sandbox: FakeSlack
+) -> None:
+    url = f"sqlite+aiosqlite:///{sandbox.root / 'retention-ledger.db'}"
+    long_ago = datetime.now(UTC) - timedelta(days=45)
+    old_ledger = await Ledger.open(url, clock=lambda: long_ago)
+    try:
+        old = await old_ledger.create_deploy(
+            kind="deploy",
+            envs=["poc"],
+            ref="e7e79eb",
+            short="e7e79eb",
+            requester="U0ALICE",
+            state=DeployState.RUNNING,
+        )
+        for step in ("resolve", "images", "verify"):
+            await old_ledger.record_step(old.id, step, state=StepState.OK)
+        await old_ledger.update_deploy(old.id, state=DeployState.SUCCEEDED)
+    finally:
+        await old_ledger.close()
+    ledger = await Ledger.open(url)
+    try:
+        recent = await ledger.create_deploy(
+            kind="deploy", envs=["poc"], ref="e7e79eb", short="e7e79eb", requester="U0ALICE"
+        )
+        await ledger.record_step(recent.id, "resolve", state=StepState.OK)
+        bot = BotProcess(
+            sandbox,
+            slack_sandbox,
+            name="retention",
+            database_url=url,
+            extra_env={"STEP_RETENTION_DAYS": "30", "RETENTION_EVERY": "0.5"},
+        )
+        async with bot:
+            async with asyncio.timeout(60):
+                while await ledger.steps(old.id):
+                    await asyncio.sleep(0.2)
+            async with asyncio.timeout(30):
+                while "pruned 3 deploy step rows older than 30 days" not in bot.tail():
+                    await asyncio.sleep(0.2)
+        # the record itself, what history and a rollback read, is kept; recent steps are kept
+        kept = await ledger.get_deploy(old.id)
+        assert (kept.state, kept.tags) == (DeployState.SUCCEEDED, {"poc": "e7e79eb"})
+        assert [r.id for r in await ledger.history("poc")] == [recent.id, old.id]
+        assert [s.step for s in await ledger.steps(recent.id)] == ["resolve"]
+        assert "Traceback" not in bot.tail(100_000)
+    finally:
+        await ledger.close()

@@ -387,3 +387,14 @@ async def test_slack_api_errors_counted_from_the_real_client(slack: FakeSlack, s
     total = sum(v for (name, _), v in s.items() if name == "funnelcake_bot_slack_api_errors_total")
     assert total == 4, "successful calls are not errors"
     assert len([c for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == "C0BURST"]) == 3
+
+
+async def test_asyncio_tasks_counts_the_loops_tasks_at_scrape_time(scraper: Scraper) -> None:
+    before = value(await scraper.samples(), "funnelcake_bot_asyncio_tasks")
+    assert before >= 1  # at least the scrape's own handler
+    release = asyncio.Event()
+    waiting = [asyncio.create_task(release.wait()) for _ in range(5)]
+    assert value(await scraper.samples(), "funnelcake_bot_asyncio_tasks") == before + 5
+    release.set()
+    await asyncio.gather(*waiting)
+    assert value(await scraper.samples(), "funnelcake_bot_asyncio_tasks") == before

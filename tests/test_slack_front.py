@@ -442,3 +442,43 @@ async def test_migrate_and_force_migrate_say_what_they_did(
     assert applied.detail is not None
     for name in applied.detail["applied"] or ["no change"]:
         assert name in shown
+
+
+async def test_history_pages_end_with_the_command_for_the_older_ones(
+    bot: RunningBot, slack_sandbox: FakeSlack, socket_mode: AsyncSocketModeHandler
+) -> None:
+    slack = slack_sandbox
+    assert bot.service is not None
+    ledger = bot.service.deps.ledger
+    made = [
+        (
+            await ledger.create_deploy(
+                kind=DeployKind.DEPLOY, envs=["poc"], ref=f"c{i:06d}", short=f"c{i:06d}", requester="U0BOB"
+            )
+        ).id
+        for i in range(3)
+    ]
+
+    def pages() -> list[str]:
+        return [
+            m.shown
+            for ch in slack.channels()
+            for m in slack.messages(ch)
+            if m.ephemeral_to == "U0ALICE" and "History" in m.shown
+        ]
+
+    await slack.send_slash("history poc --limit 2")
+    async with asyncio.timeout(30):
+        while not pages():
+            await asyncio.sleep(0.05)
+    first = pages()[0]
+    assert made[2] in first and made[1] in first and made[0] not in first
+    assert f"Older deploys: `/funnelcake history poc --limit 2 --before {made[1]}`" in first
+    # what it says to type lists the rest, and that last page offers nothing older
+    await slack.send_slash(f"history poc --limit 2 --before {made[1]}")
+    async with asyncio.timeout(30):
+        while len(pages()) < 2:
+            await asyncio.sleep(0.05)
+    last = pages()[1]
+    assert made[0] in last and made[1] not in last
+    assert "Older deploys" not in last

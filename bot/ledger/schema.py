@@ -416,12 +416,33 @@ def _v6(conn: Connection) -> None:
     ).create(conn, checkfirst=True)
 
 
+def _v7(conn: Connection) -> None:
+    """indexes for a ledger of many deploys: history pages, successes by finish time, due approvals, old steps"""
+    for name, table, columns in (
+        # history's order (newest first, seq breaking ties) read straight off one index, and its cursor
+        ("ix_deploys_created_seq", "deploys", "created_at, seq"),
+        # the env's last success (the rollback target) read newest-finished first, without sorting every
+        # success; its leading state also serves the in-flight lookups
+        ("ix_deploys_state_finished", "deploys", "state, finished_at, seq"),
+        # history <env>: the env's deploys, probed from the deploys in history order
+        ("ix_deploy_targets_env_deploy", "deploy_targets", "env, deploy_id"),
+        # the recovery pass's sweep of pending approvals past their deadline
+        ("ix_approvals_due", "approvals", "state, expires_at"),
+        # retention: the oldest finished steps first
+        ("ix_deploy_steps_finished", "deploy_steps", "finished_at"),
+    ):
+        conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
+    # the two-column indexes above lead with the same columns: the single-column ones are redundant
+    for name in ("ix_deploys_created", "ix_deploys_state", "ix_deploy_targets_env"):
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+
+
 def _pg(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
 Step = Callable[[Connection], None]
-STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
+STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
 LATEST = len(STEPS)
 
 

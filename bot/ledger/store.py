@@ -543,13 +543,39 @@ class Ledger:
         async with self._tx() as conn:
             return await self._get(conn, deploy_id)
 
-    async def history(self, env: str | None = None, limit: int = 20) -> list[DeployRecord]:
-        """Newest first; with `env`, only records that touched that env."""
+    async def history(
+        self, env: str | None = None, limit: int = 20, *, before: str | None = None
+    ) -> list[DeployRecord]:
+        """Newest first; with `env`, only records that touched that env; with `before` (a deploy id), only
+        records older than that one: the next page after a page that ended with it."""
+        records, _ = await self.history_page(env, limit, before=before)
+        return records
+
+    async def history_page(
+        self, env: str | None = None, limit: int = 20, *, before: str | None = None
+    ) -> tuple[list[DeployRecord], bool]:
+        """`history`, and whether older records than the page's last exist (ask again with `before` = its id).
+
+        UnknownDeploy if `before` names no deploy."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        d = s.deploys.c
         where: list[ColumnElement[bool]] = []
         if env is not None:
             where.append(_touches(env))
         async with self._tx() as conn:
-            return await self._load(conn, where, limit=limit)
+            if before is not None:
+                mark = (await conn.execute(select(d.created_at, d.seq).where(d.id == before))).one_or_none()
+                if mark is None:
+                    raise UnknownDeploy(before)
+                where.append(
+                    or_(
+                        d.created_at < mark.created_at,
+                        and_(d.created_at == mark.created_at, d.seq < mark.seq),
+                    )
+                )
+            found = await self._load(conn, where, limit=limit + 1)
+            return found[:limit], len(found) > limit
 
     async def in_flight(self, owner: str | None = None) -> list[DeployRecord]:
         """Deploys running or awaiting approval (optionally of one bot instance): what a restart must resolve."""
@@ -580,20 +606,28 @@ class Ledger:
                 s.deploys.c.finished_at < cur.finished_at,
                 and_(s.deploys.c.finished_at == cur.finished_at, s.deploys.c.seq < cur_seq),
             )
-            found = await self._succeeded(
-                conn, env, limit=1, extra=[older, s.deploy_targets.c.tag != cur.tags[env]]
-            )
+            found = await self._succeeded(conn, env, limit=1, extra=[older], tag_not=cur.tags[env])
             return found[0] if found else None
 
     async def _succeeded(
-        self, conn: AsyncConnection, env: str, *, limit: int, extra: Sequence[ColumnElement[bool]] = ()
+        self,
+        conn: AsyncConnection,
+        env: str,
+        *,
+        limit: int,
+        extra: Sequence[ColumnElement[bool]] = (),
+        tag_not: str | None = None,
     ) -> list[DeployRecord]:
+        t = s.deploy_targets.c
+        tagged = [t.deploy_id == s.deploys.c.id, t.env == env, t.tag.is_not(None)]
+        if tag_not is not None:
+            tagged.append(t.tag != tag_not)
+        # EXISTS rather than a join: the planner walks the deploys newest-finished first down their index
+        # and stops at the first that put a tag in the env, instead of sorting every deploy of the env.
         q = (
             select(s.deploys.c.id)
-            .join(s.deploy_targets, s.deploy_targets.c.deploy_id == s.deploys.c.id)
             .where(
-                s.deploy_targets.c.env == env,
-                s.deploy_targets.c.tag.is_not(None),
+                exists().where(*tagged),
                 s.deploys.c.state == DeployState.SUCCEEDED.value,
                 s.deploys.c.kind.in_([k.value for k in DeployKind if k.changes_tags]),
                 s.deploys.c.finished_at.is_not(None),
@@ -719,6 +753,37 @@ class Ledger:
                 await conn.execute(select(s.deploy_steps).where(c.deploy_id == deploy_id).order_by(c.id))
             ).all()
             return [_step(r) for r in rows]
+
+    async def prune_steps(self, keep_days: float, *, batch: int = 5000) -> int:
+        """Delete the step rows of finished deploys whose step finished more than `keep_days` days ago; the
+        deploy records (and their targets, approvals) are never deleted. Works in short transactions of at
+        most `batch` rows, so a large backlog never holds the write lock for long. Returns how many went."""
+        if keep_days <= 0:
+            raise ValueError(f"keep_days must be positive, not {keep_days}")
+        cutoff = self._now() - timedelta(days=keep_days)
+        c = s.deploy_steps.c
+        finished = ~exists().where(
+            s.deploys.c.id == c.deploy_id, s.deploys.c.state.in_([x.value for x in IN_FLIGHT_STATES])
+        )
+        total = 0
+        while True:
+            async with self._tx() as conn:
+                ids = list(
+                    (
+                        await conn.execute(
+                            select(c.id)
+                            .where(c.finished_at.is_not(None), c.finished_at < cutoff, finished)
+                            .order_by(c.finished_at)
+                            .limit(batch)
+                        )
+                    ).scalars()
+                )
+                if ids:
+                    await conn.execute(delete(s.deploy_steps).where(c.id.in_(ids)))
+            total += len(ids)
+            if len(ids) < batch:
+                return total
+            await asyncio.sleep(0)  # let the deploys' own writes in between batches
 
     async def _touch(
         self, conn: AsyncConnection, deploy_id: str, step: str, state: StepState, now: datetime

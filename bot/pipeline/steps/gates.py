@@ -4,6 +4,8 @@ with a reason; the override is kept with the plan in the ledger and as a trailer
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -13,7 +15,8 @@ from bot.ledger.models import DeployRecord, DeployState
 from bot.models import Plan
 from bot.settings import Environment, Service
 
-HISTORY_DEPTH = 50
+HISTORY_DEPTH = 50  # how far back a gate looks for a success in its `after` env
+PAGE = 10  # read that far page by page: the commit looked for is usually among the newest few
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,19 @@ class Eligible:
 
 def _succeeded(records: list[DeployRecord]) -> list[DeployRecord]:
     return [r for r in records if r.state is DeployState.SUCCEEDED and r.kind.changes_tags and r.sha]
+
+
+async def _successes(ledger: Ledger, env: str) -> AsyncGenerator[DeployRecord]:
+    """The env's successful deploys and rollbacks, newest first, among its last HISTORY_DEPTH records;
+    read a page at a time, so a caller that finds what it wants early reads no further."""
+    before: str | None = None
+    for _ in range(0, HISTORY_DEPTH, PAGE):
+        page, more = await ledger.history_page(env, PAGE, before=before)
+        for r in _succeeded(page):
+            yield r
+        if not more:
+            return
+        before = page[-1].id
 
 
 def _digests(record_plan: dict[str, object] | None, env: str) -> dict[str, str | None]:
@@ -43,17 +59,20 @@ async def gate_problem(ledger: Ledger, plan: Plan, env: Environment) -> str | No
     if gate is None:
         return None
     short, after = plan.commit.short, gate.after
+    proof: DeployRecord | None = None
     try:
-        records = _succeeded(await ledger.history(after, HISTORY_DEPTH))
+        async with aclosing(_successes(ledger, after)) as found:
+            async for r in found:
+                if r.sha == plan.commit.sha:
+                    proof = r
+                    break
     except BotError as e:
         return f"{env.name} takes only commits that succeeded in {after}, and the audit trail cannot say: {e.message}"
-    ran = [r for r in records if r.sha == plan.commit.sha]
-    if not ran:
+    if proof is None:
         return (
             f"{env.name} takes only commits that succeeded in {after}: {short} has no successful {after} "
             f"deploy. Deploy it there first: `deploy {after} {short}`"
         )
-    proof = ran[0]
     theirs = _digests(proof.plan, after)
     ours = {i.image: i.digest for i in plan.env_plans[env.name].images}
     for image in (s.image for s in Service):
@@ -83,10 +102,11 @@ async def eligible(ledger: Ledger, env: Environment, *, limit: int = 3) -> list[
         return []
     now = datetime.now(UTC)
     out: list[Eligible] = []
-    for r in _succeeded(await ledger.history(gate.after, HISTORY_DEPTH)):
-        since = (r.finished_at or r.updated_at) + timedelta(minutes=gate.soak_minutes)
-        if since <= now and r.short and all(e.short != r.short for e in out):
-            out.append(Eligible(r.short, r.id, since))
-        if len(out) >= limit:
-            break
+    async with aclosing(_successes(ledger, gate.after)) as found:
+        async for r in found:
+            since = (r.finished_at or r.updated_at) + timedelta(minutes=gate.soak_minutes)
+            if since <= now and r.short and all(e.short != r.short for e in out):
+                out.append(Eligible(r.short, r.id, since))
+            if len(out) >= limit:
+                break
     return out

@@ -9,6 +9,7 @@ in another env carries that warning, with the deploy id.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,9 +33,22 @@ class Resolve(Step[DeployContext]):
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         deps = ctx.deps
-        commit = await deps.app_repo.resolve(ctx.ref)
+        # The two repositories are independent: their fetches (each a round trip to the git host) overlap.
+        reading = asyncio.create_task(
+            deps.gitops.read_tags(deps.config, ctx.env_names),  # only these envs' overlays
+            name=f"resolve-overlays-{ctx.deploy_id}",
+        )
+        try:
+            commit = await deps.app_repo.resolve(ctx.ref)
+        except BaseException:
+            # let the overlay read finish (its git runs in a thread, holding the clone) before failing;
+            # the resolve's error is the one to report
+            await asyncio.wait({reading})
+            if not reading.cancelled():
+                reading.exception()
+            raise
         ctx.commit = CommitInfo(commit.sha, commit.short, commit.subject, commit.author)
-        tags = await deps.gitops.read_tags(deps.config, ctx.env_names)  # only these envs' overlays
+        tags = await reading
         plan = Plan(
             ctx.deploy_id,
             ctx.kind,
