@@ -203,6 +203,7 @@ def _watcher(
     watcher.on_open.append(
         lambda incidents: metrics.set_incidents(Counter((i.env, i.kind) for i in incidents))
     )
+    watcher.on_behind.append(metrics.set_commits_behind)
     return watcher
 
 

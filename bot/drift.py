@@ -7,7 +7,7 @@ cluster or registry is a finding, never a reason to hide the other envs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -201,7 +201,7 @@ async def build_report(deps: Deps, *, deadline: float = STATUS_DEADLINE) -> Drif
         overlays = await _read_overlays(deps, envs, min(GIT_LIMIT, left()))
         tags = {name: t for name, t in overlays.items() if isinstance(t, dict)}
         # the app repo reads need only the tags: they run alongside the registry and site checks
-        behind_task = asyncio.create_task(_behind_production(deps, tags), name="status-behind-production")
+        behind_task = asyncio.create_task(behind_production(deps, tags), name="status-behind-production")
         tasks.append(behind_task)
         registries, sites, endpoints = await asyncio.gather(
             asyncio.gather(*(_registry(deps, e, tags.get(e.name, {}), left()) for e in envs)),
@@ -344,7 +344,7 @@ async def _eligible(deps: Deps) -> dict[str, list[str]]:
     return out
 
 
-async def _behind_production(deps: Deps, tags: dict[str, dict[Service, str]]) -> dict[str, Behind]:
+async def behind_production(deps: Deps, tags: Mapping[str, Mapping[Service, str]]) -> dict[str, Behind]:
     """Each env whose api tag is an ancestor of production's, with the commits it lacks; unreadable refs are skipped."""
     prod_tag = tags.get("production", {}).get(Service.API)
     if not prod_tag:

@@ -207,6 +207,10 @@ class Metrics:
             raise ValueError(f"commits behind production cannot be negative, got {commits} for {env}")
         self.commits_behind_production.labels(env=env).set(commits)
 
+    def set_commits_behind(self, counts: Mapping[str, int]) -> None:
+        for env, commits in counts.items():
+            self.set_commits_behind_production(env, commits)
+
     def slack_api_error(self, method: str, error: str) -> None:
         self.slack_api_errors.labels(method=_label(method), error=_label(error)).inc()
 

@@ -423,6 +423,8 @@ class DeployService:
         lease (this bot's own included, after a restart with the same identity or a failed run)."""
         for expired in await self.deps.ledger.expire_approvals():
             await self._announce_expired(expired)
+        for due in await self.deps.ledger.claim_reminders(self.reminder_lead):
+            await self._remind(due)
         taken: list[str] = []
         for record in await recovery.orphans(self):
             taken.append(record.id)
@@ -877,6 +879,24 @@ class DeployService:
             "recovery",
             EventKind.PROGRESS,
             f"{self.instance_id} stopped at {where} and left the deploy to another bot: {why}",
+        )
+
+    @property
+    def reminder_lead(self) -> timedelta:
+        """How long before an approval expires its approvers are reminded: 5 min, or a third of a short window."""
+        return timedelta(seconds=min(300.0, self.config.timeouts.approval / 3))
+
+    async def _remind(self, deploy_id: str) -> None:
+        record = await self.deps.ledger.get_deploy(deploy_id)
+        approval = await self.deps.ledger.get_approval(deploy_id)
+        expires = approval.expires_at.isoformat() if approval is not None else ""
+        await self.emit_for(
+            record,
+            "approval",
+            EventKind.PROGRESS,
+            "reminder: still waiting for an approver",
+            reminder=True,
+            expires_at=expires,
         )
 
     async def _announce_expired(self, deploy_id: str) -> None:

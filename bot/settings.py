@@ -234,6 +234,8 @@ class Watch(_Strict):
     confirm_after: int = Field(default=2, ge=1)  # looks a problem must last before it is posted
     clear_after: int = Field(default=2, ge=1)  # looks without it before it is closed as recovered
     flap_window: float = Field(default=600, ge=0)  # a problem back within this many seconds reopens its post
+    # an env behind production (lacking commits production runs) is posted after this many seconds of it
+    behind_after: float = Field(default=3600, ge=0)
 
 
 class Operator(_Strict):

@@ -9,7 +9,10 @@ looks at each env the way `status` does and turns what it sees into incidents:
 - Argo CD OutOfSync, Degraded (when no failing pod explains it) or a failed sync operation;
 - the cluster unreachable;
 - a GitOps commit that changed an env's overlay and was not made by the bot (who changed what): a notice,
-  opened and closed at once.
+  opened and closed at once;
+- an env behind production (its api tag an ancestor of production's) for `behind_after` seconds, with a
+  Catch up button; the app repo is read for it when the overlays change and at most every
+  `BEHIND_EVERY` seconds otherwise, and each env's count goes to the commits-behind gauge.
 
 An env with a deploy running (its lease is live) is left to that deploy, which diagnoses on its own. A
 problem must be seen `confirm_after` looks in a row before it is posted and missed `clear_after` looks in
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,8 +36,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bot.adapters.endpoints import EndpointCheck, check_endpoints
 from bot.adapters.gitops import OverlayCommit
 from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot, snapshot_env
+from bot.drift import Behind, behind_production
 from bot.errors import BotError
 from bot.ledger import IncidentRecord, Ledger, LockHeld
+from bot.models import plural
 from bot.settings import Environment
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 WATCH_LEASE = "~watcher"  # a lease row of its own: no env is called that (names are [a-z0-9-])
 WATCH_HOLDER_DEPLOY = "watcher"
 LOOK_LIMIT = 20.0  # one env's look never takes longer than this
+BEHIND_EVERY = 60.0  # seconds between reads of how far each env trails production (unless overlays change)
 
 
 class IncidentKind(StrEnum):
@@ -54,6 +61,7 @@ class IncidentKind(StrEnum):
     UNREACHABLE = "unreachable"
     ENDPOINT_FAILING = "endpoint_failing"
     HAND_EDIT = "hand_edit"
+    BEHIND_PRODUCTION = "behind_production"
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,27 @@ def hand_edits(commits: Sequence[OverlayCommit], bot_author: tuple[str, str]) ->
     return found
 
 
+def behind(env: str, lag: Behind) -> Observation:
+    """An env lacking commits production runs: the one-click fix deploys production's tag there."""
+    listed = "\n".join(f"{c.short} {c.subject}" for c in lag.commits[:10])
+    if len(lag.commits) > 10:
+        listed += f"\n… and {len(lag.commits) - 10} more"
+    return Observation(
+        env,
+        IncidentKind.BEHIND_PRODUCTION,
+        f"{env}:behind_production",
+        f"{env} is {plural(len(lag.commits), 'commit')} behind production ({lag.tag} → {lag.production})",
+        {
+            "tag": lag.tag,
+            "target": lag.production,
+            "cause": f"production runs {lag.production}, which {env} ({lag.tag}) does not have",
+            "evidence": listed,
+            "fix": f"Catch {env} up: `deploy {env} {lag.production}` (the button does it).",
+            "actions": ["catchup"],
+        },
+    )
+
+
 # ---- the watcher --------------------------------------------------------------------------------------
 
 
@@ -252,6 +281,11 @@ class Watcher:
         self._gitops_head: str | None = None
         # told the open incidents after every look (the metrics' incidents_open gauge)
         self.on_open: list[Callable[[Sequence[IncidentRecord]], None]] = []
+        # told how many commits each env lacks from production, each time that is read (a gauge)
+        self.on_behind: list[Callable[[Mapping[str, int]], None]] = []
+        self._behind: dict[str, Behind] = {}
+        self._behind_read: tuple[str | None, float] | None = None  # (GitOps head, monotonic time) of the read
+        self._behind_since: dict[str, datetime] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -318,7 +352,43 @@ class Watcher:
                 continue  # a deploy runs there: it is that deploy's to tell
             watched.add(env.name)
             observations += seen
+        observations += [o for o in await self._behind_production(envs) if o.env in watched]
         await self._reconcile(observations, watched)
+
+    async def _behind_production(self, envs: Sequence[Environment]) -> list[Observation]:
+        head, now = self._gitops_head, time.monotonic()
+        last = self._behind_read
+        if last is None or last[0] != head or now - last[1] >= BEHIND_EVERY:
+            deps = self.service.deps
+            try:
+                async with asyncio.timeout(LOOK_LIMIT):
+                    read = await deps.gitops.read_tags_each(envs)
+                    tags = {env: t for env, t in read.items() if not isinstance(t, BotError)}
+                    self._behind = await behind_production(deps, tags)
+            except (BotError, TimeoutError) as e:
+                # what was read last stays true until a read succeeds: an outage closes no incident
+                log.warning(
+                    "watcher: could not read how far envs trail production: %s",
+                    getattr(e, "message", "timed out"),
+                )
+            else:
+                self._behind_read = (head, now)
+                counts = {
+                    e.name: len(self._behind[e.name].commits) if e.name in self._behind else 0 for e in envs
+                }
+                for callback in self.on_behind:
+                    callback(counts)
+        found: list[Observation] = []
+        wall = datetime.now(UTC)
+        for env in envs:
+            lag = self._behind.get(env.name)
+            if lag is None:
+                self._behind_since.pop(env.name, None)
+                continue
+            since = self._behind_since.setdefault(env.name, wall)
+            if (wall - since).total_seconds() >= self.settings.behind_after:
+                found.append(behind(env.name, lag))
+        return found
 
     async def _look_at(self, env: Environment) -> list[Observation] | None:
         lease = await self.ledger.get_lease(env.name)

@@ -470,6 +470,7 @@ _INCIDENT_ICONS = {
     "endpoint_failing": "📡",
     "out_of_sync": "⚠️",
     "hand_edit": "✍️",
+    "behind_production": "🐢",
 }
 
 
@@ -509,6 +510,16 @@ def incident_blocks(incident: IncidentRecord, *, lasted: float | None = None) ->
             # the incident's message closes (buttons gone) when it ends, so it carries no `ran` to compare
             buttons.append(
                 button(f"Rebuild {d['tag']}", "rebuild", drawn.command(f"deploy {incident.env} {d['tag']}"))
+            )
+        elif action == "catchup" and d.get("target"):
+            buttons.append(
+                button(
+                    f"Catch up to {d['target']}",
+                    "catchup",
+                    drawn.command(
+                        f"deploy {incident.env} {d['target']}", ran=str(d.get("tag") or "") or None
+                    ),
+                )
             )
     if buttons:
         blocks.append(actions(f"incident:{incident.id}", *buttons))

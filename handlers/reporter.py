@@ -111,7 +111,13 @@ class SlackThreadReporter:
         extra: list[bk.Block] = []
         final: tuple[str, bool] | None = None  # the outcome reply, and whether the channel must see it
         ask: str | None = None  # the approvers' ping: its own message
+        # a reminder may reach a bot that did not draw the thread: it pings, and leaves the root as it is
+        redraw = any(not _is_reminder(e) for e in batch)
         for e in batch:
+            if _is_reminder(e):
+                expires = bk.when(str(e.data.get("expires_at", "")))
+                ask = "⏰ " + await self._ask_approvers(f"still waits for one of you and expires {expires}")
+                continue
             if e.step == SUMMARY_STEP:
                 ok = e.kind is EventKind.DONE
                 self.outcome = bk.summary_text(e.data, ok, e.message, self.links)
@@ -142,7 +148,7 @@ class SlackThreadReporter:
             if e.step == "approval":
                 self._approval(e)
                 if e.kind is EventKind.STARTED:
-                    ask = await self._ask_approvers()
+                    ask = "🙋 " + await self._ask_approvers("waits for one of you")
                 continue
             if e.step == "lock":
                 replies.append(f"🔒 {bk.esc_keep_mentions(e.message)}")
@@ -207,7 +213,8 @@ class SlackThreadReporter:
             await self._post(
                 text, blocks=[bk.section(text)], thread_ts=self.root_ts, reply_broadcast=broadcast
             )
-        await self._update_root()
+        if redraw:
+            await self._update_root()
 
     def _move_back_button(self, summary: Mapping[str, Any]) -> bk.Block:
         """The second yes a move back needs: the same request again, confirmed, for the state it was refused in."""
@@ -253,7 +260,7 @@ class SlackThreadReporter:
             self.approval = f"⛔ {_sentence(e.message)} {bk.when(datetime.now(UTC))}"
             self.buttons = []
 
-    async def _ask_approvers(self) -> str:
+    async def _ask_approvers(self, what: str) -> str:
         """A new message (an edit pings nobody) that mentions whoever may approve."""
         mentions: list[str] = []
         for principal in self.approvers:
@@ -266,8 +273,8 @@ class SlackThreadReporter:
                 mentions.append(found)
         who = " ".join(mentions) or "Approvers"
         return (
-            f"🙋 {who}: <@{self.record.requester}>'s request for {', '.join(self.record.envs)} waits for one of "
-            "you (not the requester): Approve or Deny on the message above."
+            f"{who}: <@{self.record.requester}>'s request for {', '.join(self.record.envs)} {what} "
+            "(not the requester): Approve or Deny on the message above."
         )
 
     async def _ensure_root(self) -> None:
@@ -324,3 +331,7 @@ class SlackThreadReporter:
 def _sentence(message: str) -> str:
     # The service writes these from Slack IDs (`approved by <@U…>`): mentions must stay unescaped.
     return message[:1].upper() + message[1:]
+
+
+def _is_reminder(e: StepEvent) -> bool:
+    return e.step == "approval" and e.kind is EventKind.PROGRESS and bool(e.data.get("reminder"))

@@ -212,6 +212,49 @@ async def awaiting_approval(bot: RunningBot, slack: FakeSlack, short: str, reque
     return message
 
 
+async def test_approvers_are_reminded_once_before_the_request_expires(
+    sandbox: Sandbox, slack_sandbox: FakeSlack
+) -> None:
+    assert sandbox.config is not None
+    expiry = 12.0  # the reminder goes a third of the window before it ends (5 min before, in the shipped 30)
+    sandbox.config = sandbox.config.model_copy(
+        update={"timeouts": sandbox.config.timeouts.model_copy(update={"approval": expiry})}
+    )
+    bot = await started_bot(sandbox, slack_sandbox)
+    try:
+        assert bot.service is not None
+        short = await push_head(sandbox)
+        root = await awaiting_approval(bot, slack_sandbox, short, "U0ALICE")
+        asked_at = time.monotonic()
+
+        def reminders() -> list[Message]:
+            return [m for m in slack_sandbox.thread(CHANNEL, root.ts) if m.text.startswith("⏰")]
+
+        await bot.service.recover()
+        assert reminders() == []  # not due yet
+        await asyncio.sleep(
+            max(0.0, expiry - bot.service.reminder_lead.total_seconds() + 0.5 - (time.monotonic() - asked_at))
+        )
+        await asyncio.gather(bot.service.recover(), bot.service.recover())  # two passes at once: one reminder
+        await bot.settle()
+        [reminder] = reminders()
+        assert reminder.text.startswith(
+            "⏰ <!subteam^S0APPROVERS>: <@U0ALICE>'s request for production still waits"
+        )
+        assert "expires <!date^" in reminder.text
+        assert "Approve or Deny on the message above" in reminder.text
+        # the request is untouched: its buttons stay, and a later pass does not remind again
+        assert [b["action_id"] for b in slack_sandbox.message(CHANNEL, root.ts).buttons()] == [
+            "approve",
+            "deny",
+        ]
+        await bot.service.recover()
+        await bot.settle()
+        assert len(reminders()) == 1
+    finally:
+        await bot.stop()
+
+
 async def test_deny_and_expiry_leave_production_untouched(sandbox: Sandbox, slack_sandbox: FakeSlack) -> None:
     assert sandbox.config is not None
     assert sandbox.git is not None

@@ -167,3 +167,44 @@ async def test_a_relay_that_stops_answering_req_is_an_incident_until_it_answers_
     await sandbox.relays["poc"].set_fault(None)
     closed = await until_text(slack, incident.ts, "*Recovered* after", bot)
     assert closed.buttons() == []
+
+
+async def gauge(bot: BotProcess, name: str, labels: dict[str, str]) -> float | None:
+    async with aiohttp.ClientSession() as session, session.get(f"{bot.url}/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+async def test_an_env_behind_production_is_posted_with_a_catch_up_that_works(
+    sandbox: Sandbox, slack_sandbox: FakeSlack, bots: list[BotProcess]
+) -> None:
+    slack = slack_sandbox
+    assert sandbox.git is not None
+    # production runs relay-tune, staging add-index (one commit older), poc api-paginate (two older)
+    sandbox.reconfigure(watch={"channel": DEFAULT_CHANNEL, "every": 1.0, "behind_after": 0})
+    bot = await launch(bots, sandbox, slack, "solo", mode="http")
+    prod, staging = sandbox.git.app.short("relay-tune"), sandbox.git.app.short("add-index")
+
+    incident = await one_post(slack, "staging is 1 commit behind production", bot)
+    assert f"({staging} → {prod})" in incident.shown
+    assert "relay: raise subscription limit" in incident.shown  # the commit staging lacks
+    [button] = incident.buttons()
+    assert (button["action_id"], button["text"]["text"]) == ("catchup", f"Catch up to {prod}")
+    await one_post(slack, "poc is 2 commits behind production", bot)
+    metric = "funnelcake_bot_commits_behind_production"
+    assert await gauge(bot, metric, {"env": "staging"}) == 1.0
+    assert await gauge(bot, metric, {"env": "poc"}) == 2.0
+    assert await gauge(bot, metric, {"env": "production"}) == 0.0
+
+    status, _ = await bot.deliver(
+        *slack.signed_click(DEFAULT_CHANNEL, incident.ts, "catchup", user_id="U0ALICE")
+    )
+    assert status == 200
+    closed = await until_text(slack, incident.ts, "*Recovered* after", bot)
+    assert closed.buttons() == []
+    assert await gauge(bot, metric, {"env": "staging"}) == 0.0
+    assert len(posts(slack, "staging is 1 commit behind production")) == 1

@@ -181,6 +181,7 @@ approvals = Table(
     Column("state", String(16), nullable=False),
     Column("decided_by", String(64)),
     Column("decided_at", UTCDateTime),
+    Column("reminded_at", UTCDateTime),  # when the approvers were reminded (once) before it expires
 )
 
 # One row per env of a multi-env request that needs approval, once one of that env's approvers approved.
@@ -437,12 +438,19 @@ def _v7(conn: Connection) -> None:
         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
 
+def _v8(conn: Connection) -> None:
+    """approvals remember their one reminder, so of several replicas exactly one sends it"""
+    if "reminded_at" not in _columns(conn, "approvals"):
+        kind = "TIMESTAMP WITH TIME ZONE" if _pg(conn) else "DATETIME"
+        conn.execute(text(f"ALTER TABLE approvals ADD COLUMN reminded_at {kind}"))
+
+
 def _pg(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
 Step = Callable[[Connection], None]
-STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
+STEPS: tuple[Step, ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
 LATEST = len(STEPS)
 
 

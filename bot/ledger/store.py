@@ -1329,6 +1329,25 @@ class Ledger:
             await self._expire(conn, due, now)
             return due
 
+    async def claim_reminders(self, within: timedelta) -> list[str]:
+        """Pending approvals that expire within `within` and were not reminded yet: marked reminded and
+        returned, in one conditional update, so of several bots exactly one reminds each approval once."""
+        now = self._now()
+        a = s.approvals.c
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                update(s.approvals)
+                .where(
+                    a.state == ApprovalState.PENDING.value,
+                    a.reminded_at.is_(None),
+                    a.expires_at > now,
+                    a.expires_at <= now + within,
+                )
+                .values(reminded_at=now)
+                .returning(a.deploy_id)
+            )
+            return list(rows.scalars())
+
     async def _expire(self, conn: AsyncConnection, deploy_ids: list[str], now: datetime) -> None:
         if not deploy_ids:
             return
