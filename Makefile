@@ -16,6 +16,7 @@ lint: setup
 	$(VENV)/bin/ruff check bot handlers tests bench
 	$(VENV)/bin/ruff format --check bot handlers tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 demo: setup
 	$(PY) -m tests.testbed.demo $(ARGS)

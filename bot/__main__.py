@@ -9,7 +9,6 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -20,7 +19,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.ledger.models import DeployRecord
-from bot.logs import redact, register_secret, register_secrets_from, setup_logging
+from bot.logs import redact, register_settings_secrets, setup_logging
 from bot.metrics import Metrics, SlackErrorCounter, add_metrics_route
 from bot.pipeline.engine import Reporter
 from bot.service import DeployService
@@ -207,18 +206,11 @@ def _watcher(
     return watcher
 
 
-def _register_secrets(settings: Settings) -> None:
-    """Every secret the process holds, so no log line or message can carry it."""
-    register_secrets_from(settings)
-    # A PostgreSQL ledger's DATABASE_URL carries its password in the URL, not in a SecretStr.
-    register_secret(urlsplit(settings.database_url).password)
-
-
 def main() -> int:
     try:
         settings = Settings()
         setup_logging(settings.log_format, settings.log_level)
-        _register_secrets(settings)
+        register_settings_secrets(settings)
         missing = _require(settings)
         if missing:
             print("error: missing settings:\n" + "\n".join(f"  - {m}" for m in missing), file=sys.stderr)

@@ -24,8 +24,9 @@ from pydantic import ValidationError
 from bot import commands
 from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.ledger import Ledger
-from bot.ledger.models import DeployKind, DeployRecord, DeployState, when, who
-from bot.models import Plan, plural
+from bot.ledger.models import DeployRecord, DeployState, when, who
+from bot.logs import file_logging, register_settings_secrets
+from bot.models import DeployKind, Plan, plural
 from bot.pipeline.engine import PipelineResult, Reporter
 from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.settings import FunnelcakeConfig, Settings, load_config
@@ -968,22 +969,17 @@ def _config_check(config: FunnelcakeConfig, source: str) -> int:
 
 
 def _setup_logging(settings: Settings) -> tuple[logging.Handler, Path | None]:
-    """Logs go to a file, never the terminal: the terminal gets one clear message, the file the traceback."""
-    root = logging.getLogger()
-    path: Path | None = settings.work_dir / LOG_FILE
+    """Logs go to a file, never the terminal: the terminal gets one clear message, the file the traceback.
+    The file is redacted like every other log: the settings' secrets never reach it."""
+    register_settings_secrets(settings)
+    path = settings.work_dir / LOG_FILE
     try:
         settings.work_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(settings.work_dir / LOG_FILE, encoding="utf-8")
-    except OSError:
-        handler, path = logging.NullHandler(), None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
-    handler.setLevel(level)
-    root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > level:
-        root.setLevel(level)
-    logging.captureWarnings(True)
-    return handler, path
+        return file_logging(path, settings.log_level), path
+    except (OSError, ValueError):
+        handler = logging.NullHandler()
+        logging.getLogger().addHandler(handler)
+        return handler, None
 
 
 def _refuse_unconfirmable(args: argparse.Namespace, cmd: commands.Command) -> None:

@@ -33,7 +33,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final, Literal, TypeVar
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -352,6 +352,38 @@ class _BotHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler setup_logging installed, so a second call replaces it instead of doubling lines."""
 
 
+def register_settings_secrets(settings: BaseModel) -> None:
+    """Every secret a process's settings hold, so no log line or message can carry it: the SecretStr
+    fields, and the password in a PostgreSQL ledger's `database_url` (a URL, not a SecretStr)."""
+    register_secrets_from(settings)
+    url = getattr(settings, "database_url", None)
+    if isinstance(url, str):
+        with contextlib.suppress(ValueError):
+            register_secret(urlsplit(url).password)
+
+
+def file_logging(path: Path, level: str | int = "INFO") -> logging.Handler:
+    """Add a handler writing text lines to `path`, redacted as every other log (OSError if it cannot open)."""
+    numeric = _level(level)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(numeric)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > numeric:
+        root.setLevel(numeric)
+    _install_factory()
+    logging.captureWarnings(True)
+    return handler
+
+
+def _install_factory() -> None:
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _ScrubbingFactory):
+        logging.setLogRecordFactory(_ScrubbingFactory(factory))
+
+
 def setup_logging(
     fmt: LogFormat = "auto", level: str | int = "INFO", *, stream: IO[str] | None = None
 ) -> logging.Handler:
@@ -368,9 +400,7 @@ def setup_logging(
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(numeric)
-    factory = logging.getLogRecordFactory()
-    if not isinstance(factory, _ScrubbingFactory):
-        logging.setLogRecordFactory(_ScrubbingFactory(factory))
+    _install_factory()
     # A probe every few seconds would drown the deploy lines; access logs stay available at DEBUG.
     logging.getLogger("aiohttp.access").setLevel(max(numeric, logging.WARNING))
     logging.captureWarnings(True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
-from bot.ledger.models import DeployKind
 from bot.settings import MIGRATE_IMAGE, Service
 
 __all__ = [
     "AMD64",
+    "BOT_USER",
     "CommitInfo",
     "DeployKind",
     "EnvPlan",
@@ -23,6 +24,20 @@ __all__ = [
 ]
 
 AMD64 = "linux/amd64"
+# The user the bot's own locks are held by (the lock after a failed production deploy, which a rollback may pass).
+BOT_USER = "funnelcake-bot"
+
+
+class DeployKind(StrEnum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+    MIGRATE = "migrate"
+    FORCE_MIGRATE = "force-migrate"
+
+    @property
+    def changes_tags(self) -> bool:
+        """Deploys and rollbacks move an env's overlay tag; migrations leave it alone."""
+        return self in (DeployKind.DEPLOY, DeployKind.ROLLBACK)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from bot.errors import BotError, PermanentError, TransientError
 from bot.leases import LeaseKeeper
 from bot.ledger.models import (
     ApprovalExpired,
-    DeployKind,
     DeployRecord,
     DeployState,
     Fenced,
@@ -39,7 +38,7 @@ from bot.ledger.models import (
     who,
 )
 from bot.logs import deploy_context
-from bot.models import Plan
+from bot.models import BOT_USER, DeployKind, Plan
 from bot.pipeline.context import DeployContext, Deps
 from bot.pipeline.engine import (
     SUMMARY_STEP,
@@ -61,7 +60,6 @@ from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
 from bot.policy import locks
-from bot.policy.locks import BOT_USER
 from bot.runs import Run, RunTracker, Stop
 from bot.settings import FunnelcakeConfig, Service
 

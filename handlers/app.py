@@ -21,8 +21,9 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot import commands
 from bot.errors import BotError
-from bot.ledger.models import DeployKind, DeployRecord
+from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
+from bot.models import DeployKind
 from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.service import DeployService
 from handlers import blocks as bk

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
-from bot.ledger.models import DeployKind, DeployRecord, IncidentRecord
-from bot.models import CommitInfo, Plan, plural
+from bot.ledger.models import DeployRecord, IncidentRecord
+from bot.models import CommitInfo, DeployKind, Plan, plural
 from bot.service import MIGRATE_STEPS, PLAN_STEPS
 from bot.settings import FunnelcakeConfig
 from handlers import buttons as drawn

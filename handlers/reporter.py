@@ -20,9 +20,9 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.ledger import Ledger
-from bot.ledger.models import DeployKind, DeployRecord
+from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
-from bot.models import Plan
+from bot.models import DeployKind, Plan
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 from handlers import blocks as bk
 from handlers import buttons as drawn

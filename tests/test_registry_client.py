@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from google.auth.credentials import AnonymousCredentials
 from google.oauth2.credentials import Credentials as GoogleUserCredentials
 
-from bot.adapters.artifact_registry import ArtifactRegistryTags
 from bot.adapters.registry import (
     Anonymous,
     BasicCredentials,
@@ -218,129 +216,6 @@ def test_scheme_and_artifact_registry_detection() -> None:
 async def test_malformed_prefix_is_permanent(client: RegistryClient) -> None:
     with pytest.raises(PermanentError, match="no repository path"):
         await client.check("127.0.0.1:5000", "img", "t")
-
-
-# ---- Artifact Registry REST listing (recent tags), against a fake of the v1 REST API
-
-
-class _FakeArtifactRegistry:
-    """Serves projects.locations.repositories.dockerImages.list with real pagination and JSON field names."""
-
-    def __init__(self, images: list[dict[str, object]], *, status: int = 200, page_size: int = 2) -> None:
-        self.images = images
-        self.status = status
-        self.page_size = page_size
-        self.calls: list[dict[str, str]] = []
-        self.runner: web.AppRunner | None = None
-        self.endpoint = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.calls.append({"path": request.path, **request.query})
-        if self.status != 200:
-            return web.json_response(
-                {
-                    "error": {
-                        "code": self.status,
-                        "message": "The caller does not have permission",
-                        "status": "X",
-                    }
-                },
-                status=self.status,
-            )
-        start = int(request.query.get("pageToken") or 0)
-        page = self.images[start : start + self.page_size]
-        body: dict[str, object] = {"dockerImages": page}
-        if start + self.page_size < len(self.images):
-            body["nextPageToken"] = str(start + self.page_size)
-        return web.json_response(body)
-
-    async def __aenter__(self) -> _FakeArtifactRegistry:
-        app = web.Application()
-        app.router.add_get(
-            "/v1/projects/{project}/locations/{location}/repositories/{repo}/dockerImages", self.handle
-        )
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.endpoint = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.runner is not None
-        await self.runner.cleanup()
-
-
-_STATUS = {
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    429: "RESOURCE_EXHAUSTED",
-    503: "UNAVAILABLE",
-}
-AR_PREFIX = "us-central1-docker.pkg.dev/dv-platform-prod/containers-production"
-AR_PARENT = "projects/dv-platform-prod/locations/us-central1/repositories/containers-production"
-
-
-def _ar_image(image: str, n: int, tags: list[str], day: int) -> dict[str, object]:
-    digest = f"sha256:{n:064x}"
-    return {
-        "name": f"{AR_PARENT}/dockerImages/{image}@{digest}",
-        "uri": f"{AR_PREFIX}/{image}@{digest}",
-        "tags": tags,
-        "imageSizeBytes": str(1000 + n),
-        "uploadTime": f"2026-01-{day:02d}T10:00:00Z",
-        "updateTime": f"2026-01-{day:02d}T11:00:00.123456Z",
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-    }
-
-
-async def test_artifact_registry_recent_tags_newest_first_across_pages() -> None:
-    images = [
-        _ar_image("funnelcake-api", 1, ["aaaaaaa"], 3),
-        _ar_image("funnelcake-relay", 2, ["aaaaaaa"], 9),
-        _ar_image("funnelcake-api", 3, [], 8),  # untagged: left out by default
-        _ar_image("funnelcake-api", 4, ["bbbbbbb", "latest"], 7),
-        _ar_image("funnelcake-api", 5, ["ccccccc"], 1),
-    ]
-    async with _FakeArtifactRegistry(images) as fake:
-        tags = ArtifactRegistryTags(credentials=AnonymousCredentials(), api_endpoint=fake.endpoint, timeout=5)
-        recent = await tags.recent(AR_PREFIX, "funnelcake-api", limit=2)
-        everything = await tags.recent(AR_PREFIX, "funnelcake-api", limit=10, tagged_only=False)
-    assert [(r.tags, r.digest[-1]) for r in recent] == [(("bbbbbbb", "latest"), "4"), (("aaaaaaa",), "1")]
-    assert recent[0].update_time is not None and recent[0].update_time.day == 7
-    assert recent[0].size_bytes == 1004
-    assert [r.digest[-1] for r in everything] == ["3", "4", "1", "5"]
-    assert fake.calls[0]["path"] == f"/v1/{AR_PARENT}/dockerImages"
-    assert fake.calls[0]["orderBy"] == "update_time desc"
-    assert len(fake.calls) == 6  # three pages per listing
-
-
-@pytest.mark.parametrize(
-    ("status", "error"),
-    [
-        (401, PermanentError),
-        (403, PermanentError),
-        (404, PermanentError),
-        (429, TransientError),
-        (503, TransientError),
-    ],
-)
-async def test_artifact_registry_errors_say_what_to_do(status: int, error: type[Exception]) -> None:
-    async with _FakeArtifactRegistry([], status=status) as fake:
-        # static credentials: on a 401 google-auth tries to refresh them and must fail
-        creds = GoogleUserCredentials(token="ya29.expired") if status == 401 else AnonymousCredentials()
-        tags = ArtifactRegistryTags(credentials=creds, api_endpoint=fake.endpoint, timeout=5)
-        with pytest.raises(error) as e:
-            await tags.recent(AR_PREFIX, "funnelcake-api")
-    assert AR_PREFIX in str(e.value)
-    hint = {401: "Workload Identity", 403: "roles/artifactregistry.reader", 404: "does not exist"}
-    assert hint.get(status, "unavailable") in str(e.value)
-
-
-async def test_artifact_registry_rejects_non_artifact_registry_prefix() -> None:
-    with pytest.raises(PermanentError, match="not an Artifact Registry"):
-        await ArtifactRegistryTags(api_endpoint="http://127.0.0.1:1").recent("127.0.0.1:5000/a/b", "img")
 
 
 class _RefreshingCreds:

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from bot.adapters.childenv import child_env
 from bot.adapters.gitutil import (
     NETWORK_TIMEOUT,
     GitCredentials,
@@ -543,6 +544,8 @@ class GitOpsRepo:
                 self.kubectl,
                 "kustomize",
                 str(overlay_dir),
+                env=child_env(),
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )

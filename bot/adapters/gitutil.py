@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shlex
+import signal
+import subprocess
+import tempfile
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import git
 from pydantic import SecretStr
 
+from bot.adapters.childenv import child_env
 from bot.errors import BotError, PermanentError, TransientError
 
 if TYPE_CHECKING:
@@ -29,12 +34,14 @@ T = TypeVar("T")
 NETWORK_TIMEOUT = 120.0  # clone/fetch/push: a big first clone on a slow link, not a hung ssh
 LOCAL_TIMEOUT = 30.0  # log, diff, commit, rebase on a local clone
 
-# The token reaches git only through this variable, read by the inline credential helper below;
-# it never appears on a command line, in a URL or in .git/config.
-_TOKEN_VAR = "FUNNELCAKE_GIT_TOKEN"  # noqa: S105 - the variable's name, not a token
-_USER_VAR = "FUNNELCAKE_GIT_USERNAME"
+# The token reaches git only through a file readable by the bot alone, which the inline credential
+# helper below prints; it never appears on a command line, in a URL, in .git/config or in the
+# environment of git or its children (where /proc/<pid>/environ would show it).
+_TOKEN_FILE_VAR = "FUNNELCAKE_GIT_CREDENTIALS"  # noqa: S105 - the variable's name, not a token
 # A fixed script (no user input reaches it): git runs it through sh as `<helper> get|store|erase`.
-_CREDENTIAL_HELPER = f'!f() {{ test "$1" = get || exit 0; echo "username=${{{_USER_VAR}}}"; echo "password=${{{_TOKEN_VAR}}}"; }}; f'
+_CREDENTIAL_HELPER = f'!f() {{ test "$1" = get || exit 0; cat "${{{_TOKEN_FILE_VAR}}}"; }}; f'
+
+_TIMED_OUT = "timed out"  # the stderr of a git call this module killed
 
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
 _USERINFO_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
@@ -85,7 +92,8 @@ class GitCredentials:
             return None
         return cls(ssh_key_path=settings.git_ssh_key_path, https_token=settings.git_https_token)
 
-    def env(self) -> dict[str, str]:
+    def env(self, token_file: Path | None = None) -> dict[str, str]:
+        """What git needs to authenticate; `token_file` holds the https credential (see `write_token`)."""
         out: dict[str, str] = {}
         if self.ssh_key_path is not None:
             # IdentitiesOnly: use this key and no agent key; BatchMode: fail instead of prompting.
@@ -93,7 +101,7 @@ class GitCredentials:
                 f"ssh -i {shlex.quote(str(self.ssh_key_path))} -o IdentitiesOnly=yes"
                 " -o BatchMode=yes -o ConnectTimeout=20"
             )
-        if self.https_token is not None:
+        if self.https_token is not None and token_file is not None:
             # An empty helper value first resets any helper from the system or user config.
             out |= {
                 "GIT_CONFIG_COUNT": "2",
@@ -101,10 +109,22 @@ class GitCredentials:
                 "GIT_CONFIG_VALUE_0": "",
                 "GIT_CONFIG_KEY_1": "credential.helper",
                 "GIT_CONFIG_VALUE_1": _CREDENTIAL_HELPER,
-                _TOKEN_VAR: self.https_token.get_secret_value(),
-                _USER_VAR: self.https_username,
+                _TOKEN_FILE_VAR: str(token_file),
             }
         return out
+
+    def write_token(self) -> Path | None:
+        """The https credential in a new 0600 file of a 0700 directory, or None without a token.
+
+        The caller removes it (`remove_token`) when done with it."""
+        if self.https_token is None:
+            return None
+        folder = Path(tempfile.mkdtemp(prefix="funnelcake-git-"))
+        path = folder / "credential"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"username={self.https_username}\npassword={self.https_token.get_secret_value()}\n")
+        return path
 
     def secrets(self) -> list[str]:
         return [self.https_token.get_secret_value()] if self.https_token is not None else []
@@ -179,8 +199,11 @@ class GitRunner:
         self.remote = display_url(remote_url)
         self.credentials = credentials
         env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": ""}
+        token_file = credentials.write_token() if credentials is not None else None
+        if token_file is not None:
+            weakref.finalize(self, _remove_token, token_file)
         if credentials is not None:
-            env |= credentials.env()
+            env |= credentials.env(token_file)
         if identity is not None:
             name, email = identity
             env |= {
@@ -189,7 +212,7 @@ class GitRunner:
                 "GIT_COMMITTER_NAME": name,
                 "GIT_COMMITTER_EMAIL": email,
             }
-        self._env = env
+        self._env = child_env(env)
         self._secrets = credentials.secrets() if credentials is not None else []
 
     def scrub(self, text: str) -> str:
@@ -200,20 +223,36 @@ class GitRunner:
     ) -> GitResult:
         """Run `git <args>`; with check, a failure raises a BotError naming `what` was attempted."""
         self.cwd.mkdir(parents=True, exist_ok=True)
-        runner = git.Git(str(self.cwd))
         try:
-            status, out, err = runner.execute(
+            # its own process group: on a timeout ssh and git-remote-https die with git
+            proc = subprocess.Popen(
                 ["git", *args],
+                cwd=self.cwd,
                 env=self._env,
-                kill_after_timeout=timeout,
-                with_extended_output=True,
-                with_exceptions=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
-        except git.GitCommandNotFound as e:
+        except FileNotFoundError as e:
             raise PermanentError(
                 "git is not installed or not on PATH.", hint="Install git in the bot's image."
             ) from e
-        result = GitResult(int(status), self.scrub(str(out)), self.scrub(str(err)))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            result = GitResult(-9, "", f"{_TIMED_OUT} after {timeout:g}s")
+            if check:
+                raise self.failure(what or f"git {args[0]}", result, timeout=timeout) from None
+            return result
+        result = GitResult(
+            proc.returncode,
+            self.scrub(_text(out)),
+            self.scrub(_text(err)),
+        )
         if check and not result.ok:
             raise self.failure(what or f"git {args[0]}", result, timeout=timeout)
         return result
@@ -222,7 +261,7 @@ class GitRunner:
         """Translate a failed git call into a transient or permanent error a person can act on."""
         detail = _tail(result.text)
         low = result.text.lower()
-        if result.stderr.startswith("Timeout: the command"):
+        if result.stderr.startswith(_TIMED_OUT):
             return TransientError(
                 f"{what} timed out after {timeout:g}s talking to {self.remote}.",
                 hint="The git host may be slow or unreachable; the step can be retried.",
@@ -239,6 +278,18 @@ class GitRunner:
                 hint="The step can be retried.",
             )
         return PermanentError(f"{what} failed. git said: {detail}")
+
+
+def _text(raw: bytes) -> str:
+    """git's output as text, without its one final newline (as callers compare and split it)."""
+    text = raw.decode("utf-8", "replace")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _remove_token(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+        path.parent.rmdir()
 
 
 def _tail(text: str, limit: int = 600) -> str:

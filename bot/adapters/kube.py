@@ -19,7 +19,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import incluster_config, kube_config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from bot.adapters.childenv import plugin_env
 from bot.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,6 @@ def _status_message(body: bytes | str | None) -> str:
 
 
 # The bot's own secrets: a credential plugin needs the caller's environment (HOME, PATH, CLOUDSDK_*), not these.
-_NOT_FOR_PLUGINS = frozenset(
-    {"SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "GIT_HTTPS_TOKEN", "DATABASE_URL"}
-)
-
-
 @dataclass(frozen=True)
 class Credential:
     """What an exec plugin answered: the Authorization header value and when it stops being valid."""
@@ -146,8 +141,9 @@ class ExecCredentialCache:
                 f"the kubeconfig user of context {context} has an exec entry without command or apiVersion",
                 hint="Regenerate the kubeconfig (gcloud container fleet memberships get-credentials …).",
             )
-        env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_PLUGINS}
-        env |= {str(e["name"]): str(e["value"]) for e in exec_config.get("env") or [] if "name" in e}
+        env = plugin_env(
+            {str(e["name"]): str(e["value"]) for e in exec_config.get("env") or [] if "name" in e}
+        )
         info = {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
         env["KUBERNETES_EXEC_INFO"] = json.dumps(info)
         argv = [str(command), *map(str, exec_config.get("args") or [])]

@@ -10,7 +10,6 @@ from bot.ledger.models import (
     Control,
     Decision,
     DecisionKind,
-    DeployKind,
     DeployRecord,
     DeployState,
     Fence,
@@ -29,7 +28,7 @@ from bot.ledger.models import (
     UnknownDeploy,
 )
 from bot.ledger.store import Clock, DeployUpdate, Ledger, new_deploy_id
-from bot.policy.locks import BOT_USER
+from bot.models import BOT_USER, DeployKind
 
 __all__ = [
     "BOT_USER",

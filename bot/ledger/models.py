@@ -9,18 +9,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from bot.errors import PermanentError
-
-
-class DeployKind(StrEnum):
-    DEPLOY = "deploy"
-    ROLLBACK = "rollback"
-    MIGRATE = "migrate"
-    FORCE_MIGRATE = "force-migrate"
-
-    @property
-    def changes_tags(self) -> bool:
-        """Deploys and rollbacks move an env's overlay tag; migrations leave it alone."""
-        return self in (DeployKind.DEPLOY, DeployKind.ROLLBACK)
+from bot.models import DeployKind
 
 
 class DeployState(StrEnum):

@@ -54,7 +54,6 @@ from bot.ledger.models import (
     Control,
     Decision,
     DecisionKind,
-    DeployKind,
     DeployRecord,
     DeployState,
     Fence,
@@ -73,6 +72,7 @@ from bot.ledger.models import (
     when,
     who,
 )
+from bot.models import DeployKind
 
 log = logging.getLogger(__name__)
 

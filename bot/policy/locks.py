@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from bot.ledger.models import DeployKind, ManualLock, who
-
-BOT_USER = "funnelcake-bot"
+from bot.ledger.models import ManualLock, who
+from bot.models import BOT_USER, DeployKind
 
 
 def passes(lock: ManualLock, kind: DeployKind) -> bool:

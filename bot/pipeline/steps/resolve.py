@@ -15,8 +15,8 @@ from typing import Any
 
 from bot.adapters.apprepo import Commit
 from bot.errors import BotError, PermanentError
-from bot.ledger.models import DeployKind, DeployState
-from bot.models import CommitInfo, EnvPlan, Plan, ServiceMove, plural
+from bot.ledger.models import DeployState
+from bot.models import CommitInfo, DeployKind, EnvPlan, Plan, ServiceMove, plural
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
 from bot.settings import Service
