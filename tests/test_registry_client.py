@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 from aiohttp import web
@@ -17,6 +19,7 @@ from bot.adapters.registry import (
     GoogleAccessToken,
     RegistryClient,
     is_artifact_registry,
+    retry_after,
 )
 from bot.errors import PermanentError, TransientError
 from tests.testbed.registry import LocalRegistry, Registries, push_image
@@ -153,6 +156,12 @@ class _Flaky:
         if self.hits <= self.failures:
             if self.mode == "hang":
                 await asyncio.sleep(1)
+            if self.mode == "429":
+                return web.json_response(
+                    {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]},
+                    status=429,
+                    headers={"Retry-After": "2"},
+                )
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "try later"}]}, status=503
             )
@@ -187,6 +196,39 @@ async def test_5xx_exhausts_retries_into_transient_error() -> None:
     assert fake.hits == 3
     assert str(e.value).startswith(f"registry {fake.host} unavailable:")
     assert "503" in str(e.value)
+
+
+async def test_429_waits_as_long_as_retry_after_says() -> None:
+    loop = asyncio.get_running_loop()
+    async with _Flaky(failures=1, mode="429") as fake, _fast() as rc:
+        started = loop.time()
+        status = await rc.check(f"{fake.host}/p/r", "img", "t")
+        waited = loop.time() - started
+    assert status.state == "missing" and fake.hits == 2
+    # the registry asked for 2 s; the client's own backoff here is at most 0.05 s
+    assert 1.9 <= waited < 5, waited
+
+
+async def test_a_429_that_outlasts_the_retries_tells_the_step_how_long_to_wait() -> None:
+    async with _Flaky(failures=100, mode="429") as fake:
+        rc = RegistryClient(attempts=1)
+        try:
+            with pytest.raises(TransientError) as e:
+                await rc.check(f"{fake.host}/p/r", "img", "t")
+        finally:
+            await rc.close()
+    assert e.value.delay == 2
+    assert "429" in str(e.value)
+
+
+def test_retry_after_reads_seconds_and_dates_and_is_capped() -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    assert retry_after("2", cap=60) == 2
+    assert 25 < (retry_after(format_datetime(soon, usegmt=True), cap=60) or 0) <= 30
+    assert retry_after("3600", cap=60) == 60
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", cap=60) == 0  # a date gone by: at once
+    assert retry_after("soon", cap=60) is None
+    assert retry_after(None, cap=60) is None
 
 
 async def test_timeout_is_retried_then_reported() -> None:

@@ -7,6 +7,7 @@ docker-registry in the test bed). It never deletes anything.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, TypeVar
 
@@ -224,12 +226,40 @@ class DefaultCredentials:
 
 
 class _Retryable(Exception):
-    """Internal signal to stamina; turned into TransientError before it leaves the client."""
+    """Internal signal to stamina; turned into TransientError before it leaves the client.
 
-    def __init__(self, host: str, detail: str) -> None:
+    `delay`: the seconds the registry asked for (429/503 `Retry-After`), waited instead of the backoff."""
+
+    def __init__(self, host: str, detail: str, *, delay: float | None = None) -> None:
         super().__init__(f"{host}: {detail}")
         self.host = host
         self.detail = detail
+        self.delay = delay
+
+
+def retry_after(value: str | None, *, cap: float) -> float | None:
+    """A `Retry-After` header (delta-seconds or an HTTP date) as seconds to wait, at most `cap`."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            at = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if at.tzinfo is None:
+            return None
+        seconds = (at - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), cap)
+
+
+def _on_retryable(exc: Exception) -> bool | float:
+    """stamina's hook: retry a _Retryable, after the registry's own Retry-After when it gave one."""
+    if isinstance(exc, _Retryable):
+        return exc.delay if exc.delay is not None else True
+    return False
 
 
 @dataclass
@@ -366,7 +396,7 @@ class RegistryClient:
     async def _retrying(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             async for attempt in stamina.retry_context(
-                on=_Retryable,
+                on=_on_retryable,
                 attempts=self._attempts,
                 timeout=self._retry_budget,
                 wait_initial=self._wait_initial,
@@ -379,6 +409,7 @@ class RegistryClient:
             raise TransientError(
                 f"registry {e.host} unavailable: {e.detail}",
                 hint=f"Gave up after {self._attempts} attempts; retry later or check the registry's status.",
+                delay=e.delay,  # the step's own retry waits as long as the registry asked
             ) from None
         raise AssertionError("stamina ended without a result")  # pragma: no cover
 
@@ -403,6 +434,7 @@ class RegistryClient:
                 async with self.session.get(auth.realm, params=params, headers=headers) as r:
                     body = await r.read()
                     status = r.status
+                    wait = retry_after(r.headers.get("Retry-After"), cap=self._retry_budget)
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise _Retryable(realm_host, f"token endpoint {auth.realm}: {type(e).__name__} {e}") from e
             if status in (401, 403):
@@ -412,7 +444,7 @@ class RegistryClient:
                     hint=self._auth_hint(host, creds),
                 )
             if status >= 500 or status == 429:
-                raise _Retryable(realm_host, f"token endpoint answered HTTP {status}")
+                raise _Retryable(realm_host, f"token endpoint answered HTTP {status}", delay=wait)
             if status != 200:
                 raise PermanentError(
                     f"registry {host} token endpoint answered HTTP {status}: {_error_text(body)}"
@@ -518,7 +550,9 @@ class RegistryClient:
                 body = await resp.read()
                 resp.release()
                 raise _Retryable(
-                    host, f"{method} {URL(url).path} answered HTTP {resp.status} {_error_text(body)}"
+                    host,
+                    f"{method} {URL(url).path} answered HTTP {resp.status} {_error_text(body)}",
+                    delay=retry_after(resp.headers.get("Retry-After"), cap=self._retry_budget),
                 )
             if auth.mode == "unknown" and not sent_direct_bearer:
                 auth.mode = "anonymous"
