@@ -185,7 +185,7 @@ class DeployService:
         ctx = self._context("plan-" + secrets.token_hex(3), DeployKind.DEPLOY, env_names, ref, requester)
         ctx.allow_downgrade = allow_downgrade
         ctx.override_reason = override_reason
-        result = await Pipeline(ctx.deploy_id, [Resolve(), Preflight()], []).run(ctx)
+        result = await Pipeline(ctx.deploy_id, [Resolve(), Preflight()], [], budgets=self._budgets).run(ctx)
         return ctx.plan, result
 
     async def start(
@@ -561,7 +561,11 @@ class DeployService:
             self._ledger_reporter(run),
             *self.reporters(run.record),
         ]
-        return Pipeline(run.record.id, steps, reporters)
+        return Pipeline(run.record.id, steps, reporters, budgets=self._budgets)
+
+    def _budgets(self, step: str) -> float | None:
+        """A step's budget, from the environments file's `timeouts.steps`."""
+        return self.config.timeouts.steps.of(step)
 
     def _ledger_reporter(self, run: Run) -> LedgerReporter:
         reporter = self._ledger_reporters.get(run.record.id)
@@ -691,7 +695,9 @@ class DeployService:
                 run.record, "approval", EventKind.DONE, f"approved by {who(run.record.approver or '?')}"
             )
             # Re-plan: the approval holds only if the commit and every digest are still what was approved.
-            replanned = await Pipeline(run.record.id, [Resolve(), Preflight()], []).run(run.ctx)
+            replanned = await Pipeline(
+                run.record.id, [Resolve(), Preflight()], [], budgets=self._budgets
+            ).run(run.ctx)
             if not replanned.ok or run.ctx.plan is None:
                 return await self._finish(run, replanned)
             await self.deps.ledger.verify_approval(run.record.id, binding=run.ctx.plan.binding())

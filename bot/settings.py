@@ -212,8 +212,33 @@ class Repos(_Strict):
     gitops: OverlayRepo
 
 
+class StepBudgets(_Strict):
+    """Each pipeline step's whole budget in seconds, its retries included: past it the step fails."""
+
+    resolve: float = Field(default=60, gt=0)
+    preflight: float = Field(default=90, gt=0)
+    images: float = Field(default=2400, gt=0)  # promotion, and an in-cluster build when one is needed
+    migrate: float = Field(default=900, gt=0)
+    force_migrate: float = Field(default=900, gt=0, alias="force-migrate")
+    gitops: float = Field(default=180, gt=0)
+    sync: float = Field(default=300, gt=0)
+    rollout: float = Field(default=900, gt=0)
+    verify: float = Field(default=120, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def of(self, step: str) -> float | None:
+        """The budget of the step called `step` (its pipeline name), or None for a step without one here."""
+        value = getattr(self, step.replace("-", "_"), None)
+        return float(value) if isinstance(value, int | float) else None
+
+
+DEFAULT_STEP_BUDGETS = StepBudgets()  # each step's own `timeout`, when no environments file is at hand
+
+
 class Timeouts(_Strict):
-    """Seconds; each pipeline step declares its own limit, these are the configurable ones."""
+    """Seconds. `steps` bounds each pipeline step; the others bound one wait inside a step, so each must
+    fit inside its step's budget (checked when the file is loaded)."""
 
     rollout: float = Field(default=300, gt=0)
     sync: float = Field(default=180, gt=0)
@@ -223,6 +248,32 @@ class Timeouts(_Strict):
     site: float = Field(default=10, gt=0)
     relay: float = Field(default=10, gt=0)  # each relay check: NIP-11 answers, REQ gets EOSE
     api: float = Field(default=10, gt=0)  # the API's /health answers
+    steps: StepBudgets = Field(default_factory=StepBudgets)
+
+    @model_validator(mode="after")
+    def _inner_fits_outer(self) -> Timeouts:
+        nested = (  # (a wait, the step it happens in)
+            ("rollout", "rollout"),
+            ("sync", "sync"),
+            ("migrate", "migrate"),
+            ("migrate", "force_migrate"),
+            ("build", "images"),
+            ("site", "verify"),
+            ("relay", "verify"),
+            ("api", "verify"),
+        )
+        problems = []
+        for inner, outer in nested:
+            wait, budget = getattr(self, inner), getattr(self.steps, outer)
+            if wait > budget:
+                step = outer.replace("_", "-")
+                problems.append(
+                    f"timeouts.{inner} ({wait:g} s) exceeds timeouts.steps.{step} ({budget:g} s), the whole "
+                    f"budget of the {step} step it runs in: lower timeouts.{inner} or raise timeouts.steps.{step}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class Watch(_Strict):

@@ -184,3 +184,23 @@ def test_cli_config_check_prints_one_message_not_a_traceback(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "environments[production].migrations: self-hosted mode needs host and port" in proc.stderr
+
+
+def test_a_wait_longer_than_its_step_is_one_clear_error_naming_both() -> None:
+    def slow_rollout(d: dict) -> None:  # type: ignore[type-arg]
+        d["timeouts"] = {"rollout": 1200}
+
+    err = _bad(slow_rollout)
+    assert len(err.problems) == 1
+    (problem,) = err.problems
+    assert "timeouts.rollout (1200 s)" in problem and "timeouts.steps.rollout (900 s)" in problem
+    assert "lower timeouts.rollout or raise timeouts.steps.rollout" in problem
+    assert "funnelcake.yaml" in err.message
+
+
+def test_step_budgets_come_from_the_file_and_bound_each_step() -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["timeouts"] = {"rollout": 1200, "steps": {"rollout": 1500, "force-migrate": 1000}}
+    steps = parse_config(yaml.safe_dump(data)).timeouts.steps
+    assert steps.of("rollout") == 1500 and steps.of("force-migrate") == 1000
+    assert steps.of("approval") is None  # a wait for a person, bounded by timeouts.approval instead

@@ -145,6 +145,13 @@ async def test_the_engine_owns_time() -> None:
     assert result.failed.message == "slow did not finish within 0.05s"
 
 
+async def test_a_configured_budget_overrides_the_steps_own() -> None:
+    budgets = {"holds": 0.05}.get
+    result = await Pipeline("d-5b", [Ok(), Holds()], [Recorder()], budgets=budgets).run({})
+    assert result.failed is not None and result.failed.step == "holds"
+    assert result.failed.message == "holds did not finish within 0.05s"  # not the step's own 10 s
+
+
 async def test_cancellation_is_reported_and_releases_what_the_step_holds() -> None:
     rec = Recorder()
     holds = Holds()

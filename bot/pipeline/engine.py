@@ -177,10 +177,25 @@ class PipelineResult:
 
 
 class Pipeline(Generic[C]):
-    def __init__(self, run_id: str, steps: Sequence[Step[C]], reporters: Sequence[Reporter]) -> None:
+    """Runs `steps` in order; `budgets` (the environments file's `timeouts.steps`) overrides a step's own
+    `timeout` by its name."""
+
+    def __init__(
+        self,
+        run_id: str,
+        steps: Sequence[Step[C]],
+        reporters: Sequence[Reporter],
+        *,
+        budgets: Callable[[str], float | None] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.steps = list(steps)
         self.reporters = list(reporters)
+        self._budgets = budgets
+
+    def budget(self, step: Step[C]) -> float:
+        found = self._budgets(step.name) if self._budgets is not None else None
+        return found if found is not None else step.timeout
 
     async def _emit(self, event: StepEvent) -> None:
         # Every reporter (Slack, the ledger, a terminal) gets the event scrubbed: a step message may quote
@@ -212,6 +227,7 @@ class Pipeline(Generic[C]):
     async def _run_step(self, step: Step[C], ctx: C, *, index: int, total: int) -> StepResult:
         started = time.monotonic()
         attempt = 0
+        budget = self.budget(step)
 
         def event(kind: EventKind, message: str = "", data: Mapping[str, Any] | None = None) -> StepEvent:
             return StepEvent(
@@ -245,7 +261,7 @@ class Pipeline(Generic[C]):
 
         await self._emit(event(EventKind.STARTED))
         try:
-            async with asyncio.timeout(step.timeout):
+            async with asyncio.timeout(budget):
                 async for retrying in stamina.retry_context(
                     on=_retry_hook,
                     attempts=step.retry.attempts,
@@ -279,7 +295,7 @@ class Pipeline(Generic[C]):
             await self._emit(event(EventKind.ERRORED, msg, _details(e)))
             return res
         except TimeoutError:
-            msg = f"{step.name} did not finish within {step.timeout:g}s"
+            msg = f"{step.name} did not finish within {budget:g}s"
             res = result(StepOutcome.ERRORED, msg, "Check the thread for the last progress, then retry.")
             await self._emit(event(EventKind.ERRORED, msg))
             return res

@@ -9,12 +9,12 @@ from bot.adapters.migrations import MigrationFailed
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
-from bot.settings import Service
+from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 class ForceMigrate(Step[DeployContext]):
     name = "force-migrate"
-    timeout = 900.0
+    timeout = DEFAULT_STEP_BUDGETS.force_migrate
 
     def __init__(self, version: int, reported_dirty: int | None, image_tag: str | None) -> None:
         self.version = version

@@ -14,6 +14,7 @@ from typing import Any
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
 from bot.pipeline.steps.images import verify_images
+from bot.settings import DEFAULT_STEP_BUDGETS
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ IDENTITY_TIMEOUT = 5.0  # a directory lookup never holds a push: past it, the tr
 
 class GitOps(Step[DeployContext]):
     name = "gitops"
-    timeout = 120.0
+    timeout = DEFAULT_STEP_BUDGETS.gitops
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()

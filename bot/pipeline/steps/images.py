@@ -11,13 +11,14 @@ from bot.ledger.models import LedgerError
 from bot.models import AMD64, ImagePlan
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
+from bot.settings import DEFAULT_STEP_BUDGETS
 
 PROMOTE_CONCURRENCY = 3
 
 
 class Images(Step[DeployContext]):
     name = "images"
-    timeout = 1800.0
+    timeout = DEFAULT_STEP_BUDGETS.images
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()

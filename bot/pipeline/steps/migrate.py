@@ -10,11 +10,12 @@ from bot.adapters.migrations import MigrateOutcome, MigrationFailed
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Skip, Step
+from bot.settings import DEFAULT_STEP_BUDGETS
 
 
 class Migrate(Step[DeployContext]):
     name = "migrate"
-    timeout = 900.0
+    timeout = DEFAULT_STEP_BUDGETS.migrate
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()

@@ -14,12 +14,12 @@ from bot.pipeline.engine import Progress, Step
 from bot.pipeline.steps.gates import gate_problem
 from bot.pipeline.steps.resolve import downgrade_problems
 from bot.policy import locks
-from bot.settings import Environment
+from bot.settings import DEFAULT_STEP_BUDGETS, Environment
 
 
 class Preflight(Step[DeployContext]):
     name = "preflight"
-    timeout = 90.0
+    timeout = DEFAULT_STEP_BUDGETS.preflight
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()

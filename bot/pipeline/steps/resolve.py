@@ -19,7 +19,7 @@ from bot.ledger.models import DeployState
 from bot.models import CommitInfo, DeployKind, EnvPlan, Plan, ServiceMove, plural
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
-from bot.settings import Service
+from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 def up_migrations(paths: list[str]) -> list[str]:
@@ -29,7 +29,7 @@ def up_migrations(paths: list[str]) -> list[str]:
 
 class Resolve(Step[DeployContext]):
     name = "resolve"
-    timeout = 60.0
+    timeout = DEFAULT_STEP_BUDGETS.resolve
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         deps = ctx.deps

@@ -10,12 +10,12 @@ from bot.adapters.rollout import RolloutFailed, RolloutProgress, watch_rollouts
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
-from bot.settings import Service
+from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 class Rollout(Step[DeployContext]):
     name = "rollout"
-    timeout = 900.0
+    timeout = DEFAULT_STEP_BUDGETS.rollout
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         give_up = ctx.deps.config.timeouts.rollout

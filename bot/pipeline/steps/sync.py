@@ -8,11 +8,12 @@ from typing import Any
 
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
+from bot.settings import DEFAULT_STEP_BUDGETS
 
 
 class Sync(Step[DeployContext]):
     name = "sync"
-    timeout = 300.0
+    timeout = DEFAULT_STEP_BUDGETS.sync
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         revision = ctx.bump.commit if ctx.bump and ctx.bump.commit else await ctx.deps.gitops.head()

@@ -11,12 +11,12 @@ from bot.adapters.site import check_site
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
-from bot.settings import Service
+from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 class Verify(Step[DeployContext]):
     name = "verify"
-    timeout = 120.0
+    timeout = DEFAULT_STEP_BUDGETS.verify
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
