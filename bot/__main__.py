@@ -134,6 +134,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             else None
         )
         watcher = _watcher(service, SlackIncidents(client, config), metrics, settings)
+        if watcher is not None:
+            watcher.on_open.append(front.incidents_changed)  # the Home boards follow the incidents
         watching = asyncio.create_task(watcher.run(), name="watcher") if watcher is not None else None
         log.info("funnelcake-bot ready (%s mode, %s)", settings.slack_mode, ", ".join(config.env_names))
         try:

@@ -21,7 +21,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot import commands
 from bot.errors import BotError
-from bot.ledger.models import DeployRecord
+from bot.ledger.models import DeployRecord, IncidentRecord
 from bot.logs import redact, redact_json
 from bot.models import DeployKind
 from bot.policy.authz import Action, Authority, GroupCache, Principal
@@ -64,6 +64,7 @@ class SlackFront:
         self.app.command("/funnelcake")(self._on_command)
         self.app.event("app_home_opened")(self._on_home_opened)
         self.home_viewers: set[str] = set()  # who opened the Home tab: their board is redrawn as deploys end
+        self._open_incidents: frozenset[int] | None = None  # the ids the boards last showed open
         # Buttons repeated in one message carry a suffix (`catchup-staging`): action_ids must be unique there.
         self.app.action(re.compile(rf"^({'|'.join(BUTTON_ACTIONS)})(-[a-z0-9-]+)?$"))(self._on_action)
         # Anything else a signed request can carry gets a clear answer, not Bolt's "unhandled request".
@@ -109,6 +110,15 @@ class SlackFront:
         self.reporters.pop(deploy_id, None)
         if self.home_viewers:
             self.spawn(self._publish_home(*self.home_viewers), name=f"home-after-{deploy_id}")
+
+    def incidents_changed(self, open_now: Sequence[IncidentRecord]) -> None:
+        """The watcher's open incidents after a look: the boards are redrawn when one opened or closed."""
+        ids = frozenset(i.id for i in open_now)
+        if ids == self._open_incidents:
+            return
+        self._open_incidents = ids
+        if self.home_viewers:
+            self.spawn(self._publish_home(*self.home_viewers), name="home-after-incidents")
 
     async def _on_home_opened(self, event: dict[str, Any]) -> None:
         user = str(event.get("user") or "")

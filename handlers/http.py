@@ -66,8 +66,11 @@ def decode(content_type: str, charset: str | None, body: bytes) -> str:
     except UnicodeDecodeError:
         raise Refused(400, "the body is not UTF-8") from None
     if content_type == "application/json":
-        if _json_object(text, "the JSON body").get("type") != "url_verification":
-            raise Refused(400, "a JSON body other than Slack's url_verification")
+        doc = _json_object(text, "the JSON body")
+        if doc.get("type") == "event_callback":
+            _event_shape(doc)  # the Events API: app_home_opened
+        elif doc.get("type") != "url_verification":
+            raise Refused(400, "a JSON body other than an Events API event or Slack's url_verification")
     elif content_type == "application/x-www-form-urlencoded":
         try:
             form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
@@ -83,6 +86,18 @@ def decode(content_type: str, charset: str | None, body: bytes) -> str:
     else:
         raise Refused(400, f"unsupported content type {content_type[:60]!r}")
     return text
+
+
+SUBSCRIBED_EVENTS = frozenset({"app_home_opened"})  # manifest.yml's bot_events: all Slack sends us
+
+
+def _event_shape(doc: dict[str, object]) -> None:
+    """An event the app subscribes to, with what Bolt reads of it before any listener runs (a user id)."""
+    event = doc.get("event")
+    if not isinstance(event, dict) or event.get("type") not in SUBSCRIBED_EVENTS:
+        raise Refused(400, "the event_callback carries no event this app subscribes to")
+    if not isinstance(event.get("user"), str):
+        raise Refused(400, "the event names no user")
 
 
 def _click_shape(payload: dict[str, object]) -> None:

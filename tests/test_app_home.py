@@ -3,29 +3,10 @@ with the threads' buttons, and the board is redrawn for whoever looked when a de
 
 from __future__ import annotations
 
-import asyncio
-import json
-
 from tests.testbed.botproc import BotProcess
 from tests.testbed.sandbox import Sandbox
-from tests.testbed.scenario import WAIT, launch, push_head
-from tests.testbed.slack import FakeSlack, Message
-
-
-def board(slack: FakeSlack, user: str) -> Message:
-    view = slack.home_views[user]
-    return Message(ts="home", channel=f"home:{user}", user="", text="", blocks=view["blocks"])
-
-
-async def until_board(slack: FakeSlack, user: str, needle: str, bot: BotProcess) -> Message:
-    try:
-        async with asyncio.timeout(WAIT):
-            while user not in slack.home_views or needle not in board(slack, user).shown:
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        seen = json.dumps(slack.home_views.get(user), indent=1)[:3000]
-        raise AssertionError(f"the Home tab never showed {needle!r}:\n{seen}\n{bot.tail()}") from None
-    return board(slack, user)
+from tests.testbed.scenario import launch, push_head, until_board
+from tests.testbed.slack import FakeSlack
 
 
 async def test_the_home_tab_shows_every_env_and_is_redrawn_when_a_deploy_ends(

@@ -86,7 +86,7 @@ actions = st.one_of(
 
 
 def _bodies(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "latin1", "utf16", "json", "form", "payload"]))
+    kind = draw(st.sampled_from(["bytes", "latin1", "utf16", "json", "event", "form", "payload"]))
     if kind == "bytes":
         return draw(st.binary(max_size=300))
     if kind == "latin1":
@@ -95,6 +95,17 @@ def _bodies(draw: st.DrawFn) -> bytes:
         return draw(st.text(max_size=80)).encode("utf-16")
     if kind == "json":
         return json.dumps(draw(json_values)).encode()
+    if kind == "event":  # the Events API's wrapper around anything: app_home_opened, a stranger's shape
+        event = draw(
+            st.one_of(
+                json_values,
+                st.fixed_dictionaries(
+                    {"type": st.one_of(st.just("app_home_opened"), st.text(max_size=20))},
+                    optional={"user": json_values, "tab": json_values},
+                ),
+            )
+        )
+        return json.dumps({"type": "event_callback", "event": event}).encode()
     if kind == "form":
         return urlencode(
             draw(st.dictionaries(st.text(max_size=10), st.text(max_size=30), max_size=4))

@@ -16,7 +16,7 @@ from tests.testbed.botproc import BotProcess
 from tests.testbed.gitrepos import overlay_path, push_from_second_clone
 from tests.testbed.pg import ThrowawayPostgres, postgres  # noqa: F401 - a fixture
 from tests.testbed.sandbox import Sandbox
-from tests.testbed.scenario import WAIT, by_hand, launch, set_tag
+from tests.testbed.scenario import WAIT, board, by_hand, launch, set_tag, until_board
 from tests.testbed.slack import DEFAULT_CHANNEL, FakeSlack, Message
 
 pytestmark = pytest.mark.timeout(300)
@@ -145,11 +145,19 @@ async def test_out_of_sync_is_reported_then_cleared_by_a_sync(
     )
     await by_hand(sandbox, "poc", "funnelcake-api", sync=False)  # refreshed, not synced: OutOfSync
 
+    opened = {"type": "app_home_opened", "user": "U0DAVE", "tab": "home", "channel": "D0DAVE"}
+    assert (await bot.deliver(*slack.signed_event(opened)))[0] == 200
+    await until_board(slack, "U0DAVE", "*poc*", bot)
+
     incident = await one_post(slack, "funnelcake-api is OutOfSync in poc", bot)
     assert "git and the cluster differ" in incident.shown
+    await until_board(slack, "U0DAVE", "🚨 funnelcake-api is OutOfSync in poc", bot)  # the board follows
     await by_hand(sandbox, "poc", "funnelcake-api", sync=True)
     closed = await until_text(slack, incident.ts, "*Recovered* after", bot)
     assert "OutOfSync" in closed.text
+    async with asyncio.timeout(WAIT):
+        while "🚨" in board(slack, "U0DAVE").shown:  # and is redrawn without it once it closed
+            await asyncio.sleep(0.1)
 
 
 async def test_a_relay_that_stops_answering_req_is_an_incident_until_it_answers_again(

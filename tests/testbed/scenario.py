@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from tests.testbed.botproc import BotProcess
 from tests.testbed.gitrepos import git_out
 from tests.testbed.kube.cluster import Timings
 from tests.testbed.sandbox import Sandbox
-from tests.testbed.slack import DEFAULT_CHANNEL, FakeSlack
+from tests.testbed.slack import DEFAULT_CHANNEL, FakeSlack, Message
 
 # Slow enough that a rollout of two pods takes a few seconds; the progress deadline (600 s x scale) stays
 # far above that so slowness never reads as a stuck rollout.
@@ -215,3 +216,19 @@ async def by_hand(sandbox: Sandbox, env: str, app: str, *, sync: bool) -> None:
             obj["operation"] = {"initiatedBy": {"username": "colleague"}, "sync": {"revision": "main"}}
 
     store.update("applications", "argocd", app, patch)
+
+
+def board(slack: FakeSlack, user: str) -> Message:
+    view = slack.home_views[user]
+    return Message(ts="home", channel=f"home:{user}", user="", text="", blocks=view["blocks"])
+
+
+async def until_board(slack: FakeSlack, user: str, needle: str, bot: BotProcess) -> Message:
+    try:
+        async with asyncio.timeout(WAIT):
+            while user not in slack.home_views or needle not in board(slack, user).shown:
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        seen = json.dumps(slack.home_views.get(user), indent=1)[:3000]
+        raise AssertionError(f"the Home tab never showed {needle!r}:\n{seen}\n{bot.tail()}") from None
+    return board(slack, user)

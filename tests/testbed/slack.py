@@ -852,19 +852,26 @@ class FakeSlack:
         finally:
             self._pending_acks.pop(envelope_id, None)
 
+    @staticmethod
+    def event_callback(event: Mapping[str, Any]) -> dict[str, Any]:
+        """The Events API wrapper Slack puts around an event."""
+        return {
+            "type": "event_callback",
+            "team_id": TEAM_ID,
+            "api_app_id": APP_ID,
+            "event": dict(event),
+            "event_id": f"Ev{secrets.token_hex(5).upper()}",
+            "event_time": int(time.time()),
+        }
+
     async def send_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """An Events API event (e.g. `{"type": "app_home_opened", "user": …, "tab": "home"}`) over Socket Mode."""
-        return await self.send_envelope(
-            "events_api",
-            {
-                "type": "event_callback",
-                "team_id": TEAM_ID,
-                "api_app_id": APP_ID,
-                "event": dict(event),
-                "event_id": f"Ev{secrets.token_hex(5).upper()}",
-                "event_time": int(time.time()),
-            },
-        )
+        return await self.send_envelope("events_api", self.event_callback(event))
+
+    def signed_event(self, event: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
+        """The same event as a signed HTTP-mode POST to /slack/events (a JSON body)."""
+        body = json.dumps(self.event_callback(event), separators=(",", ":")).encode()
+        return body, signed_headers(body, self.signing_secret, content_type="application/json")
 
     async def send_slash(self, text: str, **kw: Any) -> dict[str, Any]:
         return await self.send_envelope("slash_commands", self.slash_payload(text, **kw))
