@@ -57,11 +57,11 @@ clean:
 # auth plugin from Google's apt repository). Here neither Docker Hub nor Google's repository answers, so
 # `make image` passes a bookworm rootfs from Debian's mirror as the base and the host's kubectl and
 # gke-gcloud-auth-plugin as the kube tools. Override IMAGE_BUILD_ARGS to build the release way.
-IMAGE ?= localhost/funnelcake-deploy-bot:$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+IMAGE ?= localhost/funnelcake-deploy-bot:$(shell git describe --always --dirty 2>/dev/null || echo dev)
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
 BASE_DATE ?= $(shell date -u +%Y%m%d)
 BOOKWORM_BASE ?= localhost/bookworm-base:$(BASE_DATE)
-KUBE_TOOLS_DIR := .build/kube-tools
+KUBE_TOOLS_DIR ?= .build/kube-tools
 # runc, not Debian's default crun: crun refuses this machine's hybrid cgroup v1/v2 layout.
 OCI_RUNTIME ?= runc
 PODMAN_ARGS ?= --runtime $(OCI_RUNTIME)
@@ -107,5 +107,5 @@ image-kube-tools:
 
 # Boots the image with podman and checks it as an operator would (tests/test_image.py).
 image-test: image setup
-	FUNNELCAKE_IMAGE=$(IMAGE) FUNNELCAKE_PODMAN_ARGS="$(PODMAN_ARGS)" \
+	FUNNELCAKE_IMAGE=$(IMAGE) FUNNELCAKE_PODMAN_ARGS="$(PODMAN_ARGS)" FUNNELCAKE_KUBE_TOOLS_DIR=$(KUBE_TOOLS_DIR) \
 	  FUNNELCAKE_PODMAN_RUN_ARGS="$(PODMAN_RUN_ARGS)" $(SUDO) $(PY) -m pytest -p no:xdist -m image tests/test_image.py $(PYTEST_ARGS)
