@@ -60,7 +60,8 @@ clean:
 IMAGE ?= localhost/funnelcake-deploy-bot:$(shell git describe --always --dirty 2>/dev/null || echo dev)
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
 BASE_DATE ?= $(shell date -u +%Y%m%d)
-BOOKWORM_BASE ?= localhost/bookworm-base:$(BASE_DATE)
+BASE_RECIPE := 2
+BOOKWORM_BASE ?= localhost/bookworm-base:$(BASE_DATE)-r$(BASE_RECIPE)
 KUBE_TOOLS_DIR ?= .build/kube-tools
 # runc, not Debian's default crun: crun refuses this machine's hybrid cgroup v1/v2 layout.
 OCI_RUNTIME ?= runc
@@ -78,22 +79,11 @@ image: apt-image image-base image-kube-tools
 	$(SUDO) buildah bud --runtime $(OCI_RUNTIME) --format docker --layers --pull-never --platform linux/amd64 $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 	@echo "built $(IMAGE)"
 
-# A minbase bookworm from Debian's mirror, with bookworm-updates and -security, one image a day: a second
-# build on the same day reuses it (BASE_DATE=<yyyymmdd> picks another).
+# A minbase bookworm from Debian's mirror (.ci/bookworm-base.sh), one image a day: a second build on the
+# same day reuses it (BASE_DATE=<yyyymmdd> picks another; bump BASE_RECIPE when the script changes).
 image-base: apt-image
-	@set -euo pipefail; \
-	if $(SUDO) podman image exists $(BOOKWORM_BASE); then echo "$(BOOKWORM_BASE): cached, no debootstrap"; exit 0; fi; \
-	root=$$(mktemp -d /var/tmp/bookworm-base.XXXXXX); trap '$(SUDO) rm -rf "$$root" "$$root.log"' EXIT; \
-	echo "debootstrap bookworm (minbase) from $(DEBIAN_MIRROR) into $$root"; \
-	$(SUDO) debootstrap --variant=minbase bookworm "$$root" $(DEBIAN_MIRROR) >"$$root.log" 2>&1 \
-	  || { tail -30 "$$root.log" >&2; exit 1; }; \
-	printf '%s\n' "deb $(DEBIAN_MIRROR) bookworm main" "deb $(DEBIAN_MIRROR) bookworm-updates main" \
-	  "deb http://deb.debian.org/debian-security bookworm-security main" \
-	  | $(SUDO) tee "$$root/etc/apt/sources.list" >/dev/null; \
-	$(SUDO) chroot "$$root" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get -y -qq upgrade \
-	  && apt-get clean && rm -rf /var/lib/apt/lists/*' >>"$$root.log" 2>&1 || { tail -30 "$$root.log" >&2; exit 1; }; \
-	$(SUDO) tar -C "$$root" --numeric-owner -c . | $(SUDO) podman import --change 'CMD ["/bin/bash"]' - $(BOOKWORM_BASE); \
-	echo "imported $(BOOKWORM_BASE)"
+	@if $(SUDO) podman image exists $(BOOKWORM_BASE); then echo "$(BOOKWORM_BASE): cached, no debootstrap"; \
+	else $(SUDO) .ci/bookworm-base.sh $(BOOKWORM_BASE) $(DEBIAN_MIRROR); fi
 
 # kubectl and gke-gcloud-auth-plugin from the host, for --build-arg KUBE_TOOLS=context.
 image-kube-tools:
