@@ -60,12 +60,13 @@ COPY requirements.lock /tmp/requirements.lock
 COPY pyproject.toml /tmp/pyproject.toml
 # --only-binary: no compiler and no sdist build script runs; --no-deps: the lock is the complete set, so a
 # dependency missing from it fails the build instead of being fetched unpinned.
-# PIP_CA_BUNDLE: the CA file pip trusts for the index, when the builder reaches PyPI through a TLS proxy;
-# `make image` mounts the host's bundle there for the build only (the image never holds it). Empty: pip's own.
-ARG PIP_CA_BUNDLE=
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install ${PIP_CA_BUNDLE:+--cert "${PIP_CA_BUNDLE}"} \
-      --require-hashes --only-binary=:all: --no-deps -r /tmp/requirements.lock
+# The secret pip-ca, when given, is the CA bundle pip trusts for the index: `make image` passes the host's,
+# whose builder reaches PyPI through a TLS-intercepting proxy. It is mounted for this step only and no layer
+# keeps it; without it (a release) pip trusts its own CAs.
+RUN --mount=type=secret,id=pip-ca \
+    python -m venv /opt/venv \
+ && if [ -s /run/secrets/pip-ca ]; then cert="--cert /run/secrets/pip-ca"; else cert=""; fi \
+ && /opt/venv/bin/pip install ${cert} --require-hashes --only-binary=:all: --no-deps -r /tmp/requirements.lock
 # The bot runs from /app, not as an installed package, so the venv gets its metadata alone (name, version,
 # dependencies from pyproject.toml): `funnelcake --version` reads the version from it, and `pip check` then
 # verifies that the lock satisfies pyproject's dependency ranges, not only its own.

@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := docker-registry skopeo git
 # Only `make image` needs these: `make test` does not install them.
 IMAGE_APT_PACKAGES := buildah podman debootstrap uidmap runc
+comma := ,
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # Most tests wait on local servers and subprocesses, so 4 workers fit 2 cores.
@@ -68,12 +69,12 @@ OCI_RUNTIME ?= runc
 PODMAN_ARGS ?= --runtime $(OCI_RUNTIME)
 # podman's default rlimits (nproc, nofile) are above what this machine lets a container set.
 PODMAN_RUN_ARGS ?= --ulimit nofile=4096:4096 --ulimit nproc=4096:4096
-# The host's CA bundle, mounted for the build's RUN steps only: pip reaches PyPI through this machine's
-# TLS-intercepting egress proxy, whose CA the base image does not trust.
+# The host's CA bundle, as the build secret pip-ca (mounted for the pip step only): pip reaches PyPI through
+# this machine's TLS-intercepting egress proxy, whose CA the base image does not trust. BUILD_CA= for none.
 BUILD_CA ?= /etc/ssl/certs/ca-certificates.crt
 IMAGE_BUILD_ARGS ?= --build-arg PYTHON_IMAGE=$(BOOKWORM_BASE) --build-arg KUBE_TOOLS=context \
   --build-context kube-tools=$(KUBE_TOOLS_DIR) \
-  $(if $(wildcard $(BUILD_CA)),--volume $(BUILD_CA):/run/build-ca.crt:ro --build-arg PIP_CA_BUNDLE=/run/build-ca.crt)
+  $(if $(wildcard $(BUILD_CA)),--secret id=pip-ca$(comma)src=$(BUILD_CA))
 
 image: apt-image image-base image-kube-tools
 	$(SUDO) buildah bud --runtime $(OCI_RUNTIME) --format docker --layers --pull-never --platform linux/amd64 $(IMAGE_BUILD_ARGS) -t $(IMAGE) .

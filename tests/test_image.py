@@ -240,6 +240,9 @@ def test_no_secret_in_the_logs(bot: Bot) -> None:
     logs = bot.logs()
     assert "funnelcake-bot ready (http mode" in logs, logs
     assert BOT_TOKEN not in logs and SIGNING_SECRET not in logs
+    # the build's pip-ca secret (make image passes the host's CA bundle) stayed out of every layer
+    left = bot.exec("sh", "-c", "ls -d /run/secrets /run/build-ca.crt 2>/dev/null", check=False).stdout
+    assert not left.strip(), left
 
 
 def test_sigterm_stops_it_within_the_grace_period(bot: Bot) -> None:
