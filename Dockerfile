@@ -25,6 +25,8 @@
 #   --build-arg KUBE_TOOLS=context --build-context kube-tools=<dir>   kubectl (and gke-gcloud-auth-plugin,
 #                                                            when <dir> has it) copied from <dir> instead of
 #                                                            installed from Google's repository
+# (buildah 1.28 picks the stages to build from the --build-arg values, not the ARG defaults: give it
+# --build-arg KUBE_TOOLS=apt for a release build.)
 
 # The base image. A release pins it by digest, passing the whole reference:
 #   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>

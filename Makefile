@@ -72,12 +72,12 @@ PODMAN_RUN_ARGS ?= --ulimit nofile=4096:4096 --ulimit nproc=4096:4096
 # The host's CA bundle, as the build secret pip-ca (mounted for the pip step only): pip reaches PyPI through
 # this machine's TLS-intercepting egress proxy, whose CA the base image does not trust. BUILD_CA= for none.
 BUILD_CA ?= /etc/ssl/certs/ca-certificates.crt
-IMAGE_BUILD_ARGS ?= --build-arg PYTHON_IMAGE=$(BOOKWORM_BASE) --build-arg KUBE_TOOLS=context \
+IMAGE_BUILD_ARGS ?= --pull-never --build-arg PYTHON_IMAGE=$(BOOKWORM_BASE) --build-arg KUBE_TOOLS=context \
   --build-context kube-tools=$(KUBE_TOOLS_DIR) \
   $(if $(wildcard $(BUILD_CA)),--secret id=pip-ca$(comma)src=$(BUILD_CA))
 
 image: apt-image image-base image-kube-tools
-	$(SUDO) buildah bud --runtime $(OCI_RUNTIME) --format docker --layers --pull-never --platform linux/amd64 $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+	$(SUDO) buildah bud --runtime $(OCI_RUNTIME) --format docker --layers --platform linux/amd64 $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
 	@echo "built $(IMAGE)"
 
 # A minbase bookworm from Debian's mirror (.ci/bookworm-base.sh), one image a day: a second build on the
