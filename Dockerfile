@@ -72,9 +72,9 @@ RUN --mount=type=secret,id=pip-ca \
 # The bot runs from /app, not as an installed package, so the venv gets its metadata alone (name, version,
 # dependencies from pyproject.toml): `funnelcake --version` reads the version from it, and `pip check` then
 # verifies that the lock satisfies pyproject's dependency ranges, not only its own.
-RUN /opt/venv/bin/python -c 'import sys, tomllib, pathlib; \
+RUN /opt/venv/bin/python -c 'import pathlib, sysconfig, tomllib; \
 p = tomllib.loads(pathlib.Path("/tmp/pyproject.toml").read_text())["project"]; \
-d = pathlib.Path(sys.prefix, "lib", "python3.11", "site-packages", "funnelcake_deploy_bot-" + p["version"] + ".dist-info"); \
+d = pathlib.Path(sysconfig.get_paths()["purelib"], "funnelcake_deploy_bot-" + p["version"] + ".dist-info"); \
 d.mkdir(); \
 (d / "METADATA").write_text("Metadata-Version: 2.1\nName: " + p["name"] + "\nVersion: " + p["version"] + "\n" + "".join("Requires-Dist: " + r + "\n" for r in p["dependencies"])); \
 (d / "INSTALLER").write_text("Dockerfile\n")' \
