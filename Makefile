@@ -98,5 +98,6 @@ image-kube-tools:
 
 # Boots the image with podman and checks it as an operator would (tests/test_image.py).
 image-test: image setup
-	FUNNELCAKE_IMAGE=$(IMAGE) FUNNELCAKE_PODMAN_ARGS="$(PODMAN_ARGS)" FUNNELCAKE_KUBE_TOOLS_DIR=$(KUBE_TOOLS_DIR) \
-	  FUNNELCAKE_PODMAN_RUN_ARGS="$(PODMAN_RUN_ARGS)" $(SUDO) $(PY) -m pytest -p no:xdist -m image tests/test_image.py $(PYTEST_ARGS)
+	$(SUDO) env FUNNELCAKE_IMAGE=$(IMAGE) FUNNELCAKE_PODMAN_ARGS="$(PODMAN_ARGS)" \
+	  FUNNELCAKE_KUBE_TOOLS_DIR=$(KUBE_TOOLS_DIR) FUNNELCAKE_PODMAN_RUN_ARGS="$(PODMAN_RUN_ARGS)" \
+	  $(PY) -m pytest -p no:xdist -m image tests/test_image.py $(PYTEST_ARGS)
