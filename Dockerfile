@@ -16,6 +16,17 @@
 # would break the build for the wrong reason; the base image is what pins them, by digest.
 #
 # The images the bot deploys are never built here: in-cluster builds run kaniko (bot/adapters/build.py).
+#
+# Without Docker Hub or Google's apt repository (the development machines), `make image` builds this same
+# file with buildah from a debootstrap bookworm, passing two build arguments the release leaves at their
+# defaults:
+#   --build-arg PYTHON_IMAGE=localhost/bookworm-base:<date>   a base without Python: the `python` stage
+#                                                            installs Debian's python3.11 and python3-venv
+#   --build-arg KUBE_TOOLS=context --build-context kube-tools=<dir>   kubectl (and gke-gcloud-auth-plugin,
+#                                                            when <dir> has it) copied from <dir> instead of
+#                                                            installed from Google's repository
+# (buildah 1.28 picks the stages to build from the --build-arg values, not the ARG defaults: give it
+# --build-arg KUBE_TOOLS=apt for a release build.)
 
 # The base image. A release pins it by digest, passing the whole reference:
 #   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>
@@ -26,16 +37,47 @@
 # The default below names the tag only: this repository's CI cannot reach Docker Hub to read the digest,
 # and a digest nobody has read from the registry must not stand here as if it were a pin.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Where kubectl and gke-gcloud-auth-plugin come from: `apt` (the release: Google's repository, pinned to
+# GCLOUD_VERSION) or `context` (the build context named kube-tools; see above).
+ARG KUBE_TOOLS=apt
+
+# ---- Python: the base's own (python:3.11-slim), or Debian's python3.11 on a bare bookworm --------------
+FROM ${PYTHON_IMAGE} AS python
+RUN if command -v python3.11 >/dev/null 2>&1; then \
+      echo "the base has $(python3.11 --version)"; \
+    else \
+      echo "the base has no python3.11: installing Debian's" \
+      && apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 python3-venv \
+      && rm -rf /var/lib/apt/lists/* \
+      && ln -s /usr/bin/python3.11 /usr/local/bin/python \
+      && python --version; \
+    fi
 
 # ---- Python dependencies, from the hashed lock, wheels only ---------------------------------------------
-FROM ${PYTHON_IMAGE} AS deps
+FROM python AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 COPY requirements.lock /tmp/requirements.lock
+COPY pyproject.toml /tmp/pyproject.toml
 # --only-binary: no compiler and no sdist build script runs; --no-deps: the lock is the complete set, so a
 # dependency missing from it fails the build instead of being fetched unpinned.
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r /tmp/requirements.lock \
+# The secret pip-ca, when given, is the CA bundle pip trusts for the index: `make image` passes the host's,
+# whose builder reaches PyPI through a TLS-intercepting proxy. It is mounted for this step only and no layer
+# keeps it; without it (a release) pip trusts its own CAs.
+RUN --mount=type=secret,id=pip-ca \
+    python -m venv /opt/venv \
+ && if [ -s /run/secrets/pip-ca ]; then cert="--cert /run/secrets/pip-ca"; else cert=""; fi \
+ && /opt/venv/bin/pip install ${cert} --require-hashes --only-binary=:all: --no-deps -r /tmp/requirements.lock
+# The bot runs from /app, not as an installed package, so the venv gets its metadata alone (name, version,
+# dependencies from pyproject.toml): `funnelcake --version` reads the version from it, and `pip check` then
+# verifies that the lock satisfies pyproject's dependency ranges, not only its own.
+RUN /opt/venv/bin/python -c 'import pathlib, sysconfig, tomllib; \
+p = tomllib.loads(pathlib.Path("/tmp/pyproject.toml").read_text())["project"]; \
+d = pathlib.Path(sysconfig.get_paths()["purelib"], "funnelcake_deploy_bot-" + p["version"] + ".dist-info"); \
+d.mkdir(); \
+(d / "METADATA").write_text("Metadata-Version: 2.1\nName: " + p["name"] + "\nVersion: " + p["version"] + "\n" + "".join("Requires-Dist: " + r + "\n" for r in p["dependencies"])); \
+(d / "INSTALLER").write_text("Dockerfile\n")' \
  && /opt/venv/bin/pip check
 
 # ---- Google's apt signing key, fetched with tools the runtime image does not keep ---------------------
@@ -69,11 +111,9 @@ RUN set -eu; \
       cp /tmp/apt-key.gpg /cloud.google.gpg; \
     fi
 
-# ---- runtime -----------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+# ---- kubectl and gke-gcloud-auth-plugin: from Google's repository (the release) ---------------------------
+FROM python AS kube-tools-apt
 ARG GCLOUD_VERSION=579.0.0
-ARG UID=10001
-
 COPY --from=apt-key /cloud.google.gpg /usr/share/keyrings/cloud.google.gpg
 # Google's kubectl carries epoch 1 ("1:<gcloud version>-0"); the auth plugin declares no Depends on the
 # gcloud CLI, so neither drags in the whole SDK.
@@ -81,15 +121,34 @@ RUN echo "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.
       > /etc/apt/sources.list.d/google-cloud-sdk.list \
  && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      ca-certificates \
-      git \
-      openssh-client \
-      tini \
       "kubectl=1:${GCLOUD_VERSION}-0" \
       "google-cloud-cli-gke-gcloud-auth-plugin=${GCLOUD_VERSION}-0" \
  && rm -rf /var/lib/apt/lists/* \
  && kubectl version --client \
- && gke-gcloud-auth-plugin --version \
+ && gke-gcloud-auth-plugin --version
+
+# ---- kubectl and gke-gcloud-auth-plugin: from the build context kube-tools (make image) -----------------
+FROM python AS kube-tools-context
+COPY --from=kube-tools . /usr/local/bin/
+RUN kubectl version --client \
+ && if [ -x /usr/local/bin/gke-gcloud-auth-plugin ]; then \
+      gke-gcloud-auth-plugin --version; \
+    else \
+      echo "WARNING: the kube-tools context has no gke-gcloud-auth-plugin: this image cannot use GKE contexts"; \
+    fi
+
+# ---- runtime -----------------------------------------------------------------------------------------------
+FROM kube-tools-${KUBE_TOOLS} AS runtime
+ARG UID=10001
+
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates \
+      git \
+      openssh-client \
+      tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && kubectl version --client \
  && git --version
 
 # A fixed numeric UID/GID: Kubernetes' runAsNonRoot can only verify a numeric USER. The empty known_hosts

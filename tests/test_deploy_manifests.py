@@ -334,17 +334,31 @@ def dockerfile() -> tuple[dict[str, str], list[Stage]]:
 def test_dockerfile_is_multi_stage_on_slim_bookworm(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
     global_args, stages = dockerfile
     assert len(stages) >= 2
-    for stage in stages:
-        assert stage.base == "${PYTHON_IMAGE}", "every stage on the one base a release pins"
+    names = {s.name for s in stages}
+    for i, stage in enumerate(stages):
+        earlier = {s.name for s in stages[:i]}
+        if stage.base == "kube-tools-${KUBE_TOOLS}":  # the runtime picks its kube tools by build arg
+            assert {"kube-tools-apt", "kube-tools-context"} <= earlier
+            continue
+        assert stage.base == "${PYTHON_IMAGE}" or stage.base in earlier, (
+            f"{stage.name}: every stage on the one base a release pins, or on a stage built from it"
+        )
+    assert global_args["KUBE_TOOLS"] == "apt", "the release takes the kube tools from Google's repository"
     # the tag, or the tag pinned by a real digest (never a made-up one shorter than sha256)
     base = expand(stages[0].base, global_args)
     assert re.fullmatch(r"python:3\.11-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
     runtime = stages[-1]
+    assert expand(runtime.base, global_args) == "kube-tools-apt"
     copied_from = {
-        a.split()[0].removeprefix("--from=") for a in runtime.all("COPY") if a.startswith("--from=")
+        a.split()[0].removeprefix("--from=") for s in stages for a in s.all("COPY") if a.startswith("--from=")
     }
-    assert copied_from <= {s.name for s in stages[:-1]}
-    assert "deps" in copied_from, "the runtime takes the virtualenv built from the lock"
+    # the one --from that is not a stage is the kube-tools build context, read only by that stage
+    assert copied_from - names == {"kube-tools"}
+    context_stage = next(s for s in stages if s.name == "kube-tools-context")
+    assert any(a.startswith("--from=kube-tools ") for a in context_stage.all("COPY"))
+    assert "deps" in {
+        a.split()[0].removeprefix("--from=") for a in runtime.all("COPY") if a.startswith("--from=")
+    }, "the runtime takes the virtualenv built from the lock"
 
 
 def test_dockerfile_installs_python_packages_only_from_the_hashed_lock(
@@ -361,18 +375,30 @@ def test_dockerfile_installs_python_packages_only_from_the_hashed_lock(
     assert any("requirements.lock" in c for c in deps.all("COPY"))
 
 
+def _apt_packages(run: str, args: dict[str, str]) -> dict[str, str]:
+    install = next(part for part in expand(run, args).split("&&") if "apt-get install" in part)
+    words = shlex.split(install)
+    return {w.split("=")[0]: w for w in words[words.index("install") + 1 :] if not w.startswith("-")}
+
+
 def test_dockerfile_runtime_tools_are_pinned(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
     _, stages = dockerfile
     runtime = stages[-1]
-    args = dict(a.partition("=")[::2] for a in runtime.all("ARG"))
     run = next(r for r in runtime.all("RUN") if "apt-get install" in r)
-    install = next(part for part in expand(run, args).split("&&") if "apt-get install" in part)
-    words = shlex.split(install)
-    packages = {w.split("=")[0]: w for w in words[words.index("install") + 1 :] if not w.startswith("-")}
-    assert "git" in packages and "openssh-client" in packages
+    packages = _apt_packages(run, {})
+    assert "git" in packages and "openssh-client" in packages and "tini" in packages
+    assert "kubectl version --client" in run
+    # the release's kube tools: Google's packages, pinned to one gcloud release
+    kube = next(s for s in stages if s.name == "kube-tools-apt")
+    args = dict(a.partition("=")[::2] for a in kube.all("ARG"))
+    run = next(r for r in kube.all("RUN") if "apt-get install" in r)
+    packages = _apt_packages(run, args)
     assert re.fullmatch(r"kubectl=1:\d+\.\d+\.\d+-0", packages["kubectl"]), packages["kubectl"]
     plugin = packages["google-cloud-cli-gke-gcloud-auth-plugin"]
     assert re.fullmatch(r"google-cloud-cli-gke-gcloud-auth-plugin=\d+\.\d+\.\d+-0", plugin), plugin
+    assert "kubectl version --client" in run and "gke-gcloud-auth-plugin --version" in run
+    # the local build's: whatever the kube-tools context holds, checked the same way
+    (run,) = next(s for s in stages if s.name == "kube-tools-context").all("RUN")
     assert "kubectl version --client" in run and "gke-gcloud-auth-plugin --version" in run
 
 
@@ -390,8 +416,8 @@ def _key_check(dockerfile: tuple[dict[str, str], list[Stage]]) -> str:
     (check,) = [r for r in stage.all("RUN") if "gpg --batch --show-keys" in r]
     (fetch,) = [r for r in stage.all("RUN") if "curl" in r]
     assert "https://packages.cloud.google.com/apt/doc/apt-key.gpg" in fetch and "-o /tmp/apt-key.gpg" in fetch
-    runtime = stages[-1]
-    assert "--from=apt-key /cloud.google.gpg /usr/share/keyrings/cloud.google.gpg" in runtime.all("COPY")
+    kube = next(s for s in stages if s.name == "kube-tools-apt")
+    assert "--from=apt-key /cloud.google.gpg /usr/share/keyrings/cloud.google.gpg" in kube.all("COPY")
     return check
 
 
@@ -492,7 +518,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
     ]
     assert rules[0] == "*"
     allowed = {r.removeprefix("!").rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed == {"requirements.lock", "bot", "handlers", "config"}
+    assert allowed == {"requirements.lock", "pyproject.toml", "bot", "handlers", "config"}
 
 
 # ---- the lock --------------------------------------------------------------------------------------------
