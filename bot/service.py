@@ -85,6 +85,9 @@ class Started:
 
 
 class DeployService(Approvals):
+    """Requests, runs and recovery hooks; the layers below it: Approvals (bot/approvals.py) → Stopping
+    (bot/stopping.py) → Lookups (bot/lookups.py) → ServiceCore (bot/service_core.py)."""
+
     # ---- public operations ------------------------------------------------------------------
 
     async def plan(
