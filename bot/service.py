@@ -12,19 +12,16 @@ One GitOps commit per request: `deploy staging,poc <commit>` bumps both envs' ov
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import UTC, datetime
 
 from bot import recovery
-from bot.adapters.endpoints import summary_line
 from bot.adapters.migrations import check_force
-from bot.drift import DriftReport, build_report
-from bot.errors import BotError, PermanentError, TransientError
+from bot.approvals import Approvals
+from bot.errors import PermanentError
 from bot.leases import LeaseKeeper
 from bot.ledger.models import (
     ApprovalExpired,
@@ -32,22 +29,19 @@ from bot.ledger.models import (
     DeployState,
     Fenced,
     LockHeld,
-    ManualLock,
-    StepState,
     UnknownDeploy,
     who,
 )
-from bot.logs import deploy_context
-from bot.models import BOT_USER, DeployKind, Plan
-from bot.pipeline.context import DeployContext, Deps
+from bot.ledger_reporter import LedgerReporter
+from bot.models import DeployKind, Plan
+from bot.outcomes import _log_started, _summary
+from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import (
     SUMMARY_STEP,
     EventKind,
     Pipeline,
     PipelineResult,
-    Reporter,
     Step,
-    StepEvent,
     StepOutcome,
 )
 from bot.pipeline.steps.force import ForceMigrate
@@ -55,22 +49,33 @@ from bot.pipeline.steps.gitops import GitOps
 from bot.pipeline.steps.images import Images
 from bot.pipeline.steps.migrate import Migrate
 from bot.pipeline.steps.preflight import Preflight
-from bot.pipeline.steps.resolve import Resolve, downgrade_problems
+from bot.pipeline.steps.resolve import Resolve
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
 from bot.policy import locks
-from bot.runs import Run, RunTracker, Stop
-from bot.settings import FunnelcakeConfig, Service
+from bot.runs import Run, Stop
+from bot.service_core import ReporterFactory
+from bot.stopping import POST_PUSH_STEPS
 
 log = logging.getLogger(__name__)
+
+# Split across sibling modules (issue 18); these names are still imported from here.
+__all__ = [
+    "EXECUTE_STEPS",
+    "MIGRATE_STEPS",
+    "PLAN_STEPS",
+    "POST_PUSH_STEPS",
+    "DeployService",
+    "LedgerReporter",
+    "ReporterFactory",
+    "Started",
+]
 
 # The step names of each kind of run, for reporters that show the list up front (the CLI).
 PLAN_STEPS = ("resolve", "preflight")
 EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
 MIGRATE_STEPS = ("images", "migrate")
-
-ReporterFactory = Callable[[DeployRecord], Sequence[Reporter]]
 
 
 @dataclass
@@ -79,96 +84,9 @@ class Started:
     task: asyncio.Task[DeployRecord]
 
 
-class LedgerReporter:
-    """Writes each step's start and end into the audit trail, as the run's current owner (fenced).
-
-    When the ledger is unreachable the events are kept, in order, and written once it answers again (the
-    next event, or the run's final write, replays them): no step row is lost to an outage. A write refused
-    because another bot owns the deploy now drops them: the successor writes its own."""
-
-    def __init__(self, service: DeployService, run: Run) -> None:
-        self.service = service
-        self.run = run
-        self.pending: list[StepEvent] = []
-
-    async def emit(self, event: StepEvent) -> None:
-        if event.step == SUMMARY_STEP:
-            return  # the deploy record itself holds the outcome
-        self.pending.append(event)
-        with contextlib.suppress(TransientError):
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Write what is pending; TransientError leaves the rest pending, Fenced drops it."""
-        while self.pending:
-            try:
-                await self._write(self.pending[0])
-            except Fenced:
-                self.pending.clear()
-                return
-            except TransientError:
-                if len(self.pending) == 1 or len(self.pending) % 20 == 0:
-                    log.warning("ledger unreachable: %d step event(s) kept for later", len(self.pending))
-                raise
-            self.pending.pop(0)
-
-    async def _write(self, event: StepEvent) -> None:
-        ledger = self.service.deps.ledger
-        fence = self.run.record.fence
-        if event.kind is EventKind.STARTED:
-            await ledger.record_step(
-                self.run.record.id, event.step, state=StepState.RUNNING, fence=fence, at=event.at
-            )
-        elif event.kind in _STEP_STATES:
-            detail = {"message": event.message, "elapsed": round(event.elapsed, 3), "attempts": event.attempt}
-            detail.update({k: v for k, v in event.data.items() if _jsonable(v)})
-            await ledger.finish_step(
-                self.run.record.id,
-                event.step,
-                state=_STEP_STATES[event.kind],
-                detail=detail,
-                fence=fence,
-                at=event.at,
-            )
-
-
-_STEP_STATES = {
-    EventKind.DONE: StepState.OK,
-    EventKind.SKIPPED: StepState.SKIPPED,
-    EventKind.FAILED: StepState.FAILED,
-    EventKind.ERRORED: StepState.ERRORED,
-    EventKind.CANCELLED: StepState.ERRORED,
-}
-
-
-def _jsonable(value: object) -> bool:
-    return isinstance(value, (str, int, float, bool, type(None), list, dict, tuple))
-
-
-class DeployService:
-    def __init__(
-        self,
-        deps: Deps,
-        *,
-        reporters: ReporterFactory | None = None,
-        instance_id: str | None = None,
-        lease_ttl: float = 60.0,
-        heartbeat_every: float = 15.0,
-    ) -> None:
-        self.deps = deps
-        self.reporters = reporters or (lambda record: ())
-        self.instance_id = instance_id or f"bot-{secrets.token_hex(4)}"
-        self.lease_ttl = lease_ttl
-        self.heartbeat_every = heartbeat_every
-        self._tasks: dict[str, asyncio.Task[DeployRecord]] = {}
-        self._runs: dict[str, Run] = {}
-        self._ledger_reporters: dict[str, LedgerReporter] = {}
-        self._waiting: set[str] = set()  # orphaned deploys already told they wait for a manual unlock
-        self._stopping = False
-
-    @property
-    def config(self) -> FunnelcakeConfig:
-        return self.deps.config
+class DeployService(Approvals):
+    """Requests, runs and recovery hooks; the layers below it: Approvals (bot/approvals.py) → Stopping
+    (bot/stopping.py) → Lookups (bot/lookups.py) → ServiceCore (bot/service_core.py)."""
 
     # ---- public operations ------------------------------------------------------------------
 
@@ -297,22 +215,6 @@ class DeployService:
             await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
         return record
 
-    async def cancel(self, deploy_id: str, user: str) -> DeployRecord:
-        """A person asks to stop a deploy. Recorded in the ledger, so whichever bot runs it acts on it (this
-        one at once, another within about a second); a deploy waiting for approval is cancelled outright.
-        Returns the record: final if this bot ran it, else still running with the request noted.
-        Who may cancel is the caller's policy decision."""
-        record = await self.deps.ledger.request_cancel(deploy_id, user)
-        run = self._runs.get(deploy_id)
-        if run is not None and run.task is not None:
-            self._stop(deploy_id, Stop("cancel", by=record.cancel_requested_by or user))
-            await asyncio.wait({run.task})
-        elif record.state is DeployState.CANCELLED:
-            await self.emit_for(record, "approval", EventKind.FAILED, record.message or "cancelled")
-            summary = {**_summary(record, None, None), "failed_step": "approval"}
-            await self.emit_for(record, SUMMARY_STEP, EventKind.CANCELLED, record.message or "", **summary)
-        return await self.deps.ledger.get_deploy(deploy_id)
-
     def task(self, deploy_id: str) -> asyncio.Task[DeployRecord] | None:
         """The task running the deploy in this process, if any (the CLI waits on it, Ctrl-C cancels it)."""
         return self._tasks.get(deploy_id)
@@ -327,28 +229,6 @@ class DeployService:
             # asyncio.wait neither raises the deploy's outcome nor swallows the waiter's own cancellation
             await asyncio.wait({task})
         return await self.deps.ledger.get_deploy(deploy_id)
-
-    async def status(self) -> DriftReport:
-        return await build_report(self.deps)
-
-    async def history(
-        self, env_name: str | None = None, limit: int = 10, *, before: str | None = None
-    ) -> list[DeployRecord]:
-        return await self.deps.ledger.history(env_name, limit, before=before)
-
-    async def history_page(
-        self, env_name: str | None = None, limit: int = 10, *, before: str | None = None
-    ) -> tuple[list[DeployRecord], bool]:
-        """A page of history, newest first, and whether older deploys remain (the next page: `before` = its last id)."""
-        return await self.deps.ledger.history_page(env_name, limit, before=before)
-
-    async def lock(self, env_name: str, user: str, reason: str) -> ManualLock:
-        self.config.env(env_name)
-        return await self.deps.ledger.lock(env_name, user, reason)
-
-    async def unlock(self, env_name: str, user: str) -> ManualLock | None:
-        self.config.env(env_name)
-        return await self.deps.ledger.unlock(env_name, user)
 
     async def start_rollback(
         self,
@@ -399,21 +279,6 @@ class DeployService:
         _log_started(record)
         return Started(record, self._spawn(record, self._run_force(record, version, reported)))
 
-    async def reported_dirty(self, env_name: str) -> tuple[int, str] | None:
-        """The dirty version the newest migration run in `env` reported, and the commit whose migrate image
-        ran it (recovery must use that image: an older one does not know the version), from the audit trail."""
-        for record in await self.deps.ledger.history(env_name, 20):
-            for step in reversed(await self.deps.ledger.steps(record.id)):
-                if step.step not in ("migrate", "force-migrate") or not step.detail:
-                    continue
-                if step.detail.get("env", env_name) != env_name:
-                    continue
-                if step.state is StepState.FAILED and step.detail.get("dirty_version") is not None:
-                    return int(step.detail["dirty_version"]), record.short or ""
-                if step.state in (StepState.OK, StepState.FAILED):
-                    return None  # the newest run either cleaned up or failed some other way
-        return None
-
     # ---- crash recovery and hand-over (bot/recovery.py decides; these are its hooks) ----------
 
     async def recover(self) -> list[str]:
@@ -436,13 +301,6 @@ class DeployService:
         self._waiting.add(deploy_id)
         return True
 
-    async def overlays_at(self, record: DeployRecord) -> bool:
-        """Did this deploy's push land although its gitops step was never recorded as done?"""
-        tags = await self.deps.gitops.read_tags(self.config, record.envs)
-        return bool(record.short) and all(
-            set(tags.get(env, {}).values()) == {record.short} for env in record.envs
-        )
-
     def post_push_steps(self) -> list[Step[DeployContext]]:
         return [Sync(), Rollout(), Verify()]
 
@@ -464,126 +322,6 @@ class DeployService:
         summary = {**_summary(run.record, None, None), "failed_step": "recovery"}
         await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
         return run.record
-
-    async def current_tag(self, env_name: str) -> str | None:
-        """The api tag the env's overlay holds now."""
-        return (await self.deps.gitops.read_tags(self.config, [env_name])).get(env_name, {}).get(Service.API)
-
-    async def rollback_target(self, env_name: str) -> str:
-        """Where a rollback goes: the last tag this bot deployed successfully, if the env has moved off it
-        since (a failed deploy, or a hand edit of any service's overlay); else the tag before the newest
-        deploy; else the newest earlier tag in the overlays' own git history. A tag is a way back only if
-        some service does not run it now."""
-        current = set((await self.deps.gitops.read_tags(self.config, [env_name])).get(env_name, {}).values())
-
-        def moved_off(tag: str | None) -> bool:
-            return bool(tag) and current != {tag}
-
-        last = await self.deps.ledger.last_succeeded(env_name)
-        if last is not None and moved_off(last.tags.get(env_name)):
-            return last.tags[env_name]
-        for record in await self.deps.ledger.history(env_name, 50):
-            if not record.kind.changes_tags:
-                continue
-            previous = record.previous_tags.get(env_name)
-            if previous and moved_off(previous):
-                return previous
-        # Nothing in the ledger (the env was only ever changed by hand): the overlays' own git history.
-        env = self.config.env(env_name)
-        for service in (Service.API, Service.RELAY):
-            for tag in await self.deps.gitops.tag_history(env, service):
-                if moved_off(tag):
-                    return tag
-        raise PermanentError(
-            f"no earlier deploy of {env_name} is recorded, so there is nothing to roll back to",
-            hint=f"Deploy a known-good commit instead: `/funnelcake deploy {env_name} <commit>`.",
-        )
-
-    async def shutdown(self) -> None:
-        """A graceful stop: every running deploy is handed over (not cancelled) for another bot to resume."""
-        self._stopping = True
-        tasks = [t for t in self._tasks.values() if not t.done()]
-        for deploy_id in list(self._runs):
-            self._stop(deploy_id, Stop("handover"))
-        for t in tasks:
-            if not t.done():
-                t.cancel()  # not yet a run (still claiming): it stops without touching anything
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-    # ---- the runs -----------------------------------------------------------------------------
-
-    def _spawn(
-        self, record: DeployRecord, coro: Coroutine[Any, Any, DeployRecord]
-    ) -> asyncio.Task[DeployRecord]:
-        # The task copies the context at creation: every log line of this deploy carries its id and envs.
-        deploy_id = record.id
-        with deploy_context(deploy_id, record.envs):
-            task = asyncio.create_task(coro, name=f"deploy-{deploy_id}")
-        self._tasks[deploy_id] = task
-        task.add_done_callback(lambda t: self._task_done(deploy_id, t))
-        return task
-
-    def _task_done(self, deploy_id: str, task: asyncio.Task[DeployRecord]) -> None:
-        if self._tasks.get(deploy_id) is task:
-            self._tasks.pop(deploy_id, None)
-        error = None if task.cancelled() else task.exception()
-        if isinstance(error, BotError):
-            # Never silent: the recovery pass picks the deploy up again (ours, no task), and the log says why.
-            log.warning(
-                "deploy %s stopped: %s; the recovery pass takes it up again", deploy_id, error.message
-            )
-        elif error is not None:
-            log.error("deploy %s stopped on an error", deploy_id, exc_info=error)
-
-    def _context(
-        self, deploy_id: str, kind: DeployKind, env_names: Sequence[str], ref: str, requester: str
-    ) -> DeployContext:
-        return DeployContext(
-            self.deps,
-            deploy_id,
-            kind,
-            [self.config.env(n) for n in env_names],
-            ref,
-            requester,
-            force_migrations=kind is DeployKind.MIGRATE,
-        )
-
-    def _needs_approval(self, record: DeployRecord) -> bool:
-        if record.kind is DeployKind.ROLLBACK:
-            return False  # back to a tag that already ran there; speed matters more than a second click
-        return any(self.config.env(e).approval_required for e in record.envs)
-
-    def _pipeline(self, run: Run, steps: Sequence[Step[DeployContext]]) -> Pipeline[DeployContext]:
-        reporters: list[Reporter] = [
-            RunTracker(run),
-            self._ledger_reporter(run),
-            *self.reporters(run.record),
-        ]
-        return Pipeline(run.record.id, steps, reporters, budgets=self._budgets)
-
-    def _budgets(self, step: str) -> float | None:
-        """A step's budget, from the environments file's `timeouts.steps`."""
-        return self.config.timeouts.steps.of(step)
-
-    def _ledger_reporter(self, run: Run) -> LedgerReporter:
-        reporter = self._ledger_reporters.get(run.record.id)
-        if reporter is None or reporter.run is not run:
-            reporter = self._ledger_reporters[run.record.id] = LedgerReporter(self, run)
-        return reporter
-
-    async def emit_for(
-        self, record: DeployRecord, step: str, kind: EventKind, message: str, **data: object
-    ) -> None:
-        """An event outside any step (a decision, a recovery, the summary), to the record's reporters."""
-        reporters = list(self.reporters(record))
-        run = self._runs.get(record.id)
-        if run is not None:
-            reporters.insert(0, self._ledger_reporter(run))
-        await Pipeline(record.id, [], reporters)._emit(StepEvent(record.id, step, kind, message, data))
-        if step == SUMMARY_STEP:
-            _log_finished(record, data)
 
     async def guarded(
         self, record: DeployRecord, work: Callable[[Run], Awaitable[DeployRecord]]
@@ -626,13 +364,6 @@ class DeployService:
             if self._runs.get(record.id) is run:
                 self._runs.pop(record.id, None)
                 self._ledger_reporters.pop(record.id, None)
-
-    def _stop(self, deploy_id: str, stop: Stop) -> None:
-        run = self._runs.get(deploy_id)
-        if run is None or run.stop is not None or run.task is None or run.task.done():
-            return
-        run.stop = stop
-        run.task.cancel(stop.kind)  # the engine's step line tells why (STOPPED)
 
     async def take_leases(self, run: Run) -> None:
         """Hold the run's envs under its fence; the one lock rule: only the bot's own failure lock lets a
@@ -722,24 +453,6 @@ class DeployService:
         names = MIGRATE_STEPS if kind is DeployKind.MIGRATE else EXECUTE_STEPS
         return [s for s in steps if s.name in names]
 
-    async def _request_approval(self, run: Run) -> DeployRecord:
-        plan = run.ctx.require_plan()
-        expires = datetime.now(UTC) + timedelta(seconds=self.config.timeouts.approval)
-        await self._flush_ledger(run)
-        await self.deps.ledger.request_approval(
-            run.record.id, binding=plan.binding(), requester=run.record.requester, expires_at=expires
-        )
-        run.record = await self.deps.ledger.get_deploy(run.record.id)
-        await self.emit_for(
-            run.record,
-            "approval",
-            EventKind.STARTED,
-            "waiting for approval",
-            plan=plan.to_json(),
-            expires_at=expires.isoformat(),
-        )
-        return run.record
-
     async def _save_plan(self, run: Run) -> None:
         ctx = run.ctx
         if ctx.plan is None:
@@ -755,17 +468,6 @@ class DeployService:
             previous_tags={e: t for e, t in previous.items() if t},
             tags=tags,
         )
-
-    async def _write(self, run: Run, **fields: Any) -> DeployRecord:
-        """A write about the run's deploy, as its owner: kept trying while the ledger is unreachable (the lease
-        keeper stops the run if that lasts past the lease), refused with Fenced once another bot owns it."""
-        await self._flush_ledger(run)
-        return await _until_the_ledger_answers(
-            lambda: self.deps.ledger.update_deploy(run.record.id, fence=run.record.fence, **fields)
-        )
-
-    async def _flush_ledger(self, run: Run) -> None:
-        await _until_the_ledger_answers(self._ledger_reporter(run).flush)
 
     async def _finish(self, run: Run, result: PipelineResult) -> DeployRecord:
         failed = result.failed
@@ -788,215 +490,3 @@ class DeployService:
             **_summary(run.record, run.ctx, result),
         )
         return run.record
-
-    async def _lock_after_failure(self, record: DeployRecord, where: str) -> None:
-        for env in record.envs:
-            if self.config.env(env).approval_required:
-                # A failed production deploy holds production until someone rolls back or unlocks.
-                reason = f"deploy {record.id} failed at {where}; roll back or unlock"
-                with contextlib.suppress(LockHeld):
-                    await self.deps.ledger.lock(env, BOT_USER, reason)
-
-    async def _clear_failure_lock(self, record: DeployRecord) -> None:
-        for lock in await self.deps.ledger.locks():
-            if lock.env in record.envs and lock.user == BOT_USER:
-                await self.deps.ledger.unlock(lock.env, BOT_USER)
-
-    # ---- how a stopped run ends -----------------------------------------------------------------
-
-    async def _stopped(self, run: Run, stop: Stop) -> None:
-        try:
-            if stop.kind == "handover":
-                await self._hand_over(run)
-            elif stop.kind == "lost":
-                await self._lost(run, stop.why)
-            else:
-                await self._cancelled(run, stop.by)
-        except Fenced as e:
-            await self._lost(run, e.why)
-        except Exception:
-            log.exception("could not record how deploy %s stopped", run.record.id)
-
-    async def _pushed(self, run: Run) -> bool:
-        """Did this run's overlays reach the GitOps remote? (Sync and later run only once they have.)"""
-        if not run.record.kind.changes_tags:
-            return False
-        if "gitops" in run.done or run.current in POST_PUSH_STEPS or set(run.done) & set(POST_PUSH_STEPS):
-            return True
-        if run.current == "gitops":
-            return await self.overlays_at(run.record)  # stopped mid-push: the remote tells
-        return False
-
-    async def _cancelled(self, run: Run, by: str | None) -> None:
-        where = run.where
-        by_whom = f" by {who(by)}" if by else ""
-        try:
-            pushed = await self._pushed(run)
-        except Exception:  # noqa: BLE001 - unknown is told as such; the cancel itself must still be recorded
-            pushed = None
-        short = run.record.short or run.record.ref
-        if pushed:
-            overlays = " and ".join(f"{env}'s" for env in run.record.envs)
-            plural = " is" if len(run.record.envs) == 1 else "s are"
-            mid = f"mid-{where}" if where in POST_PUSH_STEPS else f"about to sync (stopped at {where})"
-            message = (
-                f"cancelled{by_whom} after the GitOps push: {overlays} overlay{plural} at `{short}`, "
-                f"the cluster was {mid}"
-            )
-        elif pushed is None:
-            message = (
-                f"cancelled{by_whom} at {where}; whether the GitOps push landed is unknown — check `status`"
-            )
-        else:
-            message = f"cancelled{by_whom} at {where}; nothing was pushed"
-        run.record = await self._write(run, state=DeployState.CANCELLED, message=message)
-        if pushed:
-            await self._lock_after_failure(run.record, where)
-        summary = {**_summary(run.record, run.ctx, None), "failed_step": where, "pushed": bool(pushed)}
-        await self.emit_for(run.record, SUMMARY_STEP, EventKind.CANCELLED, message, **summary)
-
-    async def _hand_over(self, run: Run) -> None:
-        where = run.where
-        fence = run.record.fence
-        if fence is None:
-            return
-        await self._flush_ledger_briefly(run)
-        async with asyncio.timeout(10):
-            run.record = await self.deps.ledger.hand_over(run.record.id, fence)
-        await self.emit_for(
-            run.record,
-            "recovery",
-            EventKind.PROGRESS,
-            f"handed over at {where}: {self.instance_id} is stopping; another bot resumes it",
-        )
-
-    async def _flush_ledger_briefly(self, run: Run) -> None:
-        with contextlib.suppress(TimeoutError, TransientError):
-            async with asyncio.timeout(5):
-                await self._flush_ledger(run)
-
-    async def _lost(self, run: Run, why: str) -> None:
-        """This bot can no longer prove it owns the deploy: it writes nothing more about it and says so."""
-        where = run.where
-        await self.emit_for(
-            run.record,
-            "recovery",
-            EventKind.PROGRESS,
-            f"{self.instance_id} stopped at {where} and left the deploy to another bot: {why}",
-        )
-
-    @property
-    def reminder_lead(self) -> timedelta:
-        """How long before an approval expires its approvers are reminded: 5 min, or a third of a short window."""
-        return timedelta(seconds=min(300.0, self.config.timeouts.approval / 3))
-
-    async def _remind(self, deploy_id: str) -> None:
-        record = await self.deps.ledger.get_deploy(deploy_id)
-        approval = await self.deps.ledger.get_approval(deploy_id)
-        expires = approval.expires_at.isoformat() if approval is not None else ""
-        await self.emit_for(
-            record,
-            "approval",
-            EventKind.PROGRESS,
-            "reminder: still waiting for an approver",
-            reminder=True,
-            expires_at=expires,
-        )
-
-    async def _announce_expired(self, deploy_id: str) -> None:
-        record = await self.deps.ledger.get_deploy(deploy_id)
-        seconds = self.config.timeouts.approval
-        within = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
-        message = f"approval expired: nobody approved within {within}; deploy again to ask anew"
-        await self.emit_for(record, "approval", EventKind.FAILED, message)
-        summary = {**_summary(record, None, None), "failed_step": "approval"}
-        await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
-
-
-POST_PUSH_STEPS = ("sync", "rollout", "verify")
-
-
-def _log_started(record: DeployRecord) -> None:
-    """The one line that marks a deploy's start (the bot that records it), for log-based queries."""
-    with deploy_context(record.id, record.envs):
-        log.info(
-            "deploy started: %s of %s to %s by %s",
-            record.kind.value,
-            record.ref,
-            ", ".join(record.envs),
-            record.requester,
-            extra={"deploy_kind": record.kind.value, "ref": record.ref, "requester": record.requester},
-        )
-
-
-def _log_finished(record: DeployRecord, summary: Mapping[str, Any]) -> None:
-    """The one line that marks a deploy's end (its final summary): the outcome and how long it took."""
-    outcome = str(summary.get("state") or record.state.value)
-    seconds = summary.get("seconds")
-    took = f" in {seconds:g} s" if isinstance(seconds, int | float) else ""
-    where = summary.get("failed_step")
-    at = f" at {where}" if where and outcome != DeployState.SUCCEEDED.value else ""
-    with deploy_context(record.id, record.envs):
-        log.log(
-            logging.INFO if outcome == DeployState.SUCCEEDED.value else logging.WARNING,
-            "deploy finished: %s%s%s",
-            outcome,
-            at,
-            took,
-            extra={
-                "deploy_kind": record.kind.value,
-                "outcome": outcome,
-                "duration_seconds": seconds,
-                "failed_step": where,
-            },
-        )
-
-
-T = TypeVar("T")
-
-
-async def _until_the_ledger_answers(write: Callable[[], Awaitable[T]]) -> T:
-    """Retry a ledger write through an outage, backing off to 5 s; other errors (Fenced) pass through."""
-    delay = 0.2
-    while True:
-        try:
-            return await write()
-        except TransientError as e:
-            log.warning("%s; retrying in %.1f s", e.message, delay)  # says unreachable, busy or disk full
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-def _summary(
-    record: DeployRecord, ctx: DeployContext | None, result: PipelineResult | None
-) -> dict[str, Any]:
-    """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
-    failed = result.failed if result else None
-    forced = next((r for r in result.results if r.step == "force-migrate"), None) if result else None
-    revision = next((r.revision for rs in ctx.synced.values() for r in rs), None) if ctx else None
-    return {
-        "state": record.state.value,
-        "deploy_kind": record.kind.value,
-        "envs": list(record.envs),
-        "short": record.short,
-        "seconds": round((datetime.now(UTC) - record.created_at).total_seconds(), 1),
-        "images": {f"{env}/{image}": s.digest for (env, image), s in sorted(ctx.verified.items())}
-        if ctx
-        else {},
-        "revision": revision,
-        "endpoints": {env: summary_line(checks) for env, checks in ctx.endpoints.items()} if ctx else {},
-        "failed_step": failed.step if failed else None,
-        "hint": failed.hint if failed else None,
-        "failure": dict(failed.data) if failed else {},
-        # a force-migrate says which version it marked clean and what `up` applied after it
-        "force": {"version": forced.data.get("forced"), "applied": list(forced.data.get("applied", []))}
-        if forced is not None and forced.outcome is StepOutcome.OK
-        else None,
-        "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
-        if ctx and ctx.plan
-        else {},
-        # refused only for want of the requester's yes to moving back: the thread offers that second yes
-        "move_back": downgrade_problems(ctx.plan)
-        if ctx and ctx.plan and failed and failed.step == "preflight"
-        else [],
-    }
