@@ -2,119 +2,77 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
-from bot.ledger.models import DeployRecord, IncidentRecord
+from bot.ledger.models import DeployRecord
 from bot.models import CommitInfo, DeployKind, Plan, plural
 from bot.service import MIGRATE_STEPS, PLAN_STEPS
 from bot.settings import FunnelcakeConfig
 from handlers import buttons as drawn
+from handlers.blockkit import (
+    MAX_BLOCKS,
+    MAX_BUTTON_VALUE,
+    MAX_SECTION,
+    Block,
+    actions,
+    button,
+    clip,
+    context,
+    divider,
+    esc,
+    esc_keep_mentions,
+    fit,
+    header,
+    mention,
+    rollback_confirm,
+    section,
+    when,
+)
+from handlers.watcher_blocks import incident_blocks
 
-Block = dict[str, Any]
+# The Block Kit primitives live in blockkit.py and the watcher's incident messages in watcher_blocks.py;
+# every name is still found here (`bk.section`, `bk.incident_blocks`).
+__all__ = [
+    "ICONS",
+    "MAX_BLOCKS",
+    "MAX_BUTTON_VALUE",
+    "MAX_SECTION",
+    "STEPS",
+    "Block",
+    "Links",
+    "actions",
+    "button",
+    "clip",
+    "context",
+    "diagnosis_blocks",
+    "divider",
+    "endpoint_lines",
+    "esc",
+    "esc_keep_mentions",
+    "fit",
+    "header",
+    "history_blocks",
+    "incident_blocks",
+    "mention",
+    "plan_blocks",
+    "progress_bar",
+    "rollback_confirm",
+    "root_blocks",
+    "run_steps",
+    "section",
+    "state_line",
+    "status_blocks",
+    "step_line",
+    "summary_text",
+    "title",
+    "when",
+]
 
-MAX_BLOCKS = 50
-MAX_SECTION = 3000
-MAX_BUTTON_VALUE = 2000
 STEPS = ("resolve", "preflight", "images", "migrate", "gitops", "sync", "rollout", "verify")
 ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️", "cancelled": "🛑", "stopped": "⏸️"}
-
-
-def esc(text: str) -> str:
-    """Escape user or system text for mrkdwn: `<`, `>` and `&` would otherwise become links or mentions."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def when(at: datetime | str) -> str:
-    """A time each reader sees in their own zone and format (`<!date^…>`), with a UTC fallback for clients
-    that cannot render it; an unreadable value is shown as given."""
-    if isinstance(at, str):
-        try:
-            at = datetime.fromisoformat(at)
-        except ValueError:
-            return esc(str(at))
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    fallback = f"{at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
-    return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} at {{time}}|{fallback}>"
-
-
-_ESCAPED_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]{2,})&gt;")
-
-
-def esc_keep_mentions(text: str) -> str:
-    """Escape like `esc`, but a `<@U…>` mention the bot wrote (who refused, who holds a lock) resolves."""
-    return _ESCAPED_MENTION.sub(r"<@\1>", esc(text))
-
-
-def clip(text: str, limit: int = MAX_SECTION - 100) -> str:
-    return text if len(text) <= limit else text[: limit - 20].rstrip() + "\n… (truncated)"
-
-
-def section(text: str) -> Block:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": clip(text)}}
-
-
-def context(text: str) -> Block:
-    return {"type": "context", "elements": [{"type": "mrkdwn", "text": clip(text, 2900)}]}
-
-
-def divider() -> Block:
-    return {"type": "divider"}
-
-
-def header(text: str) -> Block:
-    return {"type": "header", "text": {"type": "plain_text", "text": text[:150], "emoji": True}}
-
-
-def button(label: str, action_id: str, value: str, style: str | None = None, *, confirm: str = "") -> Block:
-    """A button; a `danger` one must say, in a confirm dialog, what clicking it will do."""
-    b: Block = {
-        "type": "button",
-        "text": {"type": "plain_text", "text": label[:75], "emoji": True},
-        "action_id": action_id,
-        "value": value[:MAX_BUTTON_VALUE],
-    }
-    if style:
-        b["style"] = style
-    if style == "danger" and not confirm:
-        raise ValueError(f"the danger button {label!r} needs a confirm text saying what it will do")
-    if confirm:
-        b["confirm"] = {
-            "title": {"type": "plain_text", "text": f"{label[:90]}?"},
-            "text": {"type": "mrkdwn", "text": confirm[:300]},
-            "confirm": {"type": "plain_text", "text": label[:30]},
-            "deny": {"type": "plain_text", "text": "Not now"},
-            "style": "danger",
-        }
-    return b
-
-
-def rollback_confirm(env: str) -> str:
-    return (
-        f"Roll *{esc(env)}* back to the last tag the bot deployed there successfully: its overlays change in git "
-        "and Argo CD syncs the cluster. Migrations are not reverted."
-    )
-
-
-def actions(block_id: str, *buttons: Block) -> Block:
-    return {"type": "actions", "block_id": block_id, "elements": list(buttons)[:25]}
-
-
-def fit(blocks: list[Block]) -> list[Block]:
-    """Keep a message under Slack's block limit, saying what was left out."""
-    if len(blocks) <= MAX_BLOCKS:
-        return blocks
-    kept = blocks[: MAX_BLOCKS - 1]
-    return [*kept, context(f"… {len(blocks) - len(kept)} more blocks not shown")]
-
-
-def mention(user: str) -> str:
-    return f"<@{user}>" if user[:1] in "UW" and user.isalnum() else esc(user)
 
 
 def progress_bar(done: int, total: int, width: int = 8) -> str:
@@ -458,78 +416,3 @@ def history_blocks(records: Sequence[DeployRecord], *, more: str | None = None) 
     if more:
         out.append(context(f"Older deploys: `/funnelcake {esc(more)}`"))
     return out
-
-
-# ---- incidents (the watcher) ----------------------------------------------------------------------------
-
-_INCIDENT_ICONS = {
-    "pods_failing": "🚨",
-    "degraded": "🚨",
-    "sync_failed": "🚨",
-    "unreachable": "📡",
-    "endpoint_failing": "📡",
-    "out_of_sync": "⚠️",
-    "hand_edit": "✍️",
-    "behind_production": "🐢",
-}
-
-
-def incident_blocks(incident: IncidentRecord, *, lasted: float | None = None) -> tuple[str, list[Block]]:
-    """The incident's message (fallback text and blocks): the diagnosis and its one-click fix while it is
-    open; once closed, how long it lasted and no buttons (a notice keeps its Roll back)."""
-    d = incident.detail
-    icon = _INCIDENT_ICONS.get(incident.kind, "⚠️")
-    notice = incident.kind == "hand_edit"
-    if lasted is not None and not notice:
-        text = f"✅ Recovered after {_duration(lasted)}: {incident.title}"
-        return text, [section(f"✅ *Recovered* after {_duration(lasted)}: {esc(incident.title)}")]
-    again = int(d.get("reopened", 0) or 0)
-    lead = f"{icon} *{esc(incident.env)}*: {esc(incident.title)}"
-    if again:
-        lead += f" _(back again, {again + 1}{'nd' if again == 1 else 'rd' if again == 2 else 'th'} time)_"
-    blocks = [section(lead)]
-    if d.get("cause"):
-        blocks.append(section(f"*Cause*: {esc(str(d['cause']))}"))
-    if d.get("evidence"):
-        blocks.append(section("*Evidence*\n> " + esc(str(d["evidence"])).replace("\n", "\n> ")))
-    if d.get("fix"):
-        blocks.append(section(f"*Fix*: {esc(str(d['fix']))}"))
-    buttons = []
-    for action in d.get("actions") or ():
-        if action == "rollback":
-            buttons.append(
-                button(
-                    f"Roll back {incident.env}",
-                    "rollback",
-                    drawn.command(f"rollback {incident.env}"),
-                    "danger",
-                    confirm=rollback_confirm(incident.env),
-                )
-            )
-        elif action == "rebuild" and d.get("tag"):
-            # the incident's message closes (buttons gone) when it ends, so it carries no `ran` to compare
-            buttons.append(
-                button(f"Rebuild {d['tag']}", "rebuild", drawn.command(f"deploy {incident.env} {d['tag']}"))
-            )
-        elif action == "catchup" and d.get("target"):
-            buttons.append(
-                button(
-                    f"Catch up to {d['target']}",
-                    "catchup",
-                    drawn.command(
-                        f"deploy {incident.env} {d['target']}", ran=str(d.get("tag") or "") or None
-                    ),
-                )
-            )
-    if buttons:
-        blocks.append(actions(f"incident:{incident.id}", *buttons))
-    blocks.append(context(f"Seen by the watcher since {when(incident.opened_at)}"))
-    return f"{icon} {incident.env}: {incident.title}", fit(blocks)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(seconds, 0):.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
