@@ -2,7 +2,7 @@
 
 Clients are lazy: reading the kubeconfig runs no credential plugin; a context's client is built when it is
 first asked for, and its token fetched on its first request. Exec credential plugins (gke-gcloud-auth-plugin
-on GKE Connect Gateway) are run by this module, not by kubernetes_asyncio, through one in-memory cache per
+on GKE Connect Gateway) are run by `bot.adapters.kubeauth`, not by kubernetes_asyncio, through one in-memory cache per
 process: the ExecCredential's token is reused by every context with the same plugin stanza until
 status.expirationTimestamp. Each client tracks that expiry, takes a fresh token under a lock shortly before
 it (through the configuration's refresh hook, consulted on every request), and retries a request once after
