@@ -428,6 +428,7 @@ class GitOpsRepo:
         previous, files = await run_blocking(self._edit, envs, short, pins)
         if not files:
             return BumpResult(commit=None, noop=True, previous=previous, attempts=0)
+        await self._validate(envs, short, pins)
         message = commit_message(
             envs,
             short,
@@ -437,9 +438,10 @@ class GitOpsRepo:
             approver=trailers.approver,
             override_reason=trailers.override_reason,
         )
-        sha = await self._commit_validated(envs, short, pins, files, message)
+        await run_blocking(self._commit, files, message)
         for attempt in range(1, max_attempts + 1):
             if await run_blocking(self._push):
+                sha = await run_blocking(self._rev, "HEAD")
                 log.info(
                     "pushed %s to %s %s",
                     sha[:7],
@@ -463,38 +465,10 @@ class GitOpsRepo:
                 # Someone else pushed the same tags: the remote already says what we wanted.
                 return BumpResult(commit=None, noop=True, previous=previous, attempts=attempt, files=files)
             await self._validate(envs, short, pins)
-            sha = await run_blocking(self._rev, "HEAD")  # the rebase replayed the commit
         raise TransientError(
             f"Pushing to {self.name} {self.branch} was rejected {max_attempts} times: other commits kept landing.",
             hint="Nothing was pushed; the deploy can be retried.",
         )
-
-    async def _commit_validated(
-        self, envs: list[Environment], short: str, pins: Pins, files: list[str], message: str
-    ) -> str:
-        """Commit the edited overlays while kustomize renders them; the commit's sha once both are done.
-
-        The renders (subprocesses) and the commit (git, in a thread) only read the work tree, so they run
-        side by side rather than one after the other. The commit is local until the push, which only comes
-        after every render passed; when one fails, its error is raised as before and bump() resets the
-        clone to the remote branch, dropping the commit: nothing was pushed."""
-        rendering = asyncio.create_task(self._validate(envs, short, pins), name=f"render-{self.name}")
-        try:
-            sha = await run_blocking(self._commit_rev, files, message)
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError):
-                rendering.cancel()
-            await asyncio.wait({rendering})
-            failed = None if rendering.cancelled() else rendering.exception()
-            if failed is not None and not isinstance(e, asyncio.CancelledError):
-                raise failed from None  # the overlay's problem is the one to report, as when it ran first
-            raise
-        await rendering
-        return sha
-
-    def _commit_rev(self, files: list[str], message: str) -> str:
-        self._commit(files, message)
-        return self._rev("HEAD")
 
     def _path(self, env: Environment, service: Service) -> tuple[str, Path]:
         rel = env.overlays[service]
