@@ -17,8 +17,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar
 
-import stamina
-
 from bot.errors import BotError, PermanentError, TransientError
 from bot.logs import redact, redact_json, step_context
 
@@ -258,6 +256,10 @@ class Pipeline(Generic[C]):
                 elapsed=time.monotonic() - started,
                 attempts=max(attempt, 1),
             )
+
+        # Imported on the first step run: the terminal reporter imports this module, and `funnelcake history`
+        # (which runs no step) need not load stamina and tenacity (~8 ms) on the way.
+        import stamina  # noqa: PLC0415
 
         await self._emit(event(EventKind.STARTED))
         try:
