@@ -31,6 +31,8 @@ _PASSED = frozenset(
         "TMPDIR",
         "SSL_CERT_FILE",
         "SSL_CERT_DIR",
+        "GIT_SSL_CAINFO",  # a private CA for the git host, set by the operator
+        "GIT_SSL_CAPATH",
         "SSH_AUTH_SOCK",
         "HTTP_PROXY",
         "HTTPS_PROXY",

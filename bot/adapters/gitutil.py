@@ -119,11 +119,17 @@ class GitCredentials:
         The caller removes it (`remove_token`) when done with it."""
         if self.https_token is None:
             return None
-        folder = Path(tempfile.mkdtemp(prefix="funnelcake-git-"))
-        path = folder / "credential"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"username={self.https_username}\npassword={self.https_token.get_secret_value()}\n")
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="funnelcake-git-"))
+            path = folder / "credential"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(f"username={self.https_username}\npassword={self.https_token.get_secret_value()}\n")
+        except OSError as e:
+            raise PermanentError(
+                f"cannot write git's credential file in {tempfile.gettempdir()}: {e.strerror or e}",
+                hint="Give the bot a writable temporary directory (TMPDIR; deploy/ mounts an emptyDir on /tmp).",
+            ) from None
         return path
 
     def secrets(self) -> list[str]:
