@@ -27,14 +27,13 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
 from bot.models import DeployKind
-from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.engine import PLAN_STEPS, SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
 
 log = logging.getLogger(__name__)
 
 RESULTS: Final = ("succeeded", "failed", "errored", "cancelled")
 KINDS: Final = tuple(k.value for k in DeployKind)
 # The dry-run half of a deploy: finishing it is not finishing the deploy (approval or execution follow).
-PLAN_STEPS: Final = frozenset({"resolve", "preflight"})
 # From a sub-second registry HEAD to a 30-minute build or approval wait.
 STEP_BUCKETS: Final = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 # Every series the bot exposes starts with this, so a dashboard or alert can select them all.
@@ -263,7 +262,7 @@ class MetricsReporter:
         envs: Sequence[str],
         *,
         kind: str = "deploy",
-        plan_steps: frozenset[str] = PLAN_STEPS,
+        plan_steps: frozenset[str] = frozenset(PLAN_STEPS),
     ) -> None:
         self.metrics = metrics
         self.envs = list(envs)

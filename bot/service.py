@@ -37,6 +37,9 @@ from bot.models import DeployKind, Plan
 from bot.outcomes import _log_started, _summary
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import (
+    EXECUTE_STEPS,
+    MIGRATE_STEPS,
+    PLAN_STEPS,
     SUMMARY_STEP,
     EventKind,
     Pipeline,
@@ -71,11 +74,6 @@ __all__ = [
     "ReporterFactory",
     "Started",
 ]
-
-# The step names of each kind of run, for reporters that show the list up front (the CLI).
-PLAN_STEPS = ("resolve", "preflight")
-EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
-MIGRATE_STEPS = ("images", "migrate")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployRecord
 from bot.models import CommitInfo, DeployKind, Plan, plural
-from bot.service import MIGRATE_STEPS, PLAN_STEPS
+from bot.pipeline.engine import MIGRATE_STEPS, PLAN_STEPS
 from bot.settings import FunnelcakeConfig
 from handlers import buttons as drawn
 from handlers.blockkit import (

@@ -34,7 +34,7 @@ from bot.cli.session import Session, _by_email
 from bot.errors import BotError
 from bot.ledger.models import DeployRecord, DeployState, when, who
 from bot.models import DeployKind
-from bot.pipeline.engine import PipelineResult
+from bot.pipeline.engine import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, PipelineResult
 from bot.policy.authz import Action
 from bot.settings import FunnelcakeConfig
 from bot.terminal import TerminalReporter, colour_enabled
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 
 def _steps(kind: DeployKind, envs: Sequence[str], config: FunnelcakeConfig) -> list[str]:
-    from bot.service import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS  # noqa: PLC0415 - see TYPE_CHECKING
-
     if kind is not DeployKind.ROLLBACK and any(config.env(e).approval_required for e in envs):
         return [*PLAN_STEPS, "approval"]
     return [*PLAN_STEPS, *(MIGRATE_STEPS if kind is DeployKind.MIGRATE else EXECUTE_STEPS)]
@@ -252,7 +250,6 @@ async def _decide(session: Session, service: DeployService, deploy_id: str, *, a
     await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
     authority = session.authority()
     mine = [e.name for e in authority.approval_envs(record.envs) if await authority.approves(e, session.user)]
-    from bot.service import EXECUTE_STEPS  # noqa: PLC0415 - see TYPE_CHECKING above
 
     reporter = TerminalReporter(
         list(EXECUTE_STEPS),

@@ -37,6 +37,10 @@ class EventKind(StrEnum):
 
 
 SUMMARY_STEP = "deploy"  # the event that closes a run: its data is the summary a reporter shows
+# The step names of each kind of run, in order: planning, then a deploy's or rollback's, or a migration's.
+PLAN_STEPS = ("resolve", "preflight")
+EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
+MIGRATE_STEPS = ("images", "migrate")
 
 # Why a run was stopped, passed as the cancel message, and what its step line says. Only a person cancels;
 # a hand-over or a lost lease is the bot stepping aside for another, and the deploy goes on there.
