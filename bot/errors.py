@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,3 +87,10 @@ class DatabaseUrlError(ConfigError):
 
     def __str__(self) -> str:
         return f"{self.message}; {self.hint}"
+
+
+def first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a task group's callers want: its first one that is not a sibling's cancellation."""
+    return next(
+        (e for e in group.exceptions if not isinstance(e, asyncio.CancelledError)), group.exceptions[0]
+    )

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from bot.adapters.kube import JSON, MERGE_PATCH, ClusterClient, KubeNotFound
-from bot.errors import PermanentError
+from bot.errors import PermanentError, first_failure
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,7 @@ class ArgoCD:
                     for a in apps
                 ]
         except BaseExceptionGroup as eg:
-            first = next(
-                (e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)), eg.exceptions[0]
-            )
-            raise first from None
+            raise first_failure(eg) from None
         return [t.result() for t in tasks]
 
 

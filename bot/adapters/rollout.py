@@ -18,7 +18,7 @@ from bot.adapters.diagnosis import (
     unschedulable,
 )
 from bot.adapters.kube import JSON, ClusterClient
-from bot.errors import PermanentError
+from bot.errors import PermanentError, first_failure
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +333,5 @@ async def watch_rollouts(
             ]
     except BaseExceptionGroup as eg:
         # callers expect the failure itself (RolloutFailed with its diagnosis), not a group
-        first = next(
-            (e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)), eg.exceptions[0]
-        )
-        raise first from None
+        raise first_failure(eg) from None
     return [t.result() for t in tasks]
