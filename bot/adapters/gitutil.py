@@ -116,7 +116,7 @@ class GitCredentials:
     def write_token(self) -> Path | None:
         """The https credential in a new 0600 file of a 0700 directory, or None without a token.
 
-        The caller removes it (`remove_token`) when done with it."""
+        GitRunner removes it (and its directory) when the runner is garbage-collected."""
         if self.https_token is None:
             return None
         try:
