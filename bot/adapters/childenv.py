@@ -10,6 +10,8 @@ without the variables named in `SECRET_VARS`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 
@@ -62,3 +64,16 @@ def plugin_env(
     env = {k: v for k, v in source.items() if k not in SECRET_VARS}
     env |= dict(extra or {})
     return env
+
+
+async def communicate(proc: asyncio.subprocess.Process, limit: float) -> tuple[bytes, bytes]:
+    """`proc`'s stdout and stderr within `limit` seconds. On a timeout (TimeoutError) or a cancel the process
+    is killed and reaped before the exception goes on: no child outlives the call that started it."""
+    try:
+        async with asyncio.timeout(limit):
+            return await proc.communicate()
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise

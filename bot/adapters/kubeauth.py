@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.adapters.childenv import plugin_env
+from bot.adapters.childenv import communicate, plugin_env
 from bot.errors import PermanentError, TransientError
 
 # the logger keeps the name it had before the split, so log filters and tests that select it still match
@@ -120,19 +120,12 @@ class ExecCredentialCache:
                 ),
             ) from None
         try:
-            async with asyncio.timeout(limit):
-                out, err = await proc.communicate()
+            out, err = await communicate(proc, limit)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise TransientError(
                 f"the credential plugin for cluster {context} did not answer within {limit:.0f}s",
                 hint="Check gke-gcloud-auth-plugin and the gcloud login on the bot's host.",
             ) from None
-        except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
-            raise
         fix = "Check the kubeconfig user entry and that gke-gcloud-auth-plugin works (run it by hand)."
         if proc.returncode != 0:
             said = err.decode("utf-8", "replace").strip()[:_BODY_LIMIT]

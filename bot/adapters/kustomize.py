@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from bot.adapters.childenv import child_env
+from bot.adapters.childenv import child_env, communicate
 from bot.errors import PermanentError, TransientError
 
 
@@ -32,16 +32,9 @@ async def render_check(kubectl: str, rel: str, overlay_dir: Path, expected: str,
             hint="Install kubectl (it bundles kustomize) in the bot's image.",
         ) from None
     try:
-        async with asyncio.timeout(limit):
-            out, err = await proc.communicate()
+        out, err = await communicate(proc, limit)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise TransientError(f"Rendering {rel} with kustomize took more than {limit:g}s.") from None
-    except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
-        raise
     if proc.returncode != 0:
         detail = err.decode(errors="replace").strip().splitlines()
         raise PermanentError(
