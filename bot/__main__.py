@@ -19,11 +19,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.ledger.models import DeployRecord
-from bot.logs import redact, register_settings_secrets, setup_logging
+from bot.logs import register_settings_secrets, setup_logging
 from bot.metrics import Metrics, SlackErrorCounter, add_metrics_route
 from bot.pipeline.engine import Reporter
 from bot.service import DeployService
-from bot.settings import Settings
+from bot.settings import Settings, env_problems
 from bot.watcher import Watcher
 from bot.wiring import build_service
 from handlers.app import SlackFront
@@ -222,8 +222,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        # pydantic quotes the rejected input, which may be a secret mistyped into the wrong variable
-        print(f"error: invalid environment variables:\n{redact(str(e))}", file=sys.stderr)
+        print(f"error: invalid environment variables:\n{env_problems(e)}", file=sys.stderr)
         return 2
     except ValueError as e:  # LOG_FORMAT / LOG_LEVEL
         print(f"error: {e}", file=sys.stderr)

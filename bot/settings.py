@@ -7,7 +7,9 @@ FUNNELCAKE_CONFIG. A bad file yields one ConfigError listing every problem with 
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -25,7 +27,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
 
@@ -424,10 +425,15 @@ def load_config(path: Path) -> FunnelcakeConfig:
     return parse_config(text, str(path))
 
 
-class Settings(BaseSettings):
-    """Process settings; secrets are SecretStr so they never print."""
+class Settings(BaseModel):
+    """Process settings; secrets are SecretStr so they never print.
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+    Each field is read from the environment variable of its name (any case, as `DATABASE_URL` for
+    `database_url`); a value passed to the constructor wins over the environment. A plain model and a
+    dict lookup rather than pydantic-settings: every CLI command builds one, and that package alone
+    costs more to import than the command it serves needs."""
+
+    model_config = ConfigDict(extra="ignore")
 
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None
@@ -458,5 +464,23 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        environ = {k.lower(): v for k, v in os.environ.items()}
+        found = {name: environ[name] for name in cls.model_fields if name in environ}
+        return {**found, **data}
+
     def load(self) -> FunnelcakeConfig:
         return load_config(self.funnelcake_config)
+
+
+def env_problems(e: ValidationError) -> str:
+    """The environment variables Settings rejected, one line each, without the values: a secret
+    mistyped into the wrong variable must not land in a terminal or a log."""
+    return "\n".join(
+        f"  - {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+        for err in e.errors(include_url=False)
+    )

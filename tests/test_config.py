@@ -204,3 +204,27 @@ def test_step_budgets_come_from_the_file_and_bound_each_step() -> None:
     steps = parse_config(yaml.safe_dump(data)).timeouts.steps
     assert steps.of("rollout") == 1500 and steps.of("force-migrate") == 1000
     assert steps.of("approval") is None  # a wait for a person, bounded by timeouts.approval instead
+
+
+@pytest.mark.parametrize("entry", [["-m", "bot"], ["-m", "bot.cli", "history"]], ids=["bot", "cli"])
+def test_a_bad_environment_variable_is_named_without_its_value(tmp_path: Path, entry: list[str]) -> None:
+    # A token pasted into the wrong variable: the message names the variable and keeps the value out.
+    planted = "xoxb-planted-in-the-wrong-variable"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HTTP_PORT": planted,
+        "LEASE_TTL": "-1",
+        "FUNNELCAKE_CONFIG": str(DEFAULT_CONFIG_PATH),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+        "WORK_DIR": str(tmp_path / "work"),
+    }
+    proc = subprocess.run(
+        [sys.executable, *entry], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "error: invalid environment variables:"
+    assert "  - HTTP_PORT: Input should be a valid integer, unable to parse string as an integer" in lines
+    assert "  - LEASE_TTL: Input should be greater than 0" in lines
+    assert planted not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -43,7 +43,7 @@ from bot.cli.session import Refused, Session, whoami
 from bot.errors import BotError, ConfigError, LedgerUnavailable
 from bot.logs import file_logging, register_settings_secrets
 from bot.models import plural
-from bot.settings import FunnelcakeConfig, Settings, load_config
+from bot.settings import FunnelcakeConfig, Settings, env_problems, load_config
 
 log = logging.getLogger("bot.cli")
 
@@ -178,7 +178,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as e:
-        print(f"error: invalid environment variables:\n{_short_validation(e)}", file=sys.stderr)
+        print(f"error: invalid environment variables:\n{env_problems(e)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`funnelcake status --json | head`): not an error worth a message.
@@ -207,14 +207,6 @@ def _silence_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-
-
-def _short_validation(e: ValidationError) -> str:
-    # Never echo the input: a malformed secret would land in the terminal.
-    return "\n".join(
-        f"  - {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-        for err in e.errors(include_url=False)
-    )
 
 
 def run() -> NoReturn:
