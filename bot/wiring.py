@@ -33,18 +33,30 @@ async def _kube(settings: Settings, config: FunnelcakeConfig) -> KubeClients:
 async def build_deps(settings: Settings, config: FunnelcakeConfig) -> AsyncIterator[Deps]:
     work = settings.work_dir
     creds = GitCredentials.from_settings(settings)
+    timeouts = config.timeouts
     async with contextlib.AsyncExitStack() as stack:
         # The ledger first: a DATABASE_URL that cannot work is told before anything else is set up.
         ledger = await Ledger.open(settings.database_url)
         stack.push_async_callback(ledger.close)
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        registry = await stack.enter_async_context(RegistryClient())
+        registry = await stack.enter_async_context(
+            RegistryClient(
+                timeout=timeouts.registry.request,
+                stream_idle_timeout=timeouts.registry.stream_idle,
+                attempts=timeouts.registry.attempts,
+                retry_budget=timeouts.registry.retries,
+            )
+        )
         kube = await _kube(settings, config)
         stack.push_async_callback(kube.close)
         yield Deps(
             config=config,
             app_repo=AppRepo(
-                config.repos.app.url, work / "app.git", branch=config.repos.app.branch, credentials=creds
+                config.repos.app.url,
+                work / "app.git",
+                branch=config.repos.app.branch,
+                credentials=creds,
+                fetch_timeout=timeouts.git,
             ),
             gitops=GitOpsRepo(
                 config.repos.gitops.url,
@@ -54,13 +66,14 @@ async def build_deps(settings: Settings, config: FunnelcakeConfig) -> AsyncItera
                 author=(settings.gitops_author_name, settings.gitops_author_email),
                 signing_key=settings.gitops_signing_key,
                 pin_digests=config.repos.gitops.pin_digests,
+                network_timeout=timeouts.git,
             ),
             registry=registry,
             kube=kube,
-            migrations=MigrationRunner(job_timeout=config.timeouts.migrate),
+            migrations=MigrationRunner(job_timeout=timeouts.migrate),
             http=http,
             ledger=ledger,
-            builder=Builder(kube, repo_url=config.repos.app.url, limit=config.timeouts.build),
+            builder=Builder(kube, repo_url=config.repos.app.url, limit=timeouts.build),
         )
 
 

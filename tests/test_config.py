@@ -198,6 +198,46 @@ def test_a_wait_longer_than_its_step_is_one_clear_error_naming_both() -> None:
     assert "funnelcake.yaml" in err.message
 
 
+def test_a_git_budget_longer_than_the_resolve_step_is_one_clear_error_naming_both() -> None:
+    def slow_git(d: dict) -> None:  # type: ignore[type-arg]
+        d["timeouts"]["git"] = 240  # the shipped gitops step (300 s) still holds it; resolve (180 s) not
+
+    err = _bad(slow_git)
+    assert len(err.problems) == 1
+    (problem,) = err.problems
+    assert "timeouts.git (240 s) exceeds timeouts.steps.resolve (180 s)" in problem
+    assert "lower timeouts.git or raise timeouts.steps.resolve" in problem
+
+
+def test_argocd_phases_longer_than_the_sync_step_are_one_clear_error_naming_each() -> None:
+    def slow_refresh(d: dict) -> None:  # type: ignore[type-arg]
+        d["timeouts"]["argocd"]["refresh"] = 150
+
+    err = _bad(slow_refresh)
+    assert len(err.problems) == 1
+    (problem,) = err.problems
+    assert "timeouts.argocd.refresh + timeouts.sync (330 s) exceeds timeouts.steps.sync (300 s)" in problem
+    assert "lower timeouts.argocd.refresh or timeouts.sync or raise timeouts.steps.sync" in problem
+
+
+def test_a_registry_retry_budget_longer_than_preflight_is_refused() -> None:
+    def patient_registry(d: dict) -> None:  # type: ignore[type-arg]
+        d["timeouts"]["registry"]["retries"] = 120
+
+    (problem,) = _bad(patient_registry).problems
+    assert problem.startswith(
+        "timeouts: timeouts.registry.retries + timeouts.registry.request (150 s) exceeds "
+        "timeouts.steps.preflight (90 s)"
+    )
+
+
+def test_the_default_budgets_fit_without_an_environments_file_timeouts_section() -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    del data["timeouts"]
+    timeouts = parse_config(yaml.safe_dump(data)).timeouts
+    assert timeouts == load_config(DEFAULT_CONFIG_PATH).timeouts  # the shipped file spells out the defaults
+
+
 def test_step_budgets_come_from_the_file_and_bound_each_step() -> None:
     data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     data["timeouts"] = {"rollout": 1200, "steps": {"rollout": 1500, "force-migrate": 1000}}

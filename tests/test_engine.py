@@ -127,6 +127,46 @@ async def test_transient_errors_that_persist_end_as_errored_with_the_cause() -> 
     assert failed.message == "registry 127.0.0.1:5000 unavailable: 503 (gave up after 4 attempts)"
 
 
+class RegistryDown(TransientError):
+    """An adapter's fault after its own retries (as the registry client raises)."""
+
+
+class TwoSystems(Step[dict[str, Any]]):
+    """A step that calls a system retrying by itself (RegistryDown) and one that does not (git)."""
+
+    name = "two-systems"
+    timeout = 1.0
+    retry = Retry(attempts=4, wait_initial=0.001, wait_max=0.002, wait_jitter=0.0, not_again=(RegistryDown,))
+
+    def __init__(self, *faults: TransientError) -> None:
+        self.faults = list(faults)
+        self.calls = 0
+
+    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        self.calls += 1
+        if self.faults:
+            raise self.faults.pop(0)
+
+
+async def test_a_fault_its_adapter_already_retried_is_not_retried_again() -> None:
+    down = RegistryDown("registry 127.0.0.1:5000 unavailable: 503", hint="Gave up after 4 attempts.")
+    step = TwoSystems(down, TransientError("git fetch timed out"))
+    result = await Pipeline("d-3b", [step], [Recorder()]).run({})
+    assert step.calls == 1
+    failed = result.failed
+    assert failed is not None and failed.outcome is StepOutcome.ERRORED
+    # the adapter's own count of attempts, not the engine's "(gave up after 1 attempt)"
+    assert failed.message == "registry 127.0.0.1:5000 unavailable: 503"
+    assert failed.hint == "Gave up after 4 attempts."
+
+
+async def test_a_fault_of_a_system_that_does_not_retry_is_still_retried_by_the_step() -> None:
+    step = TwoSystems(TransientError("git fetch timed out"), TransientError("git fetch timed out"))
+    result = await Pipeline("d-3c", [step], [Recorder()]).run({})
+    assert result.ok
+    assert step.calls == 3
+
+
 async def test_permanent_error_stops_the_pipeline_without_retry() -> None:
     rec = Recorder()
     ctx: dict[str, Any] = {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,6 +23,8 @@ from bot.adapters.registry import (
     retry_after,
 )
 from bot.errors import PermanentError, TransientError
+from bot.pipeline.engine import Pipeline, Progress, Step, StepOutcome
+from bot.pipeline.steps.images import REGISTRY_RETRY
 from tests.testbed.registry import LocalRegistry, Registries, push_image
 from tests.testbed.tokenauth import ACCESS_TOKEN_USER, DEFAULT_PASSWORD, TokenServer
 
@@ -196,6 +199,37 @@ async def test_5xx_exhausts_retries_into_transient_error() -> None:
     assert fake.hits == 3
     assert str(e.value).startswith(f"registry {fake.host} unavailable:")
     assert "503" in str(e.value)
+
+
+class _CheckStep(Step[RegistryClient]):
+    """A step that checks one image, retrying as the steps that call the registry do."""
+
+    name = "preflight"
+    timeout = 10.0
+    retry = REGISTRY_RETRY
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    async def run(self, ctx: RegistryClient, progress: Progress) -> Mapping[str, Any]:
+        return {"state": (await ctx.check(f"{self.host}/p/r", "img", "t")).state}
+
+
+async def test_a_registry_step_does_not_multiply_the_clients_retries() -> None:
+    async with _Flaky(failures=100) as fake, _fast() as rc:
+        result = await Pipeline("d-1", [_CheckStep(fake.host)], []).run(rc)
+    assert fake.hits == 3  # the client's 3 attempts, once: not 3 for each of the step's attempts
+    failed = result.failed
+    assert failed is not None and failed.outcome is StepOutcome.ERRORED
+    assert failed.message.startswith(f"registry {fake.host} unavailable:")
+    assert failed.hint is not None and failed.hint.startswith("Gave up after 3 attempts")
+
+
+async def test_a_registry_step_rides_out_a_blip_through_the_client() -> None:
+    async with _Flaky(failures=2) as fake, _fast() as rc:
+        result = await Pipeline("d-2", [_CheckStep(fake.host)], []).run(rc)
+    assert result.ok and result.results[0].data == {"state": "missing"}
+    assert fake.hits == 3 and result.results[0].attempts == 1
 
 
 async def test_429_waits_as_long_as_retry_after_says() -> None:

@@ -4,6 +4,10 @@ Argo CD quirks this relies on: the Application has no status subresource; the co
 the refresh annotation only after it has reconciled and written status.reconciledAt; a sync is requested by
 setting top-level `operation`, and one patched while another is Running is silently dropped; right after the
 patch the PREVIOUS operationState is still visible, so a result counts only if it started after our request.
+
+Budgets come from the environments file: `timeouts.argocd.refresh`, then `timeouts.sync` for the operation
+(its closing refresh, `timeouts.argocd.settle`, within it). Retries: none here; a transient fault of the
+cluster's API is the engine's to retry, as a new attempt of the sync step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 from bot.adapters.kube import JSON, MERGE_PATCH, ClusterClient, KubeNotFound
 from bot.errors import PermanentError, first_failure
+from bot.settings import DEFAULT_TIMEOUTS
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +98,9 @@ class ArgoCD:
         namespace: str,
         *,
         env_name: str = "",
-        refresh_limit: float = 60.0,
-        sync_limit: float = 180.0,
-        post_sync_limit: float = 15.0,
+        refresh_limit: float = DEFAULT_TIMEOUTS.argocd.refresh,
+        sync_limit: float = DEFAULT_TIMEOUTS.sync,
+        post_sync_limit: float = DEFAULT_TIMEOUTS.argocd.settle,
     ) -> None:
         self.client = client
         self.namespace = namespace

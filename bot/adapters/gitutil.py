@@ -2,6 +2,9 @@
 
 Every call here blocks; the adapters run them with `run_blocking` so the event loop never waits on
 git, and so a cancelled deploy never leaves a git process working on a clone behind its lock.
+
+Retries: none here. A network failure is a TransientError, and the engine retries the step that ran git
+(resolve, gitops) within its budget; each clone, fetch and push is bounded by `timeouts.git`.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from pydantic import SecretStr
 
 from bot.adapters.childenv import child_env
 from bot.errors import BotError, PermanentError, TransientError
+from bot.settings import DEFAULT_TIMEOUTS
 
 if TYPE_CHECKING:
     from bot.settings import Settings
 
 T = TypeVar("T")
 
-NETWORK_TIMEOUT = 120.0  # clone/fetch/push: a big first clone on a slow link, not a hung ssh
+NETWORK_TIMEOUT = DEFAULT_TIMEOUTS.git  # clone/fetch/push: `timeouts.git` in the environments file
 LOCAL_TIMEOUT = 30.0  # log, diff, commit, rebase on a local clone
 
 # The token reaches git only through a file readable by the bot alone, which the inline credential

@@ -62,7 +62,9 @@ class Deps:
             self.kube[env.kube_context],
             env.argocd.namespace,
             env_name=env.name,
+            refresh_limit=self.config.timeouts.argocd.refresh,
             sync_limit=self.config.timeouts.sync,
+            post_sync_limit=self.config.timeouts.argocd.settle,
         )
 
     def diagnoser(self, env: Environment) -> Diagnoser:

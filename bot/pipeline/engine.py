@@ -115,12 +115,16 @@ Progress = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Retry:
-    """Backoff for transient faults; the step's timeout bounds the whole thing."""
+    """Backoff for transient faults; the step's timeout bounds the whole thing.
+
+    One layer retries each system: a fault of a type in `not_again` comes from an adapter that already
+    retried it with its own backoff (the registry client), so the step fails with it at once."""
 
     attempts: int = 5
     wait_initial: float = 0.5
     wait_max: float = 10.0
     wait_jitter: float = 0.5
+    not_again: tuple[type[TransientError], ...] = ()
 
 
 def _details(e: BotError) -> dict[str, Any]:
@@ -146,11 +150,16 @@ def _verdict(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])
 
 
-def _retry_hook(exc: Exception) -> bool | float:
-    """Retry transient faults only; honour a delay the remote asked for (429 Retry-After)."""
-    if isinstance(exc, TransientError):
-        return exc.delay if exc.delay is not None else True
-    return False
+def _retry_hook(retry: Retry) -> Callable[[Exception], bool | float]:
+    """Retry transient faults only, not those an adapter already retried; honour a delay the remote asked
+    for (429 Retry-After)."""
+
+    def hook(exc: Exception) -> bool | float:
+        if isinstance(exc, TransientError) and not isinstance(exc, retry.not_again):
+            return exc.delay if exc.delay is not None else True
+        return False
+
+    return hook
 
 
 class Step(Generic[C]):
@@ -269,7 +278,7 @@ class Pipeline(Generic[C]):
         try:
             async with asyncio.timeout(budget):
                 async for retrying in stamina.retry_context(
-                    on=_retry_hook,
+                    on=_retry_hook(step.retry),
                     attempts=step.retry.attempts,
                     timeout=None,  # the step's own budget (asyncio.timeout above) bounds the retries
                     wait_initial=step.retry.wait_initial,
@@ -297,6 +306,8 @@ class Pipeline(Generic[C]):
             return res
         except TransientError as e:
             msg = f"{e.message} (gave up after {attempt} attempt{'s' if attempt != 1 else ''})"
+            if isinstance(e, step.retry.not_again):
+                msg = e.message  # its adapter's hint says how often it tried
             res = result(StepOutcome.ERRORED, msg, e.hint, _details(e))
             await self._emit(event(EventKind.ERRORED, msg, _details(e)))
             return res

@@ -19,6 +19,7 @@ from bot.adapters.registry.client import (
     OCI_INDEX,
     OCI_MANIFEST,
     ImageStatus,
+    RegistryUnavailable,
 )
 from bot.adapters.registry.credentials import (
     ACCESS_TOKEN_USER,
@@ -54,6 +55,7 @@ __all__ = [
     "PromoteProgress",
     "PromoteResult",
     "RegistryClient",
+    "RegistryUnavailable",
     "is_artifact_registry",
     "retry_after",
 ]

@@ -1,6 +1,10 @@
 """The registry client's request primitives and tag checks: sessions, retries, manifests and blobs.
 
 `RegistryClient` (promote.py) adds promotion on top of the base here.
+
+Retries: this client is the one layer that retries a registry (5xx, 429 after its Retry-After, resets,
+timeouts), within `timeouts.registry`. What outlasts them is a RegistryUnavailable, which the steps
+calling the registry do not retry again: their own retries would multiply these.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from bot.adapters.registry.auth import _HostAuth, _parse_challenge, _TokenAuth
 from bot.adapters.registry.credentials import Credentials, DefaultCredentials
 from bot.adapters.registry.wire import _error_text, _on_retryable, _raise_for_refusal, _Retryable
 from bot.errors import PermanentError, TransientError
+from bot.settings import DEFAULT_TIMEOUTS
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -94,12 +99,19 @@ def _matches(requested: str, available: str) -> bool:
     return len(req) < 3 or (len(have) >= 3 and req[2] == have[2])
 
 
+class RegistryUnavailable(TransientError):
+    """The registry kept failing through every attempt of the client's own retries."""
+
+
+_BUDGETS = DEFAULT_TIMEOUTS.registry
+
+
 class BaseClient(_TokenAuth):
     """Tag checks and the request primitives RegistryClient's promotion is built on.
 
     Timeouts: `timeout` bounds each metadata request; blob streams are bounded by connect and
     idle-read timeouts instead, since a large layer may take minutes. 5xx, 429, resets and timeouts
-    are retried with exponential backoff (`attempts`), then reported as TransientError.
+    are retried with exponential backoff (`attempts`), then reported as RegistryUnavailable.
     """
 
     def __init__(
@@ -107,12 +119,12 @@ class BaseClient(_TokenAuth):
         *,
         credentials: Callable[[str], Credentials] | None = None,
         insecure_hosts: Collection[str] = DEFAULT_INSECURE_HOSTS,
-        timeout: float = 30.0,
-        stream_idle_timeout: float = 60.0,
-        attempts: int = 4,
+        timeout: float = _BUDGETS.request,
+        stream_idle_timeout: float = _BUDGETS.stream_idle,
+        attempts: int = _BUDGETS.attempts,
         wait_initial: float = 0.2,
         wait_max: float = 5.0,
-        retry_budget: float = 120.0,
+        retry_budget: float = _BUDGETS.retries,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self._credentials = credentials or DefaultCredentials()
@@ -173,10 +185,10 @@ class BaseClient(_TokenAuth):
                 with attempt:
                     return await op()
         except _Retryable as e:
-            raise TransientError(
+            raise RegistryUnavailable(
                 f"registry {e.host} unavailable: {e.detail}",
                 hint=f"Gave up after {self._attempts} attempts; retry later or check the registry's status.",
-                delay=e.delay,  # the step's own retry waits as long as the registry asked
+                delay=e.delay,  # how long the registry asked to wait, for whoever tries again later
             ) from None
         raise AssertionError("stamina ended without a result")  # pragma: no cover
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
-from bot.pipeline.steps.images import verify_images
+from bot.pipeline.steps.images import REGISTRY_RETRY, verify_images
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ IDENTITY_TIMEOUT = 5.0  # a directory lookup never holds a push: past it, the tr
 class GitOps(Step[DeployContext]):
     name = "gitops"
     timeout = DEFAULT_STEP_BUDGETS.gitops
+    retry = REGISTRY_RETRY
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()

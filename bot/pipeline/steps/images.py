@@ -6,19 +6,25 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from bot.adapters.registry import RegistryUnavailable
 from bot.errors import BotError, PermanentError, TransientError
 from bot.ledger.models import LedgerError
 from bot.models import AMD64, ImagePlan
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Progress, Retry, Step
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 PROMOTE_CONCURRENCY = 3
 
 
+# A step that calls the registry: the client retries it itself, so the step does not retry what outlasted that.
+REGISTRY_RETRY = Retry(not_again=(RegistryUnavailable,))
+
+
 class Images(Step[DeployContext]):
     name = "images"
     timeout = DEFAULT_STEP_BUDGETS.images
+    retry = REGISTRY_RETRY
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
@@ -73,7 +79,7 @@ def with_reason(error: BotError, img: ImagePlan) -> BotError:
     verb = f"promoting from {img.source_env}" if img.action == "promote" else "building"
     message = f"{img.env}/{img.image}:{img.tag}: {img.note}, so {verb}: {error.message}"
     if isinstance(error, TransientError):
-        return TransientError(message, hint=error.hint, delay=error.delay, data=error.data)
+        return type(error)(message, hint=error.hint, delay=error.delay, data=error.data)
     return PermanentError(message, hint=error.hint, data=error.data)
 
 

@@ -12,6 +12,7 @@ from bot.models import AMD64, ImagePlan, Plan, deployed_images
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import Progress, Step
 from bot.pipeline.steps.gates import gate_problem
+from bot.pipeline.steps.images import REGISTRY_RETRY
 from bot.pipeline.steps.resolve import downgrade_problems
 from bot.policy import locks
 from bot.settings import DEFAULT_STEP_BUDGETS, Environment
@@ -20,6 +21,7 @@ from bot.settings import DEFAULT_STEP_BUDGETS, Environment
 class Preflight(Step[DeployContext]):
     name = "preflight"
     timeout = DEFAULT_STEP_BUDGETS.preflight
+    retry = REGISTRY_RETRY
 
     async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
