@@ -9,6 +9,8 @@ quoting, key order, CRLF line endings and flow-style lists stay as the file's au
 exact image reference the deploy expects before anything is committed. Pushes are never forced: a
 rejected push is rebased onto the remote and retried a bounded number of times; any failure resets
 the clone to the remote branch so the next deploy starts clean.
+Retries: a lost push race is rebased and pushed again here (stamina); a git network failure is the
+engine's to retry (see gitutil), and the registry checks before the push are the registry client's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
@@ -77,6 +78,10 @@ _PUSH_RACE_MARKERS = (
     "incorrect old value",
     "stale info",
 )
+
+
+class _Rejected(Exception):
+    """The remote moved on while we pushed: rebase onto it and push again."""
 
 
 # -- the repo ----------------------------------------------------------------------------------------
@@ -287,32 +292,34 @@ class GitOpsRepo:
             override_reason=trailers.override_reason,
         )
         await run_blocking(self._commit, files, message)
-        for attempt in range(1, max_attempts + 1):
-            if await run_blocking(self._push):
-                sha = await run_blocking(self._rev, "HEAD")
-                log.info(
-                    "pushed %s to %s %s",
-                    sha[:7],
-                    self.name,
-                    self.branch,
-                    extra={"deploy_id": deploy_id, "envs": [e.name for e in envs], "attempts": attempt},
-                )
-                return BumpResult(commit=sha, noop=False, previous=previous, attempts=attempt, files=files)
-            if attempt == max_attempts:
-                break
-            log.info(
-                "push to %s %s rejected (attempt %d of %d): rebasing onto the remote",
-                self.name,
-                self.branch,
-                attempt,
-                max_attempts,
-                extra={"deploy_id": deploy_id},
-            )
-            await asyncio.sleep(random.uniform(0, self.retry_delay * 2 ** (attempt - 1)))  # noqa: S311 - jitter
-            if not await run_blocking(self._rebase, files):
-                # Someone else pushed the same tags: the remote already says what we wanted.
-                return BumpResult(commit=None, noop=True, previous=previous, attempts=attempt, files=files)
-            await self._validate(envs, short, pins)
+        import stamina  # noqa: PLC0415 - as in the engine: `funnelcake history` reads overlays without it
+
+        with contextlib.suppress(_Rejected):  # every push lost its race: the TransientError below
+            async for attempt in stamina.retry_context(
+                on=_Rejected,
+                attempts=max_attempts,
+                timeout=None,  # the gitops step's budget bounds the whole push
+                wait_initial=self.retry_delay,
+                wait_jitter=self.retry_delay,
+            ):
+                with attempt:
+                    n = attempt.num
+                    if n > 1 and not await run_blocking(self._rebase, files):
+                        # Someone else pushed the same tags: the remote already says what we wanted.
+                        return BumpResult(
+                            commit=None, noop=True, previous=previous, attempts=n - 1, files=files
+                        )
+                    if n > 1:
+                        await self._validate(envs, short, pins)
+                    if await run_blocking(self._push):
+                        sha = await run_blocking(self._rev, "HEAD")
+                        extra = {"deploy_id": deploy_id, "envs": [e.name for e in envs], "attempts": n}
+                        log.info("pushed %s to %s %s", sha[:7], self.name, self.branch, extra=extra)
+                        return BumpResult(commit=sha, noop=False, previous=previous, attempts=n, files=files)
+                    if n < max_attempts:
+                        msg = "push to %s %s rejected (attempt %d of %d): rebasing onto the remote"
+                        log.info(msg, self.name, self.branch, n, max_attempts, extra={"deploy_id": deploy_id})
+                    raise _Rejected  # stamina's signal: rebase and push again
         raise TransientError(
             f"Pushing to {self.name} {self.branch} was rejected {max_attempts} times: other commits kept landing.",
             hint="Nothing was pushed; the deploy can be retried.",
