@@ -198,26 +198,36 @@ def test_a_wait_longer_than_its_step_is_one_clear_error_naming_both() -> None:
     assert "funnelcake.yaml" in err.message
 
 
-def test_a_git_budget_longer_than_the_resolve_step_is_one_clear_error_naming_both() -> None:
-    def slow_git(d: dict) -> None:  # type: ignore[type-arg]
-        d["timeouts"]["git"] = 240  # the shipped gitops step (300 s) still holds it; resolve (180 s) not
+@pytest.mark.parametrize(
+    ("section", "field", "value", "expected"),
+    [
+        # the shipped gitops step (300 s) still holds a 240 s git budget; resolve (180 s) does not
+        (
+            None,
+            "git",
+            240,
+            "timeouts.git (240 s) exceeds timeouts.steps.resolve (180 s), the whole budget of the resolve "
+            "step it runs in: lower timeouts.git or raise timeouts.steps.resolve",
+        ),
+        (
+            "argocd",
+            "refresh",
+            150,
+            "timeouts.argocd.refresh + timeouts.sync (330 s) exceeds timeouts.steps.sync (300 s), the whole "
+            "budget of the sync step they run in: lower timeouts.argocd.refresh or timeouts.sync or raise "
+            "timeouts.steps.sync",
+        ),
+    ],
+    ids=["git-vs-resolve", "argocd-refresh-vs-sync"],
+)
+def test_an_adapter_budget_longer_than_its_step_is_one_clear_error_naming_both(
+    section: str | None, field: str, value: float, expected: str
+) -> None:
+    def slow(d: dict) -> None:  # type: ignore[type-arg]
+        (d["timeouts"][section] if section else d["timeouts"])[field] = value
 
-    err = _bad(slow_git)
-    assert len(err.problems) == 1
-    (problem,) = err.problems
-    assert "timeouts.git (240 s) exceeds timeouts.steps.resolve (180 s)" in problem
-    assert "lower timeouts.git or raise timeouts.steps.resolve" in problem
-
-
-def test_argocd_phases_longer_than_the_sync_step_are_one_clear_error_naming_each() -> None:
-    def slow_refresh(d: dict) -> None:  # type: ignore[type-arg]
-        d["timeouts"]["argocd"]["refresh"] = 150
-
-    err = _bad(slow_refresh)
-    assert len(err.problems) == 1
-    (problem,) = err.problems
-    assert "timeouts.argocd.refresh + timeouts.sync (330 s) exceeds timeouts.steps.sync (300 s)" in problem
-    assert "lower timeouts.argocd.refresh or timeouts.sync or raise timeouts.steps.sync" in problem
+    err = _bad(slow)
+    assert err.problems == [f"timeouts: {expected}"]
 
 
 def test_a_registry_retry_budget_longer_than_preflight_is_refused() -> None:
