@@ -2,8 +2,9 @@
 
 A step only says what happened: it returns (ok), raises PermanentError (the check said no) or
 TransientError (a system was unreachable). The engine decides what that means: transient faults are
-retried with backoff inside the step's time budget; a permanent one, or an exhausted budget, stops the
-pipeline. Cancellation is a normal path: it is reported, and steps release what they hold in `finally`.
+retried with backoff inside the step's time budget, except those an adapter already retried itself (the
+registry client's, `Retry.not_again`): one layer retries each system. A permanent one, or an exhausted
+budget, stops the pipeline. Cancellation is a normal path: it is reported, and steps release what they hold in `finally`.
 """
 
 from __future__ import annotations
