@@ -20,8 +20,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from bot.adapters.kube import JSON, MERGE_PATCH, ClusterClient, KubeNotFound
+from bot.budgets import DEFAULT_TIMEOUTS
 from bot.errors import PermanentError, first_failure
-from bot.settings import DEFAULT_TIMEOUTS
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import SecretStr
 
 from bot.adapters.childenv import child_env
+from bot.budgets import DEFAULT_TIMEOUTS
 from bot.errors import BotError, PermanentError, TransientError
-from bot.settings import DEFAULT_TIMEOUTS
 
 if TYPE_CHECKING:
     from bot.settings import Settings

@@ -23,8 +23,8 @@ from yarl import URL
 from bot.adapters.registry.auth import _HostAuth, _parse_challenge, _TokenAuth
 from bot.adapters.registry.credentials import Credentials, DefaultCredentials
 from bot.adapters.registry.wire import _error_text, _on_retryable, _raise_for_refusal, _Retryable
+from bot.budgets import DEFAULT_TIMEOUTS
 from bot.errors import PermanentError, TransientError
-from bot.settings import DEFAULT_TIMEOUTS
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
