@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.adapters.gitops import GitOpsRepo, set_image_digest
+from bot.adapters.gitops import GitOpsRepo
+from bot.adapters.overlays import set_image_digest
 from bot.cli import render_status
 from bot.errors import PermanentError
 from bot.ledger.models import DeployKind, DeployState

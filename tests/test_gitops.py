@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from bot.adapters.gitops import GitOpsRepo, commit_message, find_image_tag, read_image_tag, set_image_tag
+from bot.adapters import gitops
+from bot.adapters.gitops import GitOpsRepo
 from bot.adapters.gitutil import GitCredentials
+from bot.adapters.overlays import commit_message, find_image_tag, read_image_tag, set_image_tag
 from bot.errors import PermanentError, TransientError
 from bot.settings import FunnelcakeConfig, Service
 from tests.testbed.gitrepos import (
@@ -299,11 +301,11 @@ async def test_cancelled_bump_leaves_the_clone_clean(
 ) -> None:
     rendering = asyncio.Event()
 
-    async def slow_render(rel: str, overlay_dir: Path, expected: str) -> None:
+    async def slow_render(kubectl: str, rel: str, overlay_dir: Path, expected: str, *, limit: float) -> None:
         rendering.set()
         await asyncio.sleep(3600)
 
-    monkeypatch.setattr(repo, "_render_check", slow_render)
+    monkeypatch.setattr(gitops, "render_check", slow_render)
     before = remote_head(gitops_remote.path)
     task = asyncio.create_task(
         repo.bump(_envs(git_config, "staging"), NEW, requester="U1", deploy_id="d-1"), name="bump-under-test"

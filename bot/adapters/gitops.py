@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
@@ -34,10 +35,8 @@ from bot.adapters.overlays import (
     BumpResult,
     OverlayCommit,
     Pins,
-    TagSpan,
     Trailers,
     commit_message,
-    find_image_tag,
     format_tag,
     read_image_tag,
     set_image_digest,
@@ -46,28 +45,14 @@ from bot.adapters.overlays import (
 from bot.errors import BotError, PermanentError, TransientError
 from bot.settings import Environment, FunnelcakeConfig, Service
 
-# The overlay editing and commit-message functions live in overlays.py; they are still imported from here.
-__all__ = [
-    "DEFAULT_AUTHOR",
-    "RENDER_TIMEOUT",
-    "BumpResult",
-    "GitOpsRepo",
-    "OverlayCommit",
-    "Pins",
-    "TagSpan",
-    "Trailers",
-    "commit_message",
-    "find_image_tag",
-    "format_tag",
-    "read_image_tag",
-    "set_image_digest",
-    "set_image_tag",
-]
-
 log = logging.getLogger(__name__)
 
 DEFAULT_AUTHOR = ("funnelcake-deploy-bot", "funnelcake-deploy-bot@divine.video")
 RENDER_TIMEOUT = 30.0
+# A bump reuses a fetch this recent (the one its deploy's resolve made to read the overlays, seconds ago)
+# instead of fetching again: the push is a compare-and-swap on the branch, so a remote that moved since
+# costs one rejected push and a rebase onto it, never a lost commit or an overwritten one.
+FETCH_REUSE = 10.0
 
 _PUSH_RACE_MARKERS = (
     "[rejected]",
@@ -120,6 +105,12 @@ class GitOpsRepo:
         )
         self._git = GitRunner(clone_dir, remote_url=url, credentials=credentials, identity=author)
         self._lock = asyncio.Lock()
+        # What the clone is known to be, so a bump right after a read skips the processes that would change
+        # nothing: when origin was last fetched, whether the work tree is exactly origin since, and whether
+        # the clone's remote was checked against `url` (once per instance).
+        self._fetched_at: float | None = None
+        self._pristine = False
+        self._url_checked = False
         self.name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git") or url
 
     @property
@@ -277,7 +268,7 @@ class GitOpsRepo:
         self, envs: list[Environment], short: str, trailers: Trailers, max_attempts: int, pins: Pins
     ) -> BumpResult:
         deploy_id = trailers.deploy_id
-        await run_blocking(self._sync)
+        await run_blocking(self._sync, FETCH_REUSE)
         previous, files = await run_blocking(self._edit, envs, short, pins)
         if not files:
             return BumpResult(commit=None, noop=True, previous=previous, attempts=0)
@@ -367,6 +358,7 @@ class GitOpsRepo:
     def _edit(
         self, envs: list[Environment], short: str, pins: Pins
     ) -> tuple[dict[str, dict[Service, str]], list[str]]:
+        self._pristine = False
         previous: dict[str, dict[Service, str]] = {}
         files: list[str] = []
         for env in envs:
@@ -389,18 +381,18 @@ class GitOpsRepo:
                 expected = env.image_ref(service.image, short)
                 if (env.name, service) in pins:
                     expected += f"@{pins[(env.name, service)]}"
-                checks.append(self._render_check(rel, path.parent, expected))
+                checks.append(
+                    render_check(self.kubectl, rel, path.parent, expected, limit=self.render_timeout)
+                )
         await asyncio.gather(*checks)
-
-    async def _render_check(self, rel: str, overlay_dir: Path, expected: str) -> None:
-        """`kubectl kustomize` the overlay: a Deployment must come out running exactly `expected`."""
-        await render_check(self.kubectl, rel, overlay_dir, expected, limit=self.render_timeout)
 
     # -- blocking git steps ------------------------------------------------------------------------
 
-    def _sync(self) -> None:
-        """Clone on first use, then fetch and make the work tree exactly the remote branch."""
+    def _sync(self, reuse: float = 0.0) -> None:
+        """Clone on first use, then fetch and make the work tree exactly the remote branch. With `reuse`,
+        a fetch made less than that many seconds ago stands (see FETCH_REUSE)."""
         if not (self.clone_dir / ".git").exists():
+            self._pristine = False
             self.clone_dir.mkdir(parents=True, exist_ok=True)
             self._git.run(
                 "clone",
@@ -414,14 +406,22 @@ class GitOpsRepo:
                 timeout=self.network_timeout,
                 what=f"Cloning {display_url(self.url)}",
             )
+            self._fetched_at, self._url_checked = time.monotonic(), True
         else:
-            current = self._git.run("config", "--get", "remote.origin.url", check=False).stdout.strip()
-            if current != self.url:
-                self._git.run("remote", "set-url", "origin", self.url)
-            self._fetch()
+            if not self._url_checked:
+                current = self._git.run("config", "--get", "remote.origin.url", check=False).stdout.strip()
+                if current != self.url:
+                    self._git.run("remote", "set-url", "origin", self.url)
+                self._url_checked = True
+            recent = self._fetched_at is not None and time.monotonic() - self._fetched_at < reuse
+            if recent and self._pristine:
+                return
+            if not recent:
+                self._fetch()
         self._reset_clean()
 
     def _fetch(self) -> None:
+        self._pristine = False
         self._git.run(
             "fetch",
             "--quiet",
@@ -430,8 +430,10 @@ class GitOpsRepo:
             timeout=self.network_timeout,
             what=f"Fetching {self.name}",
         )
+        self._fetched_at = time.monotonic()
 
     def _reset_clean(self) -> None:
+        self._pristine = False
         if not (self.clone_dir / ".git").exists():
             return
         git_dir = self.clone_dir / ".git"
@@ -439,6 +441,7 @@ class GitOpsRepo:
             self._git.run("rebase", "--abort", check=False)
         self._git.run("checkout", "--quiet", "--force", "-B", self.branch, self._origin)
         self._git.run("clean", "--quiet", "-fdx")
+        self._pristine = True
 
     def _rev(self, rev: str) -> str:
         return self._git.run("rev-parse", "--verify", rev).stdout.strip()

@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from bot.adapters.argocd import SyncResult
     from bot.adapters.build import Builder
     from bot.adapters.endpoints import EndpointCheck
-    from bot.adapters.gitops import BumpResult, GitOpsRepo
+    from bot.adapters.gitops import GitOpsRepo
     from bot.adapters.kube import KubeClients
     from bot.adapters.migrations import MigrationRun, MigrationRunner
+    from bot.adapters.overlays import BumpResult
     from bot.adapters.registry import ImageStatus, RegistryClient
     from bot.adapters.rollout import RolloutResult
     from bot.adapters.site import SiteResult

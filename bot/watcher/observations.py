@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.adapters.endpoints import EndpointCheck
-from bot.adapters.gitops import OverlayCommit
+from bot.adapters.overlays import OverlayCommit
 from bot.adapters.snapshot import EnvSnapshot, ServiceSnapshot
 from bot.drift import Behind
 from bot.models import plural
