@@ -286,7 +286,7 @@ def _emitted(session: Session, record: DeployRecord, code: int) -> int:
 def _reads_only(cmd: commands.Command | None) -> bool:
     if isinstance(cmd, commands.Deploy):
         return cmd.dry_run
-    return isinstance(cmd, (commands.Status, commands.History, commands.Plan))
+    return isinstance(cmd, (commands.Status, commands.History, commands.PlanCommand))
 
 
 async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command | None) -> int:
@@ -309,7 +309,7 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
             await _by_email(session)
         if cmd is None:
             return await _decide(session, service, args.deploy_id, approve=args.command == "approve")
-        if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
+        if isinstance(cmd, commands.PlanCommand) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
             await session.allow(Action.PLAN, cmd.envs)
             return await _show_plan(
                 session,
@@ -343,7 +343,7 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
                 allow_downgrade=allow,
                 override=override,
             )
-        if isinstance(cmd, commands.Migrate):
+        if isinstance(cmd, commands.MigrateCommand):
             await session.allow(Action.MIGRATE, [cmd.env])
             return await _run_deploy(session, service, DeployKind.MIGRATE, [cmd.env], cmd.ref)
         if isinstance(cmd, commands.Rollback):

@@ -4,7 +4,6 @@ completion scripts generated from the parser. Part of bot/cli (issue 18)."""
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,6 @@ DISTRIBUTION = "funnelcake-deploy-bot"
 # `status --exit-code`: findings of these severities make it exit 1 (drift, an unreachable part, failing
 # pods or checks, a locked env, locks unknown); "info" and "ok" do not.
 FINDING_SEVERITIES = ("warn", "error")
-_SLACK_USER_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
 # A migrate run stops after the migration Job: no overlay bump, sync or rollout.
 
 DESCRIPTION = """\

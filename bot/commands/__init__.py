@@ -19,15 +19,13 @@ from bot.commands.grammar import (
     MAX_HISTORY_LIMIT,
     MAX_MIGRATION_VERSION,
     MAX_REASON_LENGTH,
-    MAX_REF_LENGTH,
-    REF_FORMS,
     Command,
     Deploy,
     Help,
     History,
     Lock,
-    Migrate,
-    Plan,
+    MigrateCommand,
+    PlanCommand,
     Rollback,
     Status,
     Unlock,
@@ -37,6 +35,8 @@ from bot.commands.grammar import (
     help_text,
     next_history,
 )
+from bot.commands.refs import MAX_REF_LENGTH, REF_FORMS, is_hex, is_valid_ref, ref_problem
+from bot.mrkdwn import escape
 
 # The command types, specs and help text live in grammar.py; every public name is still found here.
 __all__ = [
@@ -53,8 +53,8 @@ __all__ = [
     "Help",
     "History",
     "Lock",
-    "Migrate",
-    "Plan",
+    "MigrateCommand",
+    "PlanCommand",
     "Rollback",
     "Status",
     "Unlock",
@@ -66,10 +66,6 @@ __all__ = [
     "ref_problem",
 ]
 
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
-_FORBIDDEN_REF_CHARS = "~^:?*[\\"
-# Legal in git but the ref is echoed in mrkdwn and commit messages; no real branch needs them.
-_UNSHOWABLE_REF_CHARS = "<>`"
 # Typographic dashes Slack or a phone keyboard may put where the user typed `-` or `--`.
 _DASHES = "-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 # Invisible characters that arrive in pasted text and separate words without being whitespace.
@@ -87,55 +83,12 @@ _OPTION_DISPLAY = {
 DEPLOY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 
 
-def ref_problem(ref: str) -> str | None:
-    """Why `ref` is neither a commit hash nor a valid git branch/tag name; None when it is fine."""
-    if not ref:
-        return "it is empty"
-    if len(ref) > MAX_REF_LENGTH:
-        return f"it is longer than {MAX_REF_LENGTH} characters"
-    if _HEX.match(ref) and re.search(r"[0-9]", ref) and re.search(r"[a-fA-F]", ref):
-        # A branch named like a 4-6 character hash is far less likely than a hash cut short.
-        if 4 <= len(ref) < 7:
-            return f"it looks like a commit hash but has only {len(ref)} characters; give at least 7"
-        if len(ref) > 40:
-            return f"it looks like a commit hash but has {len(ref)} characters; a hash has at most 40"
-    if _HEX.match(ref) and 7 <= len(ref) <= 40:
-        return None
-    if any(not c.isprintable() or c.isspace() for c in ref):
-        return "it contains a space or a control character"
-    bad = sorted({c for c in ref if c in _FORBIDDEN_REF_CHARS})
-    if bad:
-        return f"git does not allow {' '.join(bad)} in a ref name"
-    if any(c in _UNSHOWABLE_REF_CHARS for c in ref):
-        return "it contains `<`, `>` or a backtick, which would garble the Slack messages that show it"
-    if ".." in ref:
-        return "git does not allow `..` in a ref name"
-    if ref.startswith("-"):
-        return "it starts with `-`"
-    if ref == "@" or "@{" in ref:
-        return "git does not allow `@` alone or `@{` in a ref name"
-    if ref.startswith("/") or ref.endswith("/") or "//" in ref:
-        return "it has an empty part between slashes"
-    if ref.endswith("."):
-        return "it ends with `.`"
-    for part in ref.split("/"):
-        if part.startswith("."):
-            return "a part of it starts with `.`"
-        if part.endswith(".lock"):
-            return "a part of it ends with `.lock`"
-    return None
-
-
-def is_valid_ref(ref: str) -> bool:
-    return ref_problem(ref) is None
-
-
 def _show(token: str, limit: int = 40) -> str:
     """Echo user input safely: short, printable, and unable to form a Slack mention or break code."""
     shown = "".join(c if c.isprintable() else "?" for c in token)
     if len(shown) > limit:
         shown = shown[: limit - 1] + "…"
-    shown = shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    shown = escape(shown).replace("`", "'")
     return f"`{shown}`"
 
 
@@ -222,7 +175,7 @@ class _Reader:
             problem += f" Did you mean `{self.by_fold[close[0]]}`?"
         elif len(prefixed) == 1:
             problem += f" Did you mean `{prefixed[0]}`?"
-        if is_valid_ref(token) and _HEX.match(token):
+        if is_valid_ref(token) and is_hex(token):
             problem += " (The environment comes first, then the commit.)"
         return self.usage(f"{problem} Environments: {valid}.")
 
@@ -294,7 +247,7 @@ def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
     if extra is not None:
         return extra
     if plan:
-        return Plan(env_tuple, ref, allow_downgrade=allow, override=override)
+        return PlanCommand(env_tuple, ref, allow_downgrade=allow, override=override)
     return Deploy(env_tuple, ref, dry_run="dryrun" in found, allow_downgrade=allow, override=override)
 
 
@@ -331,14 +284,14 @@ def _migrate(r: _Reader) -> Command | Usage:
         extra = r.no_more(rest[2:])
         if extra is not None:
             return extra
-        return Migrate(env, None, int(version))
+        return MigrateCommand(env, None, int(version))
     ref = r.ref(rest[0] if rest else None)
     if isinstance(ref, Usage):
         return ref
     extra = r.no_more(rest[1:])
     if extra is not None:
         return extra
-    return Migrate(env, ref, None)
+    return MigrateCommand(env, ref, None)
 
 
 def _env_only(r: _Reader, allowed: dict[str, bool] | None = None) -> tuple[str, set[str]] | Help | Usage:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bot.commands.refs import REF_FORMS
+
 # Deploys and history lists are posted to Slack; a bound keeps a reply within one message.
 DEFAULT_HISTORY_LIMIT = 10
 MAX_HISTORY_LIMIT = 100
-MAX_REF_LENGTH = 100
 MAX_REASON_LENGTH = 300
 # golang-migrate versions are unsigned 64-bit integers (often timestamps such as 20240101120000).
 MAX_MIGRATION_VERSION = 2**64 - 1
@@ -28,7 +29,7 @@ class Deploy:
 
 
 @dataclass(frozen=True)
-class Plan:
+class PlanCommand:
     envs: tuple[str, ...]
     ref: str
     allow_downgrade: bool = False
@@ -41,7 +42,7 @@ class Status:
 
 
 @dataclass(frozen=True)
-class Migrate:
+class MigrateCommand:
     env: str
     ref: str | None = None
     force_version: int | None = None
@@ -86,7 +87,7 @@ class Help:
     topic: str | None = None
 
 
-Command = Deploy | Plan | Status | Migrate | Rollback | History | Lock | Unlock | Help
+Command = Deploy | PlanCommand | Status | MigrateCommand | Rollback | History | Lock | Unlock | Help
 
 
 @dataclass(frozen=True)
@@ -165,11 +166,6 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 COMMAND_NAMES: tuple[str, ...] = tuple(_SPECS)
-
-REF_FORMS = (
-    "a commit hash of 7 to 40 hex characters (e.g. `e7e79eb`) or a branch or tag name "
-    f"(e.g. `main`, `v1.4.2`: no spaces, `..`, `~ ^ : ? * [ \\`, no leading `-`, at most {MAX_REF_LENGTH} characters)"
-)
 
 
 def _example_envs(env_names: Sequence[str]) -> tuple[str, str]:
