@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -244,7 +243,7 @@ def _outcome_code(session: Session, record: DeployRecord) -> int:
 
 async def _decide(session: Session, service: DeployService, deploy_id: str, *, approve: bool) -> int:
     """`approve`/`deny ID`: the rules of the Slack buttons; an approved deploy runs here, shown live."""
-    if not re.match(r"^[a-z0-9-]{1,16}$", deploy_id):
+    if not commands.DEPLOY_ID_RE.match(deploy_id):
         raise UsageError(f"{deploy_id[:40]!r} is not a deploy id: `{PROG} history` lists them")
     record = await service.deps.ledger.get_deploy(deploy_id)
     await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
