@@ -1,9 +1,10 @@
-"""The `/funnelcake` command grammar: text from Slack or the CLI becomes a typed request or a usage message.
+"""The `/funnelcake` command grammar: text from Slack becomes a typed request or a usage message.
 
 Pure code, no I/O. `parse` never raises: anything it cannot turn into a command comes back as a
 `Usage` whose message says what was wrong and how to write it. Text from Slack arrives with HTML
 entities escaped, typographic dashes (`--dry-run` can become `—dry-run`) and non-breaking or
-zero-width spaces pasted from elsewhere; all of that is normalised before the words are read.
+zero-width spaces pasted from elsewhere; all of that is normalised before the words are read. The
+fields' validators are the command table's (grammar.py), which the CLI's parser is built from.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ _INVISIBLE_SEPARATORS = str.maketrans(
     {"\u200b": " ", "\u200c": " ", "\u200d": " ", "\u2060": " ", "\ufeff": " "}
 )
 _SOFT_HYPHEN = "\u00ad"
-_show = show
 
 
 def _fold(option: str) -> str:
@@ -170,7 +170,7 @@ class _Reader:
                 continue
             if name not in allowed:
                 accepted = ", ".join(_OPTION_DISPLAY.get(n, f"--{n}") for n in allowed) or "no options"
-                return self.usage(f"{_show(word)} is not an option of `{self.name}` (it accepts {accepted}).")
+                return self.usage(f"{show(word)} is not an option of `{self.name}` (it accepts {accepted}).")
             if allowed[name] and value is None:
                 if i >= len(self.words):
                     return self.usage(f"`--{name}` needs a value.")
@@ -205,7 +205,7 @@ class _Reader:
     def no_more(self, rest: list[str]) -> Usage | None:
         if rest:
             extra = " ".join(rest)
-            return self.usage(f"Unexpected {_show(extra)} after `{self.name}`.")
+            return self.usage(f"Unexpected {show(extra)} after `{self.name}`.")
         return None
 
 
@@ -267,7 +267,7 @@ def _migrate(r: _Reader) -> Command | Usage:
         version = rest[1]
         if not version.isascii() or not version.isdigit() or int(version) > MAX_MIGRATION_VERSION:
             return r.usage(
-                f"{_show(version)} is not a migration version: give the number X from `Dirty database version X`."
+                f"{show(version)} is not a migration version: give the number X from `Dirty database version X`."
             )
         extra = r.no_more(rest[2:])
         if extra is not None:
@@ -349,7 +349,7 @@ def _help(r: _Reader) -> Command | Usage:
 
 
 def _unknown_command(word: str, env_names: Sequence[str], prog: str, *, what: str = "command") -> Usage:
-    problem = f"Unknown {what} {_show(word)}."
+    problem = f"Unknown {what} {show(word)}."
     close = difflib.get_close_matches(word.casefold(), COMMAND_NAMES, n=1, cutoff=0.6)
     if close:
         problem += f" Did you mean `{close[0]}`?"
@@ -379,7 +379,7 @@ def parse(text: str, env_names: Sequence[str], *, prog: str = "/funnelcake") -> 
             return Help(name)
         if positionals:
             return r.usage(
-                f"`status` reports every environment and takes no arguments (got {_show(' '.join(positionals))})."
+                f"`status` reports every environment and takes no arguments (got {show(' '.join(positionals))})."
             )
         return Status()
     if name == "migrate":

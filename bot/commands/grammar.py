@@ -1,7 +1,9 @@
-"""The `/funnelcake` command grammar: the commands a person can type, their specs and the help text.
+"""The `/funnelcake` command grammar: the commands a person can type, their fields and the help text.
 
-Pure code, no I/O. Split out of bot.commands, which parses text into these types and re-exports every
-public name here, so `from bot.commands import Deploy` and `commands.help_text(...)` keep working.
+One table (SPECS) says, per command, its syntax, help, the fields it takes with the one validator of each,
+and the typed command they make. Slack's text parser (bot.commands) and the CLI's argparse (bot.cli.parser,
+each validator its argument's `type`) both read through it, so a mistake gets the same message in both.
+Pure code, no I/O. bot.commands re-exports every public name here.
 """
 
 from __future__ import annotations
