@@ -67,6 +67,7 @@ _CLI_NOTES = {
 }
 # `--json` on these commands; `status` says what its document is.
 _JSON_COMMANDS = ("deploy", "plan", "migrate", "rollback", "history")
+_JSON_HELP = "print the result as one JSON document on stdout (fields: see the README)"
 
 
 def _no_envs() -> Sequence[str]:
@@ -95,7 +96,6 @@ def build_parser(env_names: Callable[[], Sequence[str]] = _no_envs) -> argparse.
     )
     parser.add_argument("--version", action=_Version, help="print the version of funnelcake and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    json_help = "print the result as one JSON document on stdout (fields: see the README)"
 
     def add(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -113,21 +113,8 @@ def build_parser(env_names: Callable[[], Sequence[str]] = _no_envs) -> argparse.
         cmd = add(name, spec.brief, textwrap.fill(spec.summary, 100) + (f"\n\n{note}" if note else ""))
         for field in spec.fields:
             _add_field(cmd, name, field, env_names)
-        if name in _JSON_COMMANDS:
-            cmd.add_argument("--json", action="store_true", help=json_help)
-        if name == "deploy":
-            cmd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-            cmd.add_argument(
-                "--wait", action="store_true", help="follow a deploy awaiting approval to its end"
-            )
-        if name == "status":
-            cmd.add_argument("--json", action="store_true", help="print the drift report as JSON")
-            cmd.add_argument(
-                "--exit-code",
-                action="store_true",
-                help="exit 1 when there are findings of severity warn or error (for scripts and CI)",
-            )
-        if name == "deploy":
+        _add_cli_options(cmd, name)
+        if name == "deploy":  # approve and deny follow deploy in the list of commands
             for decision in ("approve", "deny"):
                 decide = add(
                     decision, f"{decision} a deploy waiting for approval (the same rules as the Slack button)"
@@ -135,7 +122,7 @@ def build_parser(env_names: Callable[[], Sequence[str]] = _no_envs) -> argparse.
                 decide.add_argument(
                     "deploy_id", metavar="DEPLOY_ID", help="the id the deploy's requester was given"
                 )
-                decide.add_argument("--json", action="store_true", help=json_help)
+                decide.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     check = add(
         "config-check",
@@ -158,6 +145,22 @@ def build_parser(env_names: Callable[[], Sequence[str]] = _no_envs) -> argparse.
     )
     completion.add_argument("shell", choices=COMPLETION_SHELLS, metavar="SHELL", help="bash, zsh or tcsh")
     return parser
+
+
+def _add_cli_options(cmd: argparse.ArgumentParser, name: str) -> None:
+    """The options only the terminal has (Slack has neither --json nor a confirmation to skip)."""
+    if name in _JSON_COMMANDS:
+        cmd.add_argument("--json", action="store_true", help=_JSON_HELP)
+    if name == "deploy":
+        cmd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+        cmd.add_argument("--wait", action="store_true", help="follow a deploy awaiting approval to its end")
+    if name == "status":
+        cmd.add_argument("--json", action="store_true", help="print the drift report as JSON")
+        cmd.add_argument(
+            "--exit-code",
+            action="store_true",
+            help="exit 1 when there are findings of severity warn or error (for scripts and CI)",
+        )
 
 
 def _add_field(
