@@ -37,6 +37,8 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 from pydantic import BaseModel, SecretStr
 
+from bot.mrkdwn import escape as slack_escape
+
 LogFormat = Literal["auto", "json", "text"]
 T = TypeVar("T")
 REDACTED: Final = "[REDACTED]"
@@ -103,7 +105,7 @@ class _Secrets:
 
     def add(self, value: str) -> None:
         # As written, URL-encoded (a DSN, a form body) and HTML-escaped (Slack's mrkdwn escaping of &<>).
-        forms = {value, quote(value, safe=""), quote_plus(value), _slack_escape(value)}
+        forms = {value, quote(value, safe=""), quote_plus(value), slack_escape(value)}
         with self._lock:
             before = len(self._values)
             self._values |= {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
@@ -119,10 +121,6 @@ class _Secrets:
     def scrub(self, text: str) -> str:
         pattern = self._pattern
         return pattern.sub(REDACTED, text) if pattern is not None else text
-
-
-def _slack_escape(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 _secrets = _Secrets()

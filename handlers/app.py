@@ -247,7 +247,7 @@ class SlackFront:
                 )
             case (
                 commands.Deploy(envs=envs, ref=ref, allow_downgrade=allow, override=override)
-                | commands.Plan(envs=envs, ref=ref, allow_downgrade=allow, override=override)
+                | commands.PlanCommand(envs=envs, ref=ref, allow_downgrade=allow, override=override)
             ):
                 if not await self._allow(Action.PLAN, asker, envs):
                     return
@@ -268,13 +268,13 @@ class SlackFront:
                         text="funnelcake status",
                         blocks=redact_json(bk.status_blocks(report)),
                     )
-            case commands.Migrate(env=env, force_version=None, ref=ref):
+            case commands.MigrateCommand(env=env, force_version=None, ref=ref):
                 if await self._allow(Action.MIGRATE, asker, [env]):
                     await svc.admit(DeployKind.MIGRATE, [env], ref)
                     await svc.start(
                         DeployKind.MIGRATE, [env], ref or "", user, channel=channel, origin=ORIGIN
                     )
-            case commands.Migrate(env=env, force_version=int(version)):
+            case commands.MigrateCommand(env=env, force_version=int(version)):
                 if await self._allow(Action.FORCE, asker, [env]):
                     await svc.admit(DeployKind.FORCE_MIGRATE, [env], None)
                     await svc.start_force(env, version, user, channel=channel, origin=ORIGIN)
@@ -417,7 +417,7 @@ class Asker:
 
 def _button_command(
     action_id: str, text: str, env_names: Sequence[str]
-) -> commands.Deploy | commands.Rollback | commands.Migrate | None:
+) -> commands.Deploy | commands.Rollback | commands.MigrateCommand | None:
     """A button's command through the typed grammar; only the command that button stands for."""
     parsed = commands.parse(text, env_names)
     if action_id == "rollback" and isinstance(parsed, commands.Rollback):
@@ -427,7 +427,7 @@ def _button_command(
     if action_id == "downgrade" and isinstance(parsed, commands.Deploy | commands.Rollback):
         # the second yes to a move back: only ever the request it was drawn for, confirmed
         return parsed if parsed.allow_downgrade and not getattr(parsed, "dry_run", False) else None
-    if action_id == "force_migrate" and isinstance(parsed, commands.Migrate):
+    if action_id == "force_migrate" and isinstance(parsed, commands.MigrateCommand):
         return parsed if parsed.force_version is not None else None
     return None
 

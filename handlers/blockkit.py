@@ -9,6 +9,9 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from bot import mrkdwn
+from bot.mrkdwn import SLACK_USER_RE, escape
+
 Block = dict[str, Any]
 
 MAX_BLOCKS = 50
@@ -16,9 +19,8 @@ MAX_SECTION = 3000
 MAX_BUTTON_VALUE = 2000
 
 
-def esc(text: str) -> str:
-    """Escape user or system text for mrkdwn: `<`, `>` and `&` would otherwise become links or mentions."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+# `bk.esc` is the one mrkdwn escape, under the short name every message builder uses.
+esc = escape
 
 
 def when(at: datetime | str) -> str:
@@ -35,7 +37,7 @@ def when(at: datetime | str) -> str:
     return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} at {{time}}|{fallback}>"
 
 
-_ESCAPED_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]{2,})&gt;")
+_ESCAPED_MENTION = re.compile(r"&lt;@(" + SLACK_USER_RE.pattern.strip("^$") + r")&gt;")
 
 
 def esc_keep_mentions(text: str) -> str:
@@ -106,4 +108,5 @@ def fit(blocks: list[Block]) -> list[Block]:
 
 
 def mention(user: str) -> str:
-    return f"<@{user}>" if user[:1] in "UW" and user.isalnum() else esc(user)
+    """A user for mrkdwn: the mention of a Slack ID, anything else escaped."""
+    return esc_keep_mentions(mrkdwn.mention(user))

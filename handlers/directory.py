@@ -13,6 +13,8 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import mrkdwn
+
 log = logging.getLogger(__name__)
 
 SlackClient = AsyncWebClient  # for code outside the Slack edge that holds one (the CLI)
@@ -33,7 +35,7 @@ async def mention(client: AsyncWebClient, principal: str) -> str | None:
     if principal == "*":
         return None
     if principal[:1] in ("U", "W"):
-        return f"<@{principal}>"
+        return mrkdwn.mention(principal)
     group_id = await _group_id(client, principal)
     return f"<!subteam^{group_id}>" if group_id else None
 

@@ -143,7 +143,7 @@ class SlackThreadReporter:
                     self.buttons = [self._move_back_button(e.data)]
                 # Its own reply, mentioning the requester; a failure is also shown in the channel, where
                 # people look (a thread nobody follows is where failures used to go unseen).
-                final = (f"<@{self.record.requester}> {self.outcome}", not ok)
+                final = (f"{bk.mention(self.record.requester)} {self.outcome}", not ok)
                 continue
             if e.step == "approval":
                 self._approval(e)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,22 @@ async def test_group_lookups_are_shared_and_cached_until_the_ttl(directory: Dire
     assert len(directory.calls) == 2  # membership changes in Slack are seen after the TTL
     await cache.members("@funnelcake-approvers", fresh=True)
     assert len(directory.calls) == 3  # an approval asks Slack now, whatever the cache holds
+
+
+async def test_a_refusal_mentions_the_users_it_names_and_shows_groups_as_written(
+    directory: Directory, tmp_path: Path
+) -> None:
+    text = DEFAULT_CONFIG_PATH.read_text().replace(
+        'deployers: ["@funnelcake-deployers"]', 'deployers: ["U0ERIN", "@funnelcake-deployers", "S0OPS"]', 1
+    )
+    path = tmp_path / "funnelcake.yaml"
+    path.write_text(text)
+    authority = Authority(load_config(path), GroupCache(directory.members))
+
+    refused = await authority.decide(Action.DEPLOY, Principal("U0DAVE"), ["production"])
+
+    # in Slack `<@U0ERIN>` is her name; a handle or a group ID is not a user mention
+    assert (
+        refused.reason
+        == "you may not deploy to production: deployers are <@U0ERIN>, @funnelcake-deployers, S0OPS"
+    )

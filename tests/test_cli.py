@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from bot import commands
 from bot.cli import main
 from bot.ledger import DeployState, Ledger
 from bot.pipeline.engine import EventKind, StepEvent
@@ -187,6 +188,33 @@ async def test_usage_errors_exit_2_with_one_message(sb: Sandbox, cli) -> None:  
     assert (await cli("deploy", "poc")).code == 2  # argparse: the commit is missing
     assert (await cli("migrate", "poc", "force")).code == 2
     assert (await cli("--help")).code == 0
+
+
+async def test_a_mistake_gets_the_message_slack_gives_and_help_is_the_grammars(sb: Sandbox, cli) -> None:  # type: ignore[no-untyped-def]
+    envs = ("production", "staging", "poc")
+    for argv in (
+        ["history", "--limit", "0"],
+        ["history", "poc", "--before", "X!"],
+        ["rollback", "poc,staging"],
+        ["deploy", "poc,poc", "e7e79eb", "--yes"],
+        ["lock", "poc", "\x07"],
+    ):
+        slack = commands.parse(" ".join(argv[:-1] if argv[-1] == "--yes" else argv), envs, prog="funnelcake")
+        assert isinstance(slack, commands.Usage), argv
+        run = await cli(*argv)
+        assert (run.code, run.out) == (2, ""), argv
+        assert run.err == f"error: {slack.message}\n", argv
+
+    # `plan` takes --override as `deploy` does (and as Slack's plan does): an empty reason is refused
+    empty = await cli("plan", "poc", "e7e79eb", "--override", " ")
+    assert empty.code == 2
+    assert "`--override` needs the reason" in empty.err
+
+    described = await cli("rollback", "--help")
+    assert described.code == 0
+    summary = " ".join(commands.SPECS["rollback"].summary.split())
+    assert summary in " ".join(described.out.split())
+    assert "confirm rolling back across a migration boundary" in described.out
 
 
 async def test_config_error_exits_2(

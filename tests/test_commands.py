@@ -20,8 +20,8 @@ from bot.commands import (
     Help,
     History,
     Lock,
-    Migrate,
-    Plan,
+    MigrateCommand,
+    PlanCommand,
     Rollback,
     Status,
     Unlock,
@@ -66,13 +66,13 @@ def usage(text: str) -> str:
         ("deploy\u00a0poc\u2003e7e79eb", Deploy(("poc",), "e7e79eb")),  # non-breaking / em spaces
         ("deploy poc\u200be7e79eb", Deploy(("poc",), "e7e79eb")),  # zero-width space
         ("  deploy   poc\te7e79eb\n", Deploy(("poc",), "e7e79eb")),
-        ("plan staging e7e79eb", Plan(("staging",), "e7e79eb")),
-        ("plan production,staging main", Plan(("production", "staging"), "main")),
+        ("plan staging e7e79eb", PlanCommand(("staging",), "e7e79eb")),
+        ("plan production,staging main", PlanCommand(("production", "staging"), "main")),
         ("status", Status()),
         ("Status", Status()),
-        ("migrate staging e7e79eb", Migrate("staging", "e7e79eb", None)),
-        ("migrate staging force 3", Migrate("staging", None, 3)),
-        ("migrate staging FORCE 20240101120000", Migrate("staging", None, 20240101120000)),
+        ("migrate staging e7e79eb", MigrateCommand("staging", "e7e79eb", None)),
+        ("migrate staging force 3", MigrateCommand("staging", None, 3)),
+        ("migrate staging FORCE 20240101120000", MigrateCommand("staging", None, 20240101120000)),
         ("rollback production", Rollback("production")),
         ("history", History(None, DEFAULT_HISTORY_LIMIT)),
         ("history poc", History("poc", DEFAULT_HISTORY_LIMIT)),
@@ -369,12 +369,12 @@ def test_fuzz_every_input_is_a_valid_command_or_a_usage(text: str) -> None:
         assert re.search(r"<[!@#]", result.message) is None, result.message
         assert len(result.message) < 3000
         return
-    if isinstance(result, Deploy | Plan):
+    if isinstance(result, Deploy | PlanCommand):
         assert result.envs
         assert len(set(result.envs)) == len(result.envs)
         assert all(e in ENVS for e in result.envs)
         assert _independent_ref_ok(result.ref), result.ref
-    elif isinstance(result, Migrate):
+    elif isinstance(result, MigrateCommand):
         assert result.env in ENVS
         assert (result.ref is None) != (result.force_version is None)
         if result.ref is not None:

@@ -19,10 +19,10 @@ from bot.adapters.gitutil import (
     NETWORK_TIMEOUT,
     GitCredentials,
     GitRunner,
-    is_hex_ref,
     reject_inline_password,
     run_blocking,
 )
+from bot.commands.refs import is_hex_ref
 from bot.errors import PermanentError
 
 MIGRATIONS_DIR = "database/migrations/"

@@ -47,7 +47,6 @@ _CREDENTIAL_HELPER = f'!f() {{ test "$1" = get || exit 0; cat "${{{_TOKEN_FILE_V
 
 _TIMED_OUT = "timed out"  # the stderr of a git call this module killed
 
-_HEX_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
 _USERINFO_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 _TRANSIENT_MARKERS = (
@@ -173,10 +172,6 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
         if s:
             text = text.replace(s, "***")
     return _USERINFO_RE.sub(r"\g<scheme>***@", text)
-
-
-def is_hex_ref(ref: str) -> bool:
-    return bool(_HEX_RE.match(ref))
 
 
 @dataclass(frozen=True)

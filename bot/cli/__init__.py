@@ -32,9 +32,11 @@ from bot.cli.parser import (
     FOLLOW_EVERY,
     LOG_FILE,
     PROG,
+    ConfigUnreadable,
+    LazyConfig,
     UsageError,
-    _validated,
     build_parser,
+    command_of,
     completion_script,
     version,
 )
@@ -124,31 +126,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error argparse already printed (2)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    if args.command == "completion":
-        print(completion_script(args.shell, build_parser()), end="")
-        return EXIT_OK
-    if args.command == "config-check" and args.file is not None:
-        # the file named on the command line: nothing else (settings, ledger, clusters) is read
-        try:
-            return _config_check(load_config(Path(args.file)), args.file)
-        except ConfigError as e:
-            print(f"error: {e.message}", file=sys.stderr)
-            return EXIT_USAGE
     handler: logging.Handler | None = None
     log_path: Path | None = None
     session: Session | None = None
+    args: argparse.Namespace | None = None
+    # Read when an argument names an environment, or after parsing: `--help` and `completion` need no config.
+    lazy = LazyConfig()
     try:
-        settings = Settings()
+        try:
+            args = build_parser(lazy.env_names).parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error argparse already printed (2)
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        except ConfigUnreadable as e:
+            raise e.error from None
+        if args.command == "completion":
+            print(completion_script(args.shell, build_parser()), end="")
+            return EXIT_OK
+        if args.command == "config-check" and args.file is not None:
+            # the file named on the command line: nothing else (settings, ledger, clusters) is read
+            try:
+                return _config_check(load_config(Path(args.file)), args.file)
+            except ConfigError as e:
+                print(f"error: {e.message}", file=sys.stderr)
+                return EXIT_USAGE
+        settings = lazy.settings()
         handler, log_path = _setup_logging(settings)
-        config = settings.load()
+        config = lazy.load()
         if args.command == "config-check":
             return _config_check(config, str(settings.funnelcake_config))
         session = Session(settings, config, json=getattr(args, "json", False))
-        cmd = None if args.command in ("approve", "deny") else _validated(args, config)
+        cmd = None if args.command in ("approve", "deny") else command_of(args, config.env_names)
         session.principal = whoami(args, config)
         if cmd is not None:
             _refuse_unconfirmable(args, cmd)
@@ -190,7 +197,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"hint: {e.hint}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as e:
-        log.exception("internal error in `%s %s`", PROG, args.command)
+        log.exception("internal error in `%s %s`", PROG, getattr(args, "command", ""))
         where = f"see {log_path}" if log_path else "see logs"
         # Only the type: an unexpected exception's text may quote a URL or header with a secret in it.
         print(f"error: internal error: {type(e).__name__} ({where})", file=sys.stderr)

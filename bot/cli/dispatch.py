@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -244,7 +243,7 @@ def _outcome_code(session: Session, record: DeployRecord) -> int:
 
 async def _decide(session: Session, service: DeployService, deploy_id: str, *, approve: bool) -> int:
     """`approve`/`deny ID`: the rules of the Slack buttons; an approved deploy runs here, shown live."""
-    if not re.match(r"^[a-z0-9-]{1,16}$", deploy_id):
+    if not commands.DEPLOY_ID_RE.match(deploy_id):
         raise UsageError(f"{deploy_id[:40]!r} is not a deploy id: `{PROG} history` lists them")
     record = await service.deps.ledger.get_deploy(deploy_id)
     await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
@@ -286,7 +285,7 @@ def _emitted(session: Session, record: DeployRecord, code: int) -> int:
 def _reads_only(cmd: commands.Command | None) -> bool:
     if isinstance(cmd, commands.Deploy):
         return cmd.dry_run
-    return isinstance(cmd, (commands.Status, commands.History, commands.Plan))
+    return isinstance(cmd, (commands.Status, commands.History, commands.PlanCommand))
 
 
 async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Command | None) -> int:
@@ -309,7 +308,7 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
             await _by_email(session)
         if cmd is None:
             return await _decide(session, service, args.deploy_id, approve=args.command == "approve")
-        if isinstance(cmd, commands.Plan) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
+        if isinstance(cmd, commands.PlanCommand) or (isinstance(cmd, commands.Deploy) and cmd.dry_run):
             await session.allow(Action.PLAN, cmd.envs)
             return await _show_plan(
                 session,
@@ -343,7 +342,7 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
                 allow_downgrade=allow,
                 override=override,
             )
-        if isinstance(cmd, commands.Migrate):
+        if isinstance(cmd, commands.MigrateCommand):
             await session.allow(Action.MIGRATE, [cmd.env])
             return await _run_deploy(session, service, DeployKind.MIGRATE, [cmd.env], cmd.ref)
         if isinstance(cmd, commands.Rollback):

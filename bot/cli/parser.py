@@ -1,15 +1,16 @@
-"""The CLI's surface: its exit codes, the argument parser, --version, the validated command and the shell
-completion scripts generated from the parser. Part of bot/cli (issue 18)."""
+"""The CLI's surface: its exit codes, the argument parser (built from the command table in bot.commands),
+--version, the typed command the arguments make and the shell completion scripts generated from the
+parser. Part of bot/cli (issue 18)."""
 
 from __future__ import annotations
 
 import argparse
-import re
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bot import commands
-from bot.settings import FunnelcakeConfig
+from bot.settings import FunnelcakeConfig, Settings
 
 PROG = "funnelcake"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_ENDED, EXIT_CANCELLED = 0, 1, 2, 3, 4, 130
@@ -19,7 +20,6 @@ DISTRIBUTION = "funnelcake-deploy-bot"
 # `status --exit-code`: findings of these severities make it exit 1 (drift, an unreachable part, failing
 # pods or checks, a locked env, locks unknown); "info" and "ok" do not.
 FINDING_SEVERITIES = ("warn", "error")
-_SLACK_USER_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
 # A migrate run stops after the migration Job: no overlay bump, sync or rollout.
 
 DESCRIPTION = """\
@@ -55,7 +55,29 @@ class UsageError(Exception):
 # ---- argument parsing ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+# What the CLI says about a command beyond the grammar's summary: what only the terminal has.
+_CLI_NOTES = {
+    "deploy": "The CLI shows each step live. Without --yes the plan is shown first and you are asked to\n"
+    "confirm; without a terminal to ask on, --yes is required.\n\n"
+    "production (any environment that needs approval): the CLI starts the deploy, posts the\n"
+    'approval request to the environment\'s Slack channel, prints its id and "awaiting approval";\n'
+    "with --wait it follows the deploy until it ends, else it exits 0. A second person approves it\n"
+    "in Slack or with `funnelcake approve ID`; nothing is changed until then.",
+    "migrate": "`migrate ENV force VERSION` (the dirty-database recovery) is only offered in Slack.",
+}
+# `--json` on these commands; `status` says what its document is.
+_JSON_COMMANDS = ("deploy", "plan", "migrate", "rollback", "history")
+_JSON_HELP = "print the result as one JSON document on stdout (fields: see the README)"
+
+
+def _no_envs() -> Sequence[str]:
+    return ()
+
+
+def build_parser(env_names: Callable[[], Sequence[str]] = _no_envs) -> argparse.ArgumentParser:
+    """The CLI's parser, built from the command table in bot.commands: each field's validator is its
+    argument's `type`, so parsing gives the values of the typed command Slack would get. `env_names` gives
+    the configured environments when an argument names one (read then, so --help needs no config)."""
     # `--as` is accepted before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     who_opts = argparse.ArgumentParser(add_help=False)
     who_opts.add_argument(
@@ -74,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_Version, help="print the version of funnelcake and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    json_help = "print the result as one JSON document on stdout (fields: see the README)"
 
     def add(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -85,76 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    deploy = add(
-        "deploy",
-        "deploy a commit to one or more environments",
-        "Deploy a commit of funnelcake (api, relay, and migrations when they changed) to one or more\n"
-        "environments, showing each step live.\n\n"
-        "Without --yes the plan is shown first and you are asked to confirm; without a terminal to\n"
-        "ask on, --yes is required.\n\n"
-        "production (any environment that needs approval): the CLI starts the deploy, posts the\n"
-        'approval request to the environment\'s Slack channel, prints its id and "awaiting approval";\n'
-        "with --wait it follows the deploy until it ends, else it exits 0. A second person approves it\n"
-        "in Slack or with `funnelcake approve ID`; nothing is changed until then.",
-    )
-    deploy.add_argument("envs", metavar="ENV[,ENV…]", help="environment(s), comma-separated")
-    deploy.add_argument("commit", metavar="COMMIT", help="commit hash (7-40 hex) or branch/tag name")
-    deploy.add_argument("--dry-run", action="store_true", help="only show the plan (same as `plan`)")
-    deploy.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    deploy.add_argument("--wait", action="store_true", help="follow a deploy awaiting approval to its end")
-    deploy.add_argument("--json", action="store_true", help=json_help)
-
-    for name, verb in (("approve", "approve"), ("deny", "deny")):
-        decide = add(name, f"{verb} a deploy waiting for approval (the same rules as the Slack button)")
-        decide.add_argument("deploy_id", metavar="DEPLOY_ID", help="the id the deploy's requester was given")
-        decide.add_argument("--json", action="store_true", help=json_help)
-    downgrade = "confirm moving an environment back to an older commit"
-    deploy.add_argument("--allow-downgrade", action="store_true", help=downgrade)
-    deploy.add_argument("--override", metavar="REASON", help="go past a promotion gate (admins), saying why")
-
-    plan = add("plan", "show what a deploy would do, touching nothing")
-    plan.add_argument("envs", metavar="ENV[,ENV…]")
-    plan.add_argument("commit", metavar="COMMIT")
-    plan.add_argument("--allow-downgrade", action="store_true", help=downgrade)
-    plan.add_argument("--json", action="store_true", help=json_help)
-
-    status = add("status", "compare every environment: git, live, registry, Argo CD, pods, drift")
-    status.add_argument("--json", action="store_true", help="print the drift report as JSON")
-    status.add_argument(
-        "--exit-code",
-        action="store_true",
-        help="exit 1 when there are findings of severity warn or error (for scripts and CI)",
-    )
-
-    migrate = add(
-        "migrate",
-        "run a commit's ClickHouse migrations in one environment",
-        "Run a commit's ClickHouse migrations in one environment; how to reach ClickHouse comes from\n"
-        "the environment's configuration, never from the command line.",
-    )
-    migrate.add_argument("env", metavar="ENV")
-    migrate.add_argument("commit", metavar="COMMIT")
-    migrate.add_argument("--json", action="store_true", help=json_help)
-
-    rollback = add("rollback", "deploy the environment's previous commit again")
-    rollback.add_argument("env", metavar="ENV")
-    rollback.add_argument(
-        "--allow-downgrade", action="store_true", help="confirm rolling back across a migration boundary"
-    )
-    rollback.add_argument("--json", action="store_true", help=json_help)
-
-    history = add("history", "list recent deploys, newest first")
-    history.add_argument("env", metavar="ENV", nargs="?")
-    history.add_argument("--limit", metavar="N", help=f"how many (1-{commands.MAX_HISTORY_LIMIT})")
-    history.add_argument("--json", action="store_true", help=json_help)
-    history.add_argument("--before", metavar="ID", help="only deploys older than deploy ID: the next page")
-
-    lock = add("lock", "refuse deploys to an environment until it is unlocked")
-    lock.add_argument("env", metavar="ENV")
-    lock.add_argument("reason", metavar="REASON", nargs="+", help="shown to whoever tries to deploy")
-
-    unlock = add("unlock", "allow deploys to a locked environment again")
-    unlock.add_argument("env", metavar="ENV")
+    for name, spec in commands.SPECS.items():
+        if spec.make is None:  # `help`: the CLI has --help
+            continue
+        note = _CLI_NOTES.get(name)
+        cmd = add(name, spec.brief, textwrap.fill(spec.summary, 100) + (f"\n\n{note}" if note else ""))
+        for field in spec.fields:
+            _add_field(cmd, name, field, env_names)
+        _add_cli_options(cmd, name)
+        if name == "deploy":  # approve and deny follow deploy in the list of commands
+            for decision in ("approve", "deny"):
+                decide = add(
+                    decision, f"{decision} a deploy waiting for approval (the same rules as the Slack button)"
+                )
+                decide.add_argument(
+                    "deploy_id", metavar="DEPLOY_ID", help="the id the deploy's requester was given"
+                )
+                decide.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     check = add(
         "config-check",
@@ -177,6 +145,100 @@ def build_parser() -> argparse.ArgumentParser:
     )
     completion.add_argument("shell", choices=COMPLETION_SHELLS, metavar="SHELL", help="bash, zsh or tcsh")
     return parser
+
+
+def _add_cli_options(cmd: argparse.ArgumentParser, name: str) -> None:
+    """The options only the terminal has (Slack has neither --json nor a confirmation to skip)."""
+    if name in _JSON_COMMANDS:
+        cmd.add_argument("--json", action="store_true", help=_JSON_HELP)
+    if name == "deploy":
+        cmd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+        cmd.add_argument("--wait", action="store_true", help="follow a deploy awaiting approval to its end")
+    if name == "status":
+        cmd.add_argument("--json", action="store_true", help="print the drift report as JSON")
+        cmd.add_argument(
+            "--exit-code",
+            action="store_true",
+            help="exit 1 when there are findings of severity warn or error (for scripts and CI)",
+        )
+
+
+def _add_field(
+    cmd: argparse.ArgumentParser, name: str, field: commands.Field, env_names: Callable[[], Sequence[str]]
+) -> None:
+    if field.option is None and field.rest:
+        # free text is read whole once parsed (command_of): its validator sees the line, not each word
+        cmd.add_argument(field.dest, metavar=field.metavar, nargs="+", help=field.help)
+    elif field.option is None:
+        nargs = "?" if field.optional else None
+        convert = _typed(name, field, env_names)
+        cmd.add_argument(field.dest, metavar=field.metavar, nargs=nargs, type=convert, help=field.help)
+    elif field.read is None:
+        cmd.add_argument(field.option, dest=field.dest, action="store_true", help=field.help)
+    else:
+        cmd.add_argument(
+            field.option,
+            dest=field.dest,
+            metavar=field.metavar,
+            type=_typed(name, field, env_names),
+            default=field.default,
+            help=field.help,
+        )
+
+
+def _typed(
+    name: str, field: commands.Field, env_names: Callable[[], Sequence[str]]
+) -> Callable[[str], object]:
+    """The field's validator as an argparse `type`: its problem is a UsageError (exit 2, `error: …` and how
+    to write the command, as Slack says it), which argparse lets through rather than rewording it."""
+
+    read = field.read
+    if read is None:
+        raise TypeError(f"{field.dest} is a flag: it has no value to read")
+
+    def convert(text: str) -> object:
+        envs = env_names()
+        try:
+            return read(text, commands.FieldContext(name, envs))
+        except commands.FieldError as e:
+            raise UsageError(commands.usage(str(e), name, envs, PROG).message) from None
+
+    convert.__name__ = field.dest  # what argparse would name in its own messages
+    return convert
+
+
+class ConfigUnreadable(Exception):
+    """The environments file (or the settings naming it) could not be read while an argument was parsed.
+
+    Carries the error out of argparse, which would reword a ValueError (pydantic's included) as its own."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class LazyConfig:
+    """The settings and environments file, read the first time something needs them."""
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+        self._config: FunnelcakeConfig | None = None
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings()
+        return self._settings
+
+    def load(self) -> FunnelcakeConfig:
+        if self._config is None:
+            self._config = self.settings().load()
+        return self._config
+
+    def env_names(self) -> Sequence[str]:
+        try:
+            return self.load().env_names
+        except Exception as e:
+            raise ConfigUnreadable(e) from e
 
 
 class _Version(argparse.Action):
@@ -205,42 +267,20 @@ def version() -> str:
         return "unknown (not installed as a package)"
 
 
-def _validated(args: argparse.Namespace, config: FunnelcakeConfig) -> commands.Command:
-    """Run the words through the Slack grammar, so env and commit rules and messages are the same."""
-    words: list[str] = [args.command]
-    name = args.command
-    if name in ("deploy", "plan"):
-        words += [args.envs, args.commit]
-        words += ["--dry-run"] if getattr(args, "dry_run", False) else []
-        words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
-        # last: the grammar reads the rest of the line as the reason
-        words += ["--override", *args.override.split()] if getattr(args, "override", None) else []
-    elif name == "migrate":
-        words += [args.env, args.commit]
-    elif name in ("rollback", "unlock"):
-        words += [args.env]
-        words += ["--allow-downgrade"] if getattr(args, "allow_downgrade", False) else []
-    elif name == "history":
-        words += [args.env] if args.env else []
-        words += ["--limit", args.limit] if args.limit is not None else []
-        words += ["--before", args.before] if args.before is not None else []
-    elif name == "lock":
-        words += [args.env, *args.reason]
-    # The grammar reads space-separated words: a quoted argument with a space would be read as two.
-    spaced = [w for w in words[1:] if not w or any(c.isspace() for c in w)]
-    if getattr(args, "override", None) is not None and not args.override.split():
-        raise UsageError("--override needs the reason for going past the promotion gate.")
-    if spaced and name != "lock":
-        raise UsageError(f"{spaced[0]!r} is not a single word; environments and commits have no spaces.")
-    if name == "migrate" and args.commit.casefold() == "force":
+def command_of(args: argparse.Namespace, env_names: Sequence[str]) -> commands.Command:
+    """The typed command the parsed arguments are: the same one Slack's parser gives for those words."""
+    spec = commands.SPECS[args.command]
+    values = {f.dest: getattr(args, f.dest) for f in spec.fields}
+    for field in spec.fields:
+        if field.rest:
+            values[field.dest] = _typed(args.command, field, lambda: env_names)(" ".join(values[field.dest]))
+    cmd = commands.build(args.command, values)
+    if isinstance(cmd, commands.MigrateCommand) and cmd.ref and cmd.ref.casefold() == "force":
         raise UsageError(
             "`migrate ENV force VERSION` (the dirty-database recovery) is only offered in Slack, "
             "where it is guarded by the failed run's thread."
         )
-    parsed = commands.parse(" ".join(words), config.env_names, prog=PROG)
-    if isinstance(parsed, commands.Usage):
-        raise UsageError(parsed.message)
-    return parsed
+    return cmd
 
 
 # ---- shell completion ---------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TextIO
 
-from bot.cli.parser import _SLACK_USER_RE, EXIT_FAILED, UsageError
+from bot.cli.parser import EXIT_FAILED, UsageError
 from bot.ledger import Ledger
 from bot.ledger.models import DeployRecord
 from bot.models import DeployKind
+from bot.mrkdwn import SLACK_USER_RE
 from bot.pipeline.engine import Reporter
 from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.settings import FunnelcakeConfig, Settings
@@ -50,7 +51,7 @@ def whoami(args: argparse.Namespace, config: FunnelcakeConfig) -> Principal:
                 f"--as acts as someone else, and the OS user {os_user} may not: only operators with "
                 "`impersonate: true` in the environments file may"
             )
-        if not _SLACK_USER_RE.match(as_user):
+        if not SLACK_USER_RE.match(as_user):
             raise UsageError(f"--as takes a Slack user ID (U…), not {as_user[:40]!r}")
         return Principal(as_user, "cli", os_user, host)
     return Principal(operator.slack_user if operator else None, "cli", os_user, host)

@@ -1,42 +1,58 @@
-"""The `/funnelcake` command grammar: text from Slack or the CLI becomes a typed request or a usage message.
+"""The `/funnelcake` command grammar: text from Slack becomes a typed request or a usage message.
 
 Pure code, no I/O. `parse` never raises: anything it cannot turn into a command comes back as a
 `Usage` whose message says what was wrong and how to write it. Text from Slack arrives with HTML
 entities escaped, typographic dashes (`--dry-run` can become `—dry-run`) and non-breaking or
-zero-width spaces pasted from elsewhere; all of that is normalised before the words are read.
+zero-width spaces pasted from elsewhere; all of that is normalised before the words are read. The
+fields' validators are the command table's (grammar.py), which the CLI's parser is built from.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Sequence
 
 from bot.commands.grammar import (
     _SPECS,
     COMMAND_NAMES,
     DEFAULT_HISTORY_LIMIT,
+    DEPLOY_ID_RE,
     MAX_HISTORY_LIMIT,
     MAX_MIGRATION_VERSION,
     MAX_REASON_LENGTH,
-    MAX_REF_LENGTH,
-    REF_FORMS,
+    SPECS,
     Command,
     Deploy,
+    Field,
+    FieldContext,
+    FieldError,
     Help,
     History,
     Lock,
-    Migrate,
-    Plan,
+    MigrateCommand,
+    PlanCommand,
+    Read,
     Rollback,
+    Spec,
     Status,
+    T,
     Unlock,
     Usage,
     _examples,
     _syntax,
+    build,
     help_text,
     next_history,
+    read_before,
+    read_env,
+    read_envs,
+    read_limit,
+    read_lock_reason,
+    read_override,
+    read_ref,
+    show,
 )
+from bot.commands.refs import MAX_REF_LENGTH, REF_FORMS, is_valid_ref, ref_problem
 
 # The command types, specs and help text live in grammar.py; every public name is still found here.
 __all__ = [
@@ -48,28 +64,31 @@ __all__ = [
     "MAX_REASON_LENGTH",
     "MAX_REF_LENGTH",
     "REF_FORMS",
+    "SPECS",
     "Command",
     "Deploy",
+    "Field",
+    "FieldContext",
+    "FieldError",
     "Help",
     "History",
     "Lock",
-    "Migrate",
-    "Plan",
+    "MigrateCommand",
+    "PlanCommand",
     "Rollback",
+    "Spec",
     "Status",
     "Unlock",
     "Usage",
+    "build",
     "help_text",
     "is_valid_ref",
     "next_history",
     "parse",
     "ref_problem",
+    "usage",
 ]
 
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
-_FORBIDDEN_REF_CHARS = "~^:?*[\\"
-# Legal in git but the ref is echoed in mrkdwn and commit messages; no real branch needs them.
-_UNSHOWABLE_REF_CHARS = "<>`"
 # Typographic dashes Slack or a phone keyboard may put where the user typed `-` or `--`.
 _DASHES = "-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 # Invisible characters that arrive in pasted text and separate words without being whitespace.
@@ -77,69 +96,23 @@ _INVISIBLE_SEPARATORS = str.maketrans(
     {"\u200b": " ", "\u200c": " ", "\u200d": " ", "\u2060": " ", "\ufeff": " "}
 )
 _SOFT_HYPHEN = "\u00ad"
+
+
+def _fold(option: str) -> str:
+    return "".join(c for c in option.casefold() if c not in _DASHES and c != "_")
+
+
+# How an option is written in a message: `--limit N`, from the command table.
 _OPTION_DISPLAY = {
-    "dryrun": "--dry-run",
-    "limit": "--limit N",
-    "before": "--before ID",
-    "allowdowngrade": "--allow-downgrade",
+    _fold(f.option): f"{f.option} {f.metavar}" if f.metavar else f.option
+    for spec in _SPECS.values()
+    for f in spec.fields
+    if f.option
 }
-# What a deploy id can be (the ledger's ids are `d-` and six letters or digits; older ones may differ).
-DEPLOY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 
 
-def ref_problem(ref: str) -> str | None:
-    """Why `ref` is neither a commit hash nor a valid git branch/tag name; None when it is fine."""
-    if not ref:
-        return "it is empty"
-    if len(ref) > MAX_REF_LENGTH:
-        return f"it is longer than {MAX_REF_LENGTH} characters"
-    if _HEX.match(ref) and re.search(r"[0-9]", ref) and re.search(r"[a-fA-F]", ref):
-        # A branch named like a 4-6 character hash is far less likely than a hash cut short.
-        if 4 <= len(ref) < 7:
-            return f"it looks like a commit hash but has only {len(ref)} characters; give at least 7"
-        if len(ref) > 40:
-            return f"it looks like a commit hash but has {len(ref)} characters; a hash has at most 40"
-    if _HEX.match(ref) and 7 <= len(ref) <= 40:
-        return None
-    if any(not c.isprintable() or c.isspace() for c in ref):
-        return "it contains a space or a control character"
-    bad = sorted({c for c in ref if c in _FORBIDDEN_REF_CHARS})
-    if bad:
-        return f"git does not allow {' '.join(bad)} in a ref name"
-    if any(c in _UNSHOWABLE_REF_CHARS for c in ref):
-        return "it contains `<`, `>` or a backtick, which would garble the Slack messages that show it"
-    if ".." in ref:
-        return "git does not allow `..` in a ref name"
-    if ref.startswith("-"):
-        return "it starts with `-`"
-    if ref == "@" or "@{" in ref:
-        return "git does not allow `@` alone or `@{` in a ref name"
-    if ref.startswith("/") or ref.endswith("/") or "//" in ref:
-        return "it has an empty part between slashes"
-    if ref.endswith("."):
-        return "it ends with `.`"
-    for part in ref.split("/"):
-        if part.startswith("."):
-            return "a part of it starts with `.`"
-        if part.endswith(".lock"):
-            return "a part of it ends with `.lock`"
-    return None
-
-
-def is_valid_ref(ref: str) -> bool:
-    return ref_problem(ref) is None
-
-
-def _show(token: str, limit: int = 40) -> str:
-    """Echo user input safely: short, printable, and unable to form a Slack mention or break code."""
-    shown = "".join(c if c.isprintable() else "?" for c in token)
-    if len(shown) > limit:
-        shown = shown[: limit - 1] + "…"
-    shown = shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
-    return f"`{shown}`"
-
-
-def _usage(problem: str, name: str | None, env_names: Sequence[str], prog: str) -> Usage:
+def usage(problem: str, name: str | None, env_names: Sequence[str], prog: str) -> Usage:
+    """`problem`, then how to write command `name` (or every command's help when there is none)."""
     if name is None:
         return Usage(f"{problem}\n{help_text(None, env_names, prog=prog)}", None)
     return Usage(
@@ -165,8 +138,7 @@ def _flag_name(token: str) -> tuple[str, str | None]:
     value: str | None = None
     if "=" in body:
         body, value = body.split("=", 1)
-    name = "".join(c for c in body.casefold() if c not in _DASHES and c != "_")
-    return name, value
+    return _fold(body), value
 
 
 class _Reader:
@@ -177,10 +149,9 @@ class _Reader:
         self.words = words
         self.env_names = list(env_names)
         self.prog = prog
-        self.by_fold = {e.casefold(): e for e in env_names}
 
     def usage(self, problem: str) -> Usage:
-        return _usage(problem, self.name, self.env_names, self.prog)
+        return usage(problem, self.name, self.env_names, self.prog)
 
     def options(self, allowed: dict[str, bool]) -> tuple[list[str], dict[str, str | None]] | Usage:
         """Split words into positionals and options; `allowed` maps option name → takes a value."""
@@ -199,7 +170,7 @@ class _Reader:
                 continue
             if name not in allowed:
                 accepted = ", ".join(_OPTION_DISPLAY.get(n, f"--{n}") for n in allowed) or "no options"
-                return self.usage(f"{_show(word)} is not an option of `{self.name}` (it accepts {accepted}).")
+                return self.usage(f"{show(word)} is not an option of `{self.name}` (it accepts {accepted}).")
             if allowed[name] and value is None:
                 if i >= len(self.words):
                     return self.usage(f"`--{name}` needs a value.")
@@ -208,23 +179,12 @@ class _Reader:
             found[name] = value
         return positionals, found
 
-    def env(self, token: str) -> str | Usage:
-        if not self.env_names:
-            return self.usage("No environments are configured.")
-        env = self.by_fold.get(token.casefold())
-        if env is not None:
-            return env
-        valid = ", ".join(f"`{e}`" for e in self.env_names)
-        problem = f"Unknown environment {_show(token)}."
-        close = difflib.get_close_matches(token.casefold(), list(self.by_fold), n=1, cutoff=0.5)
-        prefixed = [e for f, e in self.by_fold.items() if token and f.startswith(token.casefold())]
-        if close:
-            problem += f" Did you mean `{self.by_fold[close[0]]}`?"
-        elif len(prefixed) == 1:
-            problem += f" Did you mean `{prefixed[0]}`?"
-        if is_valid_ref(token) and _HEX.match(token):
-            problem += " (The environment comes first, then the commit.)"
-        return self.usage(f"{problem} Environments: {valid}.")
+    def read(self, read: Read[T], text: str) -> T | Usage:
+        """The field's value by its validator, or this command's usage with the validator's problem."""
+        try:
+            return read(text, FieldContext(self.name, self.env_names))
+        except FieldError as e:
+            return self.usage(str(e))
 
     def env_list(self, positionals: list[str]) -> tuple[tuple[str, ...], list[str]] | Usage:
         """Read `a,b` (also `a, b` or `a ,b`) from the front of positionals; return envs and the rest."""
@@ -234,30 +194,18 @@ class _Reader:
         rest = positionals[1:]
         while rest and (joined.endswith(",") or rest[0].startswith(",")):
             joined += rest.pop(0)
-        envs: list[str] = []
-        for part in joined.split(","):
-            if not part:
-                return self.usage(f"The environment list {_show(joined)} has an empty entry.")
-            env = self.env(part)
-            if isinstance(env, Usage):
-                return env
-            if env in envs:
-                return self.usage(f"`{env}` is listed twice; name each environment once.")
-            envs.append(env)
-        return tuple(envs), rest
+        envs = self.read(read_envs, joined)
+        return envs if isinstance(envs, Usage) else (envs, rest)
 
     def ref(self, token: str | None) -> str | Usage:
         if token is None:
             return self.usage(f"`{self.name}` needs a commit: {REF_FORMS}.")
-        problem = ref_problem(token)
-        if problem is not None:
-            return self.usage(f"{_show(token)} is not a commit: {problem}. Use {REF_FORMS}.")
-        return token
+        return self.read(read_ref, token)
 
     def no_more(self, rest: list[str]) -> Usage | None:
         if rest:
             extra = " ".join(rest)
-            return self.usage(f"Unexpected {_show(extra)} after `{self.name}`.")
+            return self.usage(f"Unexpected {show(extra)} after `{self.name}`.")
         return None
 
 
@@ -266,16 +214,11 @@ def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
     override: str | None = None
     at = next((i for i, w in enumerate(r.words) if _is_flag(w) and _flag_name(w)[0] == "override"), None)
     if at is not None:
-        override = " ".join(
-            "".join(c if c.isprintable() else " " for c in " ".join(r.words[at + 1 :])).split()
-        )
+        reason = r.read(read_override, " ".join(r.words[at + 1 :]))
         r.words = r.words[:at]
-        if not override:
-            return r.usage("`--override` needs the reason, e.g. `--override staging is down, hotfix`.")
-        if len(override) > MAX_REASON_LENGTH:
-            return r.usage(
-                f"The reason is {len(override)} characters long; keep it under {MAX_REASON_LENGTH}."
-            )
+        if isinstance(reason, Usage):
+            return reason
+        override = reason
     opts = r.options({"allowdowngrade": False} if plan else {"dryrun": False, "allowdowngrade": False})
     if isinstance(opts, Usage):
         return opts
@@ -294,16 +237,14 @@ def _deploy(r: _Reader, *, plan: bool) -> Command | Usage:
     if extra is not None:
         return extra
     if plan:
-        return Plan(env_tuple, ref, allow_downgrade=allow, override=override)
+        return PlanCommand(env_tuple, ref, allow_downgrade=allow, override=override)
     return Deploy(env_tuple, ref, dry_run="dryrun" in found, allow_downgrade=allow, override=override)
 
 
 def _single_env(r: _Reader, positionals: list[str]) -> tuple[str, list[str]] | Usage:
     if not positionals:
         return r.usage(f"`{r.name}` needs an environment.")
-    if "," in positionals[0]:
-        return r.usage(f"`{r.name}` takes one environment at a time.")
-    env = r.env(positionals[0])
+    env = r.read(read_env, positionals[0])
     if isinstance(env, Usage):
         return env
     return env, positionals[1:]
@@ -326,19 +267,19 @@ def _migrate(r: _Reader) -> Command | Usage:
         version = rest[1]
         if not version.isascii() or not version.isdigit() or int(version) > MAX_MIGRATION_VERSION:
             return r.usage(
-                f"{_show(version)} is not a migration version: give the number X from `Dirty database version X`."
+                f"{show(version)} is not a migration version: give the number X from `Dirty database version X`."
             )
         extra = r.no_more(rest[2:])
         if extra is not None:
             return extra
-        return Migrate(env, None, int(version))
+        return MigrateCommand(env, None, int(version))
     ref = r.ref(rest[0] if rest else None)
     if isinstance(ref, Usage):
         return ref
     extra = r.no_more(rest[1:])
     if extra is not None:
         return extra
-    return Migrate(env, ref, None)
+    return MigrateCommand(env, ref, None)
 
 
 def _env_only(r: _Reader, allowed: dict[str, bool] | None = None) -> tuple[str, set[str]] | Help | Usage:
@@ -366,19 +307,13 @@ def _history(r: _Reader) -> Command | Usage:
     positionals, found = opts
     if "help" in found:
         return Help(r.name)
-    before = found.get("before")
-    if before is not None and not DEPLOY_ID_RE.match(before):
-        return r.usage(
-            f"`--before` takes a deploy id such as `d-4k7q2m` (the last one a page listed), not {_show(before)}."
-        )
-    limit = DEFAULT_HISTORY_LIMIT
-    raw = found.get("limit")
-    if "limit" in found:
-        if raw is None or not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY_LIMIT:
-            return r.usage(
-                f"`--limit` takes a whole number from 1 to {MAX_HISTORY_LIMIT}, not {_show(raw or '')}."
-            )
-        limit = int(raw)
+    raw_before = found.get("before")
+    before = None if raw_before is None else r.read(read_before, raw_before)
+    if isinstance(before, Usage):
+        return before
+    limit = r.read(read_limit, found["limit"] or "") if "limit" in found else DEFAULT_HISTORY_LIMIT
+    if isinstance(limit, Usage):
+        return limit
     if not positionals:
         return History(None, limit, before)
     head = _single_env(r, positionals)
@@ -399,13 +334,8 @@ def _lock(r: _Reader) -> Command | Usage:
     if isinstance(head, Usage):
         return head
     env, rest = head
-    # Control characters (a stray backspace, a bidi override) become spaces, and spaces collapse.
-    reason = " ".join("".join(c if c.isprintable() else " " for c in " ".join(rest)).split())
-    if not reason:
-        return r.usage("Say why the environment is locked; the reason is shown to whoever tries to deploy.")
-    if len(reason) > MAX_REASON_LENGTH:
-        return r.usage(f"The reason is {len(reason)} characters long; keep it under {MAX_REASON_LENGTH}.")
-    return Lock(env, reason)
+    reason = r.read(read_lock_reason, " ".join(rest))
+    return reason if isinstance(reason, Usage) else Lock(env, reason)
 
 
 def _help(r: _Reader) -> Command | Usage:
@@ -419,11 +349,11 @@ def _help(r: _Reader) -> Command | Usage:
 
 
 def _unknown_command(word: str, env_names: Sequence[str], prog: str, *, what: str = "command") -> Usage:
-    problem = f"Unknown {what} {_show(word)}."
+    problem = f"Unknown {what} {show(word)}."
     close = difflib.get_close_matches(word.casefold(), COMMAND_NAMES, n=1, cutoff=0.6)
     if close:
         problem += f" Did you mean `{close[0]}`?"
-    return _usage(problem, None, env_names, prog)
+    return usage(problem, None, env_names, prog)
 
 
 def parse(text: str, env_names: Sequence[str], *, prog: str = "/funnelcake") -> Command | Usage:
@@ -449,7 +379,7 @@ def parse(text: str, env_names: Sequence[str], *, prog: str = "/funnelcake") -> 
             return Help(name)
         if positionals:
             return r.usage(
-                f"`status` reports every environment and takes no arguments (got {_show(' '.join(positionals))})."
+                f"`status` reports every environment and takes no arguments (got {show(' '.join(positionals))})."
             )
         return Status()
     if name == "migrate":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -10,6 +9,7 @@ from typing import Any, Literal
 
 from bot.errors import PermanentError
 from bot.models import DeployKind
+from bot.mrkdwn import mention
 
 
 class DeployState(StrEnum):
@@ -194,12 +194,9 @@ class Decision:
     at: datetime
 
 
-_SLACK_ID_RE = re.compile(r"^[UW][A-Z0-9]{2,}$")
-
-
 def who(user: str) -> str:
     """A Slack user ID renders as a mention in Slack and stays readable in a terminal."""
-    return f"<@{user}>" if _SLACK_ID_RE.match(user) else user
+    return mention(user)
 
 
 def when(at: datetime, now: datetime | None = None) -> str:

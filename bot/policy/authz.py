@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Literal
 
 from bot.ledger.models import who
+from bot.mrkdwn import mention
 from bot.settings import Environment, FunnelcakeConfig
 
 # Resolves a group (an "@handle" or an "S…" ID) to its members' user IDs.
@@ -217,7 +218,7 @@ class Authority:
 
 
 def _names(principals: Sequence[str]) -> str:
-    return ", ".join(p if p.startswith("@") or p == "*" else f"<@{p}>" for p in principals) or "nobody"
+    return ", ".join(mention(p) for p in principals) or "nobody"
 
 
 __all__ = ["ALLOWED", "Action", "Authority", "Decision", "GroupCache", "Principal"]
