@@ -65,7 +65,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ArgoCD(_Strict):
+class ArgoCDConfig(_Strict):
     url: AnyHttpUrl | None = None  # the Argo CD UI (e.g. https://argocd.example.org): messages link its apps
     namespace: str = "argocd"
     applications: dict[Service, str] = Field(
@@ -141,7 +141,7 @@ class Environment(_Strict):
     registry: str
     kube_context: str = Field(min_length=1)
     namespace: str = "funnelcake"
-    argocd: ArgoCD = Field(default_factory=ArgoCD)
+    argocd: ArgoCDConfig = Field(default_factory=ArgoCDConfig)
     overlays: dict[Service, str]
     migrations: Migrations
     site_url: AnyHttpUrl | None = None

@@ -72,12 +72,12 @@ class Principal:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Verdict:
     allowed: bool
     reason: str = ""
 
 
-ALLOWED = Decision(True)
+ALLOWED = Verdict(True)
 
 
 class GroupCache:
@@ -120,12 +120,12 @@ class Authority:
         *,
         requester: str | None = None,
         lock_holder: str | None = None,
-    ) -> Decision:
+    ) -> Verdict:
         """May `principal` do `action` in `envs`? `requester` is the deploy's (approve, deny, cancel);
         `lock_holder` the user holding the env's lock (unlock)."""
         unknown = [e for e in envs if e not in self.config.env_names]
         if unknown:
-            return Decision(
+            return Verdict(
                 False,
                 f"there is no environment {unknown[0]!r} (expected {', '.join(self.config.env_names)})",
             )
@@ -133,7 +133,7 @@ class Authority:
             return ALLOWED
         user = principal.user
         if user is None:
-            return Decision(
+            return Verdict(
                 False,
                 f"the OS user {principal.os_user or '?'} is not mapped to a Slack user, so only status, "
                 "history and plan work: add it to `operators` in the environments file",
@@ -150,7 +150,7 @@ class Authority:
         if action is Action.APPROVE:
             approver = await self._approver(targets, user)
             if approver.allowed and user == requester:
-                return Decision(False, "you cannot approve your own deploy: another approver must")
+                return Verdict(False, "you cannot approve your own deploy: another approver must")
             return approver
         if action is Action.DENY:
             if user == requester:
@@ -162,7 +162,7 @@ class Authority:
             deployer = await self._deployer(targets, user)
             if deployer.allowed or any([(await self._admin([e], user)).allowed for e in targets]):
                 return ALLOWED
-            return Decision(
+            return Verdict(
                 False,
                 f"only its requester {who(requester or '?')}, the deployers of "
                 f"{', '.join(envs)} or an admin may cancel it ({deployer.reason})",
@@ -186,33 +186,33 @@ class Authority:
                 return True
         return False
 
-    async def _deployer(self, envs: Sequence[Environment], user: str) -> Decision:
+    async def _deployer(self, envs: Sequence[Environment], user: str) -> Verdict:
         for env in envs:
             if not await self._member(user, env.deployers):
-                return Decision(
+                return Verdict(
                     False, f"you may not deploy to {env.name}: deployers are {_names(env.deployers)}"
                 )
         return ALLOWED
 
-    async def _admin(self, envs: Sequence[Environment], user: str, *, what: str = "do this") -> Decision:
+    async def _admin(self, envs: Sequence[Environment], user: str, *, what: str = "do this") -> Verdict:
         """Admins, or approvers when none are set, of every env."""
         for env in envs:
             admins = env.admins or env.approvers
             if not await self._member(user, admins):
-                return Decision(False, f"only {_names(admins)} may {what} in {env.name}")
+                return Verdict(False, f"only {_names(admins)} may {what} in {env.name}")
         return ALLOWED
 
-    async def _approver(self, envs: Sequence[Environment], user: str) -> Decision:
+    async def _approver(self, envs: Sequence[Environment], user: str) -> Verdict:
         """Approving a multi-env request: one approver per env that needs approval; envs that need none do
         not block it. The user must approve at least one of them."""
         needing = [e for e in envs if e.approval_required]
         if not needing:
-            return Decision(False, f"{', '.join(e.name for e in envs)} needs no approval")
+            return Verdict(False, f"{', '.join(e.name for e in envs)} needs no approval")
         for env in needing:
             if await self.approves(env, user):
                 return ALLOWED
         env = needing[0]
-        return Decision(
+        return Verdict(
             False, f"you may not approve {env.name} deploys: approvers are {_names(env.approvers)}"
         )
 
@@ -221,4 +221,4 @@ def _names(principals: Sequence[str]) -> str:
     return ", ".join(mention(p) for p in principals) or "nobody"
 
 
-__all__ = ["ALLOWED", "Action", "Authority", "Decision", "GroupCache", "Principal"]
+__all__ = ["ALLOWED", "Action", "Authority", "Verdict", "GroupCache", "Principal"]
