@@ -137,13 +137,14 @@ class Session:
     @contextlib.asynccontextmanager
     async def service(self) -> AsyncIterator[DeployService]:
         # Imported here: building adapters pulls in kubernetes_asyncio and SQLAlchemy, which
-        # `config-check` and `--help` should not pay for.
+        # `config-check` and `--help` should not pay for; Slack's SDK only when there is a token to use.
         from bot.wiring import build_service  # noqa: PLC0415
-        from handlers.directory import SlackPeople, connect  # noqa: PLC0415 - see TYPE_CHECKING above
 
         async with contextlib.AsyncExitStack() as stack:
             token = self.settings.slack_bot_token
             if token is not None:
+                from handlers.directory import SlackPeople, connect  # noqa: PLC0415 - see TYPE_CHECKING above
+
                 self.slack = await stack.enter_async_context(
                     connect(token.get_secret_value(), self.settings.slack_api_url)
                 )
@@ -152,7 +153,7 @@ class Session:
             )
             self.ledger = service.deps.ledger
             if self.slack is not None:
-                service.deps.people = SlackPeople(self.slack)
+                service.deps.people = SlackPeople(self.slack)  # imported with the token above
             try:
                 yield service
             finally:
