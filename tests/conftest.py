@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.testbed.slack",
     "tests.testbed.kube.fixtures",
     "tests.testbed.kube.cluster",
+    "tests.testbed.clusterops",
     "tests.testbed.sandbox",
     "tests.testbed.botrun",
     "tests.testbed.scenario",

@@ -20,9 +20,8 @@ from bot.models import AMD64
 from bot.service import DeployService
 from bot.settings import MIGRATE_IMAGE, Environment, load_config
 from bot.wiring import build_service
-from tests.test_argocd import clients_for, sim_config
 from tests.test_deploy_e2e import Events
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote, push_from_second_clone
+from tests.testbed.gitrepos import AppRemote, push_from_second_clone
 from tests.testbed.kube.cluster import SimCluster
 from tests.testbed.kube.jobs import dockerfile_stages
 from tests.testbed.registry import Registries
@@ -113,17 +112,6 @@ def test_the_simulated_builder_reads_dockerfile_stages() -> None:
 
 
 # -------------------------------------------------------------------------------- on a simulated cluster
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
-    return sim_config(sim_gitops, app_remote).env("staging")
 
 
 class Progress:
