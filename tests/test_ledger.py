@@ -177,17 +177,28 @@ async def test_v1_database_is_upgraded_in_place_and_keeps_its_history(db_url: st
         await led.close()
 
 
-async def test_upgrade_steps_are_idempotent(db_url: str) -> None:
+async def test_upgrade_steps_are_idempotent(db_url: str, clock: FakeClock) -> None:
+    led = await Ledger.open(db_url, clock=clock)
+    try:
+        await _deploy(led, "staging")
+        await led.lock("staging", "U0OPS", "before the re-run")
+        before = (await led.history("staging"), await led.locks())
+    finally:
+        await led.close()
     engine = create_async_engine(db_url)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(lambda c: ledger_schema.upgrade(c, now=START))
         async with engine.begin() as conn:
             # a step interrupted before its version row was written must be safe to run again
             for step in ledger_schema.STEPS:
                 await conn.run_sync(step)
     finally:
         await engine.dispose()
+    led = await Ledger.open(db_url, clock=clock)
+    try:
+        assert await led.schema_version() == ledger_schema.LATEST
+        assert (await led.history("staging"), await led.locks()) == before
+    finally:
+        await led.close()
 
 
 async def test_processes_opening_together_upgrade_once(db_url: str, clock: FakeClock) -> None:
