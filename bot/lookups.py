@@ -1,6 +1,6 @@
-"""What the deploy service reads without changing anything: drift, history, locks, the dirty migration
-last reported, the overlays' tags and where a rollback goes. A layer of DeployService, split out of
-bot/service.py (issue 18)."""
+"""What the deploy service reads without changing anything: drift, the Home tab's board, deploys, history,
+locks, the dirty migration last reported, the overlays' tags and where a rollback goes. A layer of
+DeployService, split out of bot/service.py (issue 18)."""
 
 from __future__ import annotations
 
