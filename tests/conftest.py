@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.testbed.kube.cluster",
     "tests.testbed.clusterops",
     "tests.testbed.sandbox",
+    "tests.testbed.events",
     "tests.testbed.botrun",
     "tests.testbed.scenario",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,7 @@ from bot.ledger.models import DeployKind, DeployState
 from bot.models import AMD64
 from bot.service import DeployService
 from bot.settings import MIGRATE_IMAGE, Environment, load_config
-from bot.wiring import build_service
-from tests.test_deploy_e2e import Events
+from tests.testbed.events import Events
 from tests.testbed.gitrepos import AppRemote, push_from_second_clone
 from tests.testbed.kube.cluster import SimCluster
 from tests.testbed.kube.jobs import dockerfile_stages
@@ -232,14 +231,6 @@ async def test_failing_builds_report_the_tail_of_the_job_log(
 
 
 # ----------------------------------------------------------------------------------- a deploy that builds
-
-
-@pytest.fixture
-async def service(sandbox: Sandbox) -> AsyncIterator[tuple[DeployService, Events]]:
-    events = Events()
-    assert sandbox.config is not None
-    async with build_service(sandbox.settings(), sandbox.config, reporters=lambda record: [events]) as svc:
-        yield svc, events
 
 
 async def test_deploy_of_a_commit_in_no_registry_builds_it_in_poc(
