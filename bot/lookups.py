@@ -1,13 +1,17 @@
-"""What the deploy service reads without changing anything: drift, history, locks, the dirty migration
-last reported, the overlays' tags and where a rollback goes. A layer of DeployService, split out of
-bot/service.py (issue 18)."""
+"""What the deploy service reads without changing anything: drift, the Home tab's board, deploys, history,
+locks, the dirty migration last reported, the overlays' tags and where a rollback goes. A layer of
+DeployService, split out of bot/service.py (issue 18)."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+
 from bot.drift import DriftReport, build_report
-from bot.errors import PermanentError
+from bot.errors import BotError, PermanentError
 from bot.ledger.models import (
     DeployRecord,
+    IncidentRecord,
     ManualLock,
     StepState,
 )
@@ -15,9 +19,40 @@ from bot.service_core import ServiceCore
 from bot.settings import Service
 
 
+@dataclass(frozen=True)
+class Board:
+    """What the Home tab shows, from the overlays and the ledger only (no cluster reads)."""
+
+    tags: dict[str, dict[Service, str] | BotError]  # env -> its overlays' tags, or why they could not be read
+    locks: list[ManualLock]
+    running: list[DeployRecord]
+    incidents: list[IncidentRecord]  # the open ones
+    last: dict[str, list[DeployRecord]]  # env -> its newest deploy (none yet: empty)
+
+
 class Lookups(ServiceCore):
     async def status(self) -> DriftReport:
         return await build_report(self.deps)
+
+    async def board(self) -> Board:
+        envs = self.config.environments
+        ledger = self.deps.ledger
+        tags, locks, running, incidents = await asyncio.gather(
+            self.deps.gitops.read_tags_each(envs),
+            ledger.locks(),
+            ledger.in_flight(),
+            ledger.incidents(open_only=True),
+        )
+        last = {env.name: await ledger.history(env.name, 1) for env in envs}
+        return Board(tags, locks, running, incidents, last)
+
+    async def get_deploy(self, deploy_id: str) -> DeployRecord:
+        """The deploy's record; UnknownDeploy if there is none."""
+        return await self.deps.ledger.get_deploy(deploy_id)
+
+    async def lock_on(self, env_name: str) -> ManualLock | None:
+        """The env's manual lock, if it has one."""
+        return next((lock for lock in await self.deps.ledger.locks() if lock.env == env_name), None)
 
     async def history(
         self, env_name: str | None = None, limit: int = 10, *, before: str | None = None

@@ -122,7 +122,6 @@ class EnvPlan:
     previous: dict[str, str] = field(default_factory=dict)  # service -> tag in the overlay before the deploy
     images: list[ImagePlan] = field(default_factory=list)
     run_migrations: bool = False
-    locked_by: str | None = None
     moves: list[ServiceMove] = field(default_factory=list)
 
     def going_back(self) -> list[ServiceMove]:
@@ -169,7 +168,6 @@ class Plan:
                 previous=dict(ep["previous"]),
                 images=[ImagePlan(**{**i, "platforms": tuple(i["platforms"])}) for i in ep["images"]],
                 run_migrations=ep["run_migrations"],
-                locked_by=ep.get("locked_by"),
                 moves=[ServiceMove.from_json(m) for m in ep.get("moves", [])],
             )
             for name, ep in data["env_plans"].items()

@@ -295,7 +295,7 @@ class SlackFront:
                         text=redact(f"🔒 {env} locked by {bk.mention(user)}: {bk.esc(reason)}"),
                     )
             case commands.Unlock(env=env):
-                held = next((lock for lock in await svc.deps.ledger.locks() if lock.env == env), None)
+                held = await svc.lock_on(env)
                 if await self._allow(Action.UNLOCK, asker, [env], lock_holder=held.user if held else None):
                     lock = await svc.unlock(env, user)
                     text = f"🔓 {env} unlocked by {bk.mention(user)}" if lock else f"{env} was not locked."
@@ -362,7 +362,7 @@ class SlackFront:
         await self._run(parsed, asker, rebuild=action_id == "rebuild")
 
     async def _decide(self, deploy_id: str, asker: Asker, *, approve: bool) -> None:
-        record = await self.service.deps.ledger.get_deploy(deploy_id)
+        record = await self.service.get_deploy(deploy_id)
         action = Action.APPROVE if approve else Action.DENY
         if not await self._allow(action, asker, record.envs, requester=record.requester):
             return
@@ -377,7 +377,7 @@ class SlackFront:
     async def _cancel(self, deploy_id: str, asker: Asker) -> None:
         """Stop a deploy: its requester, a deployer of every env it touches, or an admin of one of them."""
         svc = self.service
-        record = await svc.deps.ledger.get_deploy(deploy_id)
+        record = await svc.get_deploy(deploy_id)
         if record.state.terminal:
             await self._tell(asker, f"That deploy already ended: {record.state.value}.")
             return

@@ -24,29 +24,21 @@ READ_LIMIT = 10.0  # the board is drawn within this, whatever hangs (an unreadab
 async def home_view(service: DeployService) -> dict[str, Any]:
     """The Home tab's view: one section per env, from the overlays and the ledger only (no cluster reads,
     so it opens at once; `status` is the deep look)."""
-    config, ledger = service.config, service.deps.ledger
-    envs = config.environments
     try:
         async with asyncio.timeout(READ_LIMIT):
-            tags, locks, running, incidents = await asyncio.gather(
-                service.deps.gitops.read_tags_each(envs),
-                ledger.locks(),
-                ledger.in_flight(),
-                ledger.incidents(open_only=True),
-            )
-            last = {env.name: await ledger.history(env.name, 1) for env in envs}
+            board = await service.board()
     except (BotError, TimeoutError) as e:
         why = e.message if isinstance(e, BotError) else f"no answer within {READ_LIMIT:.0f} s"
         return _view([bk.header("funnelcake"), bk.section(f"🔴 The board could not be read: {bk.esc(why)}")])
     blocks: list[bk.Block] = [bk.header("funnelcake")]
-    for env in envs:
+    for env in service.config.environments:
         blocks += _env(
             env,
-            tags.get(env.name),
-            locks=locks,
-            running=running,
-            incidents=incidents,
-            last=last.get(env.name) or [],
+            board.tags.get(env.name),
+            locks=board.locks,
+            running=board.running,
+            incidents=board.incidents,
+            last=board.last.get(env.name) or [],
         )
     blocks.append(
         bk.context(

@@ -6,7 +6,9 @@ pytest_plugins = [
     "tests.testbed.slack",
     "tests.testbed.kube.fixtures",
     "tests.testbed.kube.cluster",
+    "tests.testbed.clusterops",
     "tests.testbed.sandbox",
+    "tests.testbed.events",
     "tests.testbed.botrun",
     "tests.testbed.scenario",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,8 @@ from bot.ledger.models import DeployKind, DeployState
 from bot.models import AMD64
 from bot.service import DeployService
 from bot.settings import MIGRATE_IMAGE, Environment, load_config
-from bot.wiring import build_service
-from tests.test_argocd import clients_for, sim_config
-from tests.test_deploy_e2e import Events
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote, push_from_second_clone
+from tests.testbed.events import Events
+from tests.testbed.gitrepos import AppRemote, push_from_second_clone
 from tests.testbed.kube.cluster import SimCluster
 from tests.testbed.kube.jobs import dockerfile_stages
 from tests.testbed.registry import Registries
@@ -113,17 +111,6 @@ def test_the_simulated_builder_reads_dockerfile_stages() -> None:
 
 
 # -------------------------------------------------------------------------------- on a simulated cluster
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
-    return sim_config(sim_gitops, app_remote).env("staging")
 
 
 class Progress:
@@ -244,14 +231,6 @@ async def test_failing_builds_report_the_tail_of_the_job_log(
 
 
 # ----------------------------------------------------------------------------------- a deploy that builds
-
-
-@pytest.fixture
-async def service(sandbox: Sandbox) -> AsyncIterator[tuple[DeployService, Events]]:
-    events = Events()
-    assert sandbox.config is not None
-    async with build_service(sandbox.settings(), sandbox.config, reporters=lambda record: [events]) as svc:
-        yield svc, events
 
 
 async def test_deploy_of_a_commit_in_no_registry_builds_it_in_poc(

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployState
-from bot.pipeline.engine import StepEvent
+from bot.pipeline.engine import EventKind
 from bot.service import DeployService
 from bot.wiring import build_service
+from tests.testbed.events import Events
 from tests.testbed.gitrepos import remote_file, remote_head
 from tests.testbed.sandbox import Sandbox
 
 POC_OVERLAY = "k8s/applications/funnelcake-relay/overlays/poc/kustomization.yaml"
-
-
-class Events:
-    def __init__(self) -> None:
-        self.events: list[StepEvent] = []
-
-    async def emit(self, event: StepEvent) -> None:
-        self.events.append(event)
-
-    def steps(self, kind: str) -> list[str]:
-        return [e.step for e in self.events if e.kind.value == kind]
-
-
-@pytest.fixture
-async def service(sandbox: Sandbox) -> AsyncIterator[tuple[DeployService, Events]]:
-    events = Events()
-    assert sandbox.config is not None
-    async with build_service(sandbox.settings(), sandbox.config, reporters=lambda record: [events]) as svc:
-        yield svc, events
 
 
 async def test_happy_path_to_poc(sandbox: Sandbox, service: tuple[DeployService, Events]) -> None:
@@ -52,7 +31,7 @@ async def test_happy_path_to_poc(sandbox: Sandbox, service: tuple[DeployService,
     record = await svc.wait(started.record.id)
 
     assert record.state is DeployState.SUCCEEDED, record.message
-    assert events.steps("done") == [
+    assert events.steps(record.id, EventKind.DONE) == [
         "resolve",
         "preflight",
         "images",
@@ -80,7 +59,7 @@ async def test_happy_path_to_poc(sandbox: Sandbox, service: tuple[DeployService,
     assert not staging["spec"]["template"]["spec"]["containers"][0]["image"].endswith(short)
     # the audit trail has every step
     steps = await svc.deps.ledger.steps(record.id)
-    assert [s.step for s in steps] == events.steps("done")[:-1]
+    assert [s.step for s in steps] == events.steps(record.id, EventKind.DONE)[:-1]
 
 
 async def test_status_reports_drift_across_three_envs(

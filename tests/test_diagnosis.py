@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +23,7 @@ from bot.adapters.kube import KubeClients
 from bot.adapters.registry import RegistryClient
 from bot.adapters.rollout import RolloutFailed, watch_rollout
 from bot.settings import FunnelcakeConfig
-from tests.test_argocd import clients_for, sim_config
 from tests.test_rollout import NS, set_image
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote
 from tests.testbed.kube.cluster import SimCluster
 from tests.testbed.registry import Registries
 
@@ -180,17 +177,6 @@ async def fail_rollout(
         )
     assert err.value.diagnosis is not None
     return err.value.diagnosis
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def cfg(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> FunnelcakeConfig:
-    return sim_config(sim_gitops, app_remote)
 
 
 @pytest.fixture

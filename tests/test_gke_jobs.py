@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +16,7 @@ from bot.adapters.migrations import MigrateOutcome, MigrationFailed, MigrationRu
 from bot.adapters.snapshot import snapshot_env
 from bot.errors import PermanentError
 from bot.settings import MIGRATE_IMAGE, Environment
-from tests.test_argocd import clients_for, sim_config
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote
+from tests.testbed.gitrepos import AppRemote
 from tests.testbed.kube.cluster import SimCluster, Timings
 from tests.testbed.registry import Registries
 
@@ -32,17 +29,6 @@ LONG = 1800.0
 def sim_timings() -> Timings:
     # deleted pods stay Terminating for a while, as pods stopping on GKE do
     return dataclasses.replace(Timings.fast(), termination=30.0)
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
-    return sim_config(sim_gitops, app_remote).env("staging")
 
 
 async def _progress(message: str, data: object) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,8 +20,7 @@ from bot.adapters.jobs import JobStuck, run_job
 from bot.adapters.kube import KubeClients
 from bot.adapters.rollout import RolloutFailed, watch_rollout
 from bot.settings import Environment
-from tests.test_argocd import clients_for, sim_config
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote
+from tests.testbed.gitrepos import AppRemote
 from tests.testbed.kube.cluster import SimCluster, Timings
 from tests.testbed.kube.printers import pod_status_text
 from tests.testbed.registry import Registries
@@ -36,17 +34,6 @@ SCHEMA_ERROR = "schema-check: table funnelcake.events has no column user_agent (
 def sim_timings() -> Timings:
     # progress deadlines as on GKE (600 s), so only a diagnosis can end a stuck rollout early
     return dataclasses.replace(Timings.fast(), deadline_scale=1.0)
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
-    return sim_config(sim_gitops, app_remote).env("staging")
 
 
 def _relabel(cluster: SimCluster, arch: str, nodes: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from bot.ledger.models import DeployState
 from handlers import http as edge
 from tests.testbed.botrun import RunningBot
+from tests.testbed.ledgerdb import lock_events
 from tests.testbed.slack import FakeSlack, block_actions_payload, sign, signed_headers
 
 CHANNEL = "C0DEPLOYS"
@@ -218,8 +219,7 @@ async def test_a_redelivered_request_acts_once(bot: RunningBot, slack_sandbox: F
     ]
     assert len(posted) == 1, posted
     assert bot.service is not None
-    events = await bot.service.deps.ledger.lock_events("poc")
-    assert [e.action for e in events] == ["lock"]
+    assert await lock_events(bot.sandbox.settings().database_url, "poc") == [("lock", "U0ALICE")]
 
 
 async def test_a_tampered_button_value_is_refused_privately_before_anything_is_recorded(

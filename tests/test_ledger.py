@@ -22,6 +22,7 @@ from bot.ledger import (
     Decision,
     DeployKind,
     DeployState,
+    Fenced,
     Lease,
     Ledger,
     LockHeld,
@@ -32,6 +33,7 @@ from bot.ledger import (
     UnknownDeploy,
 )
 from bot.ledger import schema as ledger_schema
+from tests.testbed.ledgerdb import lock_events
 from tests.testbed.pg import ThrowawayPostgres, pg_database  # noqa: F401 - pg_database is a fixture
 
 START = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -157,16 +159,15 @@ async def test_v1_database_is_upgraded_in_place_and_keeps_its_history(db_url: st
         assert [d.id for d in await led.history("staging")] == ["d-old003", "d-old002", "d-old001"]
         assert (await led.get_deploy("d-old002")).tags == {}  # a migration moves no tag
         last = await led.last_succeeded("staging")
-        prev = await led.previous_succeeded("staging")
         assert last is not None and last.id == "d-old003"
-        assert prev is not None and prev.id == "d-old001"
         # the new columns and tables work on the upgraded data
         updated = await led.update_deploy("d-old003", owner="bot-a", last_step="verify")
         assert (updated.owner, updated.last_step) == ("bot-a", "verify")
         fresh = await _deploy(led, "production")
         await led.request_approval(fresh.id, binding="b", requester="U0REQ", expires_at=START)
         await led.lock("staging", "U0OPS", "after the upgrade")
-        assert [e.action for e in await led.lock_events()] == ["lock"]
+        assert [(x.env, x.user) for x in await led.locks()] == [("staging", "U0OPS")]
+        assert await lock_events(db_url, "staging") == [("lock", "U0OPS")]
     finally:
         await led.close()
     # opening again is a no-op: the steps ran once
@@ -177,17 +178,28 @@ async def test_v1_database_is_upgraded_in_place_and_keeps_its_history(db_url: st
         await led.close()
 
 
-async def test_upgrade_steps_are_idempotent(db_url: str) -> None:
+async def test_upgrade_steps_are_idempotent(db_url: str, clock: FakeClock) -> None:
+    led = await Ledger.open(db_url, clock=clock)
+    try:
+        await _deploy(led, "staging")
+        await led.lock("staging", "U0OPS", "before the re-run")
+        before = (await led.history("staging"), await led.locks())
+    finally:
+        await led.close()
     engine = create_async_engine(db_url)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(lambda c: ledger_schema.upgrade(c, now=START))
         async with engine.begin() as conn:
             # a step interrupted before its version row was written must be safe to run again
             for step in ledger_schema.STEPS:
                 await conn.run_sync(step)
     finally:
         await engine.dispose()
+    led = await Ledger.open(db_url, clock=clock)
+    try:
+        assert await led.schema_version() == ledger_schema.LATEST
+        assert (await led.history("staging"), await led.locks()) == before
+    finally:
+        await led.close()
 
 
 async def test_processes_opening_together_upgrade_once(db_url: str, clock: FakeClock) -> None:
@@ -438,8 +450,9 @@ async def test_in_flight_after_a_crash(db_url: str, clock: FakeClock) -> None:
         assert rec.last_step == "images"
         assert (await restarted.steps(running.id))[-1].state is StepState.RUNNING
 
-        [lapsed] = await restarted.expired_leases()
-        assert (lapsed.env, lapsed.deploy_id) == ("staging", running.id)
+        lapsed = await restarted.get_lease("staging")
+        assert lapsed is not None and lapsed.deploy_id == running.id
+        assert lapsed.expires_at <= clock.now  # its holder stopped proving: a candidate for takeover
         await restarted.update_deploy(
             running.id,
             expect_state=DeployState.RUNNING,
@@ -453,7 +466,9 @@ async def test_in_flight_after_a_crash(db_url: str, clock: FakeClock) -> None:
         await restarted.close()
 
 
-async def test_previous_succeeded_is_the_tag_before_the_current_one(ledger: Ledger, clock: FakeClock) -> None:
+async def test_last_succeeded_is_the_deploy_that_put_the_current_tag_in_place(
+    ledger: Ledger, clock: FakeClock
+) -> None:
     async def finished(
         short: str, state: DeployState, kind: DeployKind = DeployKind.DEPLOY, env: str = "staging"
     ):
@@ -462,26 +477,22 @@ async def test_previous_succeeded_is_the_tag_before_the_current_one(ledger: Ledg
         return await ledger.update_deploy(d.id, state=state)
 
     assert await ledger.last_succeeded("staging") is None
-    assert await ledger.previous_succeeded("staging") is None
     a = await finished("aaaaaaa", DeployState.SUCCEEDED)
-    assert await ledger.previous_succeeded("staging") is None
+    assert (await ledger.last_succeeded("staging")) == a
     await finished("bbbbbbb", DeployState.FAILED)
+    assert (await ledger.last_succeeded("staging")) == a
     c = await finished("ccccccc", DeployState.SUCCEEDED)
     await finished("ddddddd", DeployState.SUCCEEDED, kind=DeployKind.MIGRATE)
     await finished("eeeeeee", DeployState.SUCCEEDED, env="poc")
     c_again = await finished("ccccccc", DeployState.SUCCEEDED)  # re-deploy of the same tag
 
     last = await ledger.last_succeeded("staging")
-    prev = await ledger.previous_succeeded("staging")
-    assert last is not None and last.id == c_again.id
-    assert prev is not None and prev.id == a.id and prev.tags["staging"] == "aaaaaaa"
+    assert last is not None and last.id == c_again.id and c.id != c_again.id
+    assert last.tags == {"staging": "ccccccc"}
 
     rb = await finished("aaaaaaa", DeployState.SUCCEEDED, kind=DeployKind.ROLLBACK)
     last = await ledger.last_succeeded("staging")
-    prev = await ledger.previous_succeeded("staging")
-    assert last is not None and last.id == rb.id
-    assert prev is not None and prev.id == c_again.id
-    assert c.id != c_again.id
+    assert last is not None and last.id == rb.id and last.tags == {"staging": "aaaaaaa"}
 
 
 # ---- leases ----
@@ -528,22 +539,25 @@ async def test_different_envs_lease_in_parallel(ledger: Ledger, other: Ledger) -
 
 
 async def test_a_lapsed_lease_is_taken_over(ledger: Ledger, other: Ledger, clock: FakeClock) -> None:
-    a = await _deploy(ledger, "staging")
+    a = await _deploy(ledger, "staging", owner="bot-a")
     b = await _deploy(other, "staging")
+    assert a.fence is not None
     first = await ledger.acquire_lease("staging", holder="bot-a", deploy_id=a.id, ttl=30)
     assert first.expires_at == START + timedelta(seconds=30) and first.taken_over_from is None
     clock.advance(29)
-    assert await other.expired_leases() == []
+    assert await other.get_lease("staging") == first  # still live
     with pytest.raises(LockHeld):
         await other.acquire_lease("staging", holder="bot-b", deploy_id=b.id, ttl=30)
     clock.advance(2)
-    assert [x.deploy_id for x in await other.expired_leases()] == [a.id]
+    lapsed = await other.get_lease("staging")
+    assert lapsed is not None and lapsed.deploy_id == a.id and lapsed.expires_at < clock.now
     taken = await other.acquire_lease("staging", holder="bot-b", deploy_id=b.id, ttl=30)
     assert (taken.holder, taken.deploy_id, taken.taken_over_from) == ("bot-b", b.id, a.id)
     assert taken.acquired_at == clock.now
     assert (first.epoch, taken.epoch) == (1, 2)  # the take-over moved the env's fencing token on
     # the crashed holder learns it lost the lease, and cannot release the new holder's
-    assert await ledger.heartbeat("staging", "bot-a", 30) is False
+    with pytest.raises(Fenced):
+        await ledger.prove(a.id, a.fence, [first], ttl=30)
     assert await ledger.release_lease("staging", "bot-a") is False
     assert (await ledger.get_lease("staging")) == Lease(
         env="staging",
@@ -556,22 +570,26 @@ async def test_a_lapsed_lease_is_taken_over(ledger: Ledger, other: Ledger, clock
     )
 
 
-async def test_heartbeat_keeps_the_lease(ledger: Ledger, other: Ledger, clock: FakeClock) -> None:
-    a = await _deploy(ledger, "poc")
-    b = await _deploy(other, "poc")
-    await ledger.acquire_lease("poc", holder="bot-a", deploy_id=a.id, ttl=30)
+async def test_proving_keeps_the_lease(ledger: Ledger, other: Ledger, clock: FakeClock) -> None:
+    a = await _deploy(ledger, "poc", owner="bot-a")
+    b = await _deploy(other, "poc", owner="bot-b")
+    assert a.fence is not None and b.fence is not None
+    held_lease = await ledger.acquire_lease("poc", holder="bot-a", deploy_id=a.id, ttl=30)
     for _ in range(4):
         clock.advance(20)
-        assert await ledger.heartbeat("poc", "bot-a", 30) is True
+        renewed = await ledger.prove(a.id, a.fence, [held_lease], ttl=30)
+        assert renewed == clock.now + timedelta(seconds=30)
     clock.advance(20)  # 100 s after acquiring, far past the first ttl
     with pytest.raises(LockHeld) as held:
         await other.acquire_lease("poc", holder="bot-b", deploy_id=b.id, ttl=30)
     assert held.value.since == START  # held since the start, renewed since
     lease = await other.get_lease("poc")
     assert lease is not None and lease.heartbeat_at == START + timedelta(seconds=80)
-    assert await other.heartbeat("poc", "bot-b", 30) is False  # not the holder
-    clock.advance(11)  # heartbeats stopped: lapsed now
-    assert await ledger.heartbeat("poc", "bot-a", 30) is False
+    with pytest.raises(Fenced):  # not the holder
+        await other.prove(b.id, b.fence, [held_lease], ttl=30)
+    clock.advance(11)  # proofs stopped: lapsed now
+    with pytest.raises(Fenced):
+        await ledger.prove(a.id, a.fence, [held_lease], ttl=30)
 
 
 async def test_same_holder_renews_but_cannot_run_two_deploys_on_one_env(
@@ -594,7 +612,7 @@ async def test_same_holder_renews_but_cannot_run_two_deploys_on_one_env(
 
 
 async def test_manual_lock_refuses_leases_until_unlocked(
-    ledger: Ledger, other: Ledger, clock: FakeClock
+    ledger: Ledger, other: Ledger, clock: FakeClock, db_url: str
 ) -> None:
     d = await _deploy(ledger, "production")
     lock = await ledger.lock("production", "U0OPS", "ClickHouse maintenance until 14:00")
@@ -626,8 +644,7 @@ async def test_manual_lock_refuses_leases_until_unlocked(
     assert await ledger.locks() == []
     lease = await other.acquire_lease("production", holder="bot-b", deploy_id=d.id, ttl=60)
     assert lease.deploy_id == d.id
-    events = await ledger.lock_events("production")
-    assert [(e.action, e.user) for e in events] == [
+    assert await lock_events(db_url, "production") == [
         ("unlock", "U0ADMIN"),
         ("lock", "U0OPS"),
         ("lock", "U0OPS"),

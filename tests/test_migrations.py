@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from bot.adapters.migrations import (
 )
 from bot.errors import PermanentError
 from bot.settings import Environment, MigrationMode, Migrations, load_config
-from tests.test_argocd import clients_for, sim_config
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote
+from tests.testbed.gitrepos import AppRemote
 from tests.testbed.kube.cluster import SimCluster
 from tests.testbed.registry import Registries
 
@@ -127,17 +125,6 @@ def test_parse_forced_run() -> None:
 
 
 # ------------------------------------------------------------------------------ on the simulated cluster
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def staging(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> Environment:
-    return sim_config(sim_gitops, app_remote).env("staging")
 
 
 async def push_migrate(registries: Registries, tag: str) -> None:

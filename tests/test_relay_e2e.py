@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,34 +18,16 @@ import yaml
 
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployRecord, DeployState
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import EventKind
 from bot.service import DeployService
 from bot.settings import parse_config
 from bot.wiring import build_service
 from handlers.blocks import status_blocks, summary_text
+from tests.testbed.events import Events
 from tests.testbed.sandbox import Sandbox
 
 IMAGES = ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate")
 ALICE = "U0ALICE"
-
-
-class Events:
-    def __init__(self) -> None:
-        self.events: list[StepEvent] = []
-
-    async def emit(self, event: StepEvent) -> None:
-        self.events.append(event)
-
-    def of(self, run_id: str, step: str, kind: EventKind) -> list[StepEvent]:
-        return [e for e in self.events if e.run_id == run_id and e.step == step and e.kind is kind]
-
-
-@pytest.fixture
-async def service(sandbox: Sandbox) -> AsyncIterator[tuple[DeployService, Events]]:
-    events = Events()
-    assert sandbox.config is not None
-    async with build_service(sandbox.settings(), sandbox.config, reporters=lambda record: [events]) as svc:
-        yield svc, events
 
 
 async def deploy_head(sandbox: Sandbox, svc: DeployService, env: str = "poc") -> tuple[str, DeployRecord]:

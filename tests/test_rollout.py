@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +21,7 @@ from bot.adapters.rollout import (
     watch_rollouts,
 )
 from bot.settings import Environment, FunnelcakeConfig
-from tests.test_argocd import clients_for, sim_config
-from tests.testbed.gitrepos import AppRemote, GitOpsRemote
+from tests.testbed.gitrepos import AppRemote
 from tests.testbed.kube.cluster import SimCluster
 from tests.testbed.registry import Registries
 
@@ -119,17 +117,6 @@ def set_image(cluster: SimCluster, service: str, image: str) -> None:
         dep["spec"]["template"]["spec"]["containers"][0]["image"] = image
 
     cluster.store.update("deployments", NS, f"funnelcake-{service}", edit)
-
-
-@pytest.fixture
-async def staging_clients(sim_cluster: SimCluster, tmp_path: Path) -> AsyncIterator[KubeClients]:
-    async with clients_for(sim_cluster, tmp_path) as clients:
-        yield clients
-
-
-@pytest.fixture
-def cfg(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> FunnelcakeConfig:
-    return sim_config(sim_gitops, app_remote)
 
 
 @pytest.fixture

@@ -15,15 +15,9 @@ from bot.adapters.registry import RegistryClient
 from bot.adapters.snapshot import _MAX_DIAGNOSED, _failing_pods, snapshot_all
 from bot.errors import TransientError
 from bot.settings import DEFAULT_CONFIG_PATH, Environment, FunnelcakeConfig, load_config
-from tests.test_argocd import sim_config
 from tests.test_rollout import set_image
-from tests.testbed.gitrepos import DEFAULT_DEPLOYED, AppRemote, GitOpsRemote
+from tests.testbed.gitrepos import DEFAULT_DEPLOYED, AppRemote
 from tests.testbed.kube.cluster import SimClusters
-
-
-@pytest.fixture
-def cfg(sim_gitops: GitOpsRemote, app_remote: AppRemote) -> FunnelcakeConfig:
-    return sim_config(sim_gitops, app_remote)
 
 
 @pytest.fixture

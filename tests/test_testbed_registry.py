@@ -120,10 +120,19 @@ async def test_restart_keeps_storage_and_port() -> None:
 
 
 async def test_large_layer_is_streamed(registry: LocalRegistry) -> None:
-    # 8 MiB across several chunks: the digest the registry computed matches ours
-    await asyncio.wait_for(
-        push_image(registry.url, "r/big", "t", "amd64", layer_sizes=(8 * 1024 * 1024 + 17,)), 30
-    )
+    # 8 MiB across several chunks: the registry serves back the whole layer under the digest we computed
+    size = 8 * 1024 * 1024 + 17
+    await asyncio.wait_for(push_image(registry.url, "r/big", "t", "amd64", layer_sizes=(size,)), 30)
+    async with aiohttp.ClientSession() as s:
+        status, _, body = await _manifest(s, registry.url, "r/big", "t")
+        assert status == 200
+        (layer,) = json.loads(body)["layers"]
+        assert layer["size"] == size
+        async with s.get(f"{registry.url}/v2/r/big/blobs/{layer['digest']}") as r:
+            assert r.status == 200
+            blob = await r.read()
+    assert len(blob) == size
+    assert f"sha256:{hashlib.sha256(blob).hexdigest()}" == layer["digest"]
 
 
 async def test_token_registry_challenges_and_accepts_access_token(

@@ -213,9 +213,6 @@ class MigrationRunner:
     def _lock(self, env: str) -> asyncio.Lock:
         return self._locks.setdefault(env, asyncio.Lock())
 
-    def last_result(self, env: str) -> MigrateLog | None:
-        return self._last.get(env)
-
     async def up(self, client: ClusterClient, env: Environment, short_sha: str) -> MigrationRun:
         return await self._run(client, env, short_sha, migrate_args("up"))
 

@@ -49,8 +49,6 @@ def render_plan(plan: Plan) -> list[str]:
             detail = " ".join(x for x in (_digest(img.digest), img.note) if x)
             lines.append(f"    {img.image + ':' + img.tag:<{width}}  {action}  {detail}".rstrip())
         lines.append(f"    migrations: {'run' if ep.run_migrations else 'none to run'}")
-        if ep.locked_by:
-            lines.append(f"    locked: {ep.locked_by}")
     if plan.migrations:
         lines.append("  migrations changed: " + ", ".join(plan.migrations))
     for warning in plan.warnings:

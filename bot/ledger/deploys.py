@@ -264,37 +264,15 @@ class DeploysMixin(LedgerBase):
             found = await self._succeeded(conn, env, limit=1)
             return found[0] if found else None
 
-    async def previous_succeeded(self, env: str) -> DeployRecord | None:
-        """The newest success before the current one that left a different tag: where a rollback goes."""
-        async with self._tx() as conn:
-            current = await self._succeeded(conn, env, limit=1)
-            if not current:
-                return None
-            cur = current[0]
-            cur_seq = (
-                await conn.execute(select(s.deploys.c.seq).where(s.deploys.c.id == cur.id))
-            ).scalar_one()
-            assert cur.finished_at is not None  # noqa: S101 - _succeeded only returns finished records
-            older = or_(
-                s.deploys.c.finished_at < cur.finished_at,
-                and_(s.deploys.c.finished_at == cur.finished_at, s.deploys.c.seq < cur_seq),
-            )
-            found = await self._succeeded(conn, env, limit=1, extra=[older], tag_not=cur.tags[env])
-            return found[0] if found else None
-
     async def _succeeded(
         self,
         conn: AsyncConnection,
         env: str,
         *,
         limit: int,
-        extra: Sequence[ColumnElement[bool]] = (),
-        tag_not: str | None = None,
     ) -> list[DeployRecord]:
         t = s.deploy_targets.c
         tagged = [t.deploy_id == s.deploys.c.id, t.env == env, t.tag.is_not(None)]
-        if tag_not is not None:
-            tagged.append(t.tag != tag_not)
         # EXISTS rather than a join: the planner walks the deploys newest-finished first down their index
         # and stops at the first that put a tag in the env, instead of sorting every deploy of the env.
         q = (
@@ -304,7 +282,6 @@ class DeploysMixin(LedgerBase):
                 s.deploys.c.state == DeployState.SUCCEEDED.value,
                 s.deploys.c.kind.in_([k.value for k in DeployKind if k.changes_tags]),
                 s.deploys.c.finished_at.is_not(None),
-                *extra,
             )
             .order_by(s.deploys.c.finished_at.desc(), s.deploys.c.seq.desc())
             .limit(limit)

@@ -93,23 +93,6 @@ class LeasesMixin(LedgerBase):
                 )
             return _lease(row, taken_over_from=taken_over)
 
-    async def heartbeat(self, env: str, holder: str, ttl: float, *, epoch: int | None = None) -> bool:
-        """Extend a live lease; False means it lapsed, was released or was taken over, so the holder must stop."""
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
-        now = self._now()
-        c = s.leases.c
-        async with self._tx() as conn:
-            stmt = update(s.leases).where(
-                c.env == env, c.holder == holder, c.expires_at > now, c.released_at.is_(None)
-            )
-            if epoch is not None:
-                stmt = stmt.where(c.epoch == epoch)
-            result = await conn.execute(
-                stmt.values(expires_at=now + timedelta(seconds=ttl), heartbeat_at=now)
-            )
-            return bool(result.rowcount)
-
     async def prove(self, deploy_id: str, fence: Fence, leases: Sequence[Lease], *, ttl: float) -> datetime:
         """The check before a side effect: this owner still owns the deploy at its epoch and holds each
         lease at its epoch, unexpired. Renews the leases; returns their new expiry. Fenced otherwise."""
@@ -159,12 +142,4 @@ class LeasesMixin(LedgerBase):
         c = s.leases.c
         async with self._tx() as conn:
             q = select(s.leases).where(c.released_at.is_(None)).order_by(c.env)
-            return [_lease(r) for r in (await conn.execute(q)).all()]
-
-    async def expired_leases(self) -> list[Lease]:
-        """Leases whose holder stopped heart-beating: their deploys are candidates for takeover."""
-        now = self._now()
-        c = s.leases.c
-        async with self._tx() as conn:
-            q = select(s.leases).where(c.expires_at <= now, c.released_at.is_(None)).order_by(c.env)
             return [_lease(r) for r in (await conn.execute(q)).all()]

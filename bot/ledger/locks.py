@@ -6,7 +6,7 @@ from sqlalchemy import delete, select, update
 
 from bot.ledger import schema as s
 from bot.ledger.base import LedgerBase
-from bot.ledger.models import LockEvent, LockHeld, ManualLock
+from bot.ledger.models import LockHeld, ManualLock
 from bot.ledger.rows import _lock
 
 
@@ -50,14 +50,3 @@ class LocksMixin(LedgerBase):
     async def locks(self) -> list[ManualLock]:
         async with self._tx() as conn:
             return [_lock(r) for r in (await conn.execute(select(s.locks).order_by(s.locks.c.env))).all()]
-
-    async def lock_events(self, env: str | None = None, limit: int = 20) -> list[LockEvent]:
-        c = s.lock_events.c
-        q = select(s.lock_events).order_by(c.at.desc(), c.id.desc()).limit(limit)
-        if env is not None:
-            q = q.where(c.env == env)
-        async with self._tx() as conn:
-            return [
-                LockEvent(env=r.env, action=r.action, user=r.user, reason=r.reason, at=r.at)
-                for r in (await conn.execute(q)).all()
-            ]

@@ -166,15 +166,6 @@ class IncidentRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class LockEvent:
-    env: str
-    action: Literal["lock", "unlock"]
-    user: str
-    reason: str | None
-    at: datetime
-
-
-@dataclass(frozen=True, slots=True)
 class Approval:
     deploy_id: str
     binding: str

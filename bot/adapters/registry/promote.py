@@ -306,8 +306,6 @@ class RegistryClient(BaseClient):
                         src.host, f"reading blob {digest} failed after {sent} bytes: {source_failure[0]}"
                     ) from e
                 raise
-            except PermanentError:
-                raise
             async with put:
                 if put.status != 201:
                     text = await put.read()
