@@ -12,8 +12,8 @@ from bot.adapters.migrations import (
     MigrateOutcome,
     MigrationFailed,
     MigrationRunner,
-    build_job,
     migrate_args,
+    migration_job,
     parse_migrate_log,
 )
 from bot.errors import PermanentError
@@ -32,7 +32,7 @@ def env_vars(job: dict) -> dict[str, dict]:
 
 def test_cloud_job_takes_url_and_credentials_from_the_secret() -> None:
     env = CONFIG.env("production")
-    job = build_job(env, "e7e79eb", ["up"])
+    job = migration_job(env, "e7e79eb", ["up"])
     ev = env_vars(job)
     assert set(ev) == {"CLICKHOUSE_URL", "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DATABASE"}
     for name, e in ev.items():
@@ -49,7 +49,7 @@ def test_cloud_job_takes_url_and_credentials_from_the_secret() -> None:
 @pytest.mark.parametrize("name", ["staging", "poc"])
 def test_self_hosted_job_never_gets_clickhouse_url(name: str) -> None:
     env = CONFIG.env(name)
-    ev = env_vars(build_job(env, "e7e79eb", ["force", "3"]))
+    ev = env_vars(migration_job(env, "e7e79eb", ["force", "3"]))
     assert "CLICKHOUSE_URL" not in ev
     assert ev["CLICKHOUSE_HOST"] == {
         "name": "CLICKHOUSE_HOST",
@@ -65,13 +65,13 @@ def test_self_hosted_job_never_gets_clickhouse_url(name: str) -> None:
 )
 def test_job_refuses_anything_but_up_and_force_version(args: list[str]) -> None:
     with pytest.raises(PermanentError):
-        build_job(CONFIG.env("poc"), "e7e79eb", args)
+        migration_job(CONFIG.env("poc"), "e7e79eb", args)
 
 
 @pytest.mark.parametrize("sha", ["E7E79EB", "e7e79e", "e7e79eb:latest", "../x"])
 def test_job_refuses_a_tag_that_is_not_a_commit(sha: str) -> None:
     with pytest.raises(PermanentError):
-        build_job(CONFIG.env("poc"), sha, ["up"])
+        migration_job(CONFIG.env("poc"), sha, ["up"])
 
 
 def test_migrate_args() -> None:
@@ -224,7 +224,7 @@ async def test_one_migration_at_a_time(
     await first
     # another bot (or a person) has a Job running (its pod stuck pulling): its fixed name guards the cluster
     sim_cluster.store.delete("jobs", "funnelcake", "funnelcake-db-migrate")
-    sim_cluster.store.create("jobs", build_job(staging, "0000000", ["up"]))
+    sim_cluster.store.create("jobs", migration_job(staging, "0000000", ["up"]))
     with pytest.raises(PermanentError, match="still running"):
         await MigrationRunner(job_timeout=5).up(client, staging, app_remote.short("add-index"))
     assert sim_cluster.store.get("jobs", "funnelcake", "funnelcake-db-migrate") is not None  # left alone

@@ -37,7 +37,7 @@ def migrate_args(action: str, version: int | None = None) -> list[str]:
     raise PermanentError(f"unsupported migration action {action!r}: only 'up' and 'force <version>' exist")
 
 
-def build_job(env: Environment, short_sha: str, args: list[str]) -> JSON:
+def migration_job(env: Environment, short_sha: str, args: list[str]) -> JSON:
     """The migration Job for `env`: the ClickHouse connection comes from the env's config mode (F8)."""
     if not _SHORT_SHA.match(short_sha):
         raise PermanentError(f"{short_sha!r} is not a commit hash: the migrate image is tagged with one")
@@ -246,7 +246,7 @@ class MigrationRunner:
                 f"a migration is already running in {env.name}", hint="Wait for it to finish, then retry."
             )
         async with lock:
-            job = build_job(env, short_sha, args)
+            job = migration_job(env, short_sha, args)
             name = job["metadata"]["name"]
             done = await run_job(
                 client,

@@ -221,4 +221,4 @@ def _names(principals: Sequence[str]) -> str:
     return ", ".join(mention(p) for p in principals) or "nobody"
 
 
-__all__ = ["ALLOWED", "Action", "Authority", "Verdict", "GroupCache", "Principal"]
+__all__ = ["ALLOWED", "Action", "Authority", "GroupCache", "Principal", "Verdict"]
