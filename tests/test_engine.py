@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bot.errors import PermanentError, TransientError
-from bot.pipeline.engine import EventKind, Pipeline, Progress, Retry, Skip, Step, StepEvent, StepOutcome
+from bot.pipeline.engine import EventKind, Pipeline, Retry, Skip, Step, StepEvent, StepOutcome, StepProgress
 
 
 class Recorder:
@@ -30,7 +30,7 @@ class Ok(Step[dict[str, Any]]):
     name = "ok"
     timeout = 1.0
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> Mapping[str, Any]:
         await progress("half way", {"n": 1})
         ctx["ran"] = [*ctx.get("ran", []), self.name]
         return {"digest": "sha256:abc"}
@@ -45,7 +45,7 @@ class Flaky(Step[dict[str, Any]]):
         self.failures = failures
         self.calls = 0
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             raise TransientError("registry 127.0.0.1:5000 unavailable: 503")
@@ -54,14 +54,14 @@ class Flaky(Step[dict[str, Any]]):
 class Denied(Step[dict[str, Any]]):
     name = "denied"
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         raise PermanentError("tag e7e79eb missing from the poc registry", hint="Promote it first.")
 
 
 class Nothing(Step[dict[str, Any]]):
     name = "migrate"
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         raise Skip("no migration changed")
 
 
@@ -69,7 +69,7 @@ class Slow(Step[dict[str, Any]]):
     name = "slow"
     timeout = 0.05
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         await asyncio.sleep(10)
 
 
@@ -81,7 +81,7 @@ class Holds(Step[dict[str, Any]]):
         self.released = False
         self.entered = asyncio.Event()
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         try:
             self.entered.set()
             await asyncio.sleep(10)
@@ -179,7 +179,7 @@ async def test_a_crashing_step_is_reported_without_a_traceback() -> None:
     class Buggy(Step[dict[str, Any]]):
         name = "buggy"
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             raise KeyError("oops")
 
     rec = Recorder()
@@ -198,7 +198,7 @@ async def test_retry_after_from_the_remote_is_honoured() -> None:
         def __init__(self) -> None:
             self.times: list[float] = []
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             self.times.append(asyncio.get_running_loop().time())
             if len(self.times) == 1:
                 raise TransientError("429 from Argo CD", delay=0.2)
@@ -214,7 +214,7 @@ async def test_a_fanned_out_step_reports_the_permanent_verdict_not_the_group() -
         name = "sync"
         retry = FAST
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             async def ok() -> None:
                 await asyncio.sleep(0.01)
 
@@ -235,7 +235,7 @@ async def test_events_reach_reporters_scrubbed_of_credentials() -> None:
     class Leaky(Step[dict[str, Any]]):
         name = "migrate"
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             raise PermanentError(
                 "migration failed in clickhouse://ch:9000?username=admin&password=hunter2-secret",
                 data={"log": "dial tcp: xoxb-1234567890-abcdefghij failed"},

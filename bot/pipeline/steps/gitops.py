@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
 from bot.pipeline.steps.images import verify_images
 from bot.settings import DEFAULT_STEP_BUDGETS
 
@@ -22,10 +22,10 @@ IDENTITY_TIMEOUT = 5.0  # a directory lookup never holds a push: past it, the tr
 
 
 class GitOps(Step[DeployContext]):
-    name = "gitops"
+    name = StepName.GITOPS
     timeout = DEFAULT_STEP_BUDGETS.gitops
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         await verify_images(ctx)
         await ctx.guard("the GitOps push")
