@@ -9,7 +9,19 @@ from typing import Any
 import pytest
 
 from bot.errors import PermanentError, TransientError
-from bot.pipeline.engine import EventKind, Pipeline, Retry, Skip, Step, StepEvent, StepOutcome, StepProgress
+from bot.pipeline.engine import (
+    SUMMARY_STEP,
+    EventKind,
+    Pipeline,
+    Retry,
+    Skip,
+    Step,
+    StepEvent,
+    StepName,
+    StepOutcome,
+    StepProgress,
+)
+from bot.pipeline.events import DeploySummary, Diagnosed, DirtyMigration, read_payload
 
 
 class Recorder:
@@ -246,3 +258,69 @@ async def test_events_reach_reporters_scrubbed_of_credentials() -> None:
     failed = rec.events[-1]
     assert "hunter2-secret" not in failed.message
     assert "xoxb-1234567890-abcdefghij" not in str(failed.data)
+
+
+# ---- typed payloads: what the reporters read, and what the ledger stores --------------------------
+
+
+class CrashLoops(Step[dict[str, Any]]):
+    name = "rollout"
+
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
+        diagnosed = Diagnosed(
+            "poc",
+            "api keeps crashing (exit code 1, 4 restarts)",
+            "fatal: cannot reach github with ghp_" + "a" * 36,
+            "Read the last log lines above; fix the cause or roll back to the previous tag.",
+            kind="crash-loop",
+            deployment="funnelcake-api",
+            details={"container": "api", "exit code": "1"},
+        )
+        raise PermanentError("api keeps crashing", hint="Roll back.", data=diagnosed.to_json())
+
+
+async def test_a_failed_steps_diagnosis_reaches_reporters_typed_and_scrubbed() -> None:
+    rec = Recorder()
+    result = await Pipeline("r1", [CrashLoops()], [rec]).run({})
+    assert result.failed is not None and result.failed.step == StepName.ROLLOUT
+    failed = rec.events[-1]
+    assert isinstance(failed.payload, Diagnosed)
+    assert (failed.payload.env, failed.payload.kind, failed.payload.deployment) == (
+        "poc",
+        "crash-loop",
+        "funnelcake-api",
+    )
+    assert failed.payload.details == {"container": "api", "exit code": "1"}
+    assert failed.hint == "Roll back."
+    # a credential quoted in the evidence is scrubbed from the payload, as from the stored data
+    assert "ghp_" not in failed.payload.evidence and "ghp_" not in str(failed.data)
+
+
+def test_step_rows_written_before_the_payload_types_read_back_the_same() -> None:
+    # a failed rollout's and a dirty migration's step details, as the ledger holds them from earlier releases
+    old_rollout = {
+        "env": "staging",
+        "deployment": "funnelcake-api",
+        "diagnosis": {
+            "cause": "c",
+            "evidence": "e",
+            "fix": "f",
+            "kind": "exec-format",
+            "pod": "p",
+            "promote_from": [],
+        },
+        "hint": "h",
+    }
+    diagnosed = read_payload("rollout", "failed", old_rollout)
+    assert diagnosed == Diagnosed("staging", "c", "e", "f", "exec-format", "p", "funnelcake-api")
+    assert diagnosed.to_json()["diagnosis"] == {**old_rollout["diagnosis"], "details": {}}
+    old_migrate = {"env": "poc", "outcome": "dirty", "log": "error: …", "dirty_version": 7, "hint": "h"}
+    dirty = read_payload("migrate", "failed", old_migrate)
+    assert dirty == DirtyMigration("poc", 7, "dirty", "error: …")
+    assert {**dirty.to_json(), "hint": "h"} == old_migrate
+    # the summary's JSON keeps its keys; `pushed` only when a cancel told it
+    summary = DeploySummary(state="cancelled", envs=("poc",), seconds=3, pushed=False)
+    assert read_payload(SUMMARY_STEP, "cancelled", summary.to_json()) == summary
+    assert "pushed" not in DeploySummary(state="failed").to_json()
+    # step names are the strings the ledger stores
+    assert StepName.FORCE_MIGRATE == "force-migrate" and SUMMARY_STEP == "deploy"
