@@ -311,16 +311,16 @@ def test_step_rows_written_before_the_payload_types_read_back_the_same() -> None
         },
         "hint": "h",
     }
-    diagnosed = read_payload("rollout", "failed", old_rollout)
+    diagnosed = read_payload("rollout", EventKind.FAILED, old_rollout)
     assert diagnosed == Diagnosed("staging", "c", "e", "f", "exec-format", "p", "funnelcake-api")
     assert diagnosed.to_json()["diagnosis"] == {**old_rollout["diagnosis"], "details": {}}
     old_migrate = {"env": "poc", "outcome": "dirty", "log": "error: …", "dirty_version": 7, "hint": "h"}
-    dirty = read_payload("migrate", "failed", old_migrate)
+    dirty = read_payload("migrate", EventKind.FAILED, old_migrate)
     assert dirty == DirtyMigration("poc", 7, "dirty", "error: …")
     assert {**dirty.to_json(), "hint": "h"} == old_migrate
     # the summary's JSON keeps its keys; `pushed` only when a cancel told it
     summary = DeploySummary(state="cancelled", envs=("poc",), seconds=3, pushed=False)
-    assert read_payload(SUMMARY_STEP, "cancelled", summary.to_json()) == summary
+    assert read_payload(SUMMARY_STEP, EventKind.CANCELLED, summary.to_json()) == summary
     assert "pushed" not in DeploySummary(state="failed").to_json()
     # step names are the strings the ledger stores
     assert StepName.FORCE_MIGRATE == "force-migrate" and SUMMARY_STEP == "deploy"

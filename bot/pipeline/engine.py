@@ -29,6 +29,7 @@ from bot.pipeline.vocab import (
     STOP_LOST,
     STOPPED,
     SUMMARY_STEP,
+    EventKind,
     StepName,
 )
 
@@ -60,17 +61,6 @@ __all__ = [
 ]
 
 C = TypeVar("C")
-
-
-class EventKind(StrEnum):
-    STARTED = "started"
-    PROGRESS = "progress"
-    DONE = "done"
-    SKIPPED = "skipped"
-    RETRYING = "retrying"
-    FAILED = "failed"
-    ERRORED = "errored"
-    CANCELLED = "cancelled"
 
 
 def stopped_by_a_person(event: StepEvent) -> bool:
@@ -105,7 +95,7 @@ class StepEvent:
 
     def __post_init__(self) -> None:
         if self.payload is None:
-            object.__setattr__(self, "payload", read_payload(self.step, self.kind.value, self.data))
+            object.__setattr__(self, "payload", read_payload(self.step, self.kind, self.data))
         else:
             object.__setattr__(self, "data", {**self.data, **self.payload.to_json()})
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.pipeline.vocab import STOP_CANCEL, SUMMARY_STEP, StepName
+from bot.pipeline.vocab import STOP_CANCEL, SUMMARY_STEP, EventKind, StepName
 
 DETAILS_SHOWN = 6  # a diagnosis's details a reporter shows, at most
 DETAIL_CHARS = 120  # and at most this much of each
@@ -242,20 +242,19 @@ class DeploySummary:
 Payload = ApprovalRequested | Diagnosed | DirtyMigration | Resolved | Verified | Stopped | DeploySummary
 
 
-def read_payload(step: str, kind: str, data: Mapping[str, Any]) -> Payload | None:
-    """The typed view of an event's data (`kind` is the EventKind's value), or None when it carries none a
-    reporter reads."""
+def read_payload(step: str, kind: EventKind, data: Mapping[str, Any]) -> Payload | None:
+    """The typed view of an event's data, or None when it carries none a reporter reads."""
     if step == SUMMARY_STEP:
         return DeploySummary.from_json(data)
-    if kind == "cancelled":
+    if kind is EventKind.CANCELLED:
         return Stopped(str(data.get("stop", STOP_CANCEL)))
-    if step == StepName.APPROVAL and kind in ("started", "progress") and "expires_at" in data:
+    if step == StepName.APPROVAL and kind in (EventKind.STARTED, EventKind.PROGRESS) and "expires_at" in data:
         return ApprovalRequested.from_json(data)
-    if kind in ("failed", "errored") and "diagnosis" in data:
+    if kind in (EventKind.FAILED, EventKind.ERRORED) and "diagnosis" in data:
         return Diagnosed.from_json(data)
     if step == StepName.MIGRATE and isinstance(data.get("dirty_version"), int):
         return DirtyMigration.from_json(data)
-    if step == StepName.RESOLVE and kind == "done":
+    if step == StepName.RESOLVE and kind is EventKind.DONE:
         return Resolved(str(data.get("subject") or ""))
     if step == StepName.VERIFY and isinstance(data.get("endpoint_lines"), Mapping):
         return Verified({str(k): str(v) for k, v in data["endpoint_lines"].items()})

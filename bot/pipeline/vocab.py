@@ -29,6 +29,18 @@ class StepName(StrEnum):
 
 SUMMARY_STEP = StepName.DEPLOY
 
+
+class EventKind(StrEnum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    DONE = "done"
+    SKIPPED = "skipped"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    ERRORED = "errored"
+    CANCELLED = "cancelled"
+
+
 # The steps of each kind of run, in order: planning, then what a deploy's, a rollback's or a migration's
 # execution runs (a forced migration is not planned: it runs its one step).
 PLAN_STEPS: tuple[StepName, ...] = (StepName.RESOLVE, StepName.PREFLIGHT)
@@ -49,11 +61,6 @@ RUN_STEPS: Mapping[DeployKind, tuple[StepName, ...]] = {
 }
 # They run only once the overlays are pushed (or on a resume after the push).
 POST_PUSH_STEPS: tuple[StepName, ...] = (StepName.SYNC, StepName.ROLLOUT, StepName.VERIFY)
-
-
-def execute_steps(kind: DeployKind) -> tuple[StepName, ...]:
-    """What a run of this kind executes once planned (and approved, where it must be)."""
-    return tuple(s for s in RUN_STEPS[kind] if s not in PLAN_STEPS)
 
 
 # Why a run was stopped, passed as the cancel message, and what its step line says. Only a person cancels;
