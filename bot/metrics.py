@@ -27,7 +27,8 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
 from bot.models import DeployKind
-from bot.pipeline.engine import PLAN_STEPS, SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.engine import PLAN_STEPS, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.events import DeploySummary
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +276,9 @@ class MetricsReporter:
             m.step_started(event.run_id, event.step, event.at)
         elif event.kind in (EventKind.DONE, EventKind.FAILED, EventKind.ERRORED):
             m.step_ended(event.run_id, event.step, event.elapsed, event.at, envs=self.envs, kind=self.kind)
-        if event.step == SUMMARY_STEP:
-            seconds = event.data.get("seconds")
-            if isinstance(seconds, int | float):
-                kind, state = str(event.data.get("deploy_kind", "deploy")), str(event.data.get("state", ""))
-                m.deploy_ended(self.envs, kind, state, float(seconds), event.at)
+        summary = event.payload
+        if isinstance(summary, DeploySummary) and summary.seconds is not None:
+            m.deploy_ended(self.envs, summary.deploy_kind, summary.state, float(summary.seconds), event.at)
         result = self._result(event)
         if result is not None:
             m.deploy_finished(event.run_id, self.envs, result, self.kind)

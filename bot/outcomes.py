@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -19,8 +19,10 @@ from bot.logs import deploy_context
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import (
     PipelineResult,
+    StepName,
     StepOutcome,
 )
+from bot.pipeline.events import DeploySummary, ForcedClean
 from bot.pipeline.steps.resolve import downgrade_problems
 from bot.settings import Service
 
@@ -40,12 +42,12 @@ def _log_started(record: DeployRecord) -> None:
         )
 
 
-def _log_finished(record: DeployRecord, summary: Mapping[str, Any]) -> None:
+def _log_finished(record: DeployRecord, summary: DeploySummary) -> None:
     """The one line that marks a deploy's end (its final summary): the outcome and how long it took."""
-    outcome = str(summary.get("state") or record.state.value)
-    seconds = summary.get("seconds")
-    took = f" in {seconds:g} s" if isinstance(seconds, int | float) else ""
-    where = summary.get("failed_step")
+    outcome = summary.state or record.state.value
+    seconds = summary.seconds
+    took = f" in {seconds:g} s" if seconds is not None else ""
+    where = summary.failed_step
     at = f" at {where}" if where and outcome != DeployState.SUCCEEDED.value else ""
     with deploy_context(record.id, record.envs):
         log.log(
@@ -81,33 +83,34 @@ async def _until_the_ledger_answers(write: Callable[[], Awaitable[T]]) -> T:
 def _summary(
     record: DeployRecord, ctx: DeployContext | None, result: PipelineResult | None
 ) -> dict[str, Any]:
-    """The final reply's facts: duration, images with digests, the Argo CD revision, where it stopped."""
+    """The final reply's facts (a DeploySummary's JSON): duration, images with digests, the Argo CD
+    revision, where it stopped."""
     failed = result.failed if result else None
-    forced = next((r for r in result.results if r.step == "force-migrate"), None) if result else None
+    forced = next((r for r in result.results if r.step == StepName.FORCE_MIGRATE), None) if result else None
     revision = next((r.revision for rs in ctx.synced.values() for r in rs), None) if ctx else None
-    return {
-        "state": record.state.value,
-        "deploy_kind": record.kind.value,
-        "envs": list(record.envs),
-        "short": record.short,
-        "seconds": round((datetime.now(UTC) - record.created_at).total_seconds(), 1),
-        "images": {f"{env}/{image}": s.digest for (env, image), s in sorted(ctx.verified.items())}
+    return DeploySummary(
+        state=record.state.value,
+        deploy_kind=record.kind.value,
+        envs=tuple(record.envs),
+        short=record.short,
+        seconds=round((datetime.now(UTC) - record.created_at).total_seconds(), 1),
+        images={f"{env}/{image}": s.digest for (env, image), s in sorted(ctx.verified.items())}
         if ctx
         else {},
-        "revision": revision,
-        "endpoints": {env: summary_line(checks) for env, checks in ctx.endpoints.items()} if ctx else {},
-        "failed_step": failed.step if failed else None,
-        "hint": failed.hint if failed else None,
-        "failure": dict(failed.data) if failed else {},
+        revision=revision,
+        endpoints={env: summary_line(checks) for env, checks in ctx.endpoints.items()} if ctx else {},
+        failed_step=failed.step if failed else None,
+        hint=failed.hint if failed else None,
+        failure=dict(failed.data) if failed else {},
         # a force-migrate says which version it marked clean and what `up` applied after it
-        "force": {"version": forced.data.get("forced"), "applied": list(forced.data.get("applied", []))}
+        force=ForcedClean(forced.data.get("forced"), tuple(forced.data.get("applied", [])))
         if forced is not None and forced.outcome is StepOutcome.OK
         else None,
-        "rollback_to": {e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
+        rollback_to={e: ep.previous.get(Service.API.value) for e, ep in ctx.plan.env_plans.items()}
         if ctx and ctx.plan
         else {},
         # refused only for want of the requester's yes to moving back: the thread offers that second yes
-        "move_back": downgrade_problems(ctx.plan)
-        if ctx and ctx.plan and failed and failed.step == "preflight"
-        else [],
-    }
+        move_back=tuple(downgrade_problems(ctx.plan))
+        if ctx and ctx.plan and failed and failed.step == StepName.PREFLIGHT
+        else (),
+    ).to_json()

@@ -21,13 +21,13 @@ from bot.models import BOT_USER, DeployKind
 from bot.outcomes import _log_finished, _until_the_ledger_answers
 from bot.pipeline.context import DeployContext, Deps
 from bot.pipeline.engine import (
-    SUMMARY_STEP,
     EventKind,
     Pipeline,
     Reporter,
     Step,
     StepEvent,
 )
+from bot.pipeline.events import DeploySummary
 from bot.runs import Run, RunTracker
 from bot.settings import FunnelcakeConfig
 
@@ -123,9 +123,10 @@ class ServiceCore:
         run = self._runs.get(record.id)
         if run is not None:
             reporters.insert(0, self._ledger_reporter(run))
-        await Pipeline(record.id, [], reporters)._emit(StepEvent(record.id, step, kind, message, data))
-        if step == SUMMARY_STEP:
-            _log_finished(record, data)
+        event = StepEvent(record.id, step, kind, message, data)
+        await Pipeline(record.id, [], reporters)._emit(event)
+        if isinstance(event.payload, DeploySummary):
+            _log_finished(record, event.payload)
 
     async def _write(self, run: Run, **fields: Any) -> DeployRecord:
         """A write about the run's deploy, as its owner: kept trying while the ledger is unreachable (the lease

@@ -16,9 +16,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TextIO
+from typing import TextIO
 
 from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.events import ApprovalRequested, DeploySummary, Diagnosed, Verified
 
 _FANCY = {"pending": "·", "running": "…", "done": "✓", "skipped": "\u2013", "failed": "✗", "retrying": "↻"}
 _PLAIN = {"pending": ".", "running": "~", "done": "+", "skipped": "-", "failed": "x", "retrying": "r"}
@@ -85,10 +86,18 @@ def clock_text(seconds: float) -> str:
 
 def _with_endpoint_lines(event: StepEvent) -> StepEvent:
     """verify's done line carries its relay and API checks per env (NIP-11 version, REQ→EOSE latency)."""
-    lines = event.data.get("endpoint_lines") if event.kind is EventKind.DONE else None
-    if event.message or not isinstance(lines, Mapping) or not lines:
+    checked = event.payload if event.kind is EventKind.DONE else None
+    if event.message or not isinstance(checked, Verified) or not checked.endpoint_lines:
         return event
-    return replace(event, message="; ".join(f"{env}: {text}" for env, text in lines.items()))
+    return replace(event, message="; ".join(f"{env}: {text}" for env, text in checked.endpoint_lines.items()))
+
+
+def diagnosis_lines(d: Diagnosed) -> list[str]:
+    """A failed rollout's diagnosis, under its step: the cause, the fix, and the diagnoser's details."""
+    lines = [f"diagnosis ({d.env}): {d.cause}"] if d.env else [f"diagnosis: {d.cause}"]
+    if d.fix:
+        lines.append(f"fix: {d.fix}")
+    return lines + d.detail_lines()
 
 
 class TerminalReporter:
@@ -116,8 +125,9 @@ class TerminalReporter:
         self.steps = [StepLine(name) for name in steps]
         self.started = clock()
         self.failure: Failure | None = None
-        self.summary: Mapping[str, Any] | None = None
-        self.data: dict[str, Mapping[str, Any]] = {}  # step -> data of its latest event that had any
+        self.summary: DeploySummary | None = None
+        self.approval: ApprovalRequested | None = None  # what the approval step last said it waits for
+        self.diagnosis: Diagnosed | None = None  # a failed rollout's, shown under the steps
         self.cancelled = False
         fancy = _can_encode(self.stream, "".join(_FANCY.values()) + _BAR_FULL + _BAR_EMPTY)
         self.symbols = _FANCY if fancy else _PLAIN
@@ -161,8 +171,10 @@ class TerminalReporter:
         event = _with_endpoint_lines(event)
         line = self._line(event.step)
         state = _STATE_OF[event.kind]
-        if event.data:
-            self.data[event.step] = event.data
+        if isinstance(event.payload, ApprovalRequested):
+            self.approval = event.payload
+        if isinstance(event.payload, Diagnosed):
+            self.diagnosis = event.payload
         if event.kind in (EventKind.STARTED, EventKind.RETRYING) or event.message:
             line.message = event.message
         if event.kind is EventKind.STARTED:
@@ -173,8 +185,7 @@ class TerminalReporter:
         if stopped_by_a_person(event):
             self.cancelled = True
         if event.kind in (EventKind.FAILED, EventKind.ERRORED):
-            hint = event.data.get("hint")
-            self.failure = Failure(event.step, event.message, hint if isinstance(hint, str) else None)
+            self.failure = Failure(event.step, event.message, event.hint)
         if self.tty:
             self._draw()
         else:
@@ -182,9 +193,9 @@ class TerminalReporter:
 
     def _summarise(self, event: StepEvent) -> StepEvent:
         """Keep the run's summary; a refusal before any step ran (a lock) comes back as that step's failure."""
-        self.summary = dict(event.data)
-        hint = event.data.get("hint")
-        hint = hint if isinstance(hint, str) else None
+        summary = event.payload if isinstance(event.payload, DeploySummary) else DeploySummary()
+        self.summary = summary
+        hint = summary.hint
         failure = self.failure
         if event.kind is not EventKind.FAILED:
             return event
@@ -192,8 +203,8 @@ class TerminalReporter:
             if failure.hint is None and hint is not None:
                 self.failure = Failure(failure.step, failure.message, hint)
             return event
-        step = event.data.get("failed_step")
-        if not isinstance(step, str) or not step or step == SUMMARY_STEP:
+        step = summary.failed_step
+        if not step or step == SUMMARY_STEP:
             self.failure = Failure(SUMMARY_STEP, event.message, hint)
             return event
         return replace(event, step=step)
@@ -233,6 +244,8 @@ class TerminalReporter:
             if s.message:
                 text += f"  {s.message}"
             lines.append(text.rstrip())
+        if self.diagnosis is not None:
+            lines += [f"    {line}" for line in diagnosis_lines(self.diagnosis)]
         return lines
 
     def _fit(self, line: str) -> str:
@@ -271,7 +284,12 @@ class TerminalReporter:
             text = f"{stamp} {count} {symbol} {event.step} {verb} in {event.elapsed:.1f}s"
             if event.message and event.message != verb:
                 text += f": {event.message}"
-        self._write(text.replace("\n", " ") + "\n")
+        lines = (
+            [text, *(f"    {d}" for d in diagnosis_lines(event.payload))]
+            if isinstance(event.payload, Diagnosed)
+            else [text]
+        )
+        self._write("".join(line.replace("\n", " ") + "\n" for line in lines))
 
     def _write(self, text: str) -> None:
         self.stream.write(text)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from bot.drift import DriftReport, ServiceRow
 from bot.ledger.models import DeployRecord
 from bot.models import CommitInfo, DeployKind, Plan, plural
-from bot.pipeline.engine import MIGRATE_STEPS, PLAN_STEPS
+from bot.pipeline.events import DeploySummary, Diagnosed
+from bot.pipeline.vocab import RUN_STEPS
 from bot.settings import FunnelcakeConfig
 from handlers import buttons as drawn
 from handlers.blockkit import (
@@ -71,7 +71,7 @@ __all__ = [
     "when",
 ]
 
-STEPS = ("resolve", "preflight", "images", "migrate", "gitops", "sync", "rollout", "verify")
+STEPS = RUN_STEPS[DeployKind.DEPLOY]
 ICONS = {"done": "✅", "skipped": "⏭️", "failed": "❌", "errored": "⚠️", "cancelled": "🛑", "stopped": "⏸️"}
 
 
@@ -228,11 +228,7 @@ def plan_blocks(plan: Plan, *, max_commits: int = 15) -> list[Block]:
 
 def run_steps(kind: DeployKind) -> tuple[str, ...]:
     """The steps a run of this kind goes through: what its progress bar counts."""
-    if kind is DeployKind.FORCE_MIGRATE:
-        return ("force-migrate",)
-    if kind is DeployKind.MIGRATE:
-        return (*PLAN_STEPS, *MIGRATE_STEPS)
-    return STEPS
+    return RUN_STEPS[kind]
 
 
 def state_line(record: DeployRecord, steps: Mapping[str, str], current: str | None, seconds: float) -> str:
@@ -260,24 +256,26 @@ def endpoint_lines(lines: object) -> list[str]:
     return [f"📡 {esc(str(env))}: {esc(str(line))}" for env, line in lines.items()]
 
 
-def diagnosis_blocks(env: str, deploy_id: str, short: str | None, data: Mapping[str, Any]) -> list[Block]:
-    d = data.get("diagnosis") or {}
+def diagnosis_blocks(deploy_id: str, short: str | None, d: Diagnosed) -> list[Block]:
     blocks = [
-        section(f"🩺 *Diagnosis* ({esc(env)}): {esc(str(d.get('cause', 'unknown cause')))}"),
-        section("*Evidence*\n> " + esc(str(d.get("evidence", ""))).replace("\n", "\n> ")),
-        section(f"*Fix*: {esc(str(d.get('fix', '')))}"),
+        section(f"🩺 *Diagnosis* ({esc(d.env)}): {esc(d.cause)}"),
+        section("*Evidence*\n> " + esc(d.evidence).replace("\n", "\n> ")),
+        section(f"*Fix*: {esc(d.fix)}"),
     ]
+    details = d.detail_lines()
+    if details:
+        blocks.append(context(" · ".join(esc(line) for line in details)))
     buttons = [
         button(
             "Roll back",
             "rollback",
-            drawn.command(f"rollback {env}", ran=short),
+            drawn.command(f"rollback {d.env}", ran=short),
             "danger",
-            confirm=rollback_confirm(env),
+            confirm=rollback_confirm(d.env),
         )
     ]
     if short:
-        buttons.append(button("Rebuild", "rebuild", drawn.command(f"deploy {env} {short}", ran=short)))
+        buttons.append(button("Rebuild", "rebuild", drawn.command(f"deploy {d.env} {short}", ran=short)))
     blocks.append(actions(f"diagnosis:{deploy_id}", *buttons))
     return blocks
 
@@ -290,36 +288,33 @@ def _overlay_api(report: DriftReport, env: str) -> str | None:
     return None
 
 
-def summary_text(data: Mapping[str, Any], ok: bool, message: str, links: Links | None = None) -> str:
-    seconds = data.get("seconds", 0)
-    envs = ", ".join(data.get("envs", []))
-    force = data.get("force")
-    if ok and isinstance(force, Mapping):
-        applied = ", ".join(f"`{esc(str(m))}`" for m in force.get("applied") or []) or "no change"
+def summary_text(summary: DeploySummary, ok: bool, message: str, links: Links | None = None) -> str:
+    seconds = summary.seconds if summary.seconds is not None else 0
+    envs = ", ".join(summary.envs)
+    force = summary.force
+    if ok and force is not None:
+        applied = ", ".join(f"`{esc(m)}`" for m in force.applied) or "no change"
         return (
-            f"🎉 *Done* in {seconds}s: version {force.get('version')} forced clean in {envs}, "
+            f"🎉 *Done* in {seconds}s: version {force.version} forced clean in {envs}, "
             f"then `migrate up` ran: {applied}"
         )
     if ok:
-        lines = [
-            f"🎉 *Done*: {data.get('deploy_kind', 'deploy')} of `{data.get('short')}` to {envs} in {seconds}s"
-        ]
-        images = data.get("images") or {}
-        for name, digest in images.items():
+        lines = [f"🎉 *Done*: {summary.deploy_kind} of `{summary.short}` to {envs} in {seconds}s"]
+        for name, digest in summary.images.items():
             lines.append(f"• {name} `{(digest or '')[:19]}`")
-        if data.get("revision"):
-            revision = str(data["revision"])
+        if summary.revision:
+            revision = summary.revision
             lines.append(
                 f"Argo CD revision {links.gitops_commit(revision) if links else f'`{revision[:7]}`'}"
             )
-        lines += endpoint_lines(data.get("endpoints"))
+        lines += endpoint_lines(summary.endpoints)
         return "\n".join(lines)
-    if data.get("state") == "cancelled":
+    if summary.state == "cancelled":
         # The service writes this text from Slack IDs (`cancelled by <@U…>`): the mention stays unescaped.
         return f"🛑 *Cancelled* after {seconds}s: {message}"
-    text = f"💥 *Failed* after {seconds}s at *{data.get('failed_step') or '?'}*: {esc_keep_mentions(message)}"
-    if data.get("hint"):
-        text += f"\n_{esc_keep_mentions(str(data['hint']))}_"
+    text = f"💥 *Failed* after {seconds}s at *{summary.failed_step or '?'}*: {esc_keep_mentions(message)}"
+    if summary.hint:
+        text += f"\n_{esc_keep_mentions(summary.hint)}_"
     return text
 
 

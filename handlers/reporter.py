@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,16 @@ from bot.ledger import Ledger
 from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import DeployKind, Plan
-from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.engine import EventKind, StepEvent, StepName, stopped_by_a_person
+from bot.pipeline.events import (
+    ApprovalRequested,
+    DeploySummary,
+    Diagnosed,
+    DirtyMigration,
+    Resolved,
+    Verified,
+)
+from bot.pipeline.vocab import POST_PUSH_STEPS
 from handlers import blocks as bk
 from handlers import buttons as drawn
 from handlers.directory import mention
@@ -31,7 +41,6 @@ from handlers.directory import mention
 log = logging.getLogger(__name__)
 
 BATCH_INTERVAL = 1.0  # seconds between Slack writes of one deploy: Slack's ~1 message/s per channel
-POST_PUSH_STEPS = ("sync", "rollout", "verify")  # they run only once the overlays are pushed (or on resume)
 
 
 class SlackThreadReporter:
@@ -98,7 +107,7 @@ class SlackThreadReporter:
             finally:
                 for _ in batch:
                     self.queue.task_done()
-            if any(e.step == SUMMARY_STEP for e in batch):
+            if any(isinstance(e.payload, DeploySummary) for e in batch):
                 self.finished.set()
                 if self.on_close is not None:
                     self.on_close(self.record.id)
@@ -114,17 +123,18 @@ class SlackThreadReporter:
         # a reminder may reach a bot that did not draw the thread: it pings, and leaves the root as it is
         redraw = any(not _is_reminder(e) for e in batch)
         for e in batch:
-            if _is_reminder(e):
-                expires = bk.when(str(e.data.get("expires_at", "")))
+            if isinstance(e.payload, ApprovalRequested) and e.payload.reminder:
+                expires = bk.when(e.payload.expires_at)
                 ask = "⏰ " + await self._ask_approvers(f"still waits for one of you and expires {expires}")
                 continue
-            if e.step == SUMMARY_STEP:
+            if isinstance(e.payload, DeploySummary):
+                summary = e.payload
                 ok = e.kind is EventKind.DONE
-                self.outcome = bk.summary_text(e.data, ok, e.message, self.links)
+                self.outcome = bk.summary_text(summary, ok, e.message, self.links)
                 # Roll back only what this run changed: after a deny, an expiry or a failed preflight the env
                 # still runs its good tag, and a rollback from there would move it to an older one.
-                pushed = bool(e.data.get("pushed")) or (
-                    self.steps.get("gitops") == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
+                pushed = bool(summary.pushed) or (
+                    self.steps.get(StepName.GITOPS) == "done" or any(s in self.steps for s in POST_PUSH_STEPS)
                 )
                 self.buttons = (
                     [
@@ -139,22 +149,22 @@ class SlackThreadReporter:
                     if not ok and pushed
                     else []
                 )
-                if not ok and not pushed and e.data.get("move_back"):
-                    self.buttons = [self._move_back_button(e.data)]
+                if not ok and not pushed and summary.move_back:
+                    self.buttons = [self._move_back_button(summary)]
                 # Its own reply, mentioning the requester; a failure is also shown in the channel, where
                 # people look (a thread nobody follows is where failures used to go unseen).
                 final = (f"{bk.mention(self.record.requester)} {self.outcome}", not ok)
                 continue
-            if e.step == "approval":
+            if e.step == StepName.APPROVAL:
                 self._approval(e)
                 if e.kind is EventKind.STARTED:
                     ask = "🙋 " + await self._ask_approvers("waits for one of you")
                 continue
-            if e.step == "lock":
+            if e.step == StepName.LOCK:
                 replies.append(f"🔒 {bk.esc_keep_mentions(e.message)}")
                 self.buttons = []
                 continue
-            if e.step == "recovery" and e.kind is EventKind.PROGRESS:
+            if e.step == StepName.RECOVERY and e.kind is EventKind.PROGRESS:
                 # Another bot took this deploy over after its bot died: the people watching must see that.
                 replies.append(f"♻️ {bk.esc_keep_mentions(e.message)}")
                 continue
@@ -166,22 +176,22 @@ class SlackThreadReporter:
             if e.kind is EventKind.RETRYING:
                 continue
             self.steps[e.step] = e.kind.value
-            if e.step == "resolve" and e.kind is EventKind.DONE:
-                self.subject = str(e.data.get("subject") or "")
+            if isinstance(e.payload, Resolved):
+                self.subject = e.payload.subject
             # a hand-over or a lost lease pauses the step here; the bot that carries on runs it again
             kind = "stopped" if e.kind is EventKind.CANCELLED and not stopped_by_a_person(e) else e.kind.value
             replies.append(bk.step_line(e.step, kind, e.message, e.elapsed))
-            if e.step == "verify" and e.kind is EventKind.DONE:
-                replies += bk.endpoint_lines(e.data.get("endpoint_lines"))
-            if e.step == "preflight" and e.kind is EventKind.DONE:
+            if isinstance(e.payload, Verified) and e.kind is EventKind.DONE:
+                replies += bk.endpoint_lines(e.payload.endpoint_lines)
+            if e.step == StepName.PREFLIGHT and e.kind is EventKind.DONE:
                 with contextlib.suppress(Exception):
                     self.record = await self.ledger.get_deploy(self.record.id)
                     self.plan = Plan.from_json(self.record.plan) if self.record.plan else self.plan
-            if e.kind in (EventKind.FAILED, EventKind.ERRORED) and "diagnosis" in e.data:
-                env = str(e.data.get("env") or self.record.envs[0])
-                extra += bk.diagnosis_blocks(env, self.record.id, self.record.short, e.data)
-            if e.step == "migrate" and e.data.get("dirty_version") is not None:
-                env, version = str(e.data["env"]), int(e.data["dirty_version"])
+            if isinstance(e.payload, Diagnosed):
+                diagnosed = e.payload if e.payload.env else replace(e.payload, env=self.record.envs[0])
+                extra += bk.diagnosis_blocks(self.record.id, self.record.short, diagnosed)
+            if isinstance(e.payload, DirtyMigration):
+                env, version = e.payload.env, e.payload.version
                 extra += [
                     bk.section(
                         f"🧹 The {bk.esc(env)} database is *dirty at version {version}*: a migration failed half-way.\n"
@@ -216,17 +226,17 @@ class SlackThreadReporter:
         if redraw:
             await self._update_root()
 
-    def _move_back_button(self, summary: Mapping[str, Any]) -> bk.Block:
+    def _move_back_button(self, summary: DeploySummary) -> bk.Block:
         """The second yes a move back needs: the same request again, confirmed, for the state it was refused in."""
-        envs = [str(e) for e in summary.get("envs") or self.record.envs]
-        env, short = envs[0], str(summary.get("short") or self.record.short)
+        envs = list(summary.envs or self.record.envs)
+        env, short = envs[0], str(summary.short or self.record.short)
         if self.record.kind is DeployKind.ROLLBACK:
             label, text = "Roll back anyway", f"rollback {env} --allow-downgrade"
         else:
             label, text = "Move back anyway", f"deploy {','.join(envs)} {short} --allow-downgrade"
-        problems = [str(p).removesuffix(": confirm with --allow-downgrade") for p in summary["move_back"]]
+        problems = [p.removesuffix(": confirm with --allow-downgrade") for p in summary.move_back]
         what = "\n".join(f"• {bk.esc(p)}" for p in problems)
-        ran = (summary.get("rollback_to") or {}).get(env)  # what the env ran when it was refused
+        ran = summary.rollback_to.get(env)  # what the env ran when it was refused
         return bk.button(
             label,
             "downgrade",
@@ -237,8 +247,9 @@ class SlackThreadReporter:
 
     def _approval(self, e: StepEvent) -> None:
         if e.kind is EventKind.STARTED:
-            self.plan = Plan.from_json(dict(e.data["plan"])) if e.data.get("plan") else self.plan
-            expires = bk.when(str(e.data.get("expires_at", "")))
+            asked = e.payload if isinstance(e.payload, ApprovalRequested) else ApprovalRequested()
+            self.plan = Plan.from_json(dict(asked.plan)) if asked.plan else self.plan
+            expires = bk.when(asked.expires_at)
             self.approval = f"⏳ Waiting for an approver (not the requester) · expires {expires}"
             self.buttons = [
                 bk.button("Approve", "approve", self.record.id, "primary"),
@@ -334,4 +345,4 @@ def _sentence(message: str) -> str:
 
 
 def _is_reminder(e: StepEvent) -> bool:
-    return e.step == "approval" and e.kind is EventKind.PROGRESS and bool(e.data.get("reminder"))
+    return isinstance(e.payload, ApprovalRequested) and e.payload.reminder

@@ -26,6 +26,7 @@ from bot import commands
 from bot.cli import main
 from bot.ledger import DeployState, Ledger
 from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.events import Diagnosed
 from bot.service import DeployService
 from bot.terminal import TerminalReporter, colour_enabled
 from tests.testbed.gitrepos import remote_head
@@ -577,6 +578,32 @@ async def test_reporter_shows_a_refusal_before_any_step_as_that_step() -> None:
     assert [s.name for s in reporter.steps] == ["lock", "resolve", "images"]
     assert reporter.failure is not None
     assert (reporter.failure.step, reporter.failure.hint) == ("lock", "ask bob")
+
+
+async def test_reporter_shows_a_failed_rollouts_diagnosis_with_its_details_under_the_step() -> None:
+    stream = _Stream(tty=False)
+    reporter = TerminalReporter(["rollout"], stream=stream)
+    diagnosed = Diagnosed(
+        "poc",
+        "api crashes at start with `exec format error`",
+        "exec /app/api: exec format error",
+        "Rebuild the image for linux/amd64 and deploy again.",
+        details={"container": "api", "exit code": "1", "restarts": "4", "image": "r/" + "x" * 300},
+    )
+    failed = StepEvent("d-test", "rollout", EventKind.FAILED, "pods crash", payload=diagnosed, elapsed=2.0)
+    await reporter.emit(failed)
+    lines = stream.getvalue().splitlines()
+    assert re.match(r"\[ *[0-9.]+s\] 1/1 ✗ rollout failed in 2.0s: pods crash$", lines[0])
+    assert lines[1:4] == [
+        "    diagnosis (poc): api crashes at start with `exec format error`",
+        "    fix: Rebuild the image for linux/amd64 and deploy again.",
+        "    container: api",
+    ]
+    assert lines[4:6] == ["    exit code: 1", "    restarts: 4"]
+    assert lines[6].startswith("    image: r/xxx") and lines[6].endswith("…") and len(lines[6]) < 130
+    # the ledger's copy of the event holds the same facts under the keys it always had
+    assert failed.data["diagnosis"]["cause"] == diagnosed.cause
+    assert failed.data["diagnosis"]["details"]["restarts"] == "4"
 
 
 async def test_reporter_falls_back_to_ascii_when_the_terminal_cannot_show_symbols() -> None:

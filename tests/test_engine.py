@@ -9,7 +9,19 @@ from typing import Any
 import pytest
 
 from bot.errors import PermanentError, TransientError
-from bot.pipeline.engine import EventKind, Pipeline, Progress, Retry, Skip, Step, StepEvent, StepOutcome
+from bot.pipeline.engine import (
+    SUMMARY_STEP,
+    EventKind,
+    Pipeline,
+    Retry,
+    Skip,
+    Step,
+    StepEvent,
+    StepName,
+    StepOutcome,
+    StepProgress,
+)
+from bot.pipeline.events import DeploySummary, Diagnosed, DirtyMigration, read_payload
 
 
 class Recorder:
@@ -30,7 +42,7 @@ class Ok(Step[dict[str, Any]]):
     name = "ok"
     timeout = 1.0
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> Mapping[str, Any]:
         await progress("half way", {"n": 1})
         ctx["ran"] = [*ctx.get("ran", []), self.name]
         return {"digest": "sha256:abc"}
@@ -45,7 +57,7 @@ class Flaky(Step[dict[str, Any]]):
         self.failures = failures
         self.calls = 0
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             raise TransientError("registry 127.0.0.1:5000 unavailable: 503")
@@ -54,14 +66,14 @@ class Flaky(Step[dict[str, Any]]):
 class Denied(Step[dict[str, Any]]):
     name = "denied"
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         raise PermanentError("tag e7e79eb missing from the poc registry", hint="Promote it first.")
 
 
 class Nothing(Step[dict[str, Any]]):
     name = "migrate"
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         raise Skip("no migration changed")
 
 
@@ -69,7 +81,7 @@ class Slow(Step[dict[str, Any]]):
     name = "slow"
     timeout = 0.05
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         await asyncio.sleep(10)
 
 
@@ -81,7 +93,7 @@ class Holds(Step[dict[str, Any]]):
         self.released = False
         self.entered = asyncio.Event()
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         try:
             self.entered.set()
             await asyncio.sleep(10)
@@ -142,7 +154,7 @@ class TwoSystems(Step[dict[str, Any]]):
         self.faults = list(faults)
         self.calls = 0
 
-    async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
         self.calls += 1
         if self.faults:
             raise self.faults.pop(0)
@@ -219,7 +231,7 @@ async def test_a_crashing_step_is_reported_without_a_traceback() -> None:
     class Buggy(Step[dict[str, Any]]):
         name = "buggy"
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             raise KeyError("oops")
 
     rec = Recorder()
@@ -238,7 +250,7 @@ async def test_retry_after_from_the_remote_is_honoured() -> None:
         def __init__(self) -> None:
             self.times: list[float] = []
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             self.times.append(asyncio.get_running_loop().time())
             if len(self.times) == 1:
                 raise TransientError("429 from Argo CD", delay=0.2)
@@ -254,7 +266,7 @@ async def test_a_fanned_out_step_reports_the_permanent_verdict_not_the_group() -
         name = "sync"
         retry = FAST
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             async def ok() -> None:
                 await asyncio.sleep(0.01)
 
@@ -275,7 +287,7 @@ async def test_events_reach_reporters_scrubbed_of_credentials() -> None:
     class Leaky(Step[dict[str, Any]]):
         name = "migrate"
 
-        async def run(self, ctx: dict[str, Any], progress: Progress) -> None:
+        async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
             raise PermanentError(
                 "migration failed in clickhouse://ch:9000?username=admin&password=hunter2-secret",
                 data={"log": "dial tcp: xoxb-1234567890-abcdefghij failed"},
@@ -286,3 +298,69 @@ async def test_events_reach_reporters_scrubbed_of_credentials() -> None:
     failed = rec.events[-1]
     assert "hunter2-secret" not in failed.message
     assert "xoxb-1234567890-abcdefghij" not in str(failed.data)
+
+
+# ---- typed payloads: what the reporters read, and what the ledger stores --------------------------
+
+
+class CrashLoops(Step[dict[str, Any]]):
+    name = "rollout"
+
+    async def run(self, ctx: dict[str, Any], progress: StepProgress) -> None:
+        diagnosed = Diagnosed(
+            "poc",
+            "api keeps crashing (exit code 1, 4 restarts)",
+            "fatal: cannot reach github with ghp_" + "a" * 36,
+            "Read the last log lines above; fix the cause or roll back to the previous tag.",
+            kind="crash-loop",
+            deployment="funnelcake-api",
+            details={"container": "api", "exit code": "1"},
+        )
+        raise PermanentError("api keeps crashing", hint="Roll back.", data=diagnosed.to_json())
+
+
+async def test_a_failed_steps_diagnosis_reaches_reporters_typed_and_scrubbed() -> None:
+    rec = Recorder()
+    result = await Pipeline("r1", [CrashLoops()], [rec]).run({})
+    assert result.failed is not None and result.failed.step == StepName.ROLLOUT
+    failed = rec.events[-1]
+    assert isinstance(failed.payload, Diagnosed)
+    assert (failed.payload.env, failed.payload.kind, failed.payload.deployment) == (
+        "poc",
+        "crash-loop",
+        "funnelcake-api",
+    )
+    assert failed.payload.details == {"container": "api", "exit code": "1"}
+    assert failed.hint == "Roll back."
+    # a credential quoted in the evidence is scrubbed from the payload, as from the stored data
+    assert "ghp_" not in failed.payload.evidence and "ghp_" not in str(failed.data)
+
+
+def test_step_rows_written_before_the_payload_types_read_back_the_same() -> None:
+    # a failed rollout's and a dirty migration's step details, as the ledger holds them from earlier releases
+    old_rollout = {
+        "env": "staging",
+        "deployment": "funnelcake-api",
+        "diagnosis": {
+            "cause": "c",
+            "evidence": "e",
+            "fix": "f",
+            "kind": "exec-format",
+            "pod": "p",
+            "promote_from": [],
+        },
+        "hint": "h",
+    }
+    diagnosed = read_payload("rollout", EventKind.FAILED, old_rollout)
+    assert diagnosed == Diagnosed("staging", "c", "e", "f", "exec-format", "p", "funnelcake-api")
+    assert diagnosed.to_json()["diagnosis"] == {**old_rollout["diagnosis"], "details": {}}
+    old_migrate = {"env": "poc", "outcome": "dirty", "log": "error: …", "dirty_version": 7, "hint": "h"}
+    dirty = read_payload("migrate", EventKind.FAILED, old_migrate)
+    assert dirty == DirtyMigration("poc", 7, "dirty", "error: …")
+    assert {**dirty.to_json(), "hint": "h"} == old_migrate
+    # the summary's JSON keeps its keys; `pushed` only when a cancel told it
+    summary = DeploySummary(state="cancelled", envs=("poc",), seconds=3, pushed=False)
+    assert read_payload(SUMMARY_STEP, EventKind.CANCELLED, summary.to_json()) == summary
+    assert "pushed" not in DeploySummary(state="failed").to_json()
+    # step names are the strings the ledger stores
+    assert StepName.FORCE_MIGRATE == "force-migrate" and SUMMARY_STEP == "deploy"

@@ -15,6 +15,7 @@ from bot import commands
 from bot.cli import render_plan
 from bot.ledger.models import DeployKind, DeployState
 from bot.models import Plan
+from bot.pipeline.events import DeploySummary
 from bot.service import DeployService
 from handlers.blocks import plan_blocks, summary_text
 from tests.test_failure_modes import ALICE, overlay_tag, parts, publish, set_relay_tag
@@ -207,5 +208,5 @@ async def test_why_preflight_chose_to_build_is_in_the_failure(sandbox: Sandbox, 
     assert images.detail is not None
     assert 'target stage "relay" could not be found' in str(images.detail)
     # what Slack's last reply shows
-    text = summary_text({"state": "failed", "failed_step": "images"}, False, record.message or "")
+    text = summary_text(DeploySummary(state="failed", failed_step="images"), False, record.message or "")
     assert "linux/arm64 only, so building" in text

@@ -19,6 +19,7 @@ import yaml
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployRecord, DeployState
 from bot.pipeline.engine import EventKind
+from bot.pipeline.events import DeploySummary
 from bot.service import DeployService
 from bot.settings import parse_config
 from bot.wiring import build_service
@@ -88,7 +89,8 @@ async def test_a_deploy_verifies_the_relays_nip11_version_and_req_eose(
     assert "relay REQ→EOSE" in line and " ms" in line
     # and the closing summary a person reads carries the same line
     (summary,) = events.of(record.id, "deploy", EventKind.DONE)
-    text = summary_text(summary.data, True, "")
+    assert isinstance(summary.payload, DeploySummary)
+    text = summary_text(summary.payload, True, "")
     assert f"📡 poc: relay NIP-11 version {short}" in text
     # the check is read-only: the relay holds no event at all after the deploy
     assert await stored_events(relay.ws_url) == []
@@ -130,7 +132,8 @@ async def test_a_relay_or_api_that_does_not_answer_right_fails_verify_in_its_own
     assert list(statuses.values()).count("failed") == 1, statuses
     # the Slack summary shows the failure with the relay's words and the hint
     (summary,) = events.of(record.id, "deploy", EventKind.FAILED)
-    text = summary_text(summary.data, False, summary.message)
+    assert isinstance(summary.payload, DeploySummary)
+    text = summary_text(summary.payload, False, summary.message)
     assert "*Failed*" in text and "*verify*" in text
     assert expected.split(": ", 1)[1].replace("&", "&amp;")[:40] in text
 

@@ -415,6 +415,12 @@ async def test_failed_rollout_shows_its_diagnosis_and_rolls_back(
     assert "*Evidence*" in text
     assert "*Fix*" in text
     assert "linux/amd64" in text
+    # the diagnoser's details, briefly, under the fix: which container, how it exited, how often it restarted
+    [details] = [
+        e["text"] for b in diagnosis.blocks or [] if b.get("type") == "context" for e in b["elements"]
+    ]
+    assert "exit code: " in details and "restarts: " in details, details
+    assert "image: " in details and short in details, details
     assert [(b["action_id"], json.loads(b["value"])) for b in diagnosis.buttons()] == [
         ("rollback", drawn_for),
         ("rebuild", {"cmd": f"deploy staging {short}", "ran": short}),

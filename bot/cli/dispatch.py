@@ -196,7 +196,7 @@ def _awaiting(session: Session, record: DeployRecord) -> list[str]:
 
 
 def _approval_expiry(reporter: TerminalReporter | None) -> datetime | None:
-    raw = reporter.data.get("approval", {}).get("expires_at") if reporter else None
+    raw = reporter.approval.expires_at if reporter and reporter.approval else None
     try:
         return datetime.fromisoformat(raw) if isinstance(raw, str) else None
     except ValueError:

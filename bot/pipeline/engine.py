@@ -20,42 +20,55 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from bot.errors import BotError, PermanentError, TransientError
 from bot.logs import redact, redact_json, step_context
+from bot.pipeline.events import Payload, Stopped, read_payload
+from bot.pipeline.vocab import (
+    EXECUTE_STEPS,
+    MIGRATE_STEPS,
+    PLAN_STEPS,
+    STOP_CANCEL,
+    STOP_HANDOVER,
+    STOP_LOST,
+    STOPPED,
+    SUMMARY_STEP,
+    EventKind,
+    StepName,
+)
 
 log = logging.getLogger(__name__)
+
+# The vocabulary lives in bot.pipeline.vocab; these names are still found here.
+__all__ = [
+    "EXECUTE_STEPS",
+    "MIGRATE_STEPS",
+    "PLAN_STEPS",
+    "STOPPED",
+    "STOP_CANCEL",
+    "STOP_HANDOVER",
+    "STOP_LOST",
+    "SUMMARY_STEP",
+    "EventKind",
+    "Pipeline",
+    "PipelineResult",
+    "Reporter",
+    "Retry",
+    "Skip",
+    "Step",
+    "StepEvent",
+    "StepName",
+    "StepOutcome",
+    "StepProgress",
+    "StepResult",
+    "stopped_by_a_person",
+]
 
 C = TypeVar("C")
 
 
-class EventKind(StrEnum):
-    STARTED = "started"
-    PROGRESS = "progress"
-    DONE = "done"
-    SKIPPED = "skipped"
-    RETRYING = "retrying"
-    FAILED = "failed"
-    ERRORED = "errored"
-    CANCELLED = "cancelled"
-
-
-SUMMARY_STEP = "deploy"  # the event that closes a run: its data is the summary a reporter shows
-# The step names of each kind of run, in order: planning, then a deploy's or rollback's, or a migration's.
-PLAN_STEPS = ("resolve", "preflight")
-EXECUTE_STEPS = ("images", "migrate", "gitops", "sync", "rollout", "verify")
-MIGRATE_STEPS = ("images", "migrate")
-
-# Why a run was stopped, passed as the cancel message, and what its step line says. Only a person cancels;
-# a hand-over or a lost lease is the bot stepping aside for another, and the deploy goes on there.
-STOP_CANCEL, STOP_HANDOVER, STOP_LOST = "cancel", "handover", "lost"
-STOPPED = {
-    STOP_CANCEL: "cancelled",
-    STOP_HANDOVER: "handed over to another bot",
-    STOP_LOST: "stopped: this bot lost its lease",
-}
-
-
 def stopped_by_a_person(event: StepEvent) -> bool:
     """A cancelled step that ends the deploy here (not a hand-over or a lost lease, which go on elsewhere)."""
-    return event.kind is EventKind.CANCELLED and event.data.get("stop", STOP_CANCEL) == STOP_CANCEL
+    return (
+        event.kind is EventKind.CANCELLED and isinstance(event.payload, Stopped) and event.payload.by_a_person
+    )
 
 
 FINAL_KINDS = frozenset(
@@ -65,7 +78,9 @@ FINAL_KINDS = frozenset(
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What reporters (Slack thread, terminal, ledger, metrics) see; `data` carries typed step output."""
+    """What reporters (Slack thread, terminal, ledger, metrics) see. `data` is the step's output as the
+    ledger stores it; `payload` is its typed view (bot.pipeline.events), read from `data` when not given.
+    A given payload's JSON is merged into `data`, so the two always agree."""
 
     run_id: str
     step: str
@@ -77,6 +92,19 @@ class StepEvent:
     attempt: int = 1
     elapsed: float = 0.0
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    payload: Payload | None = None
+
+    def __post_init__(self) -> None:
+        if self.payload is None:
+            object.__setattr__(self, "payload", read_payload(self.step, self.kind, self.data))
+        else:
+            object.__setattr__(self, "data", {**self.data, **self.payload.to_json()})
+
+    @property
+    def hint(self) -> str | None:
+        """What to do next, when a step failed with one (a BotError's hint, kept in `data` for the ledger)."""
+        hint = self.data.get("hint")
+        return hint if isinstance(hint, str) else None
 
 
 class Reporter(Protocol):
@@ -111,7 +139,7 @@ class Skip(Exception):
         self.reason = reason
 
 
-Progress = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+StepProgress = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -170,7 +198,7 @@ class Step(Generic[C]):
     timeout: float = 60.0
     retry: Retry = Retry()
 
-    async def run(self, ctx: C, progress: Progress) -> Mapping[str, Any] | None:
+    async def run(self, ctx: C, progress: StepProgress) -> Mapping[str, Any] | None:
         raise NotImplementedError
 
 
@@ -212,7 +240,10 @@ class Pipeline(Generic[C]):
     async def _emit(self, event: StepEvent) -> None:
         # Every reporter (Slack, the ledger, a terminal) gets the event scrubbed: a step message may quote
         # a remote's error text, and that can carry a credential.
-        event = replace(event, message=redact(event.message), data=redact_json(dict(event.data)))
+        # The payload is read again from the scrubbed data, so it carries no credential either.
+        event = replace(
+            event, message=redact(event.message), data=redact_json(dict(event.data)), payload=None
+        )
         # A reporter that breaks (Slack down) must not break the deploy; it is logged and skipped.
         for reporter in self.reporters:
             try:

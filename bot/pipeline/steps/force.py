@@ -8,12 +8,12 @@ from typing import Any
 from bot.adapters.migrations import MigrationFailed
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 class ForceMigrate(Step[DeployContext]):
-    name = "force-migrate"
+    name = StepName.FORCE_MIGRATE
     timeout = DEFAULT_STEP_BUDGETS.force_migrate
 
     def __init__(self, version: int, reported_dirty: int | None, image_tag: str | None) -> None:
@@ -21,7 +21,7 @@ class ForceMigrate(Step[DeployContext]):
         self.reported_dirty = reported_dirty
         self.image_tag = image_tag  # the migrate image of the run that left the database dirty
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         env = ctx.envs[0]
         # The image of the run that failed knows the dirty version; the overlay's (older) one may not.
         tag = self.image_tag

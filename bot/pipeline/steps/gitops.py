@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
 from bot.pipeline.steps.images import REGISTRY_RETRY, verify_images
 from bot.settings import DEFAULT_STEP_BUDGETS
 
@@ -22,11 +22,11 @@ IDENTITY_TIMEOUT = 5.0  # a directory lookup never holds a push: past it, the tr
 
 
 class GitOps(Step[DeployContext]):
-    name = "gitops"
+    name = StepName.GITOPS
     timeout = DEFAULT_STEP_BUDGETS.gitops
     retry = REGISTRY_RETRY
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         # The people's names come from the chat's directory while the registry is asked again: two waits
         # on two systems, side by side.

@@ -11,7 +11,7 @@ from bot.errors import BotError, PermanentError, TransientError
 from bot.ledger.models import LedgerError
 from bot.models import AMD64, ImagePlan
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Retry, Step
+from bot.pipeline.engine import Retry, Step, StepName, StepProgress
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 PROMOTE_CONCURRENCY = 3
@@ -22,11 +22,11 @@ REGISTRY_RETRY = Retry(not_again=(RegistryUnavailable,))
 
 
 class Images(Step[DeployContext]):
-    name = "images"
+    name = StepName.IMAGES
     timeout = DEFAULT_STEP_BUDGETS.images
     retry = REGISTRY_RETRY
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         config = ctx.deps.config
         bound = asyncio.Semaphore(PROMOTE_CONCURRENCY)

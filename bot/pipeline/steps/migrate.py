@@ -9,15 +9,16 @@ from typing import Any
 from bot.adapters.migrations import MigrateOutcome, MigrationFailed
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Skip, Step
+from bot.pipeline.engine import Skip, Step, StepName, StepProgress
+from bot.pipeline.events import DirtyMigration
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 
 class Migrate(Step[DeployContext]):
-    name = "migrate"
+    name = StepName.MIGRATE
     timeout = DEFAULT_STEP_BUDGETS.migrate
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         envs = [e for e in ctx.envs if plan.env_plans[e.name].run_migrations]
         if not envs:
@@ -37,8 +38,11 @@ class Migrate(Step[DeployContext]):
                     "outcome": result.outcome.value,
                     "log": e.run.log[-1500:],
                 }
-                if result.outcome is MigrateOutcome.DIRTY:
-                    data["dirty_version"] = result.dirty_version
+                if result.outcome is MigrateOutcome.DIRTY and result.dirty_version is not None:
+                    dirty = DirtyMigration(
+                        env.name, result.dirty_version, result.outcome.value, e.run.log[-1500:]
+                    )
+                    data = dirty.to_json()
                 raise PermanentError(e.message, hint=e.hint, data=data) from None
             ctx.migration_runs[env.name] = run
             applied = ", ".join(f"{m.version}/{m.name}" for m in run.result.applied) or "no change"

@@ -10,7 +10,7 @@ from bot.adapters.argocd import operation_running
 from bot.errors import BotError, PermanentError
 from bot.models import AMD64, ImagePlan, Plan, deployed_images
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
 from bot.pipeline.steps.gates import gate_problem
 from bot.pipeline.steps.images import REGISTRY_RETRY
 from bot.pipeline.steps.resolve import downgrade_problems
@@ -19,11 +19,11 @@ from bot.settings import DEFAULT_STEP_BUDGETS, Environment
 
 
 class Preflight(Step[DeployContext]):
-    name = "preflight"
+    name = StepName.PREFLIGHT
     timeout = DEFAULT_STEP_BUDGETS.preflight
     retry = REGISTRY_RETRY
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         short = plan.commit.short
         image_jobs = [

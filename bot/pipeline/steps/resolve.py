@@ -18,7 +18,8 @@ from bot.errors import BotError, PermanentError
 from bot.ledger.models import DeployState
 from bot.models import CommitInfo, DeployKind, EnvPlan, Plan, ServiceMove, plural
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.events import Resolved
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
@@ -28,10 +29,10 @@ def up_migrations(paths: list[str]) -> list[str]:
 
 
 class Resolve(Step[DeployContext]):
-    name = "resolve"
+    name = StepName.RESOLVE
     timeout = DEFAULT_STEP_BUDGETS.resolve
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         deps = ctx.deps
         # The two repositories are independent: their fetches (each a round trip to the git host) overlap.
         reading = asyncio.create_task(
@@ -87,7 +88,7 @@ class Resolve(Step[DeployContext]):
         return {
             "sha": commit.sha,
             "short": commit.short,
-            "subject": commit.subject,
+            **Resolved(commit.subject).to_json(),
             "previous": {e: ep.previous for e, ep in plan.env_plans.items()},
             "moves": {e: {m.service: m.kind for m in ep.moves} for e, ep in plan.env_plans.items()},
             "commits": len(plan.commits),

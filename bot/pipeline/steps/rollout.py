@@ -9,15 +9,16 @@ from typing import Any
 from bot.adapters.rollout import RolloutFailed, RolloutProgress, watch_rollouts
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.events import Diagnosed
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 class Rollout(Step[DeployContext]):
-    name = "rollout"
+    name = StepName.ROLLOUT
     timeout = DEFAULT_STEP_BUDGETS.rollout
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         give_up = ctx.deps.config.timeouts.rollout
 
         async def one(env_name: str) -> None:
@@ -53,14 +54,16 @@ class Rollout(Step[DeployContext]):
 def diagnosis_data(env: str, e: RolloutFailed) -> dict[str, Any]:
     """What a reporter needs to show the diagnosis and offer its fixes (Roll back / Promote / Rebuild)."""
     d = e.diagnosis
-    data: dict[str, Any] = {"env": env, "deployment": e.deployment}
-    if d is not None:
-        data["diagnosis"] = {
-            "cause": d.cause,
-            "evidence": d.evidence,
-            "fix": d.fix,
-            "kind": d.kind.value,
-            "pod": d.pod,
-            "promote_from": list(d.promote_from),
-        }
-    return data
+    if d is None:
+        return {"env": env, "deployment": e.deployment}
+    return Diagnosed(
+        env,
+        d.cause,
+        d.evidence,
+        d.fix,
+        d.kind.value,
+        d.pod,
+        e.deployment,
+        tuple(d.promote_from),
+        dict(d.details),
+    ).to_json()

@@ -7,15 +7,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 
 class Sync(Step[DeployContext]):
-    name = "sync"
+    name = StepName.SYNC
     timeout = DEFAULT_STEP_BUDGETS.sync
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         revision = ctx.bump.commit if ctx.bump and ctx.bump.commit else await ctx.deps.gitops.head()
 
         async def one(env_name: str) -> None:

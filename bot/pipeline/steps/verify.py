@@ -10,15 +10,16 @@ from bot.adapters.endpoints import check_endpoints, summary_line
 from bot.adapters.site import check_site
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Progress, Step
+from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.events import Verified
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
 class Verify(Step[DeployContext]):
-    name = "verify"
+    name = StepName.VERIFY
     timeout = DEFAULT_STEP_BUDGETS.verify
 
-    async def run(self, ctx: DeployContext, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: DeployContext, progress: StepProgress) -> Mapping[str, Any]:
         plan = ctx.require_plan()
         short = plan.commit.short
         problems: list[str] = []
@@ -95,5 +96,5 @@ class Verify(Step[DeployContext]):
         """The relay and API checks per env, and the one line per env a thread shows."""
         return {
             "endpoints": {env: [c.to_json() for c in checks] for env, checks in ctx.endpoints.items()},
-            "endpoint_lines": {env: summary_line(checks) for env, checks in ctx.endpoints.items()},
+            **Verified({env: summary_line(checks) for env, checks in ctx.endpoints.items()}).to_json(),
         }
