@@ -1,5 +1,5 @@
 """Approvals: which deploys need one, asking for it, reminding its approvers and telling its expiry.
-A layer of DeployService, split out of bot/service.py (issue 18)."""
+A layer of DeployService, split out of bot/service.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from bot.ledger.models import (
     DeployRecord,
 )
 from bot.models import DeployKind
-from bot.outcomes import _summary
+from bot.outcomes import deploy_summary
 from bot.pipeline.engine import (
     SUMMARY_STEP,
     EventKind,
 )
+from bot.pipeline.vocab import StepName
 from bot.runs import Run
 from bot.stopping import Stopping
 
@@ -34,7 +35,7 @@ class Approvals(Stopping):
         run.record = await self.deps.ledger.get_deploy(run.record.id)
         await self.emit_for(
             run.record,
-            "approval",
+            StepName.APPROVAL,
             EventKind.STARTED,
             "waiting for approval",
             plan=plan.to_json(),
@@ -53,7 +54,7 @@ class Approvals(Stopping):
         expires = approval.expires_at.isoformat() if approval is not None else ""
         await self.emit_for(
             record,
-            "approval",
+            StepName.APPROVAL,
             EventKind.PROGRESS,
             "reminder: still waiting for an approver",
             reminder=True,
@@ -65,6 +66,6 @@ class Approvals(Stopping):
         seconds = self.config.timeouts.approval
         within = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
         message = f"approval expired: nobody approved within {within}; deploy again to ask anew"
-        await self.emit_for(record, "approval", EventKind.FAILED, message)
-        summary = {**_summary(record, None, None), "failed_step": "approval"}
-        await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+        await self.emit_for(record, StepName.APPROVAL, EventKind.FAILED, message)
+        summary = deploy_summary(record, None, None, failed_step=StepName.APPROVAL)
+        await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, summary=summary)

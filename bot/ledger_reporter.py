@@ -1,6 +1,6 @@
 """The ledger reporter: each step's start and end written into the audit trail as the run's owner.
 
-Split out of bot/service.py (issue 18); the service creates one per run."""
+Split out of bot/service.py; the service creates one per run."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What the deploy service reads without changing anything: drift, the Home tab's board, deploys, history,
 locks, the dirty migration last reported, the overlays' tags and where a rollback goes. A layer of
-DeployService, split out of bot/service.py (issue 18)."""
+DeployService, split out of bot/service.py."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ class Lookups(ServiceCore):
     async def get_deploy(self, deploy_id: str) -> DeployRecord:
         """The deploy's record; UnknownDeploy if there is none."""
         return await self.deps.ledger.get_deploy(deploy_id)
+
+    async def record_thread(self, deploy_id: str, channel: str, thread_ts: str) -> DeployRecord:
+        """Where the deploy's Slack thread is, so every bot and the CLI post to that one thread."""
+        return await self.deps.ledger.update_deploy(deploy_id, channel=channel, thread_ts=thread_ts)
 
     async def lock_on(self, env_name: str) -> ManualLock | None:
         """The env's manual lock, if it has one."""

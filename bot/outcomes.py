@@ -1,11 +1,12 @@
 """How a deploy's outcome is told: its start and finish log lines, the final summary's facts, and the
-retry that carries a ledger write through an outage. Split out of bot/service.py (issue 18)."""
+retry that carries a ledger write through an outage. Split out of bot/service.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -80,15 +81,15 @@ async def _until_the_ledger_answers(write: Callable[[], Awaitable[T]]) -> T:
             delay = min(delay * 2, 5.0)
 
 
-def _summary(
-    record: DeployRecord, ctx: DeployContext | None, result: PipelineResult | None
-) -> dict[str, Any]:
-    """The final reply's facts (a DeploySummary's JSON): duration, images with digests, the Argo CD
+def deploy_summary(
+    record: DeployRecord, ctx: DeployContext | None, result: PipelineResult | None, **known: Any
+) -> DeploySummary:
+    """The final reply's facts: duration, images with digests, the Argo CD
     revision, where it stopped."""
     failed = result.failed if result else None
     forced = next((r for r in result.results if r.step == StepName.FORCE_MIGRATE), None) if result else None
     revision = next((r.revision for rs in ctx.synced.values() for r in rs), None) if ctx else None
-    return DeploySummary(
+    summary = DeploySummary(
         state=record.state.value,
         deploy_kind=record.kind.value,
         envs=tuple(record.envs),
@@ -113,4 +114,5 @@ def _summary(
         move_back=tuple(downgrade_problems(ctx.plan))
         if ctx and ctx.plan and failed and failed.step == StepName.PREFLIGHT
         else (),
-    ).to_json()
+    )
+    return replace(summary, **known) if known else summary

@@ -20,6 +20,7 @@ from bot.errors import TransientError
 from bot.ledger import DeployRecord, DeployState, Fenced, LockHeld, StateConflict, StepState
 from bot.models import Plan
 from bot.pipeline.engine import EventKind
+from bot.pipeline.vocab import StepName
 from bot.runs import Run
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ async def resume(service: DeployService, record: DeployRecord) -> DeployRecord:
         return record
     try:
         done = {s.step for s in await ledger.steps(record.id) if s.state is StepState.OK}
-        pushed = record.kind.changes_tags and ("gitops" in done or await service.overlays_at(claimed))
+        pushed = record.kind.changes_tags and (StepName.GITOPS in done or await service.overlays_at(claimed))
     except TransientError as e:
         # Ours now, but where it stands is unreadable: the next pass finds it (ours, no task) and goes on.
         log.warning(
@@ -91,7 +92,7 @@ async def _carry_on(
         # Someone locked the env by hand while its bot was gone: say once why the deploy waits.
         if held.kind == "manual" and service.note_waiting(record.id):
             message = f"waiting to resume: {held.message} The deploy resumes once it is unlocked."
-            await service.emit_for(record, "recovery", EventKind.PROGRESS, message)
+            await service.emit_for(record, StepName.RECOVERY, EventKind.PROGRESS, message)
         return record
     if pushed and record.plan is not None:
         run.ctx.plan = Plan.from_json(record.plan)
@@ -99,7 +100,7 @@ async def _carry_on(
         how = "handed it over" if handed_over else "stopped"
         await service.emit_for(
             record,
-            "recovery",
+            StepName.RECOVERY,
             EventKind.PROGRESS,
             f"{service.instance_id} took over from {previous_owner} ({how} after {where}); "
             "the push is on the remote, resuming at sync",
@@ -108,7 +109,7 @@ async def _carry_on(
     if handed_over:
         await service.emit_for(
             record,
-            "recovery",
+            StepName.RECOVERY,
             EventKind.PROGRESS,
             f"{service.instance_id} took over from {previous_owner} (handed over after {where}); "
             "nothing was pushed yet, so it plans again and carries on",
@@ -118,5 +119,5 @@ async def _carry_on(
         f"interrupted after {where}: {previous_owner} stopped before anything reached git; "
         "nothing was pushed — deploy again"
     )
-    await service.emit_for(record, "recovery", EventKind.FAILED, message)
+    await service.emit_for(record, StepName.RECOVERY, EventKind.FAILED, message)
     return await service.finish_with(run, DeployState.INTERRUPTED, message)

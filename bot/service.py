@@ -34,7 +34,7 @@ from bot.ledger.models import (
 )
 from bot.ledger_reporter import LedgerReporter
 from bot.models import DeployKind, Plan
-from bot.outcomes import _log_started, _summary
+from bot.outcomes import _log_started, deploy_summary
 from bot.pipeline.context import DeployContext
 from bot.pipeline.engine import (
     EXECUTE_STEPS,
@@ -56,14 +56,14 @@ from bot.pipeline.steps.resolve import Resolve
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
+from bot.pipeline.vocab import POST_PUSH_STEPS, StepName
 from bot.policy import locks
 from bot.runs import Run, Stop
 from bot.service_core import ReporterFactory
-from bot.stopping import POST_PUSH_STEPS
 
 log = logging.getLogger(__name__)
 
-# Split across sibling modules (issue 18); these names are still imported from here.
+# Split across sibling modules; these names are still imported from here.
 __all__ = [
     "EXECUTE_STEPS",
     "MIGRATE_STEPS",
@@ -189,7 +189,7 @@ class DeployService(Approvals):
                 done = ", ".join(f"{e} by {who(u)}" for e, u in approved.items())
                 await self.emit_for(
                     record,
-                    "approval",
+                    StepName.APPROVAL,
                     EventKind.PROGRESS,
                     f"approved for {done}; still waiting for an approver of {', '.join(waiting)}",
                 )
@@ -208,9 +208,9 @@ class DeployService(Approvals):
             self._spawn(record, self._run_approved(record))
         else:
             message = f"denied by {who(user)}"
-            await self.emit_for(record, "approval", EventKind.FAILED, message)
-            summary = {**_summary(record, None, None), "failed_step": "approval"}
-            await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+            await self.emit_for(record, StepName.APPROVAL, EventKind.FAILED, message)
+            summary = deploy_summary(record, None, None, failed_step=StepName.APPROVAL)
+            await self.emit_for(record, SUMMARY_STEP, EventKind.FAILED, message, summary=summary)
         return record
 
     def task(self, deploy_id: str) -> asyncio.Task[DeployRecord] | None:
@@ -317,8 +317,8 @@ class DeployService(Approvals):
 
     async def finish_with(self, run: Run, state: DeployState, message: str) -> DeployRecord:
         run.record = await self._write(run, state=state, message=message)
-        summary = {**_summary(run.record, None, None), "failed_step": "recovery"}
-        await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, message, **summary)
+        summary = deploy_summary(run.record, None, None, failed_step=StepName.RECOVERY)
+        await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, message, summary=summary)
         return run.record
 
     async def guarded(
@@ -340,14 +340,14 @@ class DeployService(Approvals):
             await self._lost(run, e.why)
             return run.record
         except PermanentError as e:
-            step = "lock" if isinstance(e, LockHeld) else "approval"
+            step = StepName.LOCK if isinstance(e, LockHeld) else StepName.APPROVAL
             try:
                 run.record = await self._write(run, state=DeployState.FAILED, message=e.message)
             except Fenced as lost:
                 await self._lost(run, lost.why)
                 return run.record
-            summary = {**_summary(run.record, None, None), "failed_step": step, "hint": e.hint}
-            await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, e.message, **summary)
+            summary = deploy_summary(run.record, None, None, failed_step=step, hint=e.hint)
+            await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, e.message, summary=summary)
             return run.record
         except asyncio.CancelledError:
             stop = run.stop or (Stop("handover") if self._stopping else Stop("cancel"))
@@ -421,7 +421,10 @@ class DeployService(Approvals):
             run.ctx.rebuild = bool(record.plan and record.plan.get("rebuild"))
             await self.take_leases(run)
             await self.emit_for(
-                run.record, "approval", EventKind.DONE, f"approved by {who(run.record.approver or '?')}"
+                run.record,
+                StepName.APPROVAL,
+                EventKind.DONE,
+                f"approved by {who(run.record.approver or '?')}",
             )
             # Re-plan: the approval holds only if the commit and every digest are still what was approved.
             replanned = await Pipeline(
@@ -477,7 +480,9 @@ class DeployService(Approvals):
         else:
             message = f"{failed.step}: {failed.message}"
             run.record = await self._write(run, state=DeployState.FAILED, message=message)
-            changed_git = any(r.step == "gitops" and r.outcome is StepOutcome.OK for r in result.results)
+            changed_git = any(
+                r.step == StepName.GITOPS and r.outcome is StepOutcome.OK for r in result.results
+            )
             if changed_git:
                 await self._lock_after_failure(run.record, failed.step)
         await self.emit_for(
@@ -485,6 +490,6 @@ class DeployService(Approvals):
             SUMMARY_STEP,
             EventKind.DONE if failed is None else EventKind.FAILED,
             run.record.message or "",
-            **_summary(run.record, run.ctx, result),
+            summary=deploy_summary(run.record, run.ctx, result),
         )
         return run.record

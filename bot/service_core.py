@@ -1,5 +1,5 @@
 """The deploy service's core: its state, the tasks its runs live in, their pipelines and reporters,
-and the owner's writes to the ledger. The base of DeployService (bot/service.py); split out of it (issue 18)."""
+and the owner's writes to the ledger. The base of DeployService (bot/service.py); split out of it."""
 
 from __future__ import annotations
 
@@ -116,14 +116,21 @@ class ServiceCore:
         return reporter
 
     async def emit_for(
-        self, record: DeployRecord, step: str, kind: EventKind, message: str, **data: object
+        self,
+        record: DeployRecord,
+        step: str,
+        kind: EventKind,
+        message: str,
+        *,
+        summary: DeploySummary | None = None,
+        **data: object,
     ) -> None:
-        """An event outside any step (a decision, a recovery, the summary), to the record's reporters."""
+        """An event outside any step (a decision, a recovery, the run's summary), to the record's reporters."""
         reporters = list(self.reporters(record))
         run = self._runs.get(record.id)
         if run is not None:
             reporters.insert(0, self._ledger_reporter(run))
-        event = StepEvent(record.id, step, kind, message, data)
+        event = StepEvent(record.id, step, kind, message, data, payload=summary)
         await Pipeline(record.id, [], reporters)._emit(event)
         if isinstance(event.payload, DeploySummary):
             _log_finished(record, event.payload)

@@ -1,5 +1,5 @@
 """How a deploy is stopped and how a stopped run ends: a cancel, a hand-over on a graceful stop, or a
-lost lease. A layer of DeployService, split out of bot/service.py (issue 18)."""
+lost lease. A layer of DeployService, split out of bot/service.py."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from bot.ledger.models import (
     who,
 )
 from bot.lookups import Lookups
-from bot.outcomes import _summary
+from bot.outcomes import deploy_summary
 from bot.pipeline.engine import (
     SUMMARY_STEP,
     EventKind,
 )
+from bot.pipeline.vocab import POST_PUSH_STEPS, StepName
 from bot.runs import Run, Stop
-
-POST_PUSH_STEPS = ("sync", "rollout", "verify")
 
 log = logging.getLogger("bot.service")  # the service's logger, as before the split
 
@@ -39,9 +38,11 @@ class Stopping(Lookups):
             self._stop(deploy_id, Stop("cancel", by=record.cancel_requested_by or user))
             await asyncio.wait({run.task})
         elif record.state is DeployState.CANCELLED:
-            await self.emit_for(record, "approval", EventKind.FAILED, record.message or "cancelled")
-            summary = {**_summary(record, None, None), "failed_step": "approval"}
-            await self.emit_for(record, SUMMARY_STEP, EventKind.CANCELLED, record.message or "", **summary)
+            await self.emit_for(record, StepName.APPROVAL, EventKind.FAILED, record.message or "cancelled")
+            summary = deploy_summary(record, None, None, failed_step=StepName.APPROVAL)
+            await self.emit_for(
+                record, SUMMARY_STEP, EventKind.CANCELLED, record.message or "", summary=summary
+            )
         return await self.deps.ledger.get_deploy(deploy_id)
 
     async def shutdown(self) -> None:
@@ -83,9 +84,13 @@ class Stopping(Lookups):
         """Did this run's overlays reach the GitOps remote? (Sync and later run only once they have.)"""
         if not run.record.kind.changes_tags:
             return False
-        if "gitops" in run.done or run.current in POST_PUSH_STEPS or set(run.done) & set(POST_PUSH_STEPS):
+        if (
+            StepName.GITOPS in run.done
+            or run.current in POST_PUSH_STEPS
+            or set(run.done) & set(POST_PUSH_STEPS)
+        ):
             return True
-        if run.current == "gitops":
+        if run.current == StepName.GITOPS:
             return await self.overlays_at(run.record)  # stopped mid-push: the remote tells
         return False
 
@@ -114,8 +119,8 @@ class Stopping(Lookups):
         run.record = await self._write(run, state=DeployState.CANCELLED, message=message)
         if pushed:
             await self._lock_after_failure(run.record, where)
-        summary = {**_summary(run.record, run.ctx, None), "failed_step": where, "pushed": bool(pushed)}
-        await self.emit_for(run.record, SUMMARY_STEP, EventKind.CANCELLED, message, **summary)
+        summary = deploy_summary(run.record, run.ctx, None, failed_step=where, pushed=bool(pushed))
+        await self.emit_for(run.record, SUMMARY_STEP, EventKind.CANCELLED, message, summary=summary)
 
     async def _hand_over(self, run: Run) -> None:
         where = run.where
@@ -127,7 +132,7 @@ class Stopping(Lookups):
             run.record = await self.deps.ledger.hand_over(run.record.id, fence)
         await self.emit_for(
             run.record,
-            "recovery",
+            StepName.RECOVERY,
             EventKind.PROGRESS,
             f"handed over at {where}: {self.instance_id} is stopping; another bot resumes it",
         )
@@ -142,7 +147,7 @@ class Stopping(Lookups):
         where = run.where
         await self.emit_for(
             run.record,
-            "recovery",
+            StepName.RECOVERY,
             EventKind.PROGRESS,
             f"{self.instance_id} stopped at {where} and left the deploy to another bot: {why}",
         )

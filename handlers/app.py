@@ -91,7 +91,7 @@ class SlackFront:
         if reporter is None:
             reporter = SlackThreadReporter(
                 self.client,
-                self.service.deps.ledger,
+                self.service,
                 record,
                 interval=self.reporter_interval,
                 on_close=self._reporter_closed,

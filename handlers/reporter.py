@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.ledger import Ledger
 from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import DeployKind, Plan
@@ -43,11 +42,19 @@ log = logging.getLogger(__name__)
 BATCH_INTERVAL = 1.0  # seconds between Slack writes of one deploy: Slack's ~1 message/s per channel
 
 
+class DeployThreads(Protocol):
+    """What a thread reads and records of its deploy, through the service (the ledger stays behind it)."""
+
+    async def get_deploy(self, deploy_id: str) -> DeployRecord: ...
+
+    async def record_thread(self, deploy_id: str, channel: str, thread_ts: str) -> DeployRecord: ...
+
+
 class SlackThreadReporter:
     def __init__(
         self,
         client: AsyncWebClient,
-        ledger: Ledger,
+        deploys: DeployThreads,
         record: DeployRecord,
         *,
         interval: float = BATCH_INTERVAL,
@@ -56,7 +63,7 @@ class SlackThreadReporter:
         links: bk.Links | None = None,
     ) -> None:
         self.client = client
-        self.ledger = ledger
+        self.deploys = deploys
         self.record = record
         self.channel = record.channel or ""
         self.root_ts = record.thread_ts
@@ -185,7 +192,7 @@ class SlackThreadReporter:
                 replies += bk.endpoint_lines(e.payload.endpoint_lines)
             if e.step == StepName.PREFLIGHT and e.kind is EventKind.DONE:
                 with contextlib.suppress(Exception):
-                    self.record = await self.ledger.get_deploy(self.record.id)
+                    self.record = await self.deploys.get_deploy(self.record.id)
                     self.plan = Plan.from_json(self.record.plan) if self.record.plan else self.plan
             if isinstance(e.payload, Diagnosed):
                 diagnosed = e.payload if e.payload.env else replace(e.payload, env=self.record.envs[0])
@@ -293,9 +300,7 @@ class SlackThreadReporter:
             return
         resp = await self._post(bk.title(self.record), blocks=self._root_blocks())
         self.root_ts = str(resp["ts"])
-        self.record = await self.ledger.update_deploy(
-            self.record.id, channel=self.channel, thread_ts=self.root_ts
-        )
+        self.record = await self.deploys.record_thread(self.record.id, self.channel, self.root_ts)
 
     def _root_blocks(self) -> list[bk.Block]:
         state = bk.state_line(self.record, self.steps, self.current, time.monotonic() - self.started)

@@ -1,4 +1,4 @@
-"""One authority, end to end: the requests issue 13 found broken, through the running app and the CLI.
+"""One authority, end to end: the requests an outside review found broken, through the running app and the CLI.
 
 A CLI production deploy approved by a second person in Slack runs to the end; `deploy production,staging`
 approved by a production approver runs; a rollback after a failed production deploy passes the bot's own

@@ -49,7 +49,7 @@ async def test_bad_settings_are_refused_without_echoing_a_secret() -> None:
         "SLACK_BOT_TOKEN": "xoxb-1-2-bot",
         "SLACK_APP_TOKEN": "xapp-1-A-2-app",
     }
-    for extra, says in (({"SLACK_MODE": mistake}, "slack_mode"), ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL")):
+    for extra, says in (({"SLACK_MODE": mistake}, "SLACK_MODE"), ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL")):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

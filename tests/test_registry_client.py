@@ -23,7 +23,7 @@ from bot.adapters.registry import (
     retry_after,
 )
 from bot.errors import PermanentError, TransientError
-from bot.pipeline.engine import Pipeline, Progress, Step, StepOutcome
+from bot.pipeline.engine import Pipeline, Step, StepOutcome, StepProgress
 from bot.pipeline.steps.images import REGISTRY_RETRY
 from tests.testbed.registry import LocalRegistry, Registries, push_image
 from tests.testbed.tokenauth import ACCESS_TOKEN_USER, DEFAULT_PASSWORD, TokenServer
@@ -211,7 +211,7 @@ class _CheckStep(Step[RegistryClient]):
     def __init__(self, host: str) -> None:
         self.host = host
 
-    async def run(self, ctx: RegistryClient, progress: Progress) -> Mapping[str, Any]:
+    async def run(self, ctx: RegistryClient, progress: StepProgress) -> Mapping[str, Any]:
         return {"state": (await ctx.check(f"{self.host}/p/r", "img", "t")).state}
 
 

@@ -220,6 +220,12 @@ class ClusterClient:
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
+    async def read_deployment(self, namespace: str, name: str) -> JSON:
+        """The Deployment as the API server has it; KubeNotFound when there is none."""
+        return await self.call(
+            f"deployment {namespace}/{name}", self.apps.read_namespaced_deployment, name, namespace
+        )
+
     async def call(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> JSON:
         """Call a typed API method and return the response body as a dict."""
         resp = await self._open(what, fn, *args, **kwargs)

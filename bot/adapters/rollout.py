@@ -170,9 +170,7 @@ async def watch_rollout(
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    deployment = await client.call(
-        f"deployment {namespace}/{name}", client.apps.read_namespaced_deployment, name, namespace
-    )
+    deployment = await client.read_deployment(namespace, name)
     match = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
     selector = ",".join(f"{k}={v}" for k, v in sorted(match.items()))
     queue: asyncio.Queue[tuple[str, str, JSON]] = asyncio.Queue()

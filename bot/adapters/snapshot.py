@@ -148,9 +148,7 @@ async def _service(
 
     async def read_deploy() -> JSON | None:
         try:
-            return await client.call(
-                f"deployment {ns}/{name}", client.apps.read_namespaced_deployment, name, ns
-            )
+            return await client.read_deployment(ns, name)
         except KubeNotFound:
             problems.append(f"Deployment {ns}/{name} not found")
             return None

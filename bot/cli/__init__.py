@@ -49,7 +49,7 @@ from bot.settings import FunnelcakeConfig, Settings, env_problems, load_config
 
 log = logging.getLogger("bot.cli")
 
-# Split into parser, session, render and dispatch (issue 18); these names are still imported from here.
+# Split into parser, session, render and dispatch; these names are still imported from here.
 __all__ = [
     "COMPLETION_SHELLS",
     "DESCRIPTION",

@@ -1,5 +1,5 @@
 """Running each CLI command: the deploy and its confirmation, following and waiting, approve and deny,
-and the exit code each ends with. Part of bot/cli (issue 18)."""
+and the exit code each ends with. Part of bot/cli."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from bot.cli.session import Session, _by_email
 from bot.errors import BotError
 from bot.ledger.models import DeployRecord, DeployState, when, who
 from bot.models import DeployKind
-from bot.pipeline.engine import EXECUTE_STEPS, MIGRATE_STEPS, PLAN_STEPS, PipelineResult
+from bot.pipeline.engine import EXECUTE_STEPS, PLAN_STEPS, PipelineResult
+from bot.pipeline.vocab import RUN_STEPS, StepName
 from bot.policy.authz import Action
 from bot.settings import FunnelcakeConfig
 from bot.terminal import TerminalReporter, colour_enabled
@@ -45,9 +46,10 @@ if TYPE_CHECKING:
 
 
 def _steps(kind: DeployKind, envs: Sequence[str], config: FunnelcakeConfig) -> list[str]:
+    """The step lines a terminal shows for a run: its plan, then an approval wait or what it executes."""
     if kind is not DeployKind.ROLLBACK and any(config.env(e).approval_required for e in envs):
-        return [*PLAN_STEPS, "approval"]
-    return [*PLAN_STEPS, *(MIGRATE_STEPS if kind is DeployKind.MIGRATE else EXECUTE_STEPS)]
+        return [*PLAN_STEPS, StepName.APPROVAL]
+    return list(RUN_STEPS[kind])
 
 
 async def _ask(session: Session, question: str) -> bool:
@@ -176,7 +178,7 @@ async def _follow(session: Session, service: DeployService, record: DeployRecord
     seen = record.state
     while not record.state.terminal:
         await asyncio.sleep(FOLLOW_EVERY)
-        record = await service.deps.ledger.get_deploy(record.id)
+        record = await service.get_deploy(record.id)
         if record.state is not seen:
             seen = record.state
             by = f" (approved by {who(record.approver)})" if record.approver else ""
@@ -245,7 +247,7 @@ async def _decide(session: Session, service: DeployService, deploy_id: str, *, a
     """`approve`/`deny ID`: the rules of the Slack buttons; an approved deploy runs here, shown live."""
     if not commands.DEPLOY_ID_RE.match(deploy_id):
         raise UsageError(f"{deploy_id[:40]!r} is not a deploy id: `{PROG} history` lists them")
-    record = await service.deps.ledger.get_deploy(deploy_id)
+    record = await service.get_deploy(deploy_id)
     await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
     authority = session.authority()
     mine = [e.name for e in authority.approval_envs(record.envs) if await authority.approves(e, session.user)]
@@ -364,7 +366,7 @@ async def _dispatch(session: Session, args: argparse.Namespace, cmd: commands.Co
             session.say(f"{lock.env} locked by {who(lock.user)} since {when(lock.since)}: {lock.reason}")
             return EXIT_OK
         if isinstance(cmd, commands.Unlock):
-            held = next((lk for lk in await service.deps.ledger.locks() if lk.env == cmd.env), None)
+            held = await service.lock_on(cmd.env)
             await session.allow(Action.UNLOCK, [cmd.env], lock_holder=held.user if held else None)
             released = await service.unlock(cmd.env, session.user)
             if released is None:

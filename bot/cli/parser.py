@@ -1,6 +1,6 @@
 """The CLI's surface: its exit codes, the argument parser (built from the command table in bot.commands),
 --version, the typed command the arguments make and the shell completion scripts generated from the
-parser. Part of bot/cli (issue 18)."""
+parser. Part of bot/cli."""
 
 from __future__ import annotations
 

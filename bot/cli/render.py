@@ -1,5 +1,5 @@
 """How the CLI shows a plan, the status report and history: lines for the terminal, and the --json
-documents. Part of bot/cli (issue 18)."""
+documents. Part of bot/cli."""
 
 from __future__ import annotations
 

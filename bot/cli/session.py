@@ -1,5 +1,5 @@
 """One CLI invocation's session: who is asking (the OS user, mapped to a Slack user), its streams, the
-service or ledger it opens, and what the authority allows it. Part of bot/cli (issue 18)."""
+service or ledger it opens, and what the authority allows it. Part of bot/cli."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class Session:
     deploy_id: str | None = None
     stopped: str | None = None  # how Ctrl-C ended the deploy, in the same words as the Slack thread
     slack: SlackClient | None = None
-    ledger: Ledger | None = None
+    deploys: DeployService | None = None  # the service of a command that built one
     following: bool = False  # reading another process's progress: Ctrl-C leaves the deploy alone
     threads: dict[str, SlackThreadReporter] = field(default_factory=dict)
     json: bool = False  # --json: stdout carries one JSON document; progress and messages go to stderr
@@ -125,12 +125,12 @@ class Session:
 
     def reporters(self, record: DeployRecord) -> Sequence[Reporter]:
         out: list[Reporter] = [self.reporter] if self.reporter is not None else []
-        if self.slack is not None and self.ledger is not None and record.channel:
+        if self.slack is not None and self.deploys is not None and record.channel:
             thread = self.threads.get(record.id)
             if thread is None:
                 from handlers.reporter import SlackThreadReporter  # noqa: PLC0415 - see TYPE_CHECKING
 
-                thread = self.threads[record.id] = SlackThreadReporter(self.slack, self.ledger, record)
+                thread = self.threads[record.id] = SlackThreadReporter(self.slack, self.deploys, record)
             out.append(thread)
         return out
 
@@ -151,7 +151,7 @@ class Session:
             service = await stack.enter_async_context(
                 build_service(self.settings, self.config, reporters=self.reporters)
             )
-            self.ledger = service.deps.ledger
+            self.deploys = service
             if self.slack is not None:
                 service.deps.people = SlackPeople(self.slack)  # imported with the token above
             try:

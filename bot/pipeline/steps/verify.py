@@ -30,12 +30,7 @@ class Verify(Step[DeployContext]):
             live[env.name] = {}
             for service in Service:
                 name = service.image
-                dep = await client.call(
-                    f"deployment {env.namespace}/{name}",
-                    client.apps.read_namespaced_deployment,
-                    name,
-                    env.namespace,
-                )
+                dep = await client.read_deployment(env.namespace, name)
                 containers = dep.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
                 image = str(containers[0].get("image", "")) if containers else ""
                 live[env.name][service.value] = image
