@@ -250,8 +250,11 @@ def _single_env(r: _Reader, positionals: list[str]) -> tuple[str, list[str]] | U
     return env, positionals[1:]
 
 
-def _migrate(r: _Reader) -> Command | Usage:
-    opts = r.options({})
+def _env_first(
+    r: _Reader, allowed: dict[str, bool] | None = None
+) -> tuple[str, list[str], set[str]] | Help | Usage:
+    """The single environment a command starts with, the words after it and the flags given; Help for `--help`."""
+    opts = r.options(allowed or {})
     if isinstance(opts, Usage):
         return opts
     positionals, found = opts
@@ -261,6 +264,14 @@ def _migrate(r: _Reader) -> Command | Usage:
     if isinstance(head, Usage):
         return head
     env, rest = head
+    return env, list(rest), set(found)
+
+
+def _migrate(r: _Reader) -> Command | Usage:
+    head = _env_first(r)
+    if isinstance(head, Help | Usage):
+        return head
+    env, rest, _ = head
     if rest and rest[0].casefold() == "force":
         if len(rest) < 2:
             return r.usage("`force` needs the version from `Dirty database version X`.")
@@ -284,20 +295,14 @@ def _migrate(r: _Reader) -> Command | Usage:
 
 def _env_only(r: _Reader, allowed: dict[str, bool] | None = None) -> tuple[str, set[str]] | Help | Usage:
     """The single environment of `rollback` / `unlock` and the flags given, or Help for `--help`."""
-    opts = r.options(allowed or {})
-    if isinstance(opts, Usage):
-        return opts
-    positionals, found = opts
-    if "help" in found:
-        return Help(r.name)
-    head = _single_env(r, positionals)
-    if isinstance(head, Usage):
+    head = _env_first(r, allowed)
+    if isinstance(head, Help | Usage):
         return head
-    env, rest = head
+    env, rest, found = head
     extra = r.no_more(rest)
     if extra is not None:
         return extra
-    return env, set(found)
+    return env, found
 
 
 def _history(r: _Reader) -> Command | Usage:
