@@ -261,7 +261,7 @@ _SPECS: dict[str, Spec] = {
         "environments. Production runs only after a second person approves. With --dry-run, only "
         "shows the plan. Moving an environment back to an older commit needs --allow-downgrade. An "
         "admin can go past a promotion gate (e.g. production takes what succeeded in staging) with "
-        "--override and the reason, which ends the command.",
+        "--override and the reason (in Slack, the rest of the line is the reason).",
         ("deploy {env} e7e79eb", "deploy {envs} e7e79eb --dry-run"),
         "deploy a commit to one or more environments",
         (
