@@ -10,11 +10,7 @@ from bot.ledger.models import (
 )
 from bot.models import DeployKind
 from bot.outcomes import deploy_summary
-from bot.pipeline.engine import (
-    SUMMARY_STEP,
-    EventKind,
-)
-from bot.pipeline.vocab import StepName
+from bot.pipeline.vocab import SUMMARY_STEP, EventKind, StepName
 from bot.runs import Run
 from bot.stopping import Stopping
 

@@ -13,11 +13,8 @@ from bot.ledger.models import (
     Fenced,
     StepState,
 )
-from bot.pipeline.engine import (
-    SUMMARY_STEP,
-    EventKind,
-    StepEvent,
-)
+from bot.pipeline.engine import StepEvent
+from bot.pipeline.vocab import SUMMARY_STEP, EventKind
 from bot.runs import Run
 
 if TYPE_CHECKING:

@@ -27,8 +27,9 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
 from bot.models import DeployKind
-from bot.pipeline.engine import PLAN_STEPS, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.engine import StepEvent, stopped_by_a_person
 from bot.pipeline.events import DeploySummary
+from bot.pipeline.vocab import PLAN_STEPS, EventKind
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,10 @@ from bot.ledger.models import (
 )
 from bot.logs import deploy_context
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import (
-    PipelineResult,
-    StepName,
-    StepOutcome,
-)
+from bot.pipeline.engine import PipelineResult, StepOutcome
 from bot.pipeline.events import DeploySummary, ForcedClean
 from bot.pipeline.steps.resolve import downgrade_problems
+from bot.pipeline.vocab import StepName
 from bot.settings import Service
 
 log = logging.getLogger("bot.service")  # the service's logger, as before the split

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 from bot.errors import TransientError
 from bot.ledger import DeployRecord, DeployState, Fenced, LockHeld, StateConflict, StepState
 from bot.models import Plan
-from bot.pipeline.engine import EventKind
-from bot.pipeline.vocab import StepName
+from bot.pipeline.vocab import EventKind, StepName
 from bot.runs import Run
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ from typing import Literal
 from bot.leases import LeaseKeeper
 from bot.ledger import DeployRecord
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import StepEvent
+from bot.pipeline.vocab import EventKind
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,7 @@ from bot.ledger_reporter import LedgerReporter
 from bot.models import DeployKind, Plan
 from bot.outcomes import _log_started, deploy_summary
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import (
-    EXECUTE_STEPS,
-    MIGRATE_STEPS,
-    PLAN_STEPS,
-    SUMMARY_STEP,
-    EventKind,
-    Pipeline,
-    PipelineResult,
-    Step,
-    StepOutcome,
-)
+from bot.pipeline.engine import Pipeline, PipelineResult, Step, StepOutcome
 from bot.pipeline.steps.force import ForceMigrate
 from bot.pipeline.steps.gitops import GitOps
 from bot.pipeline.steps.images import Images
@@ -56,7 +46,15 @@ from bot.pipeline.steps.resolve import Resolve
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
 from bot.pipeline.steps.verify import Verify
-from bot.pipeline.vocab import POST_PUSH_STEPS, StepName
+from bot.pipeline.vocab import (
+    EXECUTE_STEPS,
+    MIGRATE_STEPS,
+    PLAN_STEPS,
+    POST_PUSH_STEPS,
+    SUMMARY_STEP,
+    EventKind,
+    StepName,
+)
 from bot.policy import locks
 from bot.runs import Run, Stop
 from bot.service_core import ReporterFactory

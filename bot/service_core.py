@@ -20,14 +20,9 @@ from bot.logs import deploy_context
 from bot.models import BOT_USER, DeployKind
 from bot.outcomes import _log_finished, _until_the_ledger_answers
 from bot.pipeline.context import DeployContext, Deps
-from bot.pipeline.engine import (
-    EventKind,
-    Pipeline,
-    Reporter,
-    Step,
-    StepEvent,
-)
+from bot.pipeline.engine import Pipeline, Reporter, Step, StepEvent
 from bot.pipeline.events import DeploySummary
+from bot.pipeline.vocab import EventKind
 from bot.runs import Run, RunTracker
 from bot.settings import FunnelcakeConfig
 

@@ -16,11 +16,7 @@ from bot.ledger.models import (
 )
 from bot.lookups import Lookups
 from bot.outcomes import deploy_summary
-from bot.pipeline.engine import (
-    SUMMARY_STEP,
-    EventKind,
-)
-from bot.pipeline.vocab import POST_PUSH_STEPS, StepName
+from bot.pipeline.vocab import POST_PUSH_STEPS, SUMMARY_STEP, EventKind, StepName
 from bot.runs import Run, Stop
 
 log = logging.getLogger("bot.service")  # the service's logger, as before the split

@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from bot.pipeline.engine import SUMMARY_STEP, EventKind, StepEvent, stopped_by_a_person
+from bot.pipeline.engine import StepEvent, stopped_by_a_person
 from bot.pipeline.events import ApprovalRequested, DeploySummary, Diagnosed, Verified
+from bot.pipeline.vocab import SUMMARY_STEP, EventKind
 
 _FANCY = {"pending": "·", "running": "…", "done": "✓", "skipped": "\u2013", "failed": "✗", "retrying": "↻"}
 _PLAIN = {"pending": ".", "running": "~", "done": "+", "skipped": "-", "failed": "x", "retrying": "r"}

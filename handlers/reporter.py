@@ -23,7 +23,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.ledger.models import DeployRecord
 from bot.logs import redact, redact_json
 from bot.models import DeployKind, Plan
-from bot.pipeline.engine import EventKind, StepEvent, StepName, stopped_by_a_person
+from bot.pipeline.engine import StepEvent, stopped_by_a_person
 from bot.pipeline.events import (
     ApprovalRequested,
     DeploySummary,
@@ -32,7 +32,7 @@ from bot.pipeline.events import (
     Resolved,
     Verified,
 )
-from bot.pipeline.vocab import POST_PUSH_STEPS
+from bot.pipeline.vocab import POST_PUSH_STEPS, EventKind, StepName
 from handlers import blocks as bk
 from handlers import buttons as drawn
 from handlers.directory import mention

@@ -25,8 +25,9 @@ import yaml
 from bot import commands
 from bot.cli import main
 from bot.ledger import DeployState, Ledger
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import StepEvent
 from bot.pipeline.events import Diagnosed
+from bot.pipeline.vocab import EventKind
 from bot.service import DeployService
 from bot.terminal import TerminalReporter, colour_enabled
 from tests.testbed.gitrepos import remote_head

@@ -6,7 +6,7 @@ import asyncio
 
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployState
-from bot.pipeline.engine import EventKind
+from bot.pipeline.vocab import EventKind
 from bot.service import DeployService
 from bot.wiring import build_service
 from tests.testbed.events import Events

@@ -9,19 +9,9 @@ from typing import Any
 import pytest
 
 from bot.errors import PermanentError, TransientError
-from bot.pipeline.engine import (
-    SUMMARY_STEP,
-    EventKind,
-    Pipeline,
-    Retry,
-    Skip,
-    Step,
-    StepEvent,
-    StepName,
-    StepOutcome,
-    StepProgress,
-)
+from bot.pipeline.engine import Pipeline, Retry, Skip, Step, StepEvent, StepOutcome, StepProgress
 from bot.pipeline.events import DeploySummary, Diagnosed, DirtyMigration, read_payload
+from bot.pipeline.vocab import SUMMARY_STEP, EventKind, StepName
 
 
 class Recorder:

@@ -22,9 +22,10 @@ from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployRecord, DeployState
 from bot.models import AMD64
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import EventKind, Pipeline, StepEvent, StepOutcome
+from bot.pipeline.engine import Pipeline, StepEvent, StepOutcome
 from bot.pipeline.steps.rollout import Rollout
 from bot.pipeline.steps.sync import Sync
+from bot.pipeline.vocab import EventKind
 from bot.service import DeployService
 from bot.wiring import build_service
 from tests.testbed.events import Events

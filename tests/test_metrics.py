@@ -23,7 +23,8 @@ from bot.errors import PermanentError, TransientError
 from bot.ledger import Ledger
 from bot.ledger.models import DeployKind, DeployState
 from bot.metrics import Metrics, MetricsReporter, SlackErrorCounter, add_metrics_route
-from bot.pipeline.engine import STOP_HANDOVER, SUMMARY_STEP, EventKind, Pipeline, Retry, Step, StepEvent
+from bot.pipeline.engine import Pipeline, Retry, Step, StepEvent
+from bot.pipeline.vocab import STOP_HANDOVER, SUMMARY_STEP, EventKind
 from tests.testbed.slack import BOT_TOKEN, FakeSlack
 
 ENVS = ("production", "staging", "poc")

@@ -18,8 +18,8 @@ import yaml
 
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployRecord, DeployState
-from bot.pipeline.engine import EventKind
 from bot.pipeline.events import DeploySummary
+from bot.pipeline.vocab import EventKind
 from bot.service import DeployService
 from bot.settings import parse_config
 from bot.wiring import build_service

@@ -33,8 +33,8 @@ from bot.cli.session import Session, _by_email
 from bot.errors import BotError
 from bot.ledger.models import DeployRecord, DeployState, when, who
 from bot.models import DeployKind
-from bot.pipeline.engine import EXECUTE_STEPS, PLAN_STEPS, PipelineResult
-from bot.pipeline.vocab import RUN_STEPS, StepName
+from bot.pipeline.engine import PipelineResult
+from bot.pipeline.vocab import EXECUTE_STEPS, PLAN_STEPS, RUN_STEPS, StepName
 from bot.policy.authz import Action
 from bot.settings import FunnelcakeConfig
 from bot.terminal import TerminalReporter, colour_enabled

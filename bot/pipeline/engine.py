@@ -22,31 +22,14 @@ from bot.errors import BotError, PermanentError, TransientError
 from bot.logs import redact, redact_json, step_context
 from bot.pipeline.events import Payload, Stopped, read_payload
 from bot.pipeline.vocab import (
-    EXECUTE_STEPS,
-    MIGRATE_STEPS,
-    PLAN_STEPS,
     STOP_CANCEL,
-    STOP_HANDOVER,
-    STOP_LOST,
     STOPPED,
-    SUMMARY_STEP,
     EventKind,
-    StepName,
 )
 
 log = logging.getLogger(__name__)
 
-# The vocabulary lives in bot.pipeline.vocab; these names are still found here.
 __all__ = [
-    "EXECUTE_STEPS",
-    "MIGRATE_STEPS",
-    "PLAN_STEPS",
-    "STOPPED",
-    "STOP_CANCEL",
-    "STOP_HANDOVER",
-    "STOP_LOST",
-    "SUMMARY_STEP",
-    "EventKind",
     "Pipeline",
     "PipelineResult",
     "Reporter",
@@ -54,7 +37,6 @@ __all__ = [
     "Skip",
     "Step",
     "StepEvent",
-    "StepName",
     "StepOutcome",
     "StepProgress",
     "StepResult",

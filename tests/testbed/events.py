@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from bot.pipeline.engine import EventKind, StepEvent
+from bot.pipeline.engine import StepEvent
+from bot.pipeline.vocab import EventKind
 from bot.service import DeployService
 from bot.wiring import build_service
 from tests.testbed.sandbox import Sandbox

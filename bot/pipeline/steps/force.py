@@ -8,7 +8,8 @@ from typing import Any
 from bot.adapters.migrations import MigrationFailed
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 

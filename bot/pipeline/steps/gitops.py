@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
 from bot.pipeline.steps.images import REGISTRY_RETRY, verify_images
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from bot.errors import BotError, PermanentError, TransientError
 from bot.ledger.models import LedgerError
 from bot.models import AMD64, ImagePlan
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Retry, Step, StepName, StepProgress
+from bot.pipeline.engine import Retry, Step, StepProgress
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 PROMOTE_CONCURRENCY = 3

@@ -9,8 +9,9 @@ from typing import Any
 from bot.adapters.migrations import MigrateOutcome, MigrationFailed
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Skip, Step, StepName, StepProgress
+from bot.pipeline.engine import Skip, Step, StepProgress
 from bot.pipeline.events import DirtyMigration
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 

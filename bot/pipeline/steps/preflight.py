@@ -10,10 +10,11 @@ from bot.adapters.argocd import operation_running
 from bot.errors import BotError, PermanentError
 from bot.models import AMD64, ImagePlan, Plan, deployed_images
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
 from bot.pipeline.steps.gates import gate_problem
 from bot.pipeline.steps.images import REGISTRY_RETRY
 from bot.pipeline.steps.resolve import downgrade_problems
+from bot.pipeline.vocab import StepName
 from bot.policy import locks
 from bot.settings import DEFAULT_STEP_BUDGETS, Environment
 

@@ -18,8 +18,9 @@ from bot.errors import BotError, PermanentError
 from bot.ledger.models import DeployState
 from bot.models import CommitInfo, DeployKind, EnvPlan, Plan, ServiceMove, plural
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
 from bot.pipeline.events import Resolved
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 

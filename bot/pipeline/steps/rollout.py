@@ -9,8 +9,9 @@ from typing import Any
 from bot.adapters.rollout import RolloutFailed, RolloutProgress, watch_rollouts
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
 from bot.pipeline.events import Diagnosed
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 

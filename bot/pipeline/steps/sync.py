@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS
 
 

@@ -10,8 +10,9 @@ from bot.adapters.endpoints import check_endpoints, summary_line
 from bot.adapters.site import check_site
 from bot.errors import PermanentError
 from bot.pipeline.context import DeployContext
-from bot.pipeline.engine import Step, StepName, StepProgress
+from bot.pipeline.engine import Step, StepProgress
 from bot.pipeline.events import Verified
+from bot.pipeline.vocab import StepName
 from bot.settings import DEFAULT_STEP_BUDGETS, Service
 
 
