@@ -32,6 +32,7 @@ class Run:
     stop: Stop | None = None
     current: str | None = None  # the step running now
     done: list[str] = field(default_factory=list)  # steps finished ok or skipped, in order
+    ending: bool = False  # its final state is being written and told: a stop now would only cut that off
 
     @property
     def where(self) -> str:

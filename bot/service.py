@@ -314,6 +314,7 @@ class DeployService(Approvals):
         return await self.run_steps(run, self._execute_steps(run.record.kind))
 
     async def finish_with(self, run: Run, state: DeployState, message: str) -> DeployRecord:
+        run.ending = True
         run.record = await self._write(run, state=state, message=message)
         summary = deploy_summary(run.record, None, None, failed_step=StepName.RECOVERY)
         await self.emit_for(run.record, SUMMARY_STEP, EventKind.FAILED, message, summary=summary)
@@ -339,6 +340,7 @@ class DeployService(Approvals):
             return run.record
         except PermanentError as e:
             step = StepName.LOCK if isinstance(e, LockHeld) else StepName.APPROVAL
+            run.ending = True
             try:
                 run.record = await self._write(run, state=DeployState.FAILED, message=e.message)
             except Fenced as lost:
@@ -472,6 +474,7 @@ class DeployService(Approvals):
         failed = result.failed
         if failed is not None and run.keeper is not None and run.keeper.lost is not None:
             raise Fenced(run.record.id, run.keeper.lost.why)  # the step stopped because the lease was lost
+        run.ending = True
         if failed is None:
             run.record = await self._write(run, state=DeployState.SUCCEEDED, message="deployed")
             await self._clear_failure_lock(run.record)

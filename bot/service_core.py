@@ -126,9 +126,11 @@ class ServiceCore:
         if run is not None:
             reporters.insert(0, self._ledger_reporter(run))
         event = StepEvent(record.id, step, kind, message, data, payload=summary)
+        if summary is not None:
+            # logged before any reporter awaits: the record is already final, so a stop that follows at
+            # once (a rolling restart) must not lose the line that marks the deploy's end
+            _log_finished(record, summary)
         await Pipeline(record.id, [], reporters)._emit(event)
-        if isinstance(event.payload, DeploySummary):
-            _log_finished(record, event.payload)
 
     async def _write(self, run: Run, **fields: Any) -> DeployRecord:
         """A write about the run's deploy, as its owner: kept trying while the ledger is unreachable (the lease

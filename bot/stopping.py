@@ -47,8 +47,9 @@ class Stopping(Lookups):
         tasks = [t for t in self._tasks.values() if not t.done()]
         for deploy_id in list(self._runs):
             self._stop(deploy_id, Stop("handover"))
+        runs = {run.task for run in self._runs.values()}
         for t in tasks:
-            if not t.done():
+            if t not in runs:
                 t.cancel()  # not yet a run (still claiming): it stops without touching anything
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -56,8 +57,8 @@ class Stopping(Lookups):
 
     def _stop(self, deploy_id: str, stop: Stop) -> None:
         run = self._runs.get(deploy_id)
-        if run is None or run.stop is not None or run.task is None or run.task.done():
-            return
+        if run is None or run.stop is not None or run.ending or run.task is None or run.task.done():
+            return  # an ending run finishes first (bounded by the ledger's and the reporters' own timeouts)
         run.stop = stop
         run.task.cancel(stop.kind)  # the engine's step line tells why (STOPPED)
 

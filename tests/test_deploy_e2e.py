@@ -6,7 +6,8 @@ import asyncio
 
 from bot.drift import build_report
 from bot.ledger.models import DeployKind, DeployState
-from bot.pipeline.vocab import EventKind
+from bot.pipeline.engine import StepEvent
+from bot.pipeline.vocab import SUMMARY_STEP, EventKind, StepName
 from bot.service import DeployService
 from bot.wiring import build_service
 from tests.testbed.events import Events
@@ -137,3 +138,30 @@ async def test_an_orphaned_deploy_in_a_locked_env_says_once_why_it_waits(sandbox
         # it had not pushed anything: interrupted, and the thread says nothing reached git
         assert record.state is DeployState.INTERRUPTED
         assert "nothing was pushed" in (record.message or "")
+
+
+async def test_a_deploy_ending_as_the_bot_stops_still_tells_its_end(sandbox: Sandbox) -> None:
+    """A rolling restart that lands while the final summary is being posted must not cut it off, nor call a
+    finished deploy "handed over" for another bot to resume."""
+    assert sandbox.config is not None
+    assert sandbox.git is not None
+    short = sandbox.git.app.commits["head"][:7]
+    for image in ("funnelcake-api", "funnelcake-relay", "funnelcake-migrate"):
+        await sandbox.registries.push("production", image, short, "multi", seed=f"{image}:{short}")
+    slow, after = Events(), Events()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def stop_while_summarising(event: StepEvent) -> None:
+        if event.step == SUMMARY_STEP and not stopping:
+            stopping.append(asyncio.create_task(svc.shutdown(), name="test-shutdown"))
+            await asyncio.sleep(0.3)  # a slow Slack: the stop arrives while this reply is on its way
+
+    slow.hooks.append(stop_while_summarising)
+    async with build_service(sandbox.settings(), sandbox.config, reporters=lambda r: [slow, after]) as svc:
+        started = await svc.start(DeployKind.DEPLOY, ["poc"], short, "U0ALICE")
+        record = await svc.wait(started.record.id)
+        await stopping[0]
+        assert record.state is DeployState.SUCCEEDED, record.message
+        assert after.one(record.id, SUMMARY_STEP, EventKind.DONE).message == "deployed"
+        assert not after.of(record.id, StepName.RECOVERY)
+        assert (await svc.deps.ledger.get_deploy(record.id)).state is DeployState.SUCCEEDED
