@@ -201,13 +201,16 @@ def test_a_wait_longer_than_its_step_is_one_clear_error_naming_both() -> None:
 @pytest.mark.parametrize(
     ("section", "field", "value", "expected"),
     [
-        # the shipped gitops step (300 s) still holds a 240 s git budget; resolve (180 s) does not
+        # resolve (180 s) holds one 150 s fetch; gitops (360 s) does not hold the registry re-check, a fetch
+        # and a push one after another
         (
             None,
             "git",
-            240,
-            "timeouts.git (240 s) exceeds timeouts.steps.resolve (180 s), the whole budget of the resolve "
-            "step it runs in: lower timeouts.git or raise timeouts.steps.resolve",
+            150,
+            "timeouts.registry.retries + timeouts.registry.request + 2 * timeouts.git (390 s) exceeds "
+            "timeouts.steps.gitops (360 s), the whole budget of the gitops step they run in: lower "
+            "timeouts.registry.retries or timeouts.registry.request or timeouts.git or raise "
+            "timeouts.steps.gitops",
         ),
         (
             "argocd",
@@ -218,7 +221,7 @@ def test_a_wait_longer_than_its_step_is_one_clear_error_naming_both() -> None:
             "timeouts.steps.sync",
         ),
     ],
-    ids=["git-vs-resolve", "argocd-refresh-vs-sync"],
+    ids=["fetch-and-push-vs-gitops", "argocd-refresh-vs-sync"],
 )
 def test_an_adapter_budget_longer_than_its_step_is_one_clear_error_naming_both(
     section: str | None, field: str, value: float, expected: str
