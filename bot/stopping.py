@@ -57,8 +57,10 @@ class Stopping(Lookups):
 
     def _stop(self, deploy_id: str, stop: Stop) -> None:
         run = self._runs.get(deploy_id)
-        if run is None or run.stop is not None or run.ending or run.task is None or run.task.done():
-            return  # an ending run finishes first (bounded by the ledger's and the reporters' own timeouts)
+        if run is None or run.stop is not None or run.task is None or run.task.done():
+            return
+        if run.ending and stop.kind != "lost":
+            return  # it is telling its end: a cancel or a hand-over would only cut that off (a lost lease still stops it)
         run.stop = stop
         run.task.cancel(stop.kind)  # the engine's step line tells why (STOPPED)
 
