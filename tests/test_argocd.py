@@ -1,5 +1,6 @@
-"""Argo CD refresh + sync against a simulated cluster: consumed refresh, the previous operationState, a running
-operation, a failed sync, a sync of several apps; plus the pure timestamp rules."""
+"""Argo CD refresh + sync against a simulated cluster: consumed refresh, the previous operationState (also one
+from the same second as the request), a running operation, a failed sync, a sync of several apps; plus the pure
+rules that tell a consumed refresh and our own operation."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from bot.settings import Environment
 from tests.testbed.clusterops import bump_overlay
 from tests.testbed.gitrepos import AppRemote, GitOpsRemote
 from tests.testbed.kube.cluster import SimCluster, Timings
+from tests.testbed.kube.controller import now_rfc3339
 from tests.testbed.registry import Registries
 
 # ---------------------------------------------------------------------------------------------- pure rules
@@ -43,22 +45,26 @@ def test_refresh_consumed_rules() -> None:
     assert refresh_consumed(app_obj("2026-01-01T10:05:00Z", False), same, req)
 
 
-def test_ours_ignores_the_previous_operation_state() -> None:
-    req = t("2026-01-01T10:05:00.600Z")
-    prev = {
-        "startedAt": "2026-01-01T10:04:59Z",
+def test_ours_is_the_requested_operation_not_the_one_shown_before() -> None:
+    before = {
+        "startedAt": "2026-01-01T10:05:00Z",  # same second as our request: the clock cannot tell
         "phase": "Succeeded",
-        "operation": {"sync": {"revision": "a"}},
+        "operation": {"initiatedBy": {"username": "platform-team"}, "sync": {"syncStrategy": {"hook": {}}}},
     }
-    mine = {"startedAt": "2026-01-01T10:05:00Z", "phase": "Running", "operation": {"sync": {"revision": "b"}}}
-    other = {
-        "startedAt": "2026-01-01T10:05:02Z",
+    mine = {
+        "startedAt": "2026-01-01T10:05:00Z",
         "phase": "Running",
-        "operation": {"sync": {"revision": "c"}},
+        "operation": {"initiatedBy": {"username": "U1"}, "sync": {"revision": "b"}},
     }
-    assert not ours(prev, req, "b")
-    assert ours(mine, req, "b")
-    assert not ours(other, req, "b")
+    assert not ours(before, before, "b", "U1")  # what was there before we asked
+    assert not ours({}, before, "b", "U1")
+    assert ours(mine, before, "b", "U1")
+    assert ours(mine, {}, "b", "U1")  # an app never synced before
+    assert not ours(mine, mine, "b", "U1")  # our own earlier sync of that revision is not the new one
+    assert not ours(mine, before, "c", "U1")  # someone else's revision
+    assert not ours(mine, before, "b", "U2")  # someone else's sync of it
+    unnamed = {**mine, "operation": {"initiatedBy": {"username": "U1"}, "sync": {}}}
+    assert not ours(unnamed, before, "b", "U1")  # a sync that named no revision is not one we requested
 
 
 # ------------------------------------------------------------------------------------ against the cluster
@@ -81,17 +87,26 @@ async def test_refresh_is_consumed_and_reports_out_of_sync(
     assert app["status"]["sync"]["revision"] == sha
 
 
-async def test_sync_to_the_pushed_revision(
-    sim_cluster: SimCluster,
-    staging_clients: KubeClients,
-    staging: Environment,
-    sim_gitops: GitOpsRemote,
-    app_remote: AppRemote,
-    registries: Registries,
-) -> None:
+@pytest.fixture
+async def api_head(
+    sim_cluster: SimCluster, registries: Registries, sim_gitops: GitOpsRemote, app_remote: AppRemote
+) -> tuple[str, str]:
+    """The api's head image in the staging registry and the GitOps commit deploying it: (tag, commit).
+    Pushed after the cluster was seeded (synced at the previous head)."""
     tag = app_remote.short("head")
     await registries.push("staging", "funnelcake-api", tag, "amd64", seed="api-head")
-    sha = await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", tag)
+    return tag, await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", tag)
+
+
+def live_api_image(cluster: SimCluster) -> str:
+    dep = cluster.store.get("deployments", "funnelcake", "funnelcake-api")
+    return str(dep["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+async def test_sync_to_the_pushed_revision(
+    sim_cluster: SimCluster, staging_clients: KubeClients, staging: Environment, api_head: tuple[str, str]
+) -> None:
+    tag, sha = api_head
     argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging", sync_limit=20)
     # the seed left a finished operationState behind: the result must be the new one, not that one
     previous = (await argo.get("funnelcake-api"))["status"]["operationState"]
@@ -105,27 +120,16 @@ async def test_sync_to_the_pushed_revision(
     assert res.health in {"Progressing", "Healthy"}
     live = sim_cluster.store.get("applications", "argocd", "funnelcake-api")
     assert live["status"]["operationState"]["operation"]["initiatedBy"]["username"] == "U123ALICE"
-    dep = sim_cluster.store.get("deployments", "funnelcake", "funnelcake-api")
-    assert (
-        dep["spec"]["template"]["spec"]["containers"][0]["image"]
-        == f"{staging.registry}/funnelcake-api:{tag}"
-    )
+    assert live_api_image(sim_cluster) == f"{staging.registry}/funnelcake-api:{tag}"
     assert not sim_cluster.errors
 
 
 @pytest.mark.parametrize("sim_timings", [Timings(argo_reconcile=0.4)])
 async def test_previous_operation_state_is_visible_right_after_the_patch(
-    sim_cluster: SimCluster,
-    staging_clients: KubeClients,
-    staging: Environment,
-    sim_gitops: GitOpsRemote,
-    app_remote: AppRemote,
-    registries: Registries,
+    sim_cluster: SimCluster, staging_clients: KubeClients, staging: Environment, api_head: tuple[str, str]
 ) -> None:
     """A slow controller: the old operationState is what the watch shows first; the sync must not take it."""
-    tag = app_remote.short("head")
-    await registries.push("staging", "funnelcake-api", tag, "amd64", seed="api-head")
-    sha = await asyncio.to_thread(bump_overlay, sim_gitops, "staging", "api", tag)
+    sha = api_head[1]
     client = staging_clients[staging.kube_context]
     argo = ArgoCD(client, "argocd", env_name="staging", sync_limit=20)
     await argo.refresh("funnelcake-api")
@@ -139,6 +143,34 @@ async def test_previous_operation_state_is_visible_right_after_the_patch(
     assert not task.done()
     res = await task
     assert res.revision == sha
+
+
+@pytest.mark.parametrize("sim_timings", [Timings(argo_reconcile=0.4)])
+async def test_a_sync_finished_in_the_same_second_as_the_request_is_not_taken_for_ours(
+    sim_cluster: SimCluster, staging_clients: KubeClients, staging: Environment, api_head: tuple[str, str]
+) -> None:
+    """The platform team's sync (no revision named) finished within the second of our request: its startedAt,
+    at one-second resolution, is not before the request, yet the result must be the sync we asked for."""
+    tag, sha = api_head
+    argo = ArgoCD(staging_clients[staging.kube_context], "argocd", env_name="staging", sync_limit=20)
+    await argo.refresh("funnelcake-api")
+    # at the start of a wall-clock second, so that our request falls in the same second
+    now = dt.datetime.now(dt.UTC)
+    await asyncio.sleep(1.02 - now.microsecond / 1e6)
+    second = now_rfc3339()
+
+    def just_synced(app: dict) -> None:
+        state = app["status"]["operationState"]
+        assert state["syncResult"]["revision"] != sha
+        assert "revision" not in state["operation"]["sync"]
+        app["status"]["operationState"] = {**state, "startedAt": second, "finishedAt": second}
+
+    sim_cluster.store.update("applications", "argocd", "funnelcake-api", just_synced)
+    res = await argo.sync("funnelcake-api", sha, username="U1", refresh=False)
+    assert (res.phase, res.revision) == ("Succeeded", sha)
+    live = sim_cluster.store.get("applications", "argocd", "funnelcake-api")
+    assert live["status"]["operationState"]["operation"]["initiatedBy"]["username"] == "U1"
+    assert live_api_image(sim_cluster) == f"{staging.registry}/funnelcake-api:{tag}"
 
 
 async def test_sync_refused_while_an_operation_is_running(

@@ -3,7 +3,10 @@
 Argo CD quirks this relies on: the Application has no status subresource; the controller drops
 the refresh annotation only after it has reconciled and written status.reconciledAt; a sync is requested by
 setting top-level `operation`, and one patched while another is Running is silently dropped; right after the
-patch the PREVIOUS operationState is still visible, so a result counts only if it started after our request.
+patch the PREVIOUS operationState is still visible. A result counts only if operationState is no longer the
+one read before the request and it ran our revision for our user. startedAt cannot tell them apart: it has
+one-second resolution and comes from the controller's clock, so an earlier sync that named no revision (a
+`kubectl patch` of `operation`) and started in the same second as our request would pass for ours.
 
 Budgets come from the environments file: `timeouts.argocd.refresh`, then `timeouts.sync` for the operation
 (its closing refresh, `timeouts.argocd.settle`, within it). Retries: none here; a transient fault of the
@@ -80,13 +83,18 @@ def refresh_consumed(app: JSON, before: dt.datetime | None, requested: dt.dateti
     return reconciled == before and before >= requested.replace(microsecond=0)
 
 
-def ours(state: JSON, requested: dt.datetime, revision: str) -> bool:
-    """This operationState belongs to the operation we requested, not the previous one."""
-    started = parse_time(state.get("startedAt"))
-    if started is None or started < requested.replace(microsecond=0):
+def ours(state: JSON, previous: JSON, revision: str, username: str) -> bool:
+    """This operationState is the operation we requested, not the one shown before it.
+
+    `previous` is the operationState read just before our request (Argo CD keeps showing it until the
+    controller starts ours); a state equal to it is never ours, however its timestamps compare to our clock.
+    """
+    if not state or state == previous:
         return False
-    asked = ((state.get("operation") or {}).get("sync") or {}).get("revision")
-    return asked in (None, revision)
+    operation = state.get("operation") or {}
+    asked = (operation.get("sync") or {}).get("revision")
+    who = (operation.get("initiatedBy") or {}).get("username")
+    return asked == revision and who == username
 
 
 class ArgoCD:
@@ -195,7 +203,7 @@ class ArgoCD:
             await self.refresh(app)
         idle = await self.ensure_idle(app)
         reconciled_before = parse_time((idle.get("status") or {}).get("reconciledAt"))
-        requested = dt.datetime.now(dt.UTC)
+        previous: JSON = (idle.get("status") or {}).get("operationState") or {}
         await self._patch(
             app,
             {"operation": {"initiatedBy": {"username": username}, "sync": {"revision": revision}}},
@@ -209,7 +217,10 @@ class ArgoCD:
                     if kind == "DELETED":
                         raise PermanentError(f"Argo CD application {app} was deleted during the sync")
                     state = (obj.get("status") or {}).get("operationState") or {}
-                    if not ours(state, requested, revision) or state.get("phase") not in FINAL_PHASES:
+                    if (
+                        not ours(state, previous, revision, username)
+                        or state.get("phase") not in FINAL_PHASES
+                    ):
                         continue
                     self._check_outcome(app, revision, state)
                     if finished is None:
