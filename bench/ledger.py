@@ -11,7 +11,7 @@ the machine's noise falls on both alike. Per operation, the median of `--runs` c
   history_env  `history production` (the newest 10 of one env)
   history_page the page after the first: `history staging --before <10th id>`
   status       the ledger reads `status` does: the locks, and each gated env's eligible commits
-  rollback     the rollback target of staging (its last and previous success)
+  rollback     the ledger reads of staging's rollback target (its last success, its newest 50 deploys)
   lease        acquire then release an env's lease
   decide       approve a pending approval (the request is opened before the clock starts)
 
@@ -50,10 +50,11 @@ GATED = {"production": "staging", "staging": "poc"}
 SPAN = timedelta(days=730)  # the seeded deploys spread over two years, the newest an hour ago
 
 
-def _rows(n: int, now: datetime) -> dict[str, list[tuple[Any, ...]]]:
-    """Rows for n finished deploys, oldest first, as (column, …) tuples in the tables' column order."""
+def _rows(n: int, now: datetime) -> dict[str, list[dict[str, Any]]]:
+    """Rows for n finished deploys, oldest first, by column name: a column a later schema adds is NULL here
+    (as in a ledger upgraded in place), and a name the schema does not have is refused."""
     rnd = random.Random(n)
-    out: dict[str, list[tuple[Any, ...]]] = {
+    out: dict[str, list[dict[str, Any]]] = {
         "deploys": [],
         "deploy_targets": [],
         "deploy_steps": [],
@@ -71,67 +72,89 @@ def _rows(n: int, now: datetime) -> dict[str, list[tuple[Any, ...]]]:
         state = "succeeded" if roll < 0.85 else "failed" if roll < 0.95 else "cancelled"
         kind = "rollback" if rnd.random() < 0.05 else "deploy"
         did = f"s-{n}-{i}"[:16]
-        approver = "U0BOB" if env == "production" else None
         out["deploys"].append(
-            (
-                i + 1,
-                did,
-                kind,
-                json.dumps([env]),
-                short,
-                short + "0" * 33,
-                short,
-                "U0ALICE",
-                approver,
-                state,
-                None,
-                "deployed" if state == "succeeded" else "the rollout did not become ready",
-                "C0DEPLOYS",
-                f"{created.timestamp():.6f}",
-                created,
-                finished,
-                finished,
-                None,
-                "verify" if state == "succeeded" else "rollout",
-                1,
-                None,
-                None,
-                "slack",
-            )
+            {
+                "seq": i + 1,
+                "id": did,
+                "kind": kind,
+                "envs": json.dumps([env]),
+                "ref": short,
+                "sha": short + "0" * 33,
+                "short": short,
+                "requester": "U0ALICE",
+                "approver": "U0BOB" if env == "production" else None,
+                "state": state,
+                "message": "deployed" if state == "succeeded" else "the rollout did not become ready",
+                "channel": "C0DEPLOYS",
+                "thread_ts": f"{created.timestamp():.6f}",
+                "created_at": created,
+                "updated_at": finished,
+                "finished_at": finished,
+                "last_step": "verify" if state == "succeeded" else "rollout",
+                "epoch": 1,
+                "origin": "slack",
+            }
         )
-        out["deploy_targets"].append((did, env, short, f"{rnd.getrandbits(28):07x}"))
+        out["deploy_targets"].append(
+            {"deploy_id": did, "env": env, "tag": short, "previous_tag": f"{rnd.getrandbits(28):07x}"}
+        )
         at = created
         for step in STEPS:
             step_id += 1
             end = at + timedelta(seconds=5)
             ok = state == "succeeded" or step != "rollout"
             out["deploy_steps"].append(
-                (step_id, did, env, step, "ok" if ok else "failed", at, end, json.dumps({"env": env}))
+                {
+                    "id": step_id,
+                    "deploy_id": did,
+                    "env": env,
+                    "step": step,
+                    "state": "ok" if ok else "failed",
+                    "started_at": at,
+                    "finished_at": end,
+                    "detail": json.dumps({"env": env}),
+                }
             )
             at = end
         if env == "production":
             out["approvals"].append(
-                (
-                    did,
-                    "b" * 64,
-                    "U0ALICE",
-                    created,
-                    created + timedelta(hours=1),
-                    "approved",
-                    "U0BOB",
-                    created,
-                )
+                {
+                    "deploy_id": did,
+                    "binding": "b" * 64,
+                    "requester": "U0ALICE",
+                    "requested_at": created,
+                    "expires_at": created + timedelta(hours=1),
+                    "state": "approved",
+                    "decided_by": "U0BOB",
+                    "decided_at": created,
+                }
             )
         if i % 50 == 0:
             out["lock_events"].append(
-                (len(out["lock_events"]) + 1, env, "lock", "U0OPS", "load test", created)
+                {
+                    "id": len(out["lock_events"]) + 1,
+                    "env": env,
+                    "action": "lock",
+                    "user": "U0OPS",
+                    "reason": "load test",
+                    "at": created,
+                }
             )
     return out
 
 
 def _columns(table: str) -> list[str]:
-    """The table's columns in the order `_rows` writes them: the ledger's own current schema."""
+    """The table's columns: the ledger's own current schema."""
     return [c.name for c in schema.metadata.tables[table].columns]
+
+
+def _tuples(table: str, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """The rows as tuples in the table's column order; a key that is not one of its columns is a bug here."""
+    columns = _columns(table)
+    stray = {k for row in rows for k in row} - set(columns)
+    if stray:
+        raise SystemExit(f"bench/ledger.py seeds {table} with columns it does not have: {sorted(stray)}")
+    return [tuple(row.get(c) for c in columns) for row in rows]
 
 
 def _sqlite_value(v: Any) -> Any:
@@ -139,13 +162,14 @@ def _sqlite_value(v: Any) -> Any:
     return v.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ") if isinstance(v, datetime) else v
 
 
-def _seed_sqlite(path: Path, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+def _seed_sqlite(path: Path, rows: dict[str, list[dict[str, Any]]]) -> None:
     db = sqlite3.connect(path)
     try:
         with db:
-            for table, values in rows.items():
-                if not values:
+            for table, named in rows.items():
+                if not named:
                     continue
+                values = _tuples(table, named)
                 names = ", ".join(f'"{c}"' for c in _columns(table))
                 marks = ", ".join("?" * len(values[0]))
                 db.executemany(
@@ -156,11 +180,12 @@ def _seed_sqlite(path: Path, rows: dict[str, list[tuple[Any, ...]]]) -> None:
         db.close()
 
 
-async def _seed_pg(dsn: str, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+async def _seed_pg(dsn: str, rows: dict[str, list[dict[str, Any]]]) -> None:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        for table, values in rows.items():
-            if values:
+        for table, named in rows.items():
+            if named:
+                values = _tuples(table, named)
                 await conn.copy_records_to_table(table, records=values, columns=_columns(table), timeout=300)
         for table in ("deploys", "deploy_steps", "lock_events"):
             # the serial columns go on from the seeded ids, as they would after real inserts
@@ -217,8 +242,9 @@ async def op_status(c: Case) -> None:
 
 
 async def op_rollback(c: Case) -> None:
+    # what the rollback target reads (bot.lookups): the last success, then the env's recent deploys
     await c.ledger.last_succeeded("staging")
-    await c.ledger.previous_succeeded("staging")
+    await c.ledger.history("staging", 50)
 
 
 async def op_lease(c: Case) -> None:
@@ -270,7 +296,7 @@ async def measure(small: Case, big: Case, runs: int) -> dict[str, tuple[float, f
 
 
 async def open_seeded(
-    url: str, n: int, seed: Callable[[dict[str, list[tuple[Any, ...]]]], Awaitable[None]]
+    url: str, n: int, seed: Callable[[dict[str, list[dict[str, Any]]]], Awaitable[None]]
 ) -> tuple[Case, float]:
     # the schema as the bot creates it, then the rows in bulk, then the ledger the bot opens
     led = await Ledger.open(url)
@@ -304,7 +330,7 @@ async def bench_sqlite(small_n: int, big_n: int, runs: int) -> dict[str, float]:
         for n in (small_n, big_n):
             path = Path(root) / f"ledger-{n}.db"
 
-            async def seed(rows: dict[str, list[tuple[Any, ...]]], path: Path = path) -> None:
+            async def seed(rows: dict[str, list[dict[str, Any]]], path: Path = path) -> None:
                 await asyncio.to_thread(_seed_sqlite, path, rows)
 
             case, took = await open_seeded(f"sqlite+aiosqlite:///{path}", n, seed)
@@ -326,7 +352,7 @@ async def bench_pg(small_n: int, big_n: int, runs: int) -> dict[str, float]:
         for db, n in zip(dbs, (small_n, big_n), strict=True):
             await db.start()
 
-            async def seed(rows: dict[str, list[tuple[Any, ...]]], dsn: str = db.dsn) -> None:
+            async def seed(rows: dict[str, list[dict[str, Any]]], dsn: str = db.dsn) -> None:
                 await _seed_pg(dsn, rows)
 
             case, took = await open_seeded(db.url, n, seed)
