@@ -66,11 +66,13 @@ def operation_running(app: JSON) -> bool:
     return bool(app.get("operation")) or state.get("phase") == "Running"
 
 
-def refresh_consumed(app: JSON, before: dt.datetime | None, requested: dt.datetime) -> bool:
-    """The controller reconciled after our refresh request: annotation gone and reconciledAt newer.
+def refresh_consumed(app: JSON, before: dt.datetime | None) -> bool:
+    """The controller reconciled after our refresh request: the annotation is gone, reconciledAt written.
 
-    reconciledAt has one-second resolution: when the previous reconcile fell in the same second as our
-    request, an equal timestamp is the best "newer" there is.
+    Only objects read after our patch are shown here (the watch lists first), and the controller drops the
+    annotation in the same update that writes reconciledAt: its absence is the proof. reconciledAt may equal
+    `before` (one-second resolution, the controller's clock); it is never compared with ours, so a controller
+    whose clock is a second or two behind the bot's is not waited on until the refresh budget runs out.
     """
     annotations = (app.get("metadata") or {}).get("annotations") or {}
     if REFRESH_ANNOTATION in annotations:
@@ -78,9 +80,7 @@ def refresh_consumed(app: JSON, before: dt.datetime | None, requested: dt.dateti
     reconciled = parse_time((app.get("status") or {}).get("reconciledAt"))
     if reconciled is None:
         return False
-    if before is None or reconciled > before:
-        return True
-    return reconciled == before and before >= requested.replace(microsecond=0)
+    return before is None or reconciled >= before
 
 
 def ours(state: JSON, previous: JSON, revision: str, username: str) -> bool:
@@ -165,14 +165,13 @@ class ArgoCD:
         """Hard refresh and wait (watching) until the controller has consumed it; returns the app."""
         current = await self.get(app)
         before = parse_time((current.get("status") or {}).get("reconciledAt"))
-        requested = dt.datetime.now(dt.UTC)
         await self._patch(app, {"metadata": {"annotations": {REFRESH_ANNOTATION: "hard"}}})
         try:
             async with asyncio.timeout(self.refresh_limit), self._watch(app) as events:
                 async for kind, obj in events:
                     if kind == "DELETED":
                         raise PermanentError(f"Argo CD application {app} was deleted during refresh")
-                    if refresh_consumed(obj, before, requested):
+                    if refresh_consumed(obj, before):
                         return dict(obj)
         except TimeoutError:
             raise PermanentError(
