@@ -464,6 +464,26 @@ class _Event:
     )  # the previous state for MODIFIED, so filtered watches can synthesize ADDED/DELETED
 
 
+@dataclass(frozen=True, slots=True)
+class _Past:
+    """An event kept for watches that resume from a resourceVersion, as JSON: a thousand versions of an object
+    as dict trees would each be scanned by every full garbage collection, and the server would slow down as
+    its history fills (the fake API benchmark's last requests ran 30 % slower than its first)."""
+
+    rv: int
+    type: str
+    resource: str
+    state: bytes  # [obj, old]
+
+    @classmethod
+    def of(cls, event: _Event) -> _Past:
+        return cls(event.rv, event.type, event.resource, json.dumps([event.obj, event.old]).encode())
+
+    def event(self) -> _Event:
+        obj, old = json.loads(self.state)
+        return _Event(self.rv, self.type, self.resource, obj, old)
+
+
 class _Watcher:
     def __init__(self, resource: str) -> None:
         self.resource = resource
@@ -496,7 +516,7 @@ class Store:
         self._rv = 0
         # One window per kind, as the real watch cache keeps: a burst of pod events does not expire
         # a Deployment watch.
-        self._history: dict[str, collections.deque[_Event]] = {
+        self._history: dict[str, collections.deque[_Past]] = {
             r: collections.deque(maxlen=history) for r in RESOURCES
         }
         # Every event of a kind with rv <= its floor has been evicted; a watch from below it is a 410.
@@ -1021,7 +1041,7 @@ class Store:
         history = self._history[resource]
         if len(history) == history.maxlen:
             self._floor[resource] = history[0].rv
-        history.append(event)
+        history.append(_Past.of(event))
         for watcher in self._watchers[resource]:
             watcher.queue.put_nowait(event)
         for queue in self._subscribers:
@@ -1095,7 +1115,7 @@ class Store:
                 if matches(obj)
             ]
         else:
-            backlog = [e for e in self._history[resource] if e.rv > rv]
+            backlog = [e.event() for e in self._history[resource] if e.rv > rv]
         self._watchers[resource].add(watcher)
         try:
             for event in backlog:
