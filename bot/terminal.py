@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TextIO
 
+from bot.colour import colour_enabled, paint
 from bot.pipeline.engine import StepEvent, stopped_by_a_person
 from bot.pipeline.events import ApprovalRequested, DeploySummary, Diagnosed, Verified
 from bot.pipeline.vocab import SUMMARY_STEP, EventKind
@@ -36,25 +36,7 @@ _STATE_OF = {
     EventKind.CANCELLED: "failed",
 }
 _FINISHED = ("done", "skipped", "failed")
-_SGR = {"red": "31", "green": "32", "yellow": "33", "blue": "34"}
 _STATE_COLOUR = {"done": "green", "failed": "red", "retrying": "yellow", "running": "blue"}
-
-
-def colour_enabled(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
-    """Colour only for a terminal: NO_COLOR (any non-empty value, no-color.org) turns it off, FORCE_COLOR
-    (non-empty, not "0") turns it on even in a pipe; otherwise on exactly when the stream is a TTY."""
-    env = os.environ if environ is None else environ
-    if env.get("NO_COLOR"):
-        return False
-    force = env.get("FORCE_COLOR")
-    if force and force != "0":
-        return True
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
-def paint(text: str, colour: str, *, enabled: bool) -> str:
-    return f"\x1b[{_SGR[colour]}m{text}\x1b[0m" if enabled and colour in _SGR else text
 
 
 @dataclass

@@ -24,12 +24,13 @@ import yaml
 
 from bot import commands
 from bot.cli import main
+from bot.colour import colour_enabled
 from bot.ledger import DeployState, Ledger
 from bot.pipeline.engine import StepEvent
 from bot.pipeline.events import Diagnosed
 from bot.pipeline.vocab import EventKind
 from bot.service import DeployService
-from bot.terminal import TerminalReporter, colour_enabled
+from bot.terminal import TerminalReporter
 from tests.testbed.gitrepos import remote_head
 from tests.testbed.kube.kubeconfig import CONTEXTS, PLUGIN, plugin_env, write_kubeconfig
 from tests.testbed.sandbox import Sandbox

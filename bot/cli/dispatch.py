@@ -30,19 +30,20 @@ from bot.cli.render import (
     status_json,
 )
 from bot.cli.session import Session, _by_email
+from bot.colour import colour_enabled
 from bot.errors import BotError
 from bot.ledger.models import DeployRecord, DeployState, when, who
 from bot.models import DeployKind
-from bot.pipeline.engine import PipelineResult
 from bot.pipeline.vocab import EXECUTE_STEPS, PLAN_STEPS, RUN_STEPS, StepName
 from bot.policy.authz import Action
 from bot.settings import FunnelcakeConfig
-from bot.terminal import TerminalReporter, colour_enabled
 
 if TYPE_CHECKING:
-    # Only for annotations: the deploy service pulls in kubernetes_asyncio and the registry clients,
-    # which `history`, `config-check` and `--help` must not pay for.
+    # Only for annotations: the deploy service pulls in kubernetes_asyncio and the registry clients, the
+    # live display the pipeline; `history`, `config-check` and `--help` need neither.
+    from bot.pipeline.engine import PipelineResult
     from bot.service import DeployService
+    from bot.terminal import TerminalReporter
 
 
 def _steps(kind: DeployKind, envs: Sequence[str], config: FunnelcakeConfig) -> list[str]:
@@ -123,6 +124,8 @@ async def _run_deploy(
 ) -> int:
     target = ", ".join(envs)
     await service.admit(kind, envs, ref)
+    from bot.terminal import TerminalReporter  # noqa: PLC0415 - see TYPE_CHECKING above
+
     reporter = TerminalReporter(
         _steps(kind, envs, session.config),
         title=f"{kind.value} {ref or ''} → {target}",
@@ -251,6 +254,8 @@ async def _decide(session: Session, service: DeployService, deploy_id: str, *, a
     await session.allow(Action.APPROVE if approve else Action.DENY, record.envs, requester=record.requester)
     authority = session.authority()
     mine = [e.name for e in authority.approval_envs(record.envs) if await authority.approves(e, session.user)]
+
+    from bot.terminal import TerminalReporter  # noqa: PLC0415 - see TYPE_CHECKING above
 
     reporter = TerminalReporter(
         list(EXECUTE_STEPS),

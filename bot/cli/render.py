@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bot.cli.parser import FINDING_SEVERITIES, PROG
+from bot.colour import paint
 from bot.ledger.models import DeployRecord
 from bot.models import Plan, plural
-from bot.terminal import paint
 
 if TYPE_CHECKING:
     # Only for annotations: the status report pulls in kubernetes_asyncio and the registry clients,

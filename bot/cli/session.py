@@ -22,12 +22,12 @@ from bot.mrkdwn import SLACK_USER_RE
 from bot.pipeline.engine import Reporter
 from bot.policy.authz import Action, Authority, GroupCache, Principal
 from bot.settings import FunnelcakeConfig, Settings
-from bot.terminal import TerminalReporter
 
 if TYPE_CHECKING:
     # Only for annotations: the status report, the deploy service and Slack pull in kubernetes_asyncio,
     # the registry clients and slack_sdk, which `history`, `config-check` and `--help` must not pay for.
     from bot.service import DeployService
+    from bot.terminal import TerminalReporter
     from handlers.directory import SlackClient
     from handlers.reporter import SlackThreadReporter
 
