@@ -461,8 +461,11 @@ async def test_socket_mode_client_reconnects_when_slack_asks(slack: FakeSlack) -
             await slack.request_reconnect()
             # The client reconnects in its own time; on a loaded machine that can take seconds.
             async with asyncio.timeout(15):
+                # the new connection is up and the old one closed (the old one alone is not enough)
                 while not (
-                    len(slack.calls_to("apps.connections.open")) == 2 and slack.socket_connections == 1
+                    len(slack.calls_to("apps.connections.open")) == 2
+                    and slack.sockets_opened == 2
+                    and slack.socket_connections == 1
                 ):
                     await asyncio.sleep(0.02)
             ack = await slack.send_envelope("interactive", {"type": "block_actions"})

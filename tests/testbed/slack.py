@@ -517,6 +517,7 @@ class FakeSlack:
         self._buckets: dict[str, _Bucket] = {}
         self._tickets: set[str] = set()
         self._sockets: list[web.WebSocketResponse] = []
+        self.sockets_opened = 0  # Socket Mode connections accepted so far, closed ones included
         self._socket_opened = asyncio.Event()
         self._pending_acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._last_ts_us = 0
@@ -896,6 +897,7 @@ class FakeSlack:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self._sockets.append(ws)
+        self.sockets_opened += 1
         await ws.send_str(
             json.dumps(
                 {
