@@ -64,7 +64,8 @@ _NESTED: dict[str, list[tuple[str, ...]]] = {
     "images": [("build",), _REGISTRY_CALL],
     "migrate": [("migrate",)],
     "force-migrate": [("migrate",)],
-    "gitops": [(*_REGISTRY_CALL, "git", "git")],  # re-check the images, then fetch, then push
+    # re-check the images, fetch, render the bumped overlays (side by side), push
+    "gitops": [(*_REGISTRY_CALL, "git", "render", "git")],
     "sync": [("argocd.refresh", "sync")],
     "rollout": [("rollout",)],
     "verify": [("site",), ("relay",), ("api",)],
@@ -84,6 +85,7 @@ class Timeouts(_Budgets):
     relay: float = Field(default=10, gt=0)  # each relay check: NIP-11 answers, REQ gets EOSE
     api: float = Field(default=10, gt=0)  # the API's /health answers
     git: float = Field(default=120, gt=0)  # each clone/fetch/push: a big first clone, not a hung ssh
+    render: float = Field(default=30, gt=0)  # each `kubectl kustomize` check of a bumped overlay
     argocd: ArgoCDBudgets = Field(default_factory=ArgoCDBudgets)
     registry: RegistryBudgets = Field(default_factory=RegistryBudgets)
     steps: StepBudgets = Field(default_factory=StepBudgets)

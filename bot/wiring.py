@@ -67,6 +67,7 @@ async def build_deps(settings: Settings, config: FunnelcakeConfig) -> AsyncItera
                 signing_key=settings.gitops_signing_key,
                 pin_digests=config.repos.gitops.pin_digests,
                 network_timeout=timeouts.git,
+                render_timeout=timeouts.render,
             ),
             registry=registry,
             kube=kube,

@@ -201,15 +201,15 @@ def test_a_wait_longer_than_its_step_is_one_clear_error_naming_both() -> None:
 @pytest.mark.parametrize(
     ("section", "field", "value", "expected"),
     [
-        # resolve (180 s) holds one 150 s fetch; gitops (360 s) does not hold the registry re-check, a fetch
-        # and a push one after another
+        # resolve (180 s) holds one 150 s fetch; gitops (360 s) does not hold the registry re-check, a fetch,
+        # the render checks and a push one after another
         (
             None,
             "git",
             150,
-            "timeouts.registry.retries + timeouts.registry.request + 2 * timeouts.git (390 s) exceeds "
-            "timeouts.steps.gitops (360 s), the whole budget of the gitops step they run in: lower "
-            "timeouts.registry.retries or timeouts.registry.request or timeouts.git or raise "
+            "timeouts.registry.retries + timeouts.registry.request + 2 * timeouts.git + timeouts.render (420 s) "
+            "exceeds timeouts.steps.gitops (360 s), the whole budget of the gitops step they run in: lower "
+            "timeouts.registry.retries or timeouts.registry.request or timeouts.git or timeouts.render or raise "
             "timeouts.steps.gitops",
         ),
         (

@@ -165,3 +165,15 @@ async def test_a_deploy_ending_as_the_bot_stops_still_tells_its_end(sandbox: San
         assert after.one(record.id, SUMMARY_STEP, EventKind.DONE).message == "deployed"
         assert not after.of(record.id, StepName.RECOVERY)
         assert (await svc.deps.ledger.get_deploy(record.id)).state is DeployState.SUCCEEDED
+
+
+async def test_the_files_git_render_and_migrate_budgets_reach_the_adapters(sandbox: Sandbox) -> None:
+    """A budget set in the environments file is the one the adapter runs with, not its built-in default."""
+    assert sandbox.config is not None
+    timeouts = sandbox.config.timeouts.model_copy(update={"git": 77.0, "render": 11.0, "migrate": 55.0})
+    config = sandbox.config.model_copy(update={"timeouts": timeouts})
+    async with build_service(sandbox.settings(), config) as svc:
+        assert svc.deps.app_repo.fetch_timeout == 77.0
+        assert svc.deps.gitops.network_timeout == 77.0
+        assert svc.deps.gitops.render_timeout == 11.0
+        assert svc.deps.migrations.job_timeout == 55.0

@@ -42,13 +42,14 @@ from bot.adapters.overlays import (
     set_image_digest,
     set_image_tag,
 )
+from bot.budgets import DEFAULT_TIMEOUTS
 from bot.errors import BotError, PermanentError, TransientError
 from bot.settings import Environment, FunnelcakeConfig, Service
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AUTHOR = ("funnelcake-deploy-bot", "funnelcake-deploy-bot@divine.video")
-RENDER_TIMEOUT = 30.0
+RENDER_TIMEOUT = DEFAULT_TIMEOUTS.render  # `timeouts.render` in the environments file
 # A bump reuses a fetch this recent (the one its deploy's resolve made to read the overlays, seconds ago)
 # instead of fetching again: the push is a compare-and-swap on the branch, so a remote that moved since
 # costs one rejected push and a rebase onto it, never a lost commit or an overwritten one.
