@@ -23,7 +23,7 @@ class StepBudgets(_Budgets):
     images: float = Field(default=2400, gt=0)  # promotion, and an in-cluster build when one is needed
     migrate: float = Field(default=900, gt=0)
     force_migrate: float = Field(default=900, gt=0, alias="force-migrate")
-    gitops: float = Field(default=360, gt=0)  # the registry re-check, then a fetch and a push
+    gitops: float = Field(default=360, gt=0)  # the registry re-check, a fetch, the render checks, a push
     sync: float = Field(default=300, gt=0)
     rollout: float = Field(default=900, gt=0)
     verify: float = Field(default=120, gt=0)

@@ -60,7 +60,8 @@ class Stopping(Lookups):
         if run is None or run.stop is not None or run.task is None or run.task.done():
             return
         if run.ending and stop.kind != "lost":
-            return  # it is telling its end: a cancel or a hand-over would only cut that off (a lost lease still stops it)
+            # it is telling its end: a cancel or a hand-over would only cut that off (a lost lease still stops it)
+            return
         run.stop = stop
         run.task.cancel(stop.kind)  # the engine's step line tells why (STOPPED)
 

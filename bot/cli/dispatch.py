@@ -39,8 +39,8 @@ from bot.policy.authz import Action
 from bot.settings import FunnelcakeConfig
 
 if TYPE_CHECKING:
-    # Only for annotations: the deploy service pulls in kubernetes_asyncio and the registry clients, the
-    # live display the pipeline; `history`, `config-check` and `--help` need neither.
+    # Only for annotations: the deploy service pulls in kubernetes_asyncio and the registry clients, and the
+    # live deploy display the pipeline; `history`, `config-check` and `--help` need neither.
     from bot.pipeline.engine import PipelineResult
     from bot.service import DeployService
     from bot.terminal import TerminalReporter
